@@ -1,0 +1,9 @@
+//! rlhf-worker: the per-device side of rlhfd. A LLaMA-family decoder in tch,
+//! PEFT adapters that share one frozen base, and the offline tools.
+
+pub mod error;
+pub mod model;
+pub mod peft;
+pub mod tools;
+
+pub use error::{Error, Result};

@@ -1,0 +1,156 @@
+//! `rlhf-worker`: offline tools now; the worker daemon (`serve`) and job
+//! runner (`run`) join with the orchestration and training-stage work.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use rlhf_worker::model::Sampling;
+use rlhf_worker::tools::{self, ModelArgs, Prompt};
+
+#[derive(Parser)]
+#[command(name = "rlhf-worker", version, about = "rlhfd worker: model tools and (later) the per-device daemon")]
+struct Cli {
+    /// Intra-op threads for torch (default: torch's choice).
+    #[arg(long, global = true, env = "RLHF_THREADS")]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ModelOpts {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Merge the adapter into the base weights before running.
+    #[arg(long)]
+    merge: bool,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelOpts {
+    fn resolve(&self) -> Result<ModelArgs> {
+        Ok(ModelArgs {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            merge: self.merge,
+            dtype: tools::parse_dtype(&self.dtype)?,
+            device: tools::parse_device(&self.device)?,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the logits of a token sequence: tensor "logits", [seq, vocab], f32.
+    Logits {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        tokens: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate; the last stdout line is {"tokens": [...], "text": "..."}.
+    Generate {
+        #[command(flatten)]
+        model: ModelOpts,
+        /// Comma-separated prompt token ids.
+        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+        tokens: Option<String>,
+        /// Prompt text (tokenised with the model's tokenizer).
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long)]
+        max_new_tokens: usize,
+        /// Pick the most likely token (the default without --temperature).
+        #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+        greedy: bool,
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: i64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Prefill and greedy-decode tokens/s; the last stdout line is JSON.
+    Decode {
+        #[command(flatten)]
+        model: ModelOpts,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        #[arg(long, num_args = 1.., default_values_t = [1usize, 8])]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
+    match cli.command {
+        Command::Logits { model, tokens, out } => {
+            let args = model.resolve()?;
+            let tokens = tools::parse_tokens(&tokens)?;
+            tools::logits(&args, &tokens, &out).with_context(|| format!("logits of {}", args.model.display()))?;
+        }
+        Command::Generate { model, tokens, prompt, max_new_tokens, greedy, temperature, top_p, top_k, seed } => {
+            let args = model.resolve()?;
+            let prompt = match (tokens, prompt) {
+                (Some(t), _) => Prompt::Tokens(tools::parse_tokens(&t)?),
+                (None, Some(p)) => Prompt::Text(p),
+                (None, None) => anyhow::bail!("give --tokens or --prompt"),
+            };
+            let sampling = match (greedy, temperature) {
+                (true, _) | (false, None) => Sampling { seed, ..Sampling::greedy() },
+                (false, Some(t)) => Sampling { temperature: t, top_p, top_k, seed },
+            };
+            let line = tools::generate_line(&args, &prompt, max_new_tokens, sampling)
+                .with_context(|| format!("generate with {}", args.model.display()))?;
+            println!("{line}");
+        }
+        Command::Bench { what: Bench::Decode { model, prompt_len, new_tokens, batch, runs } } => {
+            let args = model.resolve()?;
+            let line = tools::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    rlhf_common::init_tracing();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

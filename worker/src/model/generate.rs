@@ -1,0 +1,150 @@
+//! Batched incremental generation with left padding and a KV cache.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+
+use super::cache::KvCache;
+use super::hooks::Hooks;
+use super::llama::{Mask, Model};
+use super::sampling::{sample, Sampling};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// A row stops after producing one of these (kept in its output).
+    pub eos_ids: Vec<i64>,
+    /// Fills the left padding and finished rows.
+    pub pad_id: i64,
+}
+
+/// New tokens per prompt (up to and including an eos), with the
+/// log-probability of each under the sampling distribution.
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub tokens: Vec<Vec<i64>>,
+    pub logprobs: Vec<Vec<f32>>,
+}
+
+/// Left-pads `prompts` into `[b, T]` ids and a `[b, T]` 0/1 mask.
+pub fn left_pad(prompts: &[Vec<i64>], pad_id: i64, device: tch::Device) -> (Tensor, Tensor) {
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    let mut mask = Vec::with_capacity(prompts.len() * width);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
+    }
+    let shape = [prompts.len() as i64, width as i64];
+    (Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device))
+}
+
+/// Positions `[b, t]` counting only real tokens (pads get 1, as transformers does).
+pub fn positions_from_mask(mask: &Tensor) -> Tensor {
+    let pos = mask.cumsum(-1, Kind::Int64) - 1;
+    pos.masked_fill(&mask.eq(0), 1)
+}
+
+/// Boolean attention mask `[b, 1, t, T]` for the last `t` of `T` positions:
+/// causal, no padded keys, and every query may see itself (so fully padded
+/// rows never produce NaN).
+pub fn attention_mask(key_mask: &Tensor, t: i64) -> Tensor {
+    let total = key_mask.size()[1];
+    let device = key_mask.device();
+    let q = Tensor::arange_start(total - t, total, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let causal = k.le_tensor(&q); // [t, T]
+    let diag = k.eq_tensor(&q);
+    let keys = key_mask.ne(0).unsqueeze(1); // [b, 1, T]
+    causal.unsqueeze(0).logical_and(&keys).logical_or(&diag.unsqueeze(0)).unsqueeze(1)
+}
+
+/// Generates up to `max_new_tokens` for each prompt.
+pub fn generate(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<Generation> {
+    if prompts.is_empty() {
+        return Ok(Generation::default());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
+    }
+    for p in prompts {
+        model.check_tokens(p)?;
+    }
+    opts.sampling.validate().map_err(Error::InvalidArgument)?;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest + opts.max_new_tokens > model.cfg.max_position_embeddings as usize {
+        return Err(Error::InvalidArgument(format!(
+            "prompt ({longest} tokens) + max_new_tokens ({}) exceeds max_position_embeddings ({})",
+            opts.max_new_tokens, model.cfg.max_position_embeddings
+        )));
+    }
+    tch::no_grad(|| generate_inner(model, hooks, prompts, opts))
+}
+
+fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<Generation> {
+    let b = prompts.len();
+    let device = model.device;
+    let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
+    let (ids, mut key_mask) = left_pad(prompts, opts.pad_id, device);
+    let mut positions = positions_from_mask(&key_mask);
+    let mut cache = KvCache::new(model.layers.len());
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.sampling.seed);
+    let pad = Tensor::from(opts.pad_id).to_device(device);
+
+    let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
+    let mut done = vec![false; b];
+    let mut step_ids = ids;
+    for step in 0..opts.max_new_tokens {
+        let t = step_ids.size()[1];
+        let explicit = if padded { Some(attention_mask(&key_mask, t)) } else { None };
+        let mask = match (&explicit, step) {
+            (Some(m), _) => Mask::Explicit(m),
+            (None, 0) => Mask::Causal,
+            (None, _) => Mask::None,
+        };
+        let hidden = model.forward(&step_ids, &positions, mask, Some(&mut cache), hooks)?;
+        let last = hidden.select(1, t - 1);
+        let logits = model.logits(&last, hooks);
+        let (next, logp) = sample(&logits, &opts.sampling, &mut rng);
+        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>()).to_device(device).to_kind(Kind::Bool);
+        let next = next.where_self(&finished.logical_not(), &pad);
+        let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
+        let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
+        for i in 0..b {
+            if done[i] {
+                continue;
+            }
+            out.tokens[i].push(next_v[i]);
+            out.logprobs[i].push(logp_v[i]);
+            if opts.eos_ids.contains(&next_v[i]) {
+                done[i] = true;
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        step_ids = next.unsqueeze(1);
+        positions = positions.select(1, positions.size()[1] - 1).unsqueeze(1) + 1;
+        key_mask = Tensor::cat(&[key_mask, Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_skip_left_padding() {
+        let (_, mask) = left_pad(&[vec![5, 6, 7], vec![8]], 0, tch::Device::Cpu);
+        let pos = positions_from_mask(&mask);
+        assert_eq!(Vec::<i64>::try_from(&pos.view([-1])).unwrap(), vec![0, 1, 2, 1, 1, 0]);
+        let m = attention_mask(&mask, 3);
+        // second row, last query: sees only its own real token.
+        let row: Vec<bool> = Vec::try_from(&m.get(1).get(0).get(2)).unwrap();
+        assert_eq!(row, vec![false, false, true]);
+    }
+}

@@ -1,0 +1,227 @@
+//! The LLaMA-family decoder (LLaMA, Qwen2): GQA attention with RoPE,
+//! SwiGLU MLP, RMSNorm, optional tied embeddings. Tensor names equal the
+//! Hugging Face checkpoint names.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::cache::KvCache;
+use super::config::Config;
+use super::hooks::{Block, Hooks, Norm, Proj};
+use super::layers::{Linear, RmsNorm, Rope};
+use super::weights::WeightFiles;
+use crate::error::{Error, Result};
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Layer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Layer {
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.self_attn.q_proj,
+            Proj::K => &self.self_attn.k_proj,
+            Proj::V => &self.self_attn.v_proj,
+            Proj::O => &self.self_attn.o_proj,
+            Proj::Gate => &self.mlp.gate_proj,
+            Proj::Up => &self.mlp.up_proj,
+            Proj::Down => &self.mlp.down_proj,
+        }
+    }
+
+    pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
+        match p {
+            Proj::Q => &mut self.self_attn.q_proj,
+            Proj::K => &mut self.self_attn.k_proj,
+            Proj::V => &mut self.self_attn.v_proj,
+            Proj::O => &mut self.self_attn.o_proj,
+            Proj::Gate => &mut self.mlp.gate_proj,
+            Proj::Up => &mut self.mlp.up_proj,
+            Proj::Down => &mut self.mlp.down_proj,
+        }
+    }
+}
+
+/// What the attention of one forward call may see.
+pub enum Mask<'a> {
+    /// Plain causal attention over the new tokens (no cache, no padding).
+    Causal,
+    /// The new tokens see every cached position and themselves causally,
+    /// with no padding anywhere (single-sequence decoding).
+    None,
+    /// An explicit boolean mask `[b, 1, t, T]`, true = may attend.
+    Explicit(&'a Tensor),
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    /// A logit bias; only ever set by merging an adapter that shifts the final norm.
+    pub lm_head_bias: Option<Tensor>,
+    pub kind: Kind,
+    pub device: Device,
+    rope: Rope,
+    /// Keeps the memory maps alive that CPU weights may view.
+    _weights: Arc<WeightFiles>,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let cfg = Config::from_dir(dir)?;
+        let weights = Arc::new(WeightFiles::open_dir(dir)?);
+        Self::from_weights(cfg, weights, kind, device)
+    }
+
+    pub fn from_weights(cfg: Config, w: Arc<WeightFiles>, kind: Kind, device: Device) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h], kind, device)?;
+        let norm = |name: String, site: Norm| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: w.get(&format!("{name}.weight"), &[h], kind, device)?, eps: cfg.rms_norm_eps, site })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers as usize);
+        for li in 0..cfg.num_layers as usize {
+            let p = format!("model.layers.{li}");
+            let lin = |name: &str, i_dim, o_dim, bias| Linear::load(&w, &format!("{p}.{name}"), i_dim, o_dim, bias, kind, device);
+            layers.push(Layer {
+                input_layernorm: norm(format!("{p}.input_layernorm"), Norm::Input(li))?,
+                self_attn: Attention {
+                    q_proj: lin("self_attn.q_proj", h, q_dim, cfg.qkv_bias)?,
+                    k_proj: lin("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?,
+                    v_proj: lin("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?,
+                    o_proj: lin("self_attn.o_proj", q_dim, h, cfg.o_bias)?,
+                },
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), Norm::PostAttention(li))?,
+                mlp: Mlp {
+                    gate_proj: lin("mlp.gate_proj", h, i, cfg.mlp_bias)?,
+                    up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
+                    down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
+                },
+            });
+        }
+        let norm = norm("model.norm".into(), Norm::Final)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(&w, "lm_head", h, cfg.vocab_size, false, kind, device)?)
+        };
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: w })
+    }
+
+    /// Rejects token ids outside the vocabulary before they reach an index op.
+    pub fn check_tokens(&self, ids: &[i64]) -> Result<()> {
+        match ids.iter().find(|&&id| id < 0 || id >= self.cfg.vocab_size) {
+            Some(&id) => Err(Error::TokenOutOfRange { id, vocab: self.cfg.vocab_size }),
+            None => Ok(()),
+        }
+    }
+
+    /// Hidden states after the final norm, `[b, t, hidden]`.
+    ///
+    /// `ids` and `positions` are `[b, t]`; with a cache, the new keys and
+    /// values are appended and attention covers every cached position.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Mask<'_>,
+        mut cache: Option<&mut KvCache>,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let embedded = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
+        let mut x = hooks.embed(ids, embedded);
+        let (cos, sin) = self.rope.tables(positions, self.kind);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (xhat, normed) = layer.input_layernorm.forward(&x);
+            let normed = hooks.norm(Norm::Input(li), &xhat, normed);
+            let normed = hooks.block_input(li, Block::Attn, normed);
+            let attn = self.attention(li, layer, &normed, (&cos, &sin), &mask, cache.as_deref_mut(), hooks)?;
+            x = x + attn;
+            let (xhat, normed) = layer.post_attention_layernorm.forward(&x);
+            let normed = hooks.norm(Norm::PostAttention(li), &xhat, normed);
+            let normed = hooks.block_input(li, Block::Mlp, normed);
+            x = x + self.mlp(li, layer, &normed, hooks);
+        }
+        let (xhat, y) = self.norm.forward(&x);
+        Ok(hooks.norm(Norm::Final, &xhat, y))
+    }
+
+    /// Vocabulary logits for hidden states.
+    pub fn logits(&self, hidden: &Tensor, hooks: &dyn Hooks) -> Tensor {
+        let y = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.linear::<Tensor>(&self.embed_tokens, None),
+        };
+        let y = match &self.lm_head_bias {
+            Some(b) => y + b,
+            None => y,
+        };
+        hooks.lm_head(hidden, y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Mask<'_>,
+        cache: Option<&mut KvCache>,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let a = &layer.self_attn;
+        let heads = |proj: Proj, lin: &Linear, n: i64| {
+            hooks.linear(li, proj, x, lin.forward(x)).view([b, t, n, hd]).transpose(1, 2)
+        };
+        let q = Rope::apply(&heads(Proj::Q, &a.q_proj, nh), cos, sin);
+        let k = Rope::apply(&heads(Proj::K, &a.k_proj, nkv), cos, sin);
+        let v = heads(Proj::V, &a.v_proj, nkv);
+        let (k, v) = match cache {
+            Some(c) => c.append(li, k, v),
+            None => (k, v),
+        };
+        let (m, causal) = match mask {
+            Mask::Causal => (None, t > 1),
+            Mask::None => (None, false),
+            Mask::Explicit(m) => (Some(*m), false),
+        };
+        let out = Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, nkv != nh)?;
+        let out = out.transpose(1, 2).reshape([b, t, nh * hd]);
+        Ok(hooks.linear(li, Proj::O, &out, a.o_proj.forward(&out)))
+    }
+
+    fn mlp(&self, li: usize, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Tensor {
+        let gate = hooks.linear(li, Proj::Gate, x, layer.mlp.gate_proj.forward(x));
+        let up = hooks.linear(li, Proj::Up, x, layer.mlp.up_proj.forward(x));
+        let act = gate.silu() * up;
+        hooks.linear(li, Proj::Down, &act, layer.mlp.down_proj.forward(&act))
+    }
+}

@@ -1,0 +1,53 @@
+//! LLaMA-family decoder models loaded from Hugging Face directories.
+
+pub mod cache;
+pub mod config;
+pub mod generate;
+pub mod hooks;
+pub mod layers;
+pub mod llama;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::{Arch, Config};
+pub use generate::{generate, GenerateOptions, Generation};
+pub use hooks::{Block, Hooks, NoHooks, Norm, Proj};
+pub use llama::{Mask, Model};
+pub use sampling::Sampling;
+pub use tokenizer::Tokenizer;
+pub use weights::WeightFiles;
+
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+
+/// Parses `f32`, `bf16`, `f16` (and their long spellings).
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    match s {
+        "f32" | "float32" | "float" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f16" | "float16" | "half" => Ok(Kind::Half),
+        other => Err(Error::InvalidArgument(format!("dtype {other:?}: expected f32, bf16 or f16"))),
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`, checking the device exists.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::Cuda(n),
+            _ => return Err(Error::InvalidArgument(format!("device {s:?}: expected cpu, cuda or cuda:N"))),
+        },
+    };
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            return Err(Error::InvalidArgument(format!("device {s}: {count} CUDA device(s) available")));
+        }
+    }
+    Ok(device)
+}

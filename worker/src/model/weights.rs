@@ -1,0 +1,183 @@
+//! Memory-mapped safetensors, single-file or sharded with an index.
+//!
+//! Tensors whose dtype and device already match are views straight into a
+//! private (copy-on-write) mapping, so loading makes no second copy of the
+//! weights in RAM, and merging an adapter in place only dirties the pages it
+//! touches.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{MmapMut, MmapOptions};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    map: Arc<MmapMut>,
+    data_start: usize,
+}
+
+/// Every tensor of a checkpoint directory (or a single file), by name.
+pub struct WeightFiles {
+    shards: Vec<Shard>,
+    index: HashMap<String, (usize, TensorInfo)>,
+    /// What to name in errors: the directory or file the user pointed at.
+    origin: PathBuf,
+}
+
+impl WeightFiles {
+    /// Opens `model.safetensors`, or the shards listed in
+    /// `model.safetensors.index.json`, inside `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.exists() {
+            return Self::open_files(dir, &[single]);
+        }
+        if !index.exists() {
+            return Err(Error::Weights {
+                path: dir.to_path_buf(),
+                msg: "no model.safetensors or model.safetensors.index.json".into(),
+            });
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let bad = |msg: String| Error::Weights { path: index.clone(), msg };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no weight_map object".into()))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for file in map.values() {
+            let file = file.as_str().ok_or_else(|| bad("weight_map values must be file names".into()))?;
+            let path = dir.join(file);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        Self::open_files(dir, &files)
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_files(path, &[path.to_path_buf()])
+    }
+
+    fn open_files(origin: &Path, files: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: a private copy-on-write mapping; the file may change on
+            // disk underneath us only if someone rewrites a checkpoint while we
+            // load it, which a checkpoint directory's owner does not do.
+            let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| Error::Weights {
+                path: path.clone(),
+                msg: format!("not a valid safetensors file (truncated or corrupt): {e}"),
+            })?;
+            for (name, info) in meta.tensors() {
+                index.insert(name, (i, info.clone()));
+            }
+            shards.push(Shard { path: path.clone(), map: Arc::new(map), data_start: 8 + header_len });
+        }
+        Ok(Self { shards, index, origin: origin.to_path_buf() })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The stored shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.index.get(name).map(|(_, info)| info.shape.iter().map(|&d| d as i64).collect())
+    }
+
+    /// Loads `name`, checks its shape, converts to `kind` on `device`.
+    pub fn get(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let (shard, info) = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.origin.clone(), name: name.to_string() })?;
+        let shard = &self.shards[*shard];
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            return Err(Error::Shape {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let stored = kind_of(info.dtype).ok_or_else(|| Error::Weights {
+            path: shard.path.clone(),
+            msg: format!("tensor {name}: unsupported dtype {:?}", info.dtype),
+        })?;
+        let view = self.view(shard, info, stored)?;
+        if stored == kind && device == Device::Cpu {
+            return Ok(view);
+        }
+        Ok(view.f_to_device(device)?.f_to_kind(kind)?)
+    }
+
+    /// Loads `name` with whatever shape and dtype it has, as a CPU copy.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let (shard, info) = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.origin.clone(), name: name.to_string() })?;
+        let shard = &self.shards[*shard];
+        let stored = kind_of(info.dtype).ok_or_else(|| Error::Weights {
+            path: shard.path.clone(),
+            msg: format!("tensor {name}: unsupported dtype {:?}", info.dtype),
+        })?;
+        Ok(self.view(shard, info, stored)?.copy())
+    }
+
+    fn view(&self, shard: &Shard, info: &TensorInfo, kind: Kind) -> Result<Tensor> {
+        let (start, end) = info.data_offsets;
+        let bytes = shard
+            .map
+            .get(shard.data_start + start..shard.data_start + end)
+            .ok_or_else(|| Error::Weights { path: shard.path.clone(), msg: "tensor data out of bounds".into() })?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let mut strides = vec![1i64; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * shape[i + 1];
+        }
+        // SAFETY: `bytes` lies inside a mapping kept alive by `self.shards`;
+        // every tensor handed out is either a copy or owned by a model that
+        // also holds this `WeightFiles` (see `Model::_weights`).
+        let t = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &strides, kind, Device::Cpu)? };
+        // Files whose header is not padded to 8 bytes leave data misaligned:
+        // hand out an aligned copy rather than a view then.
+        if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() != 0 {
+            return Ok(t.copy());
+        }
+        Ok(t)
+    }
+}
+
+fn kind_of(d: Dtype) -> Option<Kind> {
+    Some(match d {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
