@@ -92,8 +92,15 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig> {
                 return Err(bad(format!("{field} is not supported")));
             }
         }
-        if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-            return Err(bad("fan_in_fan_out adapters are not supported".into()));
+        for flag in ["fan_in_fan_out", "lora_bias"] {
+            if v.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(bad(format!("{flag} adapters are not supported")));
+            }
+        }
+        for field in ["layers_to_transform", "modules_to_save"] {
+            if v.get(field).is_some_and(|f| !f.is_null()) {
+                return Err(bad(format!("{field} is not supported")));
+            }
         }
     }
     cfg.validate().map_err(|e| bad(e.to_string()))?;

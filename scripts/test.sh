@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs setup, then every test suite. The venv and the cargo target dir live
+# under ~/.cache/rlhfd so repeated runs (and CI on the same machine) reuse them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RLHF_VENV=${RLHF_VENV:-$HOME/.cache/rlhfd/venv}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/rlhfd/target}
+./scripts/setup.sh
+. scripts/env.sh
+
+# The interop tests load rlhfd's adapters in Hugging Face peft.
+if ! "$RLHF_PY" -c 'import transformers, peft' 2>/dev/null; then
+  echo "test: installing transformers and peft into $RLHF_VENV" >&2
+  "$RLHF_PY" -m pip install -q "transformers==5.24.0" "peft==0.21.2" >&2
+fi
+export RLHF_PY
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --workspace 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "all suites: $passed passed, $failed failed"
+exit "$status"
