@@ -1,8 +1,10 @@
-//! rlhf-common: what every rlhfd crate shares — typed ids and telemetry.
-//! The job schema joins it with the training-stages work.
+//! rlhf-common: what every rlhfd crate shares — typed ids, the job file
+//! schema with its validation, and telemetry.
 
 pub mod ids;
+pub mod spec;
 pub mod telemetry;
 
 pub use ids::{JobId, WorkerId};
+pub use spec::{JobKind, JobSpec, PeftMethod, SpecError};
 pub use telemetry::init_tracing;

@@ -24,6 +24,10 @@ pub enum Error {
     Adapter { path: PathBuf, msg: String },
     #[error("adapter: {0}")]
     AdapterState(String),
+    #[error("{path}:{line}: {msg}")]
+    DataLine { path: PathBuf, line: usize, msg: String },
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("torch: {0}")]

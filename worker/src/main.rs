@@ -86,6 +86,29 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Run a job file (pretrain, sft, reward, ppo, eval or pipeline).
+    Run {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Output directory (default runs/<job name or kind>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Make a small LLaMA model directory with a tokenizer trained on a corpus.
+    InitModel {
+        /// tiny or small.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long)]
+        corpus: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -134,6 +157,25 @@ fn run(cli: Cli) -> Result<()> {
             let line = tools::generate_line(&args, &prompt, max_new_tokens, sampling)
                 .with_context(|| format!("generate with {}", args.model.display()))?;
             println!("{line}");
+        }
+        Command::Run { job, device, out } => {
+            let spec = rlhf_worker::train::run::read_job(&job)?;
+            let device = tools::parse_device(&device)?;
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(spec.name.clone().unwrap_or_else(|| spec.kind.name().into())));
+            let outcomes = rlhf_worker::train::run::run_job(&spec, &out, device)
+                .with_context(|| format!("job {}", job.display()))?;
+            let report = out.join("report.md");
+            if report.exists() {
+                println!("{}", std::fs::read_to_string(&report).unwrap_or_default());
+            }
+            let summary: Vec<_> = outcomes.iter().map(|o| serde_json::json!({"stage": o.stage, "steps": o.steps, "seconds": o.train_seconds})).collect();
+            println!("{}", serde_json::json!({ "out": out, "stages": summary }));
+        }
+        Command::InitModel { preset, corpus, out, seed } => {
+            let preset: rlhf_worker::model::init::Preset = preset.parse()?;
+            rlhf_worker::model::init::init_model(preset, &corpus, &out, seed)
+                .with_context(|| format!("init-model into {}", out.display()))?;
+            println!("{}", out.display());
         }
         Command::Bench { what: Bench::Decode { model, prompt_len, new_tokens, batch, runs } } => {
             let args = model.resolve()?;

@@ -22,8 +22,8 @@ impl Linear {
         kind: Kind,
         device: tch::Device,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim], kind, device)?;
-        let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim], kind, device)?) } else { None };
+        let weight = w.get_mapped(&format!("{prefix}.weight"), &[out_dim, in_dim], kind, device)?;
+        let bias = if bias { Some(w.get_mapped(&format!("{prefix}.bias"), &[out_dim], kind, device)?) } else { None };
         Ok(Self { weight, bias })
     }
 

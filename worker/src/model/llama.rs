@@ -99,9 +99,9 @@ impl Model {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let q_dim = cfg.num_heads * cfg.head_dim;
         let kv_dim = cfg.num_kv_heads * cfg.head_dim;
-        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h], kind, device)?;
+        let embed_tokens = w.get_mapped("model.embed_tokens.weight", &[cfg.vocab_size, h], kind, device)?;
         let norm = |name: String, site: Norm| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: w.get(&format!("{name}.weight"), &[h], kind, device)?, eps: cfg.rms_norm_eps, site })
+            Ok(RmsNorm { weight: w.get_mapped(&format!("{name}.weight"), &[h], kind, device)?, eps: cfg.rms_norm_eps, site })
         };
         let mut layers = Vec::with_capacity(cfg.num_layers as usize);
         for li in 0..cfg.num_layers as usize {

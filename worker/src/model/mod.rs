@@ -4,9 +4,11 @@ pub mod cache;
 pub mod config;
 pub mod generate;
 pub mod hooks;
+pub mod init;
 pub mod layers;
 pub mod llama;
 pub mod sampling;
+pub mod save;
 pub mod tokenizer;
 pub mod weights;
 

@@ -103,8 +103,17 @@ impl WeightFiles {
         self.index.get(name).map(|(_, info)| info.shape.iter().map(|&d| d as i64).collect())
     }
 
-    /// Loads `name`, checks its shape, converts to `kind` on `device`.
+    /// Loads `name`, checks its shape, converts to `kind` on `device`. The
+    /// result owns its memory (safe to keep after `self` is dropped).
     pub fn get(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let t = self.get_mapped(name, shape, kind, device)?;
+        Ok(if t.data_ptr() as usize >= self.lowest() && t.data_ptr() as usize <= self.highest() { t.copy() } else { t })
+    }
+
+    /// Like [`get`](Self::get), but a tensor whose dtype and device already
+    /// match is a view into the memory map: no copy, and valid only while
+    /// `self` lives. The model keeps its `WeightFiles` for exactly this.
+    pub(crate) fn get_mapped(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         let (shard, info) = self
             .index
             .get(name)
@@ -128,6 +137,14 @@ impl WeightFiles {
             return Ok(view);
         }
         Ok(view.f_to_device(device)?.f_to_kind(kind)?)
+    }
+
+    fn lowest(&self) -> usize {
+        self.shards.iter().map(|s| s.map.as_ptr() as usize).min().unwrap_or(0)
+    }
+
+    fn highest(&self) -> usize {
+        self.shards.iter().map(|s| s.map.as_ptr() as usize + s.map.len()).max().unwrap_or(0)
     }
 
     /// Loads `name` with whatever shape and dtype it has, as a CPU copy.
@@ -156,8 +173,8 @@ impl WeightFiles {
             strides[i] = strides[i + 1] * shape[i + 1];
         }
         // SAFETY: `bytes` lies inside a mapping kept alive by `self.shards`;
-        // every tensor handed out is either a copy or owned by a model that
-        // also holds this `WeightFiles` (see `Model::_weights`).
+        // `get` and `get_any` copy out of it, and only `get_mapped` hands out
+        // the view itself, to a model that also holds this `WeightFiles`.
         let t = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &strides, kind, Device::Cpu)? };
         // Files whose header is not padded to 8 bytes leave data misaligned:
         // hand out an aligned copy rather than a view then.

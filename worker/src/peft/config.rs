@@ -6,31 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::{Block, Proj};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Lora,
-    Ssf,
-    #[serde(rename = "repadapter")]
-    RepAdapter,
-    Full,
-}
-
-impl Method {
-    /// The `peft_type` written to `adapter_config.json`.
-    pub fn peft_type(self) -> &'static str {
-        match self {
-            Method::Lora => "LORA",
-            Method::Ssf => "SSF",
-            Method::RepAdapter => "REPADAPTER",
-            Method::Full => "FULL",
-        }
-    }
-
-    pub fn from_peft_type(s: &str) -> Option<Self> {
-        [Method::Lora, Method::Ssf, Method::RepAdapter, Method::Full].into_iter().find(|m| m.peft_type() == s)
-    }
-}
+pub use rlhf_common::spec::PeftMethod as Method;
+use rlhf_common::spec::PeftSpec;
 
 /// An adapter's shape. Fields a method does not use are ignored by it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +53,18 @@ pub enum SsfSite {
 }
 
 impl PeftConfig {
+    /// The adapter a job file's `[peft]` section describes, seeded by the job.
+    pub fn from_spec(spec: &PeftSpec, seed: u64) -> Self {
+        Self {
+            method: spec.method,
+            r: spec.r,
+            alpha: spec.alpha,
+            target_modules: spec.target_modules.clone(),
+            groups: spec.groups,
+            seed,
+        }
+    }
+
     pub fn new(method: Method) -> Self {
         Self { method, r: default_r(), alpha: default_alpha(), target_modules: Vec::new(), groups: default_groups(), seed: 0 }
     }

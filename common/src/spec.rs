@@ -1,0 +1,834 @@
+//! Job files: TOML, `version = 1`, one `kind`, and sections per concern.
+//!
+//! Parsing uses `deny_unknown_fields` everywhere; [`JobSpec::validate`]
+//! checks values and names the field path of the first problem
+//! (`ppo.clip: must be in (0, 1)`), so `rlhfctl submit` can fail locally and
+//! the coordinator can check again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Pretrain,
+    Sft,
+    Reward,
+    Ppo,
+    Eval,
+    Pipeline,
+}
+
+impl JobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Pretrain => "pretrain",
+            JobKind::Sft => "sft",
+            JobKind::Reward => "reward",
+            JobKind::Ppo => "ppo",
+            JobKind::Eval => "eval",
+            JobKind::Pipeline => "pipeline",
+        }
+    }
+}
+
+/// The parameter-efficient method of an adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftMethod {
+    Lora,
+    Ssf,
+    #[serde(rename = "repadapter")]
+    RepAdapter,
+    Full,
+}
+
+impl PeftMethod {
+    pub const ALL: [PeftMethod; 4] = [PeftMethod::Lora, PeftMethod::Ssf, PeftMethod::RepAdapter, PeftMethod::Full];
+
+    /// The `peft_type` of `adapter_config.json`.
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            PeftMethod::Lora => "LORA",
+            PeftMethod::Ssf => "SSF",
+            PeftMethod::RepAdapter => "REPADAPTER",
+            PeftMethod::Full => "FULL",
+        }
+    }
+
+    pub fn from_peft_type(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.peft_type() == s)
+    }
+
+    /// The lowercase name used in job files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftMethod::Lora => "lora",
+            PeftMethod::Ssf => "ssf",
+            PeftMethod::RepAdapter => "repadapter",
+            PeftMethod::Full => "full",
+        }
+    }
+}
+
+/// A validation failure: the field path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {msg}")]
+pub struct SpecError {
+    pub field: String,
+    pub msg: String,
+}
+
+fn err<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError { field: field.into(), msg: msg.into() })
+}
+
+/// The whole job file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub version: u32,
+    pub kind: JobKind,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub peft: Option<PeftSpec>,
+    #[serde(default)]
+    pub data: Option<DataSpec>,
+    #[serde(default)]
+    pub train: Option<TrainSpec>,
+    #[serde(default)]
+    pub ppo: Option<PpoSpec>,
+    #[serde(default)]
+    pub eval: Option<EvalSpec>,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    /// Pipeline only: the stages, run in order.
+    #[serde(default, rename = "stage")]
+    pub stages: Vec<StageSpec>,
+}
+
+/// The base model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A Hugging Face model directory. A pipeline whose first stage is
+    /// `pretrain` writes it instead of reading it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Sequences (prompt + response) are truncated to this many tokens.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// `pretrain`: make a fresh model first.
+    #[serde(default)]
+    pub init: Option<InitSpec>,
+    /// Adapters merged into the base before the job runs, in order — e.g.
+    /// the SFT adapter under a reward or PPO job, so the reference policy
+    /// is the SFT model.
+    #[serde(default)]
+    pub merge_adapters: Vec<PathBuf>,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_max_length() -> usize {
+    2048
+}
+
+/// A freshly made model (`rlhf-worker init-model`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Text the tokenizer is trained on.
+    pub corpus: PathBuf,
+}
+
+fn default_preset() -> String {
+    "tiny".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeftSpec {
+    pub method: PeftMethod,
+    #[serde(default = "default_r")]
+    pub r: i64,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+    #[serde(default = "default_groups")]
+    pub groups: i64,
+}
+
+fn default_r() -> i64 {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_groups() -> i64 {
+    2
+}
+
+impl PeftSpec {
+    pub fn new(method: PeftMethod) -> Self {
+        Self { method, r: default_r(), alpha: default_alpha(), target_modules: Vec::new(), groups: default_groups() }
+    }
+}
+
+/// Where the examples come from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// FewCLUE task (`eprstmt`, `tnews`, `ocnli`, `bustm`) of `train`/`eval`.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Training file: FewCLUE JSON lines (sft, ppo prompts, reward with
+    /// `from_multiple_choice`), preference pairs (reward), or text (pretrain).
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Held-out file of the same kind.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Reward: build preference pairs from the FewCLUE `train` file (the
+    /// paper's multiple-choice construction).
+    #[serde(default)]
+    pub from_multiple_choice: bool,
+    /// Prompt template with `{sentence}`, `{sentence1}`, `{sentence2}`, `{options}`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Label → answer text.
+    #[serde(default)]
+    pub verbalizer: Option<BTreeMap<String, String>>,
+    /// Use at most this many training examples (by stride).
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    /// Use at most this many held-out examples (by stride).
+    #[serde(default)]
+    pub max_eval_examples: Option<usize>,
+}
+
+/// Optimisation of sft / reward / pretrain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Train for exactly this many optimiser steps (epochs are then ignored).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Evaluate on held-out data every N steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0 }
+    }
+}
+
+/// Where PPO's scalar reward comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RewardSource {
+    /// A reward model trained by a `reward` job (adapter + head directory).
+    Model {
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// 1 when the response starts with the verbalised correct answer of the
+    /// FewCLUE prompt, else 0 (a verifiable reward).
+    Label,
+    /// `weight` per occurrence of `text` in the response.
+    Match { text: String, #[serde(default = "unit")] weight: f64 },
+}
+
+fn unit() -> f64 {
+    1.0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimatorSpec {
+    K1,
+    K3,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSpec {
+    #[serde(default = "default_iterations")]
+    pub iterations: usize,
+    /// Prompts per iteration.
+    #[serde(default = "default_rollout")]
+    pub rollout_batch: usize,
+    #[serde(default = "default_minibatch")]
+    pub minibatch: usize,
+    #[serde(default = "default_ppo_epochs")]
+    pub ppo_epochs: usize,
+    #[serde(default = "default_ppo_clip")]
+    pub clip: f64,
+    #[serde(default = "default_ppo_clip")]
+    pub value_clip: f64,
+    #[serde(default = "default_vf_coef")]
+    pub vf_coef: f64,
+    #[serde(default = "unit")]
+    pub gamma: f64,
+    #[serde(default = "default_lam")]
+    pub lam: f64,
+    #[serde(default = "default_kl")]
+    pub kl_coef: f64,
+    #[serde(default = "default_kl_est")]
+    pub kl_estimator: KlEstimatorSpec,
+    /// Adaptive KL controller target (none = fixed coefficient).
+    #[serde(default)]
+    pub kl_target: Option<f64>,
+    #[serde(default = "default_kl_horizon")]
+    pub kl_horizon: f64,
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "unit")]
+    pub temperature: f64,
+    #[serde(default = "unit")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: i64,
+    /// Subtracted from the score of responses that never emit EOS.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+    /// Scores are clipped to ±this.
+    #[serde(default)]
+    pub reward_clip: Option<f64>,
+    #[serde(default = "yes")]
+    pub whiten_advantages: bool,
+    #[serde(default = "default_ppo_lr")]
+    pub lr: f64,
+    #[serde(default = "default_ppo_lr")]
+    pub critic_lr: f64,
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    pub reward: RewardSource,
+}
+
+fn default_iterations() -> usize {
+    10
+}
+fn default_rollout() -> usize {
+    8
+}
+fn default_minibatch() -> usize {
+    4
+}
+fn default_ppo_epochs() -> usize {
+    2
+}
+fn default_ppo_clip() -> f64 {
+    0.2
+}
+fn default_vf_coef() -> f64 {
+    0.1
+}
+fn default_lam() -> f64 {
+    0.95
+}
+fn default_kl() -> f64 {
+    0.05
+}
+fn default_kl_est() -> KlEstimatorSpec {
+    KlEstimatorSpec::K1
+}
+fn default_kl_horizon() -> f64 {
+    10000.0
+}
+fn default_new_tokens() -> usize {
+    8
+}
+fn default_ppo_lr() -> f64 {
+    1e-4
+}
+fn yes() -> bool {
+    true
+}
+
+/// How FewCLUE accuracy is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// The paper's settings: sample `max_new_tokens` (1) with top_p 0.9,
+    /// temperature 0.1, one beam; the answer must match the verbaliser.
+    Generate,
+    /// argmax over the options' log-probabilities.
+    Choice,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTaskSpec {
+    pub task: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub verbalizer: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    pub tasks: Vec<EvalTaskSpec>,
+    #[serde(default = "default_modes")]
+    pub modes: Vec<EvalMode>,
+    /// Evaluate at most this many examples per task (by stride).
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    #[serde(default = "unit_usize")]
+    pub max_new_tokens: usize,
+    #[serde(default = "default_eval_temp")]
+    pub temperature: f64,
+    #[serde(default = "default_eval_top_p")]
+    pub top_p: f64,
+    #[serde(default = "unit_usize")]
+    pub num_beams: usize,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Models to evaluate besides the base: name → adapter directories,
+    /// merged in order (e.g. `ppo = ["sft/adapter", "ppo/adapter"]`).
+    #[serde(default)]
+    pub adapters: BTreeMap<String, Vec<PathBuf>>,
+}
+
+fn default_modes() -> Vec<EvalMode> {
+    vec![EvalMode::Choice, EvalMode::Generate]
+}
+fn unit_usize() -> usize {
+    1
+}
+fn default_eval_temp() -> f64 {
+    0.1
+}
+fn default_eval_top_p() -> f64 {
+    0.9
+}
+fn default_eval_batch() -> usize {
+    8
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Save every N steps / PPO iterations (0 = only at the end).
+    #[serde(default)]
+    pub every: usize,
+    /// Keep the newest N checkpoints.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_keep() -> usize {
+    2
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self { every: 0, keep: default_keep() }
+    }
+}
+
+/// Which worker runs which role (used by the coordinator). Empty = all on one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    #[serde(default)]
+    pub rollout: Vec<String>,
+    #[serde(default)]
+    pub reward: Option<String>,
+    #[serde(default)]
+    pub critic: Option<String>,
+    #[serde(default)]
+    pub trainer: Option<String>,
+}
+
+/// One stage of a pipeline: a kind plus the sections it needs; missing
+/// sections come from the pipeline's top level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: JobKind,
+    #[serde(default)]
+    pub peft: Option<PeftSpec>,
+    #[serde(default)]
+    pub data: Option<DataSpec>,
+    #[serde(default)]
+    pub train: Option<TrainSpec>,
+    #[serde(default)]
+    pub ppo: Option<PpoSpec>,
+    #[serde(default)]
+    pub eval: Option<EvalSpec>,
+}
+
+impl JobSpec {
+    /// Parses and validates a job file's text.
+    pub fn from_toml(text: &str) -> Result<Self, SpecError> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let field = e.span().map(|s| locate(text, s.start)).unwrap_or_else(|| "job".into());
+            SpecError { field, msg }
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Makes every relative path in the job absolute against `base` (the
+    /// job file's directory), so the resolved spec runs from anywhere.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = &mut self.model.path {
+            fix(p);
+        }
+        if let Some(init) = &mut self.model.init {
+            fix(&mut init.corpus);
+        }
+        self.model.merge_adapters.iter_mut().for_each(fix);
+        let fix_sections = |data: &mut Option<DataSpec>, ppo: &mut Option<PpoSpec>, eval: &mut Option<EvalSpec>| {
+            if let Some(d) = data {
+                d.train.as_mut().map(fix);
+                d.eval.as_mut().map(fix);
+            }
+            if let Some(PpoSpec { reward: RewardSource::Model { path: Some(p) }, .. }) = ppo {
+                fix(p);
+            }
+            if let Some(e) = eval {
+                e.tasks.iter_mut().for_each(|t| fix(&mut t.path));
+                e.adapters.values_mut().flatten().for_each(fix);
+            }
+        };
+        fix_sections(&mut self.data, &mut self.ppo, &mut self.eval);
+        for st in &mut self.stages {
+            fix_sections(&mut st.data, &mut st.ppo, &mut st.eval);
+        }
+    }
+
+    /// The single-kind job that a pipeline stage amounts to.
+    pub fn stage_job(&self, stage: &StageSpec) -> JobSpec {
+        JobSpec {
+            version: self.version,
+            kind: stage.kind,
+            name: Some(stage.name.clone()),
+            seed: self.seed,
+            model: self.model.clone(),
+            peft: stage.peft.clone().or_else(|| self.peft.clone()),
+            data: stage.data.clone().or_else(|| self.data.clone()),
+            train: stage.train.clone().or_else(|| self.train.clone()),
+            ppo: stage.ppo.clone().or_else(|| self.ppo.clone()),
+            eval: stage.eval.clone().or_else(|| self.eval.clone()),
+            checkpoint: self.checkpoint.clone(),
+            placement: self.placement.clone(),
+            stages: Vec::new(),
+        }
+    }
+
+    /// Checks values; the error names the field path.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.version != 1 {
+            return err("version", format!("must be 1, got {}", self.version));
+        }
+        if self.kind == JobKind::Pipeline {
+            if self.stages.is_empty() {
+                return err("stage", "a pipeline needs at least one [[stage]]");
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, st) in self.stages.iter().enumerate() {
+                let at = format!("stage[{i}]");
+                if !seen.insert(st.name.as_str()) {
+                    return err(format!("{at}.name"), format!("duplicate stage name {:?}", st.name));
+                }
+                if st.kind == JobKind::Pipeline {
+                    return err(format!("{at}.kind"), "a stage cannot be a pipeline");
+                }
+                if st.kind == JobKind::Pretrain && i != 0 {
+                    return err(format!("{at}.kind"), "pretrain can only be the first stage");
+                }
+                let job = self.stage_job(st);
+                job.validate_single(i == 0 && st.kind == JobKind::Pretrain, true)
+                    .map_err(|e| SpecError { field: format!("{at}.{}", e.field), msg: e.msg })?;
+            }
+            return self.validate_model(self.stages[0].kind == JobKind::Pretrain);
+        }
+        if !self.stages.is_empty() {
+            return err("stage", format!("only a pipeline has stages, this job is {}", self.kind.name()));
+        }
+        self.validate_single(self.kind == JobKind::Pretrain, false)?;
+        self.validate_model(self.kind == JobKind::Pretrain)
+    }
+
+    fn validate_model(&self, pretrain_first: bool) -> Result<(), SpecError> {
+        if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
+            return err("model.dtype", format!("must be f32, bf16 or f16, got {:?}", self.model.dtype));
+        }
+        if self.model.max_length < 2 {
+            return err("model.max_length", "must be at least 2");
+        }
+        match (&self.model.path, &self.model.init, pretrain_first) {
+            (None, None, _) => err("model.path", "required (or model.init for a pretrain job)"),
+            (_, Some(_), false) => err("model.init", "only a pretrain job (or a pipeline starting with one) can init a model"),
+            (_, Some(init), true) if !["tiny", "small"].contains(&init.preset.as_str()) => {
+                err("model.init.preset", format!("must be tiny or small, got {:?}", init.preset))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `in_pipeline`: inputs produced by earlier stages need not be given.
+    fn validate_single(&self, pretrain: bool, in_pipeline: bool) -> Result<(), SpecError> {
+        let need = |opt: bool, field: &str| if opt { Ok(()) } else { err(field, format!("required for a {} job", self.kind.name())) };
+        if let Some(p) = &self.peft {
+            validate_peft(p)?;
+        }
+        if let Some(t) = &self.train {
+            validate_train(t)?;
+        }
+        let data = self.data.as_ref();
+        match self.kind {
+            JobKind::Pretrain => {
+                let _ = pretrain;
+                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
+            }
+            JobKind::Sft => {
+                need(self.peft.is_some(), "peft")?;
+                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
+                need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
+            }
+            JobKind::Reward => {
+                need(self.peft.is_some(), "peft")?;
+                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
+                if data.is_some_and(|d| d.from_multiple_choice) {
+                    need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
+                }
+            }
+            JobKind::Ppo => {
+                need(self.peft.is_some(), "peft")?;
+                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
+                need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
+                let Some(ppo) = &self.ppo else { return err("ppo", "required for a ppo job") };
+                validate_ppo(ppo, in_pipeline)?;
+            }
+            JobKind::Eval => {
+                let Some(e) = &self.eval else { return err("eval", "required for an eval job") };
+                validate_eval(e)?;
+            }
+            JobKind::Pipeline => {}
+        }
+        if let Some(task) = data.and_then(|d| d.task.as_ref()) {
+            if !TASKS.contains(&task.as_str()) {
+                return err("data.task", format!("unknown task {task:?} (expected one of {})", TASKS.join(", ")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// FewCLUE tasks known to the data loaders.
+pub const TASKS: [&str; 4] = ["eprstmt", "tnews", "ocnli", "bustm"];
+
+fn validate_peft(p: &PeftSpec) -> Result<(), SpecError> {
+    if matches!(p.method, PeftMethod::Lora | PeftMethod::RepAdapter) && p.r <= 0 {
+        return err("peft.r", format!("must be positive, got {}", p.r));
+    }
+    if !(p.alpha.is_finite() && p.alpha > 0.0) {
+        return err("peft.alpha", format!("must be positive, got {}", p.alpha));
+    }
+    if p.method == PeftMethod::RepAdapter && (p.groups <= 0 || p.r % p.groups != 0) {
+        return err("peft.groups", format!("must be positive and divide r ({}), got {}", p.r, p.groups));
+    }
+    Ok(())
+}
+
+fn validate_train(t: &TrainSpec) -> Result<(), SpecError> {
+    if t.batch_size == 0 {
+        return err("train.batch_size", "must be at least 1");
+    }
+    if t.grad_accum == 0 {
+        return err("train.grad_accum", "must be at least 1");
+    }
+    if !(t.lr.is_finite() && t.lr > 0.0) {
+        return err("train.lr", format!("must be positive, got {}", t.lr));
+    }
+    if t.weight_decay < 0.0 {
+        return err("train.weight_decay", "must be >= 0");
+    }
+    if t.max_grad_norm <= 0.0 {
+        return err("train.max_grad_norm", "must be positive");
+    }
+    if t.epochs == 0 && t.max_steps.is_none() {
+        return err("train.epochs", "must be at least 1");
+    }
+    Ok(())
+}
+
+fn in_unit(field: &str, v: f64, closed_low: bool) -> Result<(), SpecError> {
+    let ok = if closed_low { (0.0..1.0).contains(&v) } else { v > 0.0 && v < 1.0 };
+    if ok {
+        Ok(())
+    } else {
+        err(field, format!("must be in {}0, 1), got {v}", if closed_low { "[" } else { "(" }))
+    }
+}
+
+fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
+    in_unit("ppo.clip", p.clip, false)?;
+    if p.value_clip <= 0.0 {
+        return err("ppo.value_clip", "must be positive");
+    }
+    if !(0.0..=1.0).contains(&p.gamma) {
+        return err("ppo.gamma", format!("must be in [0, 1], got {}", p.gamma));
+    }
+    if !(0.0..=1.0).contains(&p.lam) {
+        return err("ppo.lam", format!("must be in [0, 1], got {}", p.lam));
+    }
+    if p.kl_coef < 0.0 {
+        return err("ppo.kl_coef", "must be >= 0");
+    }
+    if p.kl_target.is_some_and(|t| t <= 0.0) {
+        return err("ppo.kl_target", "must be positive");
+    }
+    if p.iterations == 0 {
+        return err("ppo.iterations", "must be at least 1");
+    }
+    if p.rollout_batch == 0 {
+        return err("ppo.rollout_batch", "must be at least 1");
+    }
+    if p.minibatch == 0 || p.minibatch > p.rollout_batch {
+        return err("ppo.minibatch", format!("must be in 1..={} (rollout_batch)", p.rollout_batch));
+    }
+    if p.ppo_epochs == 0 {
+        return err("ppo.ppo_epochs", "must be at least 1");
+    }
+    if p.max_new_tokens == 0 {
+        return err("ppo.max_new_tokens", "must be at least 1");
+    }
+    if !(p.temperature > 0.0) {
+        return err("ppo.temperature", "must be positive (PPO samples)");
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return err("ppo.top_p", format!("must be in (0, 1], got {}", p.top_p));
+    }
+    if p.lr <= 0.0 {
+        return err("ppo.lr", "must be positive");
+    }
+    if p.critic_lr <= 0.0 {
+        return err("ppo.critic_lr", "must be positive");
+    }
+    if let RewardSource::Model { path: None } = p.reward {
+        if !in_pipeline {
+            return err("ppo.reward.path", "required for a model reward outside a pipeline");
+        }
+    }
+    Ok(())
+}
+
+fn validate_eval(e: &EvalSpec) -> Result<(), SpecError> {
+    if e.tasks.is_empty() {
+        return err("eval.tasks", "needs at least one task");
+    }
+    for (i, t) in e.tasks.iter().enumerate() {
+        if !TASKS.contains(&t.task.as_str()) {
+            return err(format!("eval.tasks[{i}].task"), format!("unknown task {:?} (expected one of {})", t.task, TASKS.join(", ")));
+        }
+    }
+    if e.modes.is_empty() {
+        return err("eval.modes", "needs at least one of choice, generate");
+    }
+    if e.num_beams != 1 {
+        return err("eval.num_beams", "only 1 (the paper's setting) is supported");
+    }
+    if e.max_new_tokens == 0 {
+        return err("eval.max_new_tokens", "must be at least 1");
+    }
+    if !(e.top_p > 0.0 && e.top_p <= 1.0) {
+        return err("eval.top_p", format!("must be in (0, 1], got {}", e.top_p));
+    }
+    if e.temperature < 0.0 {
+        return err("eval.temperature", "must be >= 0");
+    }
+    if e.batch_size == 0 {
+        return err("eval.batch_size", "must be at least 1");
+    }
+    Ok(())
+}
+
+/// Names the TOML key path at a byte offset (best effort, for parse errors).
+fn locate(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let mut table = String::new();
+    for line in before.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            table = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    let key = text[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .lines()
+        .next()
+        .and_then(|l| l.split('=').next())
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match (table.is_empty(), key) {
+        (true, Some(k)) => format!("{k} (line {line_no})"),
+        (false, Some(k)) => format!("{table}.{k} (line {line_no})"),
+        (_, None) if !table.is_empty() => format!("{table} (line {line_no})"),
+        _ => format!("line {line_no}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,102 @@
+//! The supervised loop shared by `pretrain` and `sft`: next-token loss on
+//! marked tokens, AdamW with warmup + cosine, gradient accumulation and
+//! clipping, checkpoints every N steps, and resume from the newest one.
+
+use std::time::Instant;
+
+use rlhf_common::spec::{CheckpointSpec, TrainSpec};
+use serde_json::json;
+
+use super::checkpoint::{self, Checkpoint};
+use super::optim::{AdamW, Schedule};
+use super::setup::{lm_loss, right_padded};
+use super::stage::Ctx;
+use crate::data::Shuffler;
+use crate::error::{Error, Result};
+use crate::fields;
+use crate::peft::PeftModel;
+
+/// A token sequence and which of its tokens are targets (1) or context (0).
+pub struct Sample {
+    pub ids: Vec<i64>,
+    pub targets: Vec<i64>,
+}
+
+/// Trains the active adapter of `pm` named `adapter`. `eval` is called every
+/// `train.eval_every` steps and at the end; its number is logged as `eval_accuracy`.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    ctx: &mut Ctx<'_>,
+    pm: &PeftModel,
+    adapter: &str,
+    samples: &[Sample],
+    train: &TrainSpec,
+    ck: &CheckpointSpec,
+    seed: u64,
+    pad: i64,
+    eval: &mut dyn FnMut(&PeftModel) -> Result<f64>,
+) -> Result<(usize, f64)> {
+    if samples.is_empty() {
+        return Err(Error::InvalidArgument("data.train: no training examples".into()));
+    }
+    let per_step = train.batch_size * train.grad_accum;
+    let epoch_steps = samples.len().div_ceil(per_step).max(1);
+    let total = train.max_steps.unwrap_or(train.epochs * epoch_steps);
+    let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
+    let params = pm.adapter(adapter)?.parameters();
+    let mut opt = AdamW::new(params, train.weight_decay);
+    let mut shuffler = Shuffler::new(seed);
+    let mut start_step = 0;
+    if let Some((step, dir)) = checkpoint::latest(ctx.out) {
+        checkpoint::restore_adapter(&dir.join(adapter), pm.adapter(adapter)?)?;
+        opt.load(&dir.join(format!("optimizer-{adapter}.safetensors")))?;
+        let state = checkpoint::read_state(&dir)?;
+        shuffler = serde_json::from_value(state["shuffler"].clone())
+            .map_err(|e| Error::Data { path: dir.join("state.json"), msg: e.to_string() })?;
+        tch::manual_seed(state["torch_seed"].as_i64().unwrap_or(seed as i64));
+        start_step = step;
+        tracing::info!(step, dir = %dir.display(), "resuming from checkpoint");
+    }
+    let device = pm.base.device;
+    let t0 = Instant::now();
+    for step in start_step..total {
+        let ts = Instant::now();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0i64;
+        for _ in 0..train.grad_accum {
+            let idx = shuffler.next_batch(train.batch_size, samples.len());
+            let ids: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].ids.clone()).collect();
+            let tg: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].targets.clone()).collect();
+            let (ids_t, _) = right_padded(&ids, pad, device);
+            let (tg_t, _) = right_padded(&tg, 0, device);
+            let (loss, _) = lm_loss(pm, &ids_t, &tg_t)?;
+            (&loss / train.grad_accum as f64).backward();
+            loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
+            tokens += ids.iter().map(|s| s.len() as i64).sum::<i64>();
+        }
+        let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
+        let lr = sched.lr(step);
+        opt.step(lr);
+        opt.zero_grad();
+        let done = step + 1;
+        let mut rec = fields! {
+            "loss" => loss_sum,
+            "lr" => lr,
+            "grad_norm" => grad_norm,
+            "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
+        };
+        if (train.eval_every > 0 && done % train.eval_every == 0) || done == total {
+            let acc = tch::no_grad(|| eval(pm))?;
+            rec.insert("eval_accuracy".into(), json!(acc));
+        }
+        ctx.metrics.log(done, total, rec)?;
+        if ck.every > 0 && done % ck.every == 0 && done < total {
+            let a = pm.adapter(adapter)?;
+            let state = json!({ "step": done, "shuffler": shuffler, "torch_seed": seed as i64 + done as i64 });
+            tch::manual_seed(seed as i64 + done as i64);
+            let c = Checkpoint { adapters: vec![(adapter, a)], tensors: Vec::new(), optimizers: vec![(adapter, &opt)], state };
+            checkpoint::save(ctx.out, done, "", &c, ck.keep)?;
+        }
+    }
+    Ok((total, t0.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,88 @@
+//! `metrics.jsonl` (one JSON object per step) and progress output: a
+//! redrawn bar on a terminal, plain lines otherwise.
+
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+pub struct Metrics {
+    path: PathBuf,
+    file: BufWriter<File>,
+    tty: bool,
+    start: Instant,
+    /// Added to every record (e.g. `"stage": "sft"`).
+    tags: Map<String, Value>,
+    quiet: bool,
+}
+
+impl Metrics {
+    /// Appends to `path` (created if missing).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: BufWriter::new(file),
+            tty: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+            tags: Map::new(),
+            quiet: std::env::var_os("RLHF_QUIET").is_some(),
+        })
+    }
+
+    pub fn set_tag(&mut self, key: &str, value: impl Into<Value>) {
+        self.tags.insert(key.to_string(), value.into());
+    }
+
+    /// Writes one record; `step`/`total` drive the progress line.
+    pub fn log(&mut self, step: usize, total: usize, fields: Map<String, Value>) -> Result<()> {
+        let mut rec = self.tags.clone();
+        rec.insert("step".into(), step.into());
+        rec.extend(fields);
+        let line = Value::Object(rec.clone()).to_string();
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
+        if !self.quiet {
+            self.progress(step, total, &rec);
+        }
+        Ok(())
+    }
+
+    fn progress(&self, step: usize, total: usize, rec: &Map<String, Value>) {
+        let stage = rec.get("stage").and_then(Value::as_str).unwrap_or("");
+        let shown: Vec<String> = ["loss", "accuracy", "reward_mean", "kl", "eval_accuracy"]
+            .iter()
+            .filter_map(|k| rec.get(*k).and_then(Value::as_f64).map(|v| format!("{k} {v:.4}")))
+            .collect();
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let eta = if step > 0 && total >= step { elapsed / step as f64 * (total - step) as f64 } else { 0.0 };
+        if self.tty {
+            let width = 24;
+            let filled = if total > 0 { width * step.min(total) / total } else { 0 };
+            eprint!(
+                "\r{stage:>8} [{}{}] {step}/{total} {} eta {eta:.0}s   ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                shown.join(" ")
+            );
+            if step >= total {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{stage} step {step}/{total} {} ({elapsed:.1}s)", shown.join(" "));
+        }
+    }
+}
+
+/// Builds a JSON field map: `fields!{"loss" => 1.0, "step_time" => t}`.
+#[macro_export]
+macro_rules! fields {
+    ($($k:expr => $v:expr),* $(,)?) => {{
+        let mut m = serde_json::Map::new();
+        $( m.insert($k.to_string(), serde_json::json!($v)); )*
+        m
+    }};
+}

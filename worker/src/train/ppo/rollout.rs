@@ -1,0 +1,113 @@
+//! One PPO rollout batch and what each role computes on it. Every function
+//! takes the shared base with the role's adapter made active, so a role can
+//! run wherever its adapter lives.
+//!
+//! Layout: prompts left-padded to `P`, responses right-padded to `R`, so
+//! response token `j` of every row sits at position `P + j` and is predicted
+//! by the hidden state at `P + j − 1`.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::model::generate::{attention_mask, positions_from_mask};
+use crate::model::Mask;
+use crate::peft::PeftModel;
+use crate::train::reward::Head;
+
+/// Token ids of one rollout, with everything the forward passes need.
+pub struct Batch {
+    /// `[b, P + R]`
+    pub ids: Tensor,
+    /// `[b, P + R]`, 1 on real tokens.
+    pub attn: Tensor,
+    /// `[b, R]` response token ids.
+    pub response: Tensor,
+    /// `[b, R]` float, 1 on response tokens.
+    pub mask: Tensor,
+    pub prompt_width: i64,
+    /// Response lengths (including any EOS).
+    pub lens: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(prompts: &[Vec<i64>], responses: &[Vec<i64>], pad: i64, device: Device) -> Self {
+        let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let r = responses.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let (mut ids, mut attn, mut resp, mut mask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (pr, rs) in prompts.iter().zip(responses) {
+            let lp = p - pr.len();
+            let rp = r - rs.len();
+            ids.extend(std::iter::repeat_n(pad, lp).chain(pr.iter().copied()).chain(rs.iter().copied()).chain(std::iter::repeat_n(pad, rp)));
+            attn.extend(std::iter::repeat_n(0i64, lp).chain(std::iter::repeat_n(1, pr.len() + rs.len())).chain(std::iter::repeat_n(0, rp)));
+            resp.extend(rs.iter().copied().chain(std::iter::repeat_n(pad, rp)));
+            mask.extend(std::iter::repeat_n(1f32, rs.len()).chain(std::iter::repeat_n(0.0, rp)));
+        }
+        let b = prompts.len() as i64;
+        let (p, r) = (p as i64, r as i64);
+        Self {
+            ids: Tensor::from_slice(&ids).view([b, p + r]).to_device(device),
+            attn: Tensor::from_slice(&attn).view([b, p + r]).to_device(device),
+            response: Tensor::from_slice(&resp).view([b, r]).to_device(device),
+            mask: Tensor::from_slice(&mask).view([b, r]).to_device(device),
+            prompt_width: p,
+            lens: responses.iter().map(Vec::len).collect(),
+        }
+    }
+
+    pub fn rows(&self) -> i64 {
+        self.ids.size()[0]
+    }
+
+    /// The sub-batch of rows `idx`.
+    pub fn select(&self, idx: &[i64]) -> Batch {
+        let i = Tensor::from_slice(idx).to_device(self.ids.device());
+        Batch {
+            ids: self.ids.index_select(0, &i),
+            attn: self.attn.index_select(0, &i),
+            response: self.response.index_select(0, &i),
+            mask: self.mask.index_select(0, &i),
+            prompt_width: self.prompt_width,
+            lens: idx.iter().map(|&k| self.lens[k as usize]).collect(),
+        }
+    }
+
+    /// Hidden states `[b, R, h]` at the positions that predict response tokens.
+    pub fn response_hidden(&self, pm: &PeftModel) -> Result<Tensor> {
+        let l = self.ids.size()[1];
+        let m = attention_mask(&self.attn, l);
+        let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
+        let r = l - self.prompt_width;
+        Ok(hidden.narrow(1, self.prompt_width - 1, r))
+    }
+
+    /// Hidden state `[b, h]` of each row's last real token.
+    pub fn last_hidden(&self, pm: &PeftModel) -> Result<Tensor> {
+        let l = self.ids.size()[1];
+        let m = attention_mask(&self.attn, l);
+        let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
+        let last: Vec<i64> = self.lens.iter().map(|&n| self.prompt_width + n as i64 - 1).collect();
+        let b = self.rows();
+        let h = hidden.size()[2];
+        let idx = Tensor::from_slice(&last).to_device(hidden.device()).view([b, 1, 1]).expand([b, 1, h], false);
+        Ok(hidden.gather(1, &idx, false).squeeze_dim(1))
+    }
+}
+
+/// Log-probabilities `[b, R]` of the response tokens under the active
+/// adapter at `temperature`, and the logits they came from.
+pub fn logprobs(pm: &PeftModel, batch: &Batch, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let hidden = batch.response_hidden(pm)?;
+    let logits = pm.base.logits(&hidden, pm.hooks()).to_kind(Kind::Float) / temperature;
+    let logp = logits.log_softmax(-1, Kind::Float).gather(2, &batch.response.unsqueeze(-1), false).squeeze_dim(-1);
+    Ok((logp, logits))
+}
+
+/// Per-token values `[b, R]` from the critic's adapter (active) and head.
+pub fn values(pm: &PeftModel, head: &Head, batch: &Batch) -> Result<Tensor> {
+    Ok(head.forward(&batch.response_hidden(pm)?))
+}
+
+/// Sequence scores `[b]` from the reward adapter (active) and head.
+pub fn model_scores(pm: &PeftModel, head: &Head, batch: &Batch) -> Result<Tensor> {
+    Ok(head.forward(&batch.last_hidden(pm)?))
+}

@@ -1,0 +1,70 @@
+//! `pretrain`: causal LM on raw text with every weight trainable, so a tiny
+//! demo base knows something before SFT. Optionally makes the model first
+//! (`[model.init]`). Writes a normal Hugging Face directory to `DIR/model`.
+
+use std::path::PathBuf;
+
+use rlhf_common::spec::JobSpec;
+
+use super::lm::{self, Sample};
+use super::setup::load_base;
+use super::stage::{Ctx, Outcome};
+use crate::error::{Error, Result};
+use crate::model::init::{init_model, Preset};
+use crate::model::save::save_model;
+use crate::peft::{self, base_parameters, Method, PeftConfig};
+
+pub const ADAPTER: &str = "full";
+
+pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
+    tch::manual_seed(job.seed as i64);
+    let mut job = job.clone();
+    if let Some(init) = &job.model.init {
+        let preset: Preset = init.preset.parse()?;
+        let dir = ctx.out.join("init");
+        init_model(preset, &init.corpus, &dir, job.seed)?;
+        job.model.path = Some(dir);
+    }
+    let mut l = load_base(&job, ctx.device)?;
+    let data = job.data.clone().unwrap_or_default();
+    let corpus: PathBuf = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
+    let text = std::fs::read_to_string(&corpus).map_err(|e| Error::io(&corpus, e))?;
+    // Documents are lines; they are joined with EOS and cut into blocks.
+    let block = job.model.max_length.min(l.pm.base.cfg.max_position_embeddings as usize);
+    let eos = l.eos();
+    let mut stream = Vec::new();
+    for line in text.lines().filter(|s| !s.trim().is_empty()) {
+        stream.extend(l.tok.encode(line, false)?);
+        stream.push(eos);
+    }
+    let samples: Vec<Sample> = stream
+        .chunks(block)
+        .filter(|c| c.len() >= 2)
+        .map(|c| Sample { ids: c.to_vec(), targets: vec![1; c.len()] })
+        .collect();
+    if samples.is_empty() {
+        return Err(Error::Data { path: corpus, msg: "no text to train on".into() });
+    }
+    let adapter = peft::build(PeftConfig { seed: job.seed, ..PeftConfig::new(Method::Full) }, &l.pm.base)?;
+    let trainable = adapter.num_parameters();
+    l.pm.add(ADAPTER, adapter)?;
+    l.pm.set_active(Some(ADAPTER))?;
+    let pad = l.pad();
+    let train = job.train.clone().unwrap_or_default();
+    let mut no_eval = |_: &crate::peft::PeftModel| Ok(f64::NAN);
+    let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut no_eval)?;
+    l.pm.merge(ADAPTER)?;
+    let dir = ctx.out.join("model");
+    save_model(&l.pm.base, &dir, Some(&l.model_dir.join("tokenizer.json")))?;
+    Ok(Outcome {
+        stage: job.name.clone().unwrap_or_else(|| "pretrain".into()),
+        kind: "pretrain".into(),
+        method: Some(Method::Full),
+        model: Some(dir),
+        trainable_params: trainable,
+        base_params: base_parameters(&l.pm.base),
+        train_seconds: secs,
+        steps,
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,219 @@
+//! `reward`: base + reward adapter + a scalar head on the last token,
+//! trained with −log σ(r(x, y_c) − r(x, y_r) − m). After training the head's
+//! bias is shifted so the demonstrations (chosen responses) score 0 on
+//! average. The head is saved beside the adapter.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rlhf_common::spec::JobSpec;
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+use super::optim::{AdamW, Schedule};
+use super::setup::{encode_pair, load_base, positions, right_padded, task_data, Loaded};
+use super::stage::{Ctx, Outcome};
+use crate::data::{self, PreferencePair, Shuffler};
+use crate::error::{Error, Result};
+use crate::fields;
+use crate::model::{Mask, WeightFiles};
+use crate::peft::{self, base_parameters, PeftConfig, PeftModel};
+
+pub const ADAPTER: &str = "reward";
+pub const HEAD_FILE: &str = "reward_head.safetensors";
+
+/// The scalar head `r = w·h + b` on a hidden state.
+pub struct Head {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Head {
+    pub fn new(hidden: i64, device: tch::Device) -> Self {
+        let weight = (Tensor::randn([1, hidden], (Kind::Float, device)) * (1.0 / ((hidden + 1) as f64).sqrt())).set_requires_grad(true);
+        Self { weight, bias: Tensor::zeros([1], (Kind::Float, device)).set_requires_grad(true) }
+    }
+
+    pub fn forward(&self, h: &Tensor) -> Tensor {
+        h.to_kind(Kind::Float).linear(&self.weight, Some(&self.bias)).squeeze_dim(-1)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let cpu = |t: &Tensor| t.detach().to_device(tch::Device::Cpu);
+        Tensor::write_safetensors(&[("weight", cpu(&self.weight)), ("bias", cpu(&self.bias))], path)?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path, hidden: i64, device: tch::Device) -> Result<Self> {
+        let f = WeightFiles::open_file(path)?;
+        Ok(Self { weight: f.get("weight", &[1, hidden], Kind::Float, device)?, bias: f.get("bias", &[1], Kind::Float, device)? })
+    }
+}
+
+/// Scores of whole sequences (right-padded batch) at their last token, with
+/// the active adapter of `pm`.
+pub fn score(pm: &PeftModel, head: &Head, seqs: &[Vec<i64>], pad: i64) -> Result<Tensor> {
+    let (ids, _) = right_padded(seqs, pad, pm.base.device);
+    let hidden = pm.forward(&ids, &positions(&ids), Mask::Causal, None)?;
+    let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    let last = Tensor::from_slice(&last).to_device(pm.base.device);
+    let b = seqs.len() as i64;
+    let h = hidden.size()[2];
+    let idx = last.view([b, 1, 1]).expand([b, 1, h], false);
+    Ok(head.forward(&hidden.gather(1, &idx, false).squeeze_dim(1)))
+}
+
+/// Loads a reward model directory onto `pm` as adapter `name`; returns its head.
+pub fn load_reward_model(dir: &Path, pm: &mut PeftModel, name: &str) -> Result<Head> {
+    let adapter = peft::io::load(dir, &pm.base)?;
+    pm.add(name, adapter)?;
+    Head::load(&dir.join(HEAD_FILE), pm.base.cfg.hidden_size, pm.base.device)
+}
+
+struct Encoded {
+    chosen: Vec<i64>,
+    rejected: Vec<i64>,
+    margin: f64,
+}
+
+fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<Encoded>> {
+    let eos = Some(l.eos());
+    pairs
+        .iter()
+        .map(|p| {
+            let (pc, c) = encode_pair(&l.tok, &p.prompt, &p.chosen, eos, max_len)?;
+            let (pr, r) = encode_pair(&l.tok, &p.prompt, &p.rejected, eos, max_len)?;
+            Ok(Encoded { chosen: [pc, c].concat(), rejected: [pr, r].concat(), margin: p.margin as f64 })
+        })
+        .collect()
+}
+
+fn pairs_of(job: &JobSpec, path: &Path, limit: Option<usize>) -> Result<Vec<PreferencePair>> {
+    let data = job.data.clone().unwrap_or_default();
+    let mut pairs = if data.from_multiple_choice {
+        let (template, examples) = task_data(&data, path, None)?;
+        data::from_multiple_choice(&examples, &template, job.seed)?
+    } else {
+        data::load_pairs(path)?
+    };
+    if let Some(n) = limit {
+        pairs = data::stride_subset(&pairs, n);
+    }
+    Ok(pairs)
+}
+
+/// Pairwise accuracy: how often the chosen response outscores the rejected one.
+fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<f64> {
+    if pairs.is_empty() {
+        return Ok(f64::NAN);
+    }
+    let mut wins = 0usize;
+    tch::no_grad(|| -> Result<()> {
+        for chunk in pairs.chunks(16) {
+            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
+            let r: Vec<f32> = Vec::try_from(&score(pm, head, &seqs, pad)?.to_device(tch::Device::Cpu))?;
+            let n = chunk.len();
+            wins += (0..n).filter(|&i| r[i] > r[n + i]).count();
+        }
+        Ok(())
+    })?;
+    Ok(wins as f64 / pairs.len() as f64)
+}
+
+pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
+    tch::manual_seed(job.seed as i64);
+    let mut l = load_base(job, ctx.device)?;
+    let data = job.data.clone().unwrap_or_default();
+    let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
+    let all = pairs_of(job, &train_path, data.max_examples)?;
+    // Held out: the eval file, or every 10th training pair.
+    let (train_pairs, eval_pairs): (Vec<PreferencePair>, Vec<PreferencePair>) = match &data.eval {
+        Some(p) => (all, pairs_of(job, p, data.max_eval_examples)?),
+        None => {
+            let (a, b): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| i % 10 != 9);
+            (a.into_iter().map(|x| x.1).collect(), b.into_iter().map(|x| x.1).collect())
+        }
+    };
+    let max_len = job.model.max_length;
+    let train_enc = encode(&l, &train_pairs, max_len)?;
+    let eval_enc = encode(&l, &eval_pairs, max_len)?;
+    if train_enc.is_empty() {
+        return Err(Error::InvalidArgument("data.train: no preference pairs".into()));
+    }
+    let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
+    let adapter = peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?;
+    let head = Head::new(l.pm.base.cfg.hidden_size, ctx.device);
+    let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
+    let mut params = adapter.parameters();
+    params.extend([head.weight.shallow_clone(), head.bias.shallow_clone()]);
+    l.pm.add(ADAPTER, adapter)?;
+    l.pm.set_active(Some(ADAPTER))?;
+    let pad = l.pad();
+
+    let train = job.train.clone().unwrap_or_default();
+    let per_step = train.batch_size * train.grad_accum;
+    let total = train.max_steps.unwrap_or(train.epochs * train_enc.len().div_ceil(per_step).max(1));
+    let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
+    let mut opt = AdamW::new(params, train.weight_decay);
+    let mut shuffler = Shuffler::new(job.seed);
+    let t0 = Instant::now();
+    for step in 0..total {
+        let ts = Instant::now();
+        let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0usize);
+        for _ in 0..train.grad_accum {
+            let idx = shuffler.next_batch(train.batch_size, train_enc.len());
+            let chunk: Vec<&Encoded> = idx.iter().map(|&i| &train_enc[i]).collect();
+            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
+            tokens += seqs.iter().map(Vec::len).sum::<usize>();
+            let r = score(&l.pm, &head, &seqs, pad)?;
+            let n = chunk.len() as i64;
+            let margin = Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(ctx.device);
+            let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
+            let loss = -diff.log_sigmoid().mean(Kind::Float);
+            (&loss / train.grad_accum as f64).backward();
+            loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
+            acc_sum += diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]) / train.grad_accum as f64;
+        }
+        let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
+        let lr = sched.lr(step);
+        opt.step(lr);
+        opt.zero_grad();
+        let done = step + 1;
+        let mut rec = fields! {
+            "loss" => loss_sum, "train_accuracy" => acc_sum, "lr" => lr, "grad_norm" => grad_norm,
+            "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
+        };
+        if (train.eval_every > 0 && done % train.eval_every == 0) || done == total {
+            rec.insert("accuracy".into(), json!(accuracy(&l.pm, &head, &eval_enc, pad)?));
+        }
+        ctx.metrics.log(done, total, rec)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // Demonstrations (chosen responses) should score 0 on average.
+    let offset = tch::no_grad(|| -> Result<f64> {
+        let mut sum = 0.0;
+        for chunk in train_enc.chunks(16) {
+            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
+            sum += score(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
+        }
+        let mean = sum / train_enc.len() as f64;
+        let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
+        Ok(mean)
+    })?;
+    let dir: PathBuf = ctx.out.join("reward_model");
+    peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
+    head.save(&dir.join(HEAD_FILE))?;
+    let acc = accuracy(&l.pm, &head, &eval_enc, pad)?;
+    Ok(Outcome {
+        stage: job.name.clone().unwrap_or_else(|| "reward".into()),
+        kind: "reward".into(),
+        method: Some(peft_spec.method),
+        reward_model: Some(dir),
+        trainable_params: trainable,
+        base_params: base_parameters(&l.pm.base),
+        train_seconds: secs,
+        steps: total,
+        final_metrics: fields! { "accuracy" => acc, "reward_offset" => offset, "eval_pairs" => eval_enc.len() },
+        ..Outcome::default()
+    })
+}

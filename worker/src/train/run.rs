@@ -1,0 +1,129 @@
+//! `rlhf-worker run JOB.toml`: one job, or a pipeline of stages, in a
+//! directory: `job.toml` (resolved), `metrics.jsonl`, the stage outputs
+//! (`adapter/`, `reward_model/`, `model/`, `checkpoints/`), `outcome.json`
+//! and, for eval and pipeline jobs, `report.md`.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_common::spec::{JobKind, JobSpec, RewardSource};
+use tch::Device;
+
+use super::metrics::Metrics;
+use super::stage::{Ctx, Outcome};
+use super::{evaluate, ppo, pretrain, report, reward, sft};
+use crate::error::{Error, Result};
+
+/// Runs one single-kind job into `out`.
+pub fn run_stage(job: &JobSpec, out: &Path, device: Device, metrics: &mut Metrics) -> Result<Outcome> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    metrics.set_tag("stage", job.name.clone().unwrap_or_else(|| job.kind.name().to_string()));
+    let mut ctx = Ctx { out, device, metrics };
+    let outcome = match job.kind {
+        JobKind::Pretrain => pretrain::run(job, &mut ctx)?,
+        JobKind::Sft => sft::run(job, &mut ctx)?,
+        JobKind::Reward => reward::run(job, &mut ctx)?,
+        JobKind::Ppo => ppo::trainer::run(job, &mut ctx)?,
+        JobKind::Eval => evaluate::run(job, &mut ctx)?,
+        JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
+    };
+    outcome.write(out)?;
+    Ok(outcome)
+}
+
+/// What earlier pipeline stages produced, for later ones to consume.
+#[derive(Default)]
+struct Produced {
+    model: Option<PathBuf>,
+    sft: Option<PathBuf>,
+    reward_model: Option<PathBuf>,
+    ppo: Option<PathBuf>,
+}
+
+impl Produced {
+    fn take(&mut self, o: &Outcome, kind: JobKind) {
+        match kind {
+            JobKind::Pretrain => self.model = o.model.clone(),
+            JobKind::Sft => self.sft = o.adapter.clone(),
+            JobKind::Reward => self.reward_model = o.reward_model.clone(),
+            JobKind::Ppo => self.ppo = o.adapter.clone(),
+            JobKind::Eval | JobKind::Pipeline => {}
+        }
+    }
+
+    /// Wires a stage's inputs: the pretrained model, the SFT adapter merged
+    /// under reward and PPO (so the reference policy is the SFT model), the
+    /// reward model for PPO, and every trained stage for eval.
+    fn wire(&self, job: &mut JobSpec) {
+        if let Some(m) = &self.model {
+            job.model.path = Some(m.clone());
+            job.model.init = None;
+        }
+        let sft: Vec<PathBuf> = self.sft.iter().cloned().collect();
+        match job.kind {
+            JobKind::Reward | JobKind::Ppo => job.model.merge_adapters.extend(sft.iter().cloned()),
+            _ => {}
+        }
+        if let (Some(ppo), Some(rm)) = (&mut job.ppo, &self.reward_model) {
+            if let RewardSource::Model { path: path @ None } = &mut ppo.reward {
+                *path = Some(rm.clone());
+            }
+        }
+        if let Some(eval) = &mut job.eval {
+            if !sft.is_empty() {
+                eval.adapters.entry("sft".into()).or_insert_with(|| sft.clone());
+            }
+            if let Some(p) = &self.ppo {
+                eval.adapters.entry("ppo".into()).or_insert_with(|| [sft.clone(), vec![p.clone()]].concat());
+            }
+        }
+    }
+}
+
+/// Runs `job` (any kind) into `out`. A pipeline runs its stages into
+/// `out/stages/<name>`; a stage that already finished (its `outcome.json`
+/// exists) is not run again, so a restarted pipeline resumes.
+pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let job_file = out.join("job.toml");
+    std::fs::write(&job_file, job.to_toml()).map_err(|e| Error::io(&job_file, e))?;
+    let mut metrics = Metrics::open(&out.join("metrics.jsonl"))?;
+    let outcomes = if job.kind == JobKind::Pipeline {
+        let mut produced = Produced::default();
+        let mut outcomes = Vec::new();
+        for stage in &job.stages {
+            let mut sj = job.stage_job(stage);
+            produced.wire(&mut sj);
+            let dir = out.join("stages").join(&stage.name);
+            let done = dir.join("outcome.json");
+            let outcome = match std::fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str::<Outcome>(&t).ok()) {
+                Some(o) => o,
+                None => {
+                    tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
+                    run_stage(&sj, &dir, device, &mut metrics)?
+                }
+            };
+            produced.take(&outcome, stage.kind);
+            outcomes.push(outcome);
+        }
+        outcomes
+    } else {
+        vec![run_stage(job, out, device, &mut metrics)?]
+    };
+    if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) {
+        let title = job.name.clone().unwrap_or_else(|| format!("rlhfd {} report", job.kind.name()));
+        let path = out.join("report.md");
+        std::fs::write(&path, report::markdown(&title, &outcomes)).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(outcomes)
+}
+
+/// Reads, validates and path-resolves a job file.
+pub fn read_job(path: &Path) -> Result<JobSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut job = JobSpec::from_toml(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    job.resolve_paths(&base);
+    Ok(job)
+}

@@ -1,0 +1,110 @@
+//! What every stage does first: load the base (merging any adapters the job
+//! names), the tokenizer, the task data; and the shared batching/loss code.
+
+use std::path::{Path, PathBuf};
+
+use rlhf_common::spec::{DataSpec, JobSpec};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{self, Example, Task, Template};
+use crate::error::{Error, Result};
+use crate::model::{parse_dtype, Mask, Tokenizer};
+use crate::peft::{self, PeftModel};
+
+/// The loaded base of a job, with its tokenizer.
+pub struct Loaded {
+    pub pm: PeftModel,
+    pub tok: Tokenizer,
+    pub model_dir: PathBuf,
+}
+
+impl Loaded {
+    pub fn eos(&self) -> i64 {
+        self.tok.eos_ids.first().copied().unwrap_or(0)
+    }
+
+    pub fn pad(&self) -> i64 {
+        self.tok.pad_id.unwrap_or_else(|| self.eos())
+    }
+}
+
+/// Loads `job.model` on `device` and merges `model.merge_adapters` in order.
+pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
+    let dir = job
+        .model
+        .path
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
+    let kind = parse_dtype(&job.model.dtype)?;
+    let base = crate::model::Model::load(&dir, kind, device)?;
+    let tok = Tokenizer::load(&dir, &base.cfg)?;
+    let mut pm = PeftModel::new(base);
+    for (i, a) in job.model.merge_adapters.iter().enumerate() {
+        let adapter = peft::io::load(a, &pm.base)?;
+        let name = format!("merged-{i}");
+        pm.add(&name, adapter)?;
+        pm.merge(&name)?;
+    }
+    Ok(Loaded { pm, tok, model_dir: dir })
+}
+
+/// The task, its template (with the job's overrides) and the examples of `path`.
+pub fn task_data(data: &DataSpec, path: &Path, limit: Option<usize>) -> Result<(Template, Vec<Example>)> {
+    let task: Task = data
+        .task
+        .as_deref()
+        .ok_or_else(|| Error::InvalidArgument("data.task: required".into()))?
+        .parse()
+        .map_err(|e: Error| Error::InvalidArgument(format!("data.task: {e}")))?;
+    let template = Template::with_overrides(task, data.template.clone(), data.verbalizer.clone())
+        .map_err(|e| Error::InvalidArgument(format!("data.template: {e}")))?;
+    let mut examples = data::fewclue::load(task, path)?;
+    if let Some(n) = limit {
+        examples = data::stride_subset(&examples, n);
+    }
+    Ok((template, examples))
+}
+
+/// Prompt ids and response ids (response ends with EOS), truncated to `max_len`.
+pub fn encode_pair(tok: &Tokenizer, prompt: &str, response: &str, eos: Option<i64>, max_len: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+    let p = tok.encode(prompt, true)?;
+    let mut r = tok.encode(response, false)?;
+    r.extend(eos);
+    data::truncate_prompt(&p, &r, max_len)
+}
+
+/// Right-padded `[b, T]` ids and a float mask of the same shape.
+pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor) {
+    let (ids, width) = data::pad_right(seqs, pad);
+    let (mask, _) = data::mask_right(seqs);
+    let shape = [seqs.len() as i64, width as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_kind(Kind::Float).to_device(device),
+    )
+}
+
+/// Positions 0..T for every row.
+pub fn positions(ids: &Tensor) -> Tensor {
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0).expand([b, t], false)
+}
+
+/// Mean next-token cross-entropy over the positions where `target_mask`
+/// (`[b, T]`, 1 on tokens to predict) is set, with the active adapter.
+/// Only those positions go through the LM head.
+pub fn lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor) -> Result<(Tensor, i64)> {
+    let t = ids.size()[1];
+    let hidden = pm.forward(ids, &positions(ids), Mask::Causal, None)?;
+    let h = hidden.size()[2];
+    let inputs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
+    let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
+    let sel = target_mask.narrow(1, 1, t - 1).reshape([-1]).nonzero().squeeze_dim(1);
+    let n = sel.size()[0];
+    if n == 0 {
+        return Err(Error::InvalidArgument("batch has no target tokens (responses truncated away?)".into()));
+    }
+    let logits = pm.base.logits(&inputs.index_select(0, &sel), pm.hooks());
+    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&targets.index_select(0, &sel));
+    Ok((loss, n))
+}
