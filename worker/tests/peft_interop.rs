@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::*;
 use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[test]
 fn rlhfd_lora_loads_in_peft_with_equal_logits() {
@@ -19,9 +19,10 @@ fn rlhfd_lora_loads_in_peft_with_equal_logits() {
         let mut pm = PeftModel::new(load(name));
         let cfg = PeftConfig { r: 4, alpha: 8.0, seed: 5, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..PeftConfig::new(Method::Lora) };
         let adapter = peft::build(cfg, &pm.base).unwrap();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(9);
         tch::no_grad(|| {
             for mut t in adapter.parameters() {
-                let _ = t.f_add_(&(Tensor::randn(t.size(), (Kind::Float, t.device())) * 0.1)).unwrap();
+                let _ = t.f_add_(&peft::normal(&t.size(), 0.1, &mut rng, t.device())).unwrap();
             }
         });
         pm.add("policy", adapter).unwrap();

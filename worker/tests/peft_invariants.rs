@@ -31,11 +31,11 @@ fn logits(pm: &PeftModel, name: &str) -> Tensor {
 }
 
 /// Moves every adapter tensor away from its (identity) init.
-fn perturb(a: &dyn Adapter, seed: i64) {
-    tch::manual_seed(seed);
+fn perturb(a: &dyn Adapter, seed: u64) {
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     tch::no_grad(|| {
         for mut t in a.parameters() {
-            let noise = Tensor::randn(t.size(), (Kind::Float, t.device())) * 0.05;
+            let noise = peft::normal(&t.size(), 0.05, &mut rng, t.device());
             let _ = t.f_add_(&noise).unwrap();
         }
     });

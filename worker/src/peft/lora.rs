@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::{param, Adapter, PeftConfig, PEFT_PREFIX};
+use super::{param, uniform, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
 use crate::model::{Hooks, Model, Proj};
 
@@ -21,7 +21,7 @@ fn key(layer: usize, p: Proj, ab: &str) -> String {
 }
 
 impl Lora {
-    pub fn new(cfg: PeftConfig, model: &Model) -> Result<Self> {
+    pub fn new(cfg: PeftConfig, model: &Model, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Self> {
         cfg.validate()?;
         let targets = cfg.projections()?;
         let r = cfg.r;
@@ -31,7 +31,7 @@ impl Lora {
                 let lin = layer.proj(p);
                 let bound = 1.0 / (lin.in_dim() as f64).sqrt();
                 let opts = (Kind::Float, model.device);
-                let a = param(Tensor::empty([r, lin.in_dim()], opts).uniform_(-bound, bound));
+                let a = param(uniform(&[r, lin.in_dim()], bound, rng, model.device));
                 let b = param(Tensor::zeros([lin.out_dim(), r], opts));
                 mods.insert((li, p), (a, b));
             }

@@ -16,6 +16,8 @@ pub mod ssf;
 pub use config::{Method, PeftConfig};
 pub use model::PeftModel;
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
@@ -52,6 +54,26 @@ pub(crate) fn param(t: Tensor) -> Tensor {
     t.to_kind(Kind::Float).set_requires_grad(true)
 }
 
+/// Uniform(-bound, bound) values drawn from `rng` (not torch's global
+/// generator, so concurrent threads cannot perturb a seeded init).
+pub(crate) fn uniform(shape: &[i64], bound: f64, rng: &mut ChaCha8Rng, device: tch::Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-bound..bound) as f32).collect();
+    Tensor::from_slice(&v).view(shape).to_device(device)
+}
+
+/// Normal(0, std) values drawn from `rng` (Box–Muller).
+pub fn normal(shape: &[i64], std: f64, rng: &mut ChaCha8Rng, device: tch::Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect();
+    Tensor::from_slice(&v).view(shape).to_device(device)
+}
+
 /// Number of scalars in the base model (the denominator of the paper's
 /// trainable-parameter ratio).
 pub fn base_parameters(model: &Model) -> i64 {
@@ -72,11 +94,11 @@ pub fn base_parameters(model: &Model) -> i64 {
 
 /// A freshly initialised adapter of `cfg.method` for `model`, seeded by `cfg.seed`.
 pub fn build(cfg: PeftConfig, model: &Model) -> Result<Box<dyn Adapter>> {
-    tch::manual_seed(cfg.seed as i64);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     Ok(match cfg.method {
-        Method::Lora => Box::new(lora::Lora::new(cfg, model)?),
+        Method::Lora => Box::new(lora::Lora::new(cfg, model, &mut rng)?),
         Method::Ssf => Box::new(ssf::Ssf::new(cfg, model)?),
-        Method::RepAdapter => Box::new(repadapter::RepAdapter::new(cfg, model)?),
+        Method::RepAdapter => Box::new(repadapter::RepAdapter::new(cfg, model, &mut rng)?),
         Method::Full => Box::new(full::Full::new(cfg, model)?),
     })
 }

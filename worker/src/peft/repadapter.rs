@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tch::{Kind, Tensor};
 
-use super::{param, Adapter, PeftConfig, PEFT_PREFIX};
+use super::{param, uniform, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
 use crate::model::{Block, Hooks, Model};
 
@@ -36,7 +36,7 @@ fn prefix(layer: usize, block: Block) -> String {
 }
 
 impl RepAdapter {
-    pub fn new(cfg: PeftConfig, model: &Model) -> Result<Self> {
+    pub fn new(cfg: PeftConfig, model: &Model, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Self> {
         cfg.validate()?;
         let (d, r, k) = (model.cfg.hidden_size, cfg.r, cfg.groups);
         if d % k != 0 {
@@ -50,7 +50,7 @@ impl RepAdapter {
         for li in 0..model.layers.len() {
             for b in cfg.blocks()? {
                 let rep = Rep {
-                    down: param(Tensor::empty([r, d], opts).uniform_(-bound, bound)),
+                    down: param(uniform(&[r, d], bound, rng, model.device)),
                     up: param(Tensor::zeros([k, d / k, r / k], opts)),
                     up_bias: param(Tensor::zeros([d], opts)),
                 };

@@ -53,7 +53,6 @@ pub fn train(
         let state = checkpoint::read_state(&dir)?;
         shuffler = serde_json::from_value(state["shuffler"].clone())
             .map_err(|e| Error::Data { path: dir.join("state.json"), msg: e.to_string() })?;
-        tch::manual_seed(state["torch_seed"].as_i64().unwrap_or(seed as i64));
         start_step = step;
         tracing::info!(step, dir = %dir.display(), "resuming from checkpoint");
     }
@@ -92,8 +91,7 @@ pub fn train(
         ctx.metrics.log(done, total, rec)?;
         if ck.every > 0 && done % ck.every == 0 && done < total {
             let a = pm.adapter(adapter)?;
-            let state = json!({ "step": done, "shuffler": shuffler, "torch_seed": seed as i64 + done as i64 });
-            tch::manual_seed(seed as i64 + done as i64);
+            let state = json!({ "step": done, "shuffler": shuffler });
             let c = Checkpoint { adapters: vec![(adapter, a)], tensors: Vec::new(), optimizers: vec![(adapter, &opt)], state };
             checkpoint::save(ctx.out, done, "", &c, ck.keep)?;
         }

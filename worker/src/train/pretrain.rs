@@ -17,7 +17,6 @@ use crate::peft::{self, base_parameters, Method, PeftConfig};
 pub const ADAPTER: &str = "full";
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
-    tch::manual_seed(job.seed as i64);
     let mut job = job.clone();
     if let Some(init) = &job.model.init {
         let preset: Preset = init.preset.parse()?;

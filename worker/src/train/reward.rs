@@ -29,8 +29,9 @@ pub struct Head {
 }
 
 impl Head {
-    pub fn new(hidden: i64, device: tch::Device) -> Self {
-        let weight = (Tensor::randn([1, hidden], (Kind::Float, device)) * (1.0 / ((hidden + 1) as f64).sqrt())).set_requires_grad(true);
+    pub fn new(hidden: i64, device: tch::Device, seed: u64) -> Self {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let weight = crate::peft::normal(&[1, hidden], 1.0 / ((hidden + 1) as f64).sqrt(), &mut rng, device).set_requires_grad(true);
         Self { weight, bias: Tensor::zeros([1], (Kind::Float, device)).set_requires_grad(true) }
     }
 
@@ -121,7 +122,6 @@ fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<
 }
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
-    tch::manual_seed(job.seed as i64);
     let mut l = load_base(job, ctx.device)?;
     let data = job.data.clone().unwrap_or_default();
     let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
@@ -142,7 +142,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     }
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let adapter = peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?;
-    let head = Head::new(l.pm.base.cfg.hidden_size, ctx.device);
+    let head = Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed);
     let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
     let mut params = adapter.parameters();
     params.extend([head.weight.shallow_clone(), head.bias.shallow_clone()]);

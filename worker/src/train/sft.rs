@@ -13,7 +13,6 @@ use crate::peft::{self, base_parameters, PeftConfig};
 pub const ADAPTER: &str = "policy";
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
-    tch::manual_seed(job.seed as i64);
     let mut l = load_base(job, ctx.device)?;
     let data = job.data.clone().unwrap_or_default();
     let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;

@@ -69,7 +69,7 @@ impl Roles {
                     RewardSource::Match { text, weight } => Scorer::Match { text: text.clone(), weight: *weight },
                     _ => Scorer::Label(template.clone()),
                 };
-                (scorer, Head::new(h, device))
+                (scorer, Head::new(h, device, job.seed.wrapping_add(2)))
             }
         };
         Ok(Self { l, value_head, scorer })
@@ -119,7 +119,6 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
-    tch::manual_seed(job.seed as i64);
     let ppo = job.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
     let data = job.data.clone().unwrap_or_default();
     let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;

@@ -1,0 +1,45 @@
+//! `rlhf-worker run` on the shipped examples, as a user would call it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+#[test]
+fn the_pipeline_example_runs_every_stage_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipeline");
+    let res = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
+        .args(["run", examples().join("pipeline.toml").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env("RLHF_QUIET", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    for stage in ["pretrain", "sft", "reward", "ppo", "eval"] {
+        assert!(out.join("stages").join(stage).join("outcome.json").exists(), "stage {stage} did not finish");
+    }
+    assert!(out.join("stages/pretrain/model/config.json").exists());
+    assert!(out.join("stages/reward/reward_model/reward_head.safetensors").exists());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in ["Table 3", "| pretrain | full |", "| sft | lora |", "| ppo | lora |", "| base |", "| sft |", "| ppo |", "generate mode"] {
+        assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
+    }
+    assert!(stdout.contains("Table 3"), "the report is printed");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["stages"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn a_bad_job_file_fails_with_the_field_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("job.toml");
+    let text = std::fs::read_to_string(examples().join("ppo.toml")).unwrap().replace("clip = 0.2 ", "clip = 1.5 ");
+    std::fs::write(&f, text).unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_rlhf-worker")).args(["run", f.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("ppo.clip: must be in (0, 1), got 1.5"), "{err}");
+}
