@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/rlhfd/target}
 ./scripts/setup.sh
 . scripts/env.sh
 OUT=${RLHF_DEMO_OUT:-runs/demo}
-rm -rf "$OUT"
+rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
 start=$(date +%s)
 "$RLHF_BIN/rlhf-worker" run examples/pipeline.toml --out "$OUT" --device cpu >"$OUT.log" 2>&1 || { tail -n 30 "$OUT.log"; exit 1; }
 cat "$OUT/report.md"

@@ -1,3 +1,12 @@
-//! rlhf-coordinator: the job scheduler daemon. It arrives with the
-//! orchestration work (issue "Coordinator, per-device workers and rlhfctl");
-//! for now the crate only pins its place in the workspace.
+//! rlhf-coordinator: the job scheduler daemon. It owns all durable state
+//! (SQLite + a data directory of job outputs), places jobs on registered
+//! workers, holds their leases, and serves `rlhf.v1.JobService` to clients
+//! and `rlhf.v1.WorkerService` to workers.
+
+pub mod ctl;
+pub mod error;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;

@@ -28,6 +28,8 @@ pub enum Error {
     DataLine { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
+    #[error("cancelled")]
+    Cancelled,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("torch: {0}")]

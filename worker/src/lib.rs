@@ -1,10 +1,12 @@
 //! rlhf-worker: the per-device side of rlhfd. A LLaMA-family decoder in tch,
 //! PEFT adapters that share one frozen base, and the offline tools.
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod model;
 pub mod peft;
+pub mod serve;
 pub mod tools;
 pub mod train;
 

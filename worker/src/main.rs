@@ -97,6 +97,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The worker daemon: register with a coordinator and run its tasks.
+    Serve {
+        /// Coordinator URL.
+        #[arg(long, env = "RLHF_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Name shown by `rlhfctl workers` and used by `[placement]`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Heartbeat interval.
+        #[arg(long, env = "RLHF_HEARTBEAT_MS", default_value_t = 1000)]
+        heartbeat_ms: u64,
+    },
     /// Make a small LLaMA model directory with a tokenizer trained on a corpus.
     InitModel {
         /// tiny or small.
@@ -130,6 +145,21 @@ enum Bench {
         batch: Vec<usize>,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// PPO iterations at fixed lengths: shared-base lora/ssf/repadapter vs naive
+    /// RLHF (four models) vs transformers+peft, each configuration in its own
+    /// process; a table, or with --json one JSON object as the last stdout line.
+    Ppo {
+        #[command(flatten)]
+        args: rlhf_worker::bench::ppo::PpoArgs,
+    },
+    /// One configuration of `bench ppo`, run by it in a child process.
+    #[command(hide = true)]
+    PpoOne {
+        #[command(flatten)]
+        args: rlhf_worker::bench::ppo::PpoArgs,
+        #[arg(long)]
+        config: String,
     },
 }
 
@@ -171,6 +201,17 @@ fn run(cli: Cli) -> Result<()> {
             let summary: Vec<_> = outcomes.iter().map(|o| serde_json::json!({"stage": o.stage, "steps": o.steps, "seconds": o.train_seconds})).collect();
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
         }
+        Command::Serve { coordinator, device, name, heartbeat_ms } => {
+            let dev = tools::parse_device(&device)?;
+            let name = name.unwrap_or_else(|| format!("{}-{}", device.replace(':', ""), std::process::id()));
+            rlhf_worker::serve::serve(rlhf_worker::serve::Options {
+                coordinator,
+                device: dev,
+                device_name: device,
+                name,
+                heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(50)),
+            })?;
+        }
         Command::InitModel { preset, corpus, out, seed } => {
             let preset: rlhf_worker::model::init::Preset = preset.parse()?;
             rlhf_worker::model::init::init_model(preset, &corpus, &out, seed)
@@ -180,6 +221,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what: Bench::Decode { model, prompt_len, new_tokens, batch, runs } } => {
             let args = model.resolve()?;
             let line = tools::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
+            println!("{line}");
+        }
+        Command::Bench { what: Bench::Ppo { args } } => {
+            rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;
+        }
+        Command::Bench { what: Bench::PpoOne { args, config } } => {
+            let line = rlhf_worker::bench::ppo::run_one(&args, &config)
+                .with_context(|| format!("bench ppo-one --config {config}"))?;
             println!("{line}");
         }
     }

@@ -83,8 +83,9 @@ pub struct Model {
     pub kind: Kind,
     pub device: Device,
     rope: Rope,
-    /// Keeps the memory maps alive that CPU weights may view.
-    _weights: Arc<WeightFiles>,
+    /// Keeps the memory maps alive that CPU weights may view (`None` for a
+    /// model built from tensors in memory).
+    _weights: Option<Arc<WeightFiles>>,
 }
 
 impl Model {
@@ -130,7 +131,22 @@ impl Model {
             Some(Linear::load(&w, "lm_head", h, cfg.vocab_size, false, kind, device)?)
         };
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: w })
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: Some(w) })
+    }
+
+    /// A model from layers whose tensors are already in memory, in `kind` on
+    /// `device` (see [`Model::from_tensors`](super::random)).
+    pub(crate) fn from_parts(
+        cfg: Config,
+        embed_tokens: Tensor,
+        layers: Vec<Layer>,
+        norm: RmsNorm,
+        lm_head: Option<Linear>,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
+        Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None }
     }
 
     /// Rejects token ids outside the vocabulary before they reach an index op.

@@ -7,6 +7,7 @@ pub mod hooks;
 pub mod init;
 pub mod layers;
 pub mod llama;
+pub mod random;
 pub mod sampling;
 pub mod save;
 pub mod tokenizer;

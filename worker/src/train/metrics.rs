@@ -4,6 +4,8 @@
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -18,6 +20,17 @@ pub struct Metrics {
     /// Added to every record (e.g. `"stage": "sft"`).
     tags: Map<String, Value>,
     quiet: bool,
+    hooks: RunHooks,
+}
+
+/// How a caller (the worker daemon) follows and stops a run: every record is
+/// passed to `on_record`; once `cancel` is set, the next record ends the run
+/// with `Error::Cancelled`.
+#[derive(Default)]
+pub struct RunHooks {
+    pub cancel: Option<Arc<AtomicBool>>,
+    #[allow(clippy::type_complexity)]
+    pub on_record: Option<Box<dyn FnMut(usize, usize, &Map<String, Value>) + Send>>,
 }
 
 impl Metrics {
@@ -31,7 +44,13 @@ impl Metrics {
             start: Instant::now(),
             tags: Map::new(),
             quiet: std::env::var_os("RLHF_QUIET").is_some(),
+            hooks: RunHooks::default(),
         })
+    }
+
+    pub fn with_hooks(mut self, hooks: RunHooks) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     pub fn set_tag(&mut self, key: &str, value: impl Into<Value>) {
@@ -47,6 +66,12 @@ impl Metrics {
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
         if !self.quiet {
             self.progress(step, total, &rec);
+        }
+        if let Some(f) = &mut self.hooks.on_record {
+            f(step, total, &rec);
+        }
+        if self.hooks.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Cancelled);
         }
         Ok(())
     }

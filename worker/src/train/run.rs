@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rlhf_common::spec::{JobKind, JobSpec, RewardSource};
 use tch::Device;
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RunHooks};
 use super::stage::{Ctx, Outcome};
 use super::{evaluate, ppo, pretrain, report, reward, sft};
 use crate::error::{Error, Result};
@@ -83,10 +83,15 @@ impl Produced {
 /// `out/stages/<name>`; a stage that already finished (its `outcome.json`
 /// exists) is not run again, so a restarted pipeline resumes.
 pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>> {
+    run_job_with(job, out, device, RunHooks::default())
+}
+
+/// [`run_job`] with progress and cancellation hooks.
+pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, hooks: RunHooks) -> Result<Vec<Outcome>> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let job_file = out.join("job.toml");
     std::fs::write(&job_file, job.to_toml()).map_err(|e| Error::io(&job_file, e))?;
-    let mut metrics = Metrics::open(&out.join("metrics.jsonl"))?;
+    let mut metrics = Metrics::open(&out.join("metrics.jsonl"))?.with_hooks(hooks);
     let outcomes = if job.kind == JobKind::Pipeline {
         let mut produced = Produced::default();
         let mut outcomes = Vec::new();

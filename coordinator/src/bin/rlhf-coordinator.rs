@@ -1,0 +1,64 @@
+//! `rlhf-coordinator --listen ADDR --data-dir DIR`: the job scheduler daemon.
+//! Settings come from flags, `RLHF_*` environment variables, or a TOML file
+//! (`--config`), in that order of precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use rlhf_coordinator::server::{serve, Options};
+
+#[derive(Parser)]
+#[command(name = "rlhf-coordinator", version, about = "rlhfd coordinator: schedules jobs on workers over gRPC")]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "RLHF_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Durable state (state.db) and job outputs (jobs/<id>/).
+    #[arg(long, env = "RLHF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A worker with no heartbeat for this long is lost and its jobs requeued.
+    #[arg(long, env = "RLHF_LEASE_MS")]
+    lease_ms: Option<u64>,
+    /// Optional TOML file with listen / data_dir / lease_ms.
+    #[arg(long, env = "RLHF_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    lease_ms: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    rlhf_common::init_tracing();
+    let cli = Cli::parse();
+    let file: FileConfig = match &cli.config {
+        Some(p) => config::Config::builder()
+            .add_source(config::File::from(p.as_path()))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .with_context(|| format!("config file {}", p.display()))?,
+        None => FileConfig { listen: None, data_dir: None, lease_ms: None },
+    };
+    let listen = cli.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+    let data_dir = cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("rlhfd-data"));
+    let lease = Duration::from_millis(cli.lease_ms.or(file.lease_ms).unwrap_or(5000));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("shutting down");
+        };
+        serve(listen, Options { data_dir, lease }, None, shutdown).await
+    })
+}

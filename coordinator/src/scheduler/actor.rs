@@ -1,0 +1,355 @@
+//! The scheduler's state and its reactions to commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use rlhf_common::spec::JobSpec;
+use rlhf_common::JobId;
+use rlhf_proto::{coordinator_message, worker_message, AssignTask, CancelTask, CoordinatorMessage, Register};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{info, warn};
+
+use super::{Command, Config, WorkerTx};
+use crate::error::{Error, Result};
+use crate::state::JobState;
+use crate::store::{JobRow, Store};
+
+/// What `ListWorkers` shows.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub name: String,
+    pub device: String,
+    pub memory_bytes: u64,
+    pub alive: bool,
+    pub last_seen_ms: i64,
+    pub running: Vec<String>,
+}
+
+struct Slot {
+    name: String,
+    device: String,
+    memory: u64,
+    last_seen: Instant,
+    last_seen_ms: i64,
+    tx: Option<WorkerTx>,
+    conn: u64,
+    running: BTreeSet<String>,
+}
+
+pub(super) struct Scheduler {
+    store: Store,
+    cfg: Config,
+    updates: broadcast::Sender<JobRow>,
+    workers: BTreeMap<String, Slot>,
+    started: Instant,
+}
+
+impl Scheduler {
+    pub(super) fn new(store: Store, cfg: Config, updates: broadcast::Sender<JobRow>) -> Self {
+        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now() }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            self.handle(cmd);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { spec_toml, request_id, reply } => {
+                let r = self.submit(&spec_toml, request_id.as_deref());
+                let _ = reply.send(r);
+                self.dispatch();
+            }
+            Command::Get { id, reply } => {
+                let _ = reply.send(self.store.job(&id).and_then(|j| j.ok_or(Error::NotFound(format!("job {id}")))));
+            }
+            Command::List { reply } => {
+                let _ = reply.send(self.store.jobs());
+            }
+            Command::Cancel { id, reply } => {
+                let _ = reply.send(self.cancel(&id));
+                self.dispatch();
+            }
+            Command::Workers { reply } => {
+                let _ = reply.send(self.worker_infos());
+            }
+            Command::Logs { id, reply } => {
+                let r = self.store.job(&id).and_then(|j| j.ok_or(Error::NotFound(format!("job {id}")))).and_then(|_| {
+                    Ok((self.store.events(&id)?, self.store.metrics(&id)?))
+                });
+                let _ = reply.send(r);
+            }
+            Command::Connected { reg, tx, conn } => {
+                self.connected(reg, tx, conn);
+                self.dispatch();
+            }
+            Command::Message { worker, conn, msg } => {
+                self.message(&worker, conn, msg);
+                self.dispatch();
+            }
+            Command::Disconnected { worker, conn } => {
+                if let Some(slot) = self.workers.get_mut(&worker) {
+                    if slot.conn == conn {
+                        slot.tx = None;
+                        info!(worker = %worker, "worker stream closed; its lease runs out unless it reconnects");
+                    }
+                }
+            }
+            Command::Tick => {
+                self.expire_leases();
+                self.dispatch();
+            }
+        }
+    }
+
+    fn publish(&self, id: &str) {
+        if let Ok(Some(j)) = self.store.job(id) {
+            let _ = self.updates.send(j);
+        }
+    }
+
+    fn move_job(&mut self, id: &str, next: JobState, message: &str) {
+        match self.store.transition(id, &next, message) {
+            Ok(true) => {
+                info!(job_id = %id, state = next.name(), message, "job state");
+                self.publish(id);
+            }
+            Ok(false) => {}
+            Err(e) => warn!(job_id = %id, error = %e, "transition refused"),
+        }
+    }
+
+    fn submit(&mut self, spec_toml: &str, request_id: Option<&str>) -> Result<(JobRow, bool)> {
+        let spec = JobSpec::from_toml(spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let id = JobId::new().to_string();
+        let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
+        let (row, created) = self.store.insert_job(&id, request_id.filter(|r| !r.is_empty()), &name, spec.kind.name(), spec_toml)?;
+        if created {
+            info!(job_id = %row.id, kind = %row.kind, "job submitted");
+            self.publish(&row.id);
+        }
+        Ok((row, created))
+    }
+
+    fn cancel(&mut self, id: &str) -> Result<JobRow> {
+        let job = self.store.job(id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        match &job.state {
+            JobState::Cancelled { .. } => {}
+            JobState::Succeeded | JobState::Failed { .. } => {
+                return Err(Error::FailedPrecondition(format!("job {id} already {}", job.state.name())));
+            }
+            JobState::Queued => self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, "cancelled while queued"),
+            JobState::Running { worker } => {
+                let worker = worker.clone();
+                self.send_to(&worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.to_string() }));
+                self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, &format!("cancel sent to worker {worker}"));
+            }
+        }
+        self.store.job(id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))
+    }
+
+    fn send_to(&mut self, worker: &str, msg: coordinator_message::Msg) -> bool {
+        let Some(tx) = self.workers.get(worker).and_then(|s| s.tx.clone()) else { return false };
+        tx.try_send(Ok(CoordinatorMessage { msg: Some(msg) })).is_ok()
+    }
+
+    fn connected(&mut self, reg: Register, tx: WorkerTx, conn: u64) {
+        let id = reg.worker_id.clone();
+        if let Err(e) = self.store.upsert_worker(&id, &reg.name, &reg.device, reg.memory_bytes) {
+            warn!(worker = %id, error = %e, "cannot record worker");
+        }
+        info!(worker = %id, name = %reg.name, device = %reg.device, running = reg.running_jobs.len(), "worker registered");
+        let slot = Slot {
+            name: reg.name,
+            device: reg.device,
+            memory: reg.memory_bytes,
+            last_seen: Instant::now(),
+            last_seen_ms: crate::store::now_ms(),
+            tx: Some(tx),
+            conn,
+            running: BTreeSet::new(),
+        };
+        self.workers.insert(id.clone(), slot);
+        self.reconcile(&id, &reg.running_jobs);
+    }
+
+    /// Makes the store and a worker agree on what it runs: jobs it no longer
+    /// runs go back to the queue; jobs it runs that ended here are cancelled.
+    fn reconcile(&mut self, worker: &str, reported: &[String]) {
+        let reported: BTreeSet<String> = reported.iter().cloned().collect();
+        let mut jobs = self.store.jobs_in("running").unwrap_or_default();
+        for id in &reported {
+            if !jobs.iter().any(|j| &j.id == id) {
+                if let Ok(Some(j)) = self.store.job(id) {
+                    jobs.push(j);
+                }
+            }
+        }
+        for j in &jobs {
+            let here = matches!(&j.state, JobState::Running { worker: w } if w == worker);
+            if here && !reported.contains(&j.id) {
+                let recently_assigned = crate::store::now_ms() - j.updated_ms < 2 * self.cfg.lease.as_millis() as i64
+                    && self.workers.get(worker).is_some_and(|s| s.running.contains(&j.id));
+                if !recently_assigned {
+                    self.move_job(&j.id, JobState::Queued, &format!("worker {worker} no longer runs it; requeued"));
+                }
+            }
+        }
+        let mut running = BTreeSet::new();
+        for id in &reported {
+            match jobs.iter().find(|j| &j.id == id).map(|j| &j.state) {
+                Some(JobState::Running { worker: w }) if w == worker => {
+                    running.insert(id.clone());
+                }
+                _ => {
+                    self.send_to(worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.clone() }));
+                    running.insert(id.clone()); // busy until it stops
+                }
+            }
+        }
+        // Assignments in flight (sent, not yet reported) stay counted.
+        if let Some(slot) = self.workers.get_mut(worker) {
+            for j in &jobs {
+                if matches!(&j.state, JobState::Running { worker: w } if w == worker) && slot.running.contains(&j.id) {
+                    running.insert(j.id.clone());
+                }
+            }
+            slot.running = running;
+        }
+    }
+
+    fn message(&mut self, worker: &str, conn: u64, msg: worker_message::Msg) {
+        let Some(slot) = self.workers.get_mut(worker) else { return };
+        if slot.conn != conn {
+            return;
+        }
+        slot.last_seen = Instant::now();
+        slot.last_seen_ms = crate::store::now_ms();
+        match msg {
+            worker_message::Msg::Register(_) => {}
+            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs),
+            worker_message::Msg::Progress(p) => {
+                let Some(progress) = p.progress else { return };
+                let json = serde_json::json!({ "stage": progress.stage, "step": progress.step, "total": progress.total, "metrics_json": progress.metrics_json }).to_string();
+                let metrics = (!progress.metrics_json.is_empty()).then_some(progress.metrics_json.as_str());
+                if let Err(e) = self.store.set_progress(&p.job_id, &json, metrics) {
+                    warn!(job_id = %p.job_id, error = %e, "cannot record progress");
+                }
+                self.publish(&p.job_id);
+            }
+            worker_message::Msg::Result(r) => {
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    slot.running.remove(&r.job_id);
+                }
+                let Ok(Some(job)) = self.store.job(&r.job_id) else { return };
+                if !matches!(&job.state, JobState::Running { worker: w } if w == worker) {
+                    return; // cancelled or reassigned meanwhile
+                }
+                let next = if r.ok {
+                    JobState::Succeeded
+                } else if r.cancelled {
+                    JobState::Cancelled { reason: r.reason.clone() }
+                } else {
+                    JobState::Failed { reason: r.reason.clone() }
+                };
+                self.move_job(&r.job_id, next, &format!("reported by worker {worker}"));
+            }
+        }
+    }
+
+    fn expire_leases(&mut self) {
+        let now = Instant::now();
+        let lost: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.last_seen) > self.cfg.lease)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            let secs = self.cfg.lease.as_secs_f64();
+            warn!(worker = %id, lease_s = secs, "worker lost: no heartbeat within its lease");
+            self.workers.remove(&id);
+            self.requeue_worker_jobs(&id, &format!("worker {id} lost (no heartbeat for {secs:.1}s); requeued"));
+        }
+        // After a coordinator restart: running jobs whose worker never came back.
+        if now.duration_since(self.started) > self.cfg.lease {
+            let orphans: Vec<(String, String)> = self
+                .store
+                .jobs_in("running")
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|j| match j.state {
+                    JobState::Running { worker } if !self.workers.contains_key(&worker) => Some((j.id, worker)),
+                    _ => None,
+                })
+                .collect();
+            for (job, worker) in orphans {
+                self.move_job(&job, JobState::Queued, &format!("worker {worker} not connected; requeued"));
+            }
+        }
+    }
+
+    fn requeue_worker_jobs(&mut self, worker: &str, message: &str) {
+        for j in self.store.jobs_in("running").unwrap_or_default() {
+            if matches!(&j.state, JobState::Running { worker: w } if w == worker) {
+                self.move_job(&j.id, JobState::Queued, message);
+            }
+        }
+    }
+
+    /// Places queued jobs, oldest first, on idle live workers.
+    fn dispatch(&mut self) {
+        if !self.workers.values().any(|s| s.tx.is_some() && s.running.is_empty()) {
+            return;
+        }
+        let queued: Vec<JobRow> = self.store.jobs_in("queued").unwrap_or_default();
+        for job in queued {
+            let wanted = JobSpec::from_toml(&job.spec_toml).ok().map(|s| {
+                let mut names: Vec<String> = s.placement.rollout.clone();
+                names.extend(s.placement.trainer.clone());
+                names
+            });
+            let wanted = wanted.unwrap_or_default();
+            let pick = self
+                .workers
+                .iter()
+                .filter(|(_, s)| s.tx.is_some() && s.running.is_empty())
+                .find(|(_, s)| wanted.is_empty() || wanted.contains(&s.name))
+                .map(|(id, _)| id.clone());
+            let Some(worker) = pick else { continue };
+            let out = self.cfg.data_dir.join("jobs").join(&job.id);
+            let msg = coordinator_message::Msg::Assign(AssignTask {
+                job_id: job.id.clone(),
+                spec_toml: job.spec_toml.clone(),
+                output_dir: out.display().to_string(),
+            });
+            if self.send_to(&worker, msg) {
+                if let Some(slot) = self.workers.get_mut(&worker) {
+                    slot.running.insert(job.id.clone());
+                }
+                let name = self.workers.get(&worker).map(|s| s.name.clone()).unwrap_or_default();
+                self.move_job(&job.id, JobState::Running { worker: worker.clone() }, &format!("assigned to worker {name} ({worker})"));
+            }
+        }
+    }
+
+    fn worker_infos(&self) -> Vec<WorkerInfo> {
+        let now = Instant::now();
+        self.workers
+            .iter()
+            .map(|(id, s)| WorkerInfo {
+                id: id.clone(),
+                name: s.name.clone(),
+                device: s.device.clone(),
+                memory_bytes: s.memory,
+                alive: s.tx.is_some() && now.duration_since(s.last_seen) <= self.cfg.lease,
+                last_seen_ms: s.last_seen_ms,
+                running: s.running.iter().cloned().collect(),
+            })
+            .collect()
+    }
+}
+

@@ -1,0 +1,53 @@
+//! Starts the gRPC server: JobService, WorkerService, health and reflection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rlhf_proto::job_service_server::JobServiceServer;
+use rlhf_proto::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+
+use crate::scheduler::{Config, Handle};
+use crate::service::{Jobs, Workers};
+
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub lease: Duration,
+}
+
+/// Binds `addr` and serves until `shutdown` resolves. Returns the bound
+/// address through `bound` (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    opts: Options,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease })?;
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "coordinator listening");
+    if let Some(b) = bound {
+        let _ = b.send(local);
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<Jobs>>().await;
+    health.set_serving::<WorkerServiceServer<Workers>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rlhf_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // Small gRPC replies must not wait for delayed ACKs (Nagle).
+    let incoming = TcpListenerStream::new(listener).map(|s| s.and_then(|s| s.set_nodelay(true).map(|_| s)));
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(JobServiceServer::new(Jobs { sched: sched.clone() }))
+        .add_service(WorkerServiceServer::new(Workers::new(sched)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! gRPC handlers: decode → scheduler → encode, no logic.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rlhf_proto::job_service_server::JobService;
+use rlhf_proto::worker_service_server::WorkerService;
+use rlhf_proto::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::scheduler::{Command, Handle};
+use crate::state::JobState as State;
+use crate::store::JobRow;
+
+pub struct Jobs {
+    pub sched: Handle,
+}
+
+pub struct Workers {
+    pub sched: Handle,
+    next_conn: AtomicU64,
+}
+
+impl Workers {
+    pub fn new(sched: Handle) -> Self {
+        Self { sched, next_conn: AtomicU64::new(1) }
+    }
+}
+
+fn job_proto(sched: &Handle, j: &JobRow) -> Job {
+    let progress = serde_json::from_str::<serde_json::Value>(&j.progress).ok().map(|p| Progress {
+        stage: p["stage"].as_str().unwrap_or_default().to_string(),
+        step: p["step"].as_u64().unwrap_or(0),
+        total: p["total"].as_u64().unwrap_or(0),
+        metrics_json: p["metrics_json"].as_str().unwrap_or_default().to_string(),
+    });
+    Job {
+        job_id: j.id.clone(),
+        name: j.name.clone(),
+        kind: j.kind.clone(),
+        state: j.state.to_proto() as i32,
+        reason: j.state.reason().to_string(),
+        worker_id: j.state.worker().to_string(),
+        attempts: j.attempts,
+        created_at_ms: j.created_ms,
+        updated_at_ms: j.updated_ms,
+        progress,
+        output_dir: sched.job_dir(&j.id).display().to_string(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        let rid = (!r.request_id.is_empty()).then_some(r.request_id);
+        let (job, created) = self.sched.submit(r.spec_toml, rid).await?;
+        Ok(Response::new(SubmitJobResponse { job_id: job.id, created }))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
+        let j = self.sched.get(req.into_inner().job_id).await?;
+        Ok(Response::new(GetJobResponse { job: Some(job_proto(&self.sched, &j)) }))
+    }
+
+    async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let jobs = self.sched.list().await?.iter().map(|j| job_proto(&self.sched, j)).collect();
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    type WatchJobStream = BoxStream<WatchJobResponse>;
+
+    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = req.into_inner().job_id;
+        let mut updates = self.sched.subscribe();
+        let first = self.sched.get(id.clone()).await?;
+        let sched = self.sched.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let done = first.state.is_terminal();
+            if tx.send(Ok(WatchJobResponse { job: Some(job_proto(&sched, &first)) })).await.is_err() || done {
+                return;
+            }
+            loop {
+                match updates.recv().await {
+                    Ok(j) if j.id == id => {
+                        let done = j.state.is_terminal();
+                        if tx.send(Ok(WatchJobResponse { job: Some(job_proto(&sched, &j)) })).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind: resend the current state.
+                        if let Ok(j) = sched.get(id.clone()).await {
+                            let done = j.state.is_terminal();
+                            if tx.send(Ok(WatchJobResponse { job: Some(job_proto(&sched, &j)) })).await.is_err() || done {
+                                return;
+                            }
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let j = self.sched.cancel(req.into_inner().job_id).await?;
+        Ok(Response::new(CancelJobResponse { job: Some(job_proto(&self.sched, &j)) }))
+    }
+
+    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self
+            .sched
+            .workers()
+            .await?
+            .into_iter()
+            .map(|w| Worker {
+                worker_id: w.id,
+                name: w.name,
+                device: w.device,
+                memory_bytes: w.memory_bytes,
+                alive: w.alive,
+                last_heartbeat_ms: w.last_seen_ms,
+                running_jobs: w.running,
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    async fn get_job_logs(&self, req: Request<GetJobLogsRequest>) -> Result<Response<GetJobLogsResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let (events, metrics) = self.sched.logs(id.clone()).await?;
+        let events = events
+            .into_iter()
+            .map(|e| JobEvent {
+                at_ms: e.at_ms,
+                state: State::from_columns(&e.state, String::new(), String::new()).map_or(0, |s| s.to_proto() as i32),
+                message: e.message,
+            })
+            .collect();
+        let report = tokio::fs::read_to_string(self.sched.job_dir(&id).join("report.md")).await.unwrap_or_default();
+        Ok(Response::new(GetJobLogsResponse { events, metrics_json: metrics, report_markdown: report }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Workers {
+    type SessionStream = BoxStream<CoordinatorMessage>;
+
+    async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.next().await.ok_or_else(|| Status::invalid_argument("empty worker stream"))??;
+        let Some(worker_message::Msg::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument("the first worker message must be register"));
+        };
+        if reg.worker_id.is_empty() {
+            return Err(Status::invalid_argument("register.worker_id is empty"));
+        }
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let worker = reg.worker_id.clone();
+        let (tx, rx) = mpsc::channel(64);
+        self.sched.send(Command::Connected { reg, tx, conn }).await;
+        let sched = self.sched.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = inbound.next().await {
+                if let Some(msg) = m.msg {
+                    sched.send(Command::Message { worker: worker.clone(), conn, msg }).await;
+                }
+            }
+            sched.send(Command::Disconnected { worker, conn }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,180 @@
+//! The worker daemon (`rlhf-worker serve`): registers with the coordinator,
+//! heartbeats, runs assigned jobs on their own threads (never on the async
+//! runtime), streams their progress and results, and reconnects whenever
+//! the coordinator goes away — reporting what it still runs, so a restarted
+//! coordinator keeps those jobs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rlhf_common::spec::JobSpec;
+use rlhf_proto::worker_service_client::WorkerServiceClient;
+use rlhf_proto::*;
+use tch::Device;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::train::metrics::RunHooks;
+use crate::train::run::run_job_with;
+
+pub struct Options {
+    pub coordinator: String,
+    pub device: Device,
+    pub device_name: String,
+    pub name: String,
+    pub heartbeat: Duration,
+}
+
+type Running = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+
+fn running_ids(running: &Running) -> Vec<String> {
+    running.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("MemTotal:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Runs the daemon until the process is stopped.
+pub fn serve(opts: Options) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(session_loop(opts))
+}
+
+async fn session_loop(opts: Options) -> anyhow::Result<()> {
+    let worker_id = rlhf_common::WorkerId::new().to_string();
+    let running: Running = Arc::default();
+    // Job threads report here; messages wait while the coordinator is away.
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
+    let mut pending: Option<WorkerMessage> = None;
+    info!(worker = %worker_id, name = %opts.name, device = %opts.device_name, "worker starting");
+    loop {
+        let mut client = match WorkerServiceClient::connect(opts.coordinator.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(coordinator = %opts.coordinator, error = %e, "cannot reach coordinator; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
+        let register = Register {
+            worker_id: worker_id.clone(),
+            name: opts.name.clone(),
+            device: opts.device_name.clone(),
+            memory_bytes: memory_bytes(),
+            running_jobs: running_ids(&running),
+        };
+        let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
+        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(error = %e, "coordinator refused the session; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        info!(coordinator = %opts.coordinator, "registered");
+        let mut hb = tokio::time::interval(opts.heartbeat);
+        loop {
+            if let Some(m) = pending.take() {
+                if tx.send(m.clone()).await.is_err() {
+                    pending = Some(m);
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = hb.tick() => {
+                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running) })) };
+                    if tx.send(m).await.is_err() { break; }
+                }
+                ev = events_rx.recv() => {
+                    let Some(m) = ev else { break };
+                    if tx.send(m.clone()).await.is_err() { pending = Some(m); break; }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => handle(m, &opts, &running, &events_tx),
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        warn!("coordinator connection lost; reconnecting");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mpsc::UnboundedSender<WorkerMessage>) {
+    match m.msg {
+        Some(coordinator_message::Msg::Assign(a)) => start_job(a, opts.device, running, events),
+        Some(coordinator_message::Msg::Cancel(c)) => {
+            if let Some(flag) = running.lock().ok().and_then(|m| m.get(&c.job_id).cloned()) {
+                info!(job_id = %c.job_id, "cancelling");
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+        None => {}
+    }
+}
+
+fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::UnboundedSender<WorkerMessage>) {
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let Ok(mut m) = running.lock() else { return };
+        if m.contains_key(&a.job_id) {
+            return; // already running it (a duplicate assignment after a reconnect)
+        }
+        m.insert(a.job_id.clone(), cancel.clone());
+    }
+    let (running_t, events_t) = (running.clone(), events.clone());
+    let job_id = a.job_id.clone();
+    let thread_name = format!("job-{}", &a.job_id);
+    let failed_id = a.job_id.clone();
+    let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
+        let (running, events) = (running_t, events_t);
+        info!(job_id = %job_id, out = %a.output_dir, "job starting");
+        let progress_tx = events.clone();
+        let progress_id = job_id.clone();
+        let hooks = RunHooks {
+            cancel: Some(cancel.clone()),
+            on_record: Some(Box::new(move |step, total, rec| {
+                let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
+                let p = Progress { stage, step: step as u64, total: total as u64, metrics_json: serde_json::Value::Object(rec.clone()).to_string() };
+                let _ = progress_tx.send(WorkerMessage {
+                    msg: Some(worker_message::Msg::Progress(TaskProgress { job_id: progress_id.clone(), progress: Some(p) })),
+                });
+            })),
+        };
+        let result = JobSpec::from_toml(&a.spec_toml)
+            .map_err(|e| anyhow::anyhow!("job spec: {e}"))
+            .and_then(|spec| run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from));
+        let cancelled = cancel.load(Ordering::Relaxed);
+        let (ok, reason) = match &result {
+            Ok(_) => (true, String::new()),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        if let Ok(mut m) = running.lock() {
+            m.remove(&job_id);
+        }
+        info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
+        let _ = events.send(WorkerMessage {
+            msg: Some(worker_message::Msg::Result(TaskResult { job_id: job_id.clone(), ok, reason, cancelled: cancelled && !ok })),
+        });
+    });
+    if let Err(e) = spawned {
+        warn!(job_id = %failed_id, error = %e, "cannot start job thread");
+        if let Ok(mut m) = running.lock() {
+            m.remove(&failed_id);
+        }
+        let _ = events.send(WorkerMessage {
+            msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false })),
+        });
+    }
+}
