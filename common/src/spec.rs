@@ -606,6 +606,11 @@ impl JobSpec {
         if !self.stages.is_empty() {
             return err("stage", format!("only a pipeline has stages, this job is {}", self.kind.name()));
         }
+        if let (Some(r), Some(c)) = (&self.placement.reward, &self.placement.critic) {
+            if r != c {
+                return err("placement.critic", format!("reward and critic share one role host: both must name the same worker ({r:?} vs {c:?})"));
+            }
+        }
         self.validate_single(self.kind == JobKind::Pretrain, false)?;
         self.validate_model(self.kind == JobKind::Pretrain)
     }

@@ -151,3 +151,67 @@ async fn two_hundred_concurrent_status_calls_are_all_answered() {
     assert!(secs < 5.0, "status calls are slow: {secs:.2}s");
     c.cancel_job(CancelJobRequest { job_id: id }).await.unwrap();
 }
+
+fn job_with(base: &str, extra: &str) -> String {
+    format!("{base}\n{extra}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
+    let cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let f = fixtures();
+    let p = |s: &str| f.join(s).display().to_string();
+    let run = |spec: String| {
+        let mut c = c.clone();
+        async move {
+            let id = c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id;
+            wait_job(&mut c, &id, Duration::from_secs(180), is_terminal).await
+        }
+    };
+    let sft = run(sft_job(20, 0)).await;
+    assert_eq!(state_name(sft.state), "succeeded", "{sft:?}");
+    let reward = format!(
+        "version = 1\nkind = \"reward\"\nseed = 2\n[model]\npath = \"{}\"\nmax_length = 256\n[peft]\nmethod = \"lora\"\nr = 4\n\
+         [data]\ntask = \"eprstmt\"\nfrom_multiple_choice = true\ntrain = \"{}\"\n[train]\nmax_steps = 10\nbatch_size = 8\nlr = 2e-3\n",
+        p("tiny-llama"),
+        p("fewclue/eprstmt/train.json")
+    );
+    let rm = run(reward).await;
+    assert_eq!(state_name(rm.state), "succeeded", "{rm:?}");
+    let ppo = format!(
+        "version = 1\nkind = \"ppo\"\nseed = 9\n[model]\npath = \"{}\"\nmax_length = 256\nmerge_adapters = [\"{}/adapter\"]\n\
+         [peft]\nmethod = \"lora\"\nr = 4\n[data]\ntask = \"eprstmt\"\ntrain = \"{}\"\n\
+         [ppo]\niterations = 4\nrollout_batch = 8\nminibatch = 4\nmax_new_tokens = 3\nreward = {{ kind = \"model\", path = \"{}/reward_model\" }}\n",
+        p("tiny-llama"),
+        sft.output_dir,
+        p("fewclue/eprstmt/train.json"),
+        rm.output_dir
+    );
+    let colocated = run(ppo.clone()).await;
+    assert_eq!(state_name(colocated.state), "succeeded", "{colocated:?}\n{}", cl.logs());
+    let split = run(job_with(&ppo, "[placement]\ntrainer = \"cpu-0\"\ncritic = \"cpu-1\"\nreward = \"cpu-1\"\n")).await;
+    assert_eq!(state_name(split.state), "succeeded", "{split:?}\n{}", cl.logs());
+
+    let logs = c.get_job_logs(GetJobLogsRequest { job_id: split.job_id.clone() }).await.unwrap().into_inner();
+    assert!(logs.events.iter().any(|e| e.message.contains("reward and critic on worker cpu-1")), "{:?}", logs.events);
+    let strip = |dir: &str| {
+        read_metrics(std::path::Path::new(dir))
+            .into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().retain(|k, _| k != "tokens_per_s" && k != "bytes_exchanged" && !k.starts_with("time_"));
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (strip(&colocated.output_dir), strip(&split.output_dir));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "split run differs from the colocated one");
+    let bytes: Vec<u64> = read_metrics(std::path::Path::new(&split.output_dir)).iter().map(|r| r["bytes_exchanged"].as_u64().unwrap()).collect();
+    let model_bytes = std::fs::metadata(f.join("tiny-llama")).map(|_| 0).unwrap_or(0)
+        + std::fs::read_dir(f.join("tiny-llama")).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).map(|e| e.metadata().unwrap().len()).sum::<u64>();
+    assert!(bytes.iter().all(|&b| b > 0 && b < model_bytes), "per-iteration bytes {bytes:?} vs base model {model_bytes}");
+    eprintln!("ppo split: bytes per iteration {bytes:?}; base model {model_bytes} bytes");
+    assert!(read_metrics(std::path::Path::new(&colocated.output_dir)).iter().all(|r| r["bytes_exchanged"].as_u64() == Some(0)));
+}

@@ -102,17 +102,30 @@ struct Shown {
 struct View {
     tty: bool,
     sink: Sink,
+    /// One bar for the whole watch (terminal only): a spinner while there is
+    /// no step count, a bar per stage otherwise; a finished stage leaves a
+    /// summary line above it.
     bar: Option<ProgressBar>,
-    /// The stage the current bar counts (`None`: a spinner).
-    bar_stage: Option<String>,
+    /// The stage the bar counts, its last summary and when it started.
+    stage: Option<(String, String, Instant)>,
     shown: Option<Shown>,
     last_plain: Option<Instant>,
     start: Instant,
 }
 
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>10.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
 impl View {
     fn new(tty: bool, sink: Sink) -> Self {
-        Self { tty, sink, bar: None, bar_stage: None, shown: None, last_plain: None, start: Instant::now() }
+        Self { tty, sink, bar: None, stage: None, shown: None, last_plain: None, start: Instant::now() }
     }
 
     fn emit(&self, line: &str) {
@@ -161,39 +174,45 @@ impl View {
         self.shown = Some(now);
     }
 
+    fn bar(&mut self) -> &ProgressBar {
+        self.bar.get_or_insert_with(|| ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()))
+    }
+
+    /// Prints the finished stage's summary above the bar.
+    fn close_stage(&mut self) {
+        if let (Some((_, summary, started)), Some(bar)) = (self.stage.take(), &self.bar) {
+            bar.println(format!("{summary} ({:.1}s)", started.elapsed().as_secs_f64()));
+        }
+    }
+
     fn update_bar(&mut self, job: &Job, state: JobState) {
         let progress = job.progress.as_ref().filter(|p| p.total > 0);
         match (state, progress) {
             (JobState::Running, Some(p)) => {
-                if self.bar_stage.as_deref() != Some(p.stage.as_str()) {
-                    if let Some(old) = self.bar.take() {
-                        // A finished stage keeps its line; a spinner goes.
-                        if self.bar_stage.is_some() {
-                            old.finish();
-                        } else {
-                            old.finish_and_clear();
-                        }
-                    }
-                    let bar = ProgressBar::with_draw_target(Some(p.total), ProgressDrawTarget::stderr());
-                    let style = ProgressStyle::with_template("{prefix:>10.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> ");
-                    bar.set_style(style);
-                    bar.set_prefix(if p.stage.is_empty() { job.kind.clone() } else { p.stage.clone() });
+                let label = if p.stage.is_empty() { job.kind.clone() } else { p.stage.clone() };
+                if self.stage.as_ref().is_none_or(|(s, _, _)| *s != label) {
+                    self.close_stage();
+                    let bar = self.bar();
+                    bar.disable_steady_tick();
+                    bar.set_style(bar_style());
+                    bar.set_prefix(label.clone());
+                    bar.set_length(p.total);
                     bar.set_position(p.step);
                     // Steps done before we started watching say nothing about the rate.
                     bar.reset_eta();
-                    self.bar = Some(bar);
-                    self.bar_stage = Some(p.stage.clone());
+                    self.stage = Some((label.clone(), String::new(), Instant::now()));
                 }
-                if let Some(bar) = &self.bar {
-                    bar.set_length(p.total);
-                    bar.set_position(p.step.min(p.total));
-                    let mut msg = progress_metrics(p).map(|m| metrics_summary(&m)).unwrap_or_default();
-                    if job.attempts > 1 {
-                        msg.push_str(&format!(" (attempt {})", job.attempts));
-                    }
-                    bar.set_message(msg.trim().to_string());
+                let mut msg = progress_metrics(p).map(|m| metrics_summary(&m)).unwrap_or_default();
+                if job.attempts > 1 {
+                    msg.push_str(&format!(" (attempt {})", job.attempts));
+                }
+                let msg = msg.trim().to_string();
+                let bar = self.bar();
+                bar.set_length(p.total);
+                bar.set_position(p.step.min(p.total));
+                bar.set_message(msg.clone());
+                if let Some((_, summary, _)) = &mut self.stage {
+                    *summary = format!("{label:>10} {}/{} {msg}", p.step.min(p.total), p.total);
                 }
             }
             (JobState::Queued | JobState::Running | JobState::Unspecified, _) => {
@@ -202,40 +221,28 @@ impl View {
                     JobState::Queued => "queued; waiting for a worker",
                     _ => "running; waiting for the first step",
                 };
-                if self.bar_stage.is_some() || self.bar.is_none() {
-                    if let Some(old) = self.bar.take() {
-                        old.finish();
-                    }
-                    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-                    bar.set_style(
-                        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                    );
+                let was_spinner = self.bar.is_some() && self.stage.is_none();
+                self.close_stage();
+                let bar = self.bar();
+                if !was_spinner {
+                    bar.set_style(spinner_style());
+                    bar.unset_length();
                     bar.enable_steady_tick(Duration::from_millis(120));
-                    self.bar = Some(bar);
-                    self.bar_stage = None;
                 }
-                if let Some(bar) = &self.bar {
-                    bar.set_message(msg);
-                }
+                bar.set_message(msg);
             }
             (JobState::Succeeded | JobState::Failed | JobState::Cancelled, _) => {}
         }
     }
 
     fn finish(&mut self, job: &Job) {
-        if let Some(bar) = self.bar.take() {
-            match (job_state(job), self.bar_stage.is_some()) {
-                (JobState::Succeeded, true) => {
-                    if let Some(len) = bar.length() {
-                        bar.set_position(len);
-                    }
-                    bar.finish();
-                }
-                (_, true) => bar.abandon(),
-                (_, false) => bar.finish_and_clear(),
+        let state = job_state(job);
+        if self.tty {
+            self.close_stage();
+            if let Some(bar) = self.bar.take() {
+                bar.finish_and_clear();
             }
         }
-        let state = job_state(job);
         let line = match state {
             JobState::Failed | JobState::Cancelled if !job.reason.is_empty() => {
                 format!("job {} {}: {}", job.job_id, state_name(state), job.reason)
@@ -247,7 +254,7 @@ impl View {
 
     fn abandon(&mut self) {
         if let Some(bar) = self.bar.take() {
-            bar.abandon();
+            bar.finish_and_clear();
         }
     }
 }

@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use rlhf_common::spec::JobSpec;
+use rlhf_common::spec::{JobKind, JobSpec};
 use rlhf_common::JobId;
-use rlhf_proto::{coordinator_message, worker_message, AssignTask, CancelTask, CoordinatorMessage, Register};
+use rlhf_proto::{coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, RoleReply};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
@@ -35,6 +35,14 @@ struct Slot {
     tx: Option<WorkerTx>,
     conn: u64,
     running: BTreeSet<String>,
+    /// PPO jobs whose reward/critic roles this worker hosts.
+    hosting: BTreeSet<String>,
+}
+
+impl Slot {
+    fn idle(&self) -> bool {
+        self.tx.is_some() && self.running.is_empty() && self.hosting.is_empty()
+    }
 }
 
 pub(super) struct Scheduler {
@@ -43,11 +51,15 @@ pub(super) struct Scheduler {
     updates: broadcast::Sender<JobRow>,
     workers: BTreeMap<String, Slot>,
     started: Instant,
+    /// job → the worker hosting its reward/critic roles.
+    roles: BTreeMap<String, String>,
+    /// job → role-call payload bytes relayed.
+    relayed: BTreeMap<String, u64>,
 }
 
 impl Scheduler {
     pub(super) fn new(store: Store, cfg: Config, updates: broadcast::Sender<JobRow>) -> Self {
-        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now() }
+        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now(), roles: BTreeMap::new(), relayed: BTreeMap::new() }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -146,6 +158,7 @@ impl Scheduler {
                 let worker = worker.clone();
                 self.send_to(&worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.to_string() }));
                 self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, &format!("cancel sent to worker {worker}"));
+                self.release_roles(id);
             }
         }
         self.store.job(id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))
@@ -171,14 +184,44 @@ impl Scheduler {
             tx: Some(tx),
             conn,
             running: BTreeSet::new(),
+            hosting: BTreeSet::new(),
         };
         self.workers.insert(id.clone(), slot);
-        self.reconcile(&id, &reg.running_jobs);
+        self.reconcile(&id, &reg.running_jobs, &reg.role_jobs);
     }
 
     /// Makes the store and a worker agree on what it runs: jobs it no longer
     /// runs go back to the queue; jobs it runs that ended here are cancelled.
-    fn reconcile(&mut self, worker: &str, reported: &[String]) {
+    fn reconcile(&mut self, worker: &str, reported: &[String], hosted: &[String]) {
+        // Roles hosted here: keep those of running jobs, release the rest.
+        let mut hosting = BTreeSet::new();
+        for id in hosted {
+            let live = matches!(self.store.job(id), Ok(Some(JobRow { state: JobState::Running { .. }, .. })));
+            match self.roles.get(id) {
+                Some(w) if w == worker && live => {
+                    hosting.insert(id.clone());
+                }
+                None if live => {
+                    // After a coordinator restart: learn the placement back.
+                    self.roles.insert(id.clone(), worker.to_string());
+                    hosting.insert(id.clone());
+                }
+                _ => {
+                    self.send_to(worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.clone() }));
+                }
+            }
+        }
+        // Role assignments in flight stay counted.
+        if let Some(slot) = self.workers.get(worker) {
+            for id in &slot.hosting {
+                if self.roles.get(id).is_some_and(|w| w == worker) {
+                    hosting.insert(id.clone());
+                }
+            }
+        }
+        if let Some(slot) = self.workers.get_mut(worker) {
+            slot.hosting = hosting;
+        }
         let reported: BTreeSet<String> = reported.iter().cloned().collect();
         let mut jobs = self.store.jobs_in("running").unwrap_or_default();
         for id in &reported {
@@ -230,7 +273,24 @@ impl Scheduler {
         slot.last_seen_ms = crate::store::now_ms();
         match msg {
             worker_message::Msg::Register(_) => {}
-            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs),
+            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs, &hb.role_jobs),
+            worker_message::Msg::RoleCall(call) => {
+                let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
+                *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
+                let host = self.roles.get(&call.job_id).cloned();
+                let delivered = host.is_some_and(|h| self.send_to(&h, coordinator_message::Msg::RoleCall(call.clone())));
+                if !delivered {
+                    let reply = RoleReply { job_id: call.job_id.clone(), call_id: call.call_id, error: "the roles' worker is gone".into(), tensors: Vec::new() };
+                    self.send_to(worker, coordinator_message::Msg::RoleReply(reply));
+                }
+            }
+            worker_message::Msg::RoleReply(reply) => {
+                let bytes = reply.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
+                *self.relayed.entry(reply.job_id.clone()).or_default() += bytes;
+                if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) = self.store.job(&reply.job_id) {
+                    self.send_to(&trainer, coordinator_message::Msg::RoleReply(reply));
+                }
+            }
             worker_message::Msg::Progress(p) => {
                 let Some(progress) = p.progress else { return };
                 let json = serde_json::json!({ "stage": progress.stage, "step": progress.step, "total": progress.total, "metrics_json": progress.metrics_json }).to_string();
@@ -255,7 +315,10 @@ impl Scheduler {
                 } else {
                     JobState::Failed { reason: r.reason.clone() }
                 };
-                self.move_job(&r.job_id, next, &format!("reported by worker {worker}"));
+                let relayed = self.relayed.remove(&r.job_id).unwrap_or(0);
+                let note = if relayed > 0 { format!("reported by worker {worker}; {relayed} role-call bytes relayed") } else { format!("reported by worker {worker}") };
+                self.move_job(&r.job_id, next, &note);
+                self.release_roles(&r.job_id);
             }
         }
     }
@@ -296,42 +359,91 @@ impl Scheduler {
         for j in self.store.jobs_in("running").unwrap_or_default() {
             if matches!(&j.state, JobState::Running { worker: w } if w == worker) {
                 self.move_job(&j.id, JobState::Queued, message);
+                self.release_roles(&j.id);
+            }
+        }
+        // Jobs whose roles it hosted: stop their trainers and start over.
+        let hosted: Vec<String> = self.roles.iter().filter(|(_, w)| *w == worker).map(|(j, _)| j.clone()).collect();
+        for job in hosted {
+            self.roles.remove(&job);
+            if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) = self.store.job(&job) {
+                self.send_to(&trainer, coordinator_message::Msg::Cancel(CancelTask { job_id: job.clone() }));
+                if let Some(slot) = self.workers.get_mut(&trainer) {
+                    slot.running.remove(&job);
+                }
+                self.move_job(&job, JobState::Queued, &format!("{message} (it hosted the reward/critic roles)"));
             }
         }
     }
 
-    /// Places queued jobs, oldest first, on idle live workers.
+    /// Frees the worker hosting a job's roles.
+    fn release_roles(&mut self, job: &str) {
+        if let Some(host) = self.roles.remove(job) {
+            self.send_to(&host, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
+            if let Some(slot) = self.workers.get_mut(&host) {
+                slot.hosting.remove(job);
+            }
+        }
+    }
+
+    /// Places queued jobs, oldest first, on idle live workers. A PPO job
+    /// whose `[placement]` puts reward/critic on another worker gets two:
+    /// the trainer (rollout, reference, policy update) and the role host.
     fn dispatch(&mut self) {
-        if !self.workers.values().any(|s| s.tx.is_some() && s.running.is_empty()) {
+        if !self.workers.values().any(Slot::idle) {
             return;
         }
         let queued: Vec<JobRow> = self.store.jobs_in("queued").unwrap_or_default();
         for job in queued {
-            let wanted = JobSpec::from_toml(&job.spec_toml).ok().map(|s| {
-                let mut names: Vec<String> = s.placement.rollout.clone();
-                names.extend(s.placement.trainer.clone());
-                names
-            });
-            let wanted = wanted.unwrap_or_default();
-            let pick = self
-                .workers
-                .iter()
-                .filter(|(_, s)| s.tx.is_some() && s.running.is_empty())
-                .find(|(_, s)| wanted.is_empty() || wanted.contains(&s.name))
-                .map(|(id, _)| id.clone());
-            let Some(worker) = pick else { continue };
-            let out = self.cfg.data_dir.join("jobs").join(&job.id);
+            let Ok(spec) = JobSpec::from_toml(&job.spec_toml) else { continue };
+            let p = &spec.placement;
+            let mut trainer_names: Vec<String> = p.trainer.iter().cloned().collect();
+            trainer_names.extend(p.rollout.iter().cloned());
+            let role_name = p.critic.clone().or_else(|| p.reward.clone()).filter(|r| spec.kind == JobKind::Ppo && !trainer_names.contains(r));
+            let idle = |names: &[String], not: Option<&str>| {
+                self.workers
+                    .iter()
+                    .filter(|(id, s)| s.idle() && Some(id.as_str()) != not)
+                    .find(|(_, s)| names.is_empty() || names.contains(&s.name))
+                    .map(|(id, _)| id.clone())
+            };
+            let Some(trainer) = idle(&trainer_names, None) else { continue };
+            let host = match &role_name {
+                Some(name) => match idle(std::slice::from_ref(name), Some(&trainer)) {
+                    Some(h) => Some(h),
+                    None => continue, // wait until the roles' worker is free
+                },
+                None => None,
+            };
+            let out = self.cfg.data_dir.join("jobs").join(&job.id).display().to_string();
+            if let Some(h) = &host {
+                let msg = coordinator_message::Msg::AssignRoles(AssignRoles { job_id: job.id.clone(), spec_toml: job.spec_toml.clone(), output_dir: out.clone() });
+                if !self.send_to(h, msg) {
+                    continue;
+                }
+                self.roles.insert(job.id.clone(), h.clone());
+                if let Some(slot) = self.workers.get_mut(h) {
+                    slot.hosting.insert(job.id.clone());
+                }
+            }
             let msg = coordinator_message::Msg::Assign(AssignTask {
                 job_id: job.id.clone(),
                 spec_toml: job.spec_toml.clone(),
-                output_dir: out.display().to_string(),
+                output_dir: out,
+                remote_roles: host.is_some(),
             });
-            if self.send_to(&worker, msg) {
-                if let Some(slot) = self.workers.get_mut(&worker) {
+            if self.send_to(&trainer, msg) {
+                if let Some(slot) = self.workers.get_mut(&trainer) {
                     slot.running.insert(job.id.clone());
                 }
-                let name = self.workers.get(&worker).map(|s| s.name.clone()).unwrap_or_default();
-                self.move_job(&job.id, JobState::Running { worker: worker.clone() }, &format!("assigned to worker {name} ({worker})"));
+                let name = |id: &str| self.workers.get(id).map(|s| s.name.clone()).unwrap_or_default();
+                let how = match &host {
+                    Some(h) => format!("assigned to worker {} ({trainer}); reward and critic on worker {} ({h})", name(&trainer), name(h)),
+                    None => format!("assigned to worker {} ({trainer})", name(&trainer)),
+                };
+                self.move_job(&job.id, JobState::Running { worker: trainer.clone() }, &how);
+            } else {
+                self.release_roles(&job.id);
             }
         }
     }
@@ -347,7 +459,7 @@ impl Scheduler {
                 memory_bytes: s.memory,
                 alive: s.tx.is_some() && now.duration_since(s.last_seen) <= self.cfg.lease,
                 last_seen_ms: s.last_seen_ms,
-                running: s.running.iter().cloned().collect(),
+                running: s.running.iter().chain(&s.hosting).cloned().collect(),
             })
             .collect()
     }

@@ -445,6 +445,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
             v.push(value);
         }
     };
+    let exe = private_exe(work.path())?;
     let mut configs = Map::new();
     for &variant in &plan.variants {
         let (program, argv) = if variant == Variant::Python {
@@ -464,12 +465,11 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
             }
             (PathBuf::from(std::env::var_os("RLHF_PY").unwrap_or_else(|| "python3".into())), v)
         } else {
-            let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
             let mut v: Vec<String> =
                 vec!["--threads".into(), threads.to_string(), "bench".into(), "ppo-one".into(), "--config".into(), variant.name().into()];
             v.extend(rust_source.iter().cloned());
             common(&mut v);
-            (exe, v)
+            (exe.clone(), v)
         };
         tracing::info!(config = variant.name(), "bench ppo: running");
         let started = Instant::now();
@@ -548,6 +548,17 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     }))
 }
 
+/// A link to (or copy of) this executable in `dir`, so that every child runs
+/// the same binary as the parent even if the file is rebuilt meanwhile.
+fn private_exe(dir: &Path) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("the current executable", e))?;
+    let private = dir.join("rlhf-worker");
+    if std::fs::hard_link(&exe, &private).is_err() {
+        std::fs::copy(&exe, &private).map_err(|e| Error::io(&exe, e))?;
+    }
+    Ok(private)
+}
+
 /// Writes the preset's random weights as a model directory both the
 /// children and transformers load.
 fn write_preset_dir(plan: &Plan, dir: &Path) -> Result<()> {
@@ -609,7 +620,8 @@ pub fn table(r: &Value) -> String {
     let _ = writeln!(s, "| config | models | trainable | peak MiB | s/iter | generate | reference | reward | values | train | tokens/s |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let empty = Map::new();
-    for (name, c) in r["configs"].as_object().unwrap_or(&empty) {
+    let configs = r["configs"].as_object().unwrap_or(&empty);
+    for (name, c) in Variant::ALL.iter().filter_map(|v| configs.get(v.name()).map(|c| (v.name(), c))) {
         if let Some(e) = c.get("error") {
             let e = e.as_str().unwrap_or("").lines().last().unwrap_or("").to_string();
             let _ = writeln!(s, "| {name} | failed: {} |||||||||", e.replace('|', "/"));

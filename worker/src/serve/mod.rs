@@ -29,10 +29,28 @@ pub struct Options {
     pub heartbeat: Duration,
 }
 
-type Running = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
+mod roles;
+pub mod wire;
+
+/// What the daemon's threads share.
+#[derive(Default)]
+struct State {
+    /// Jobs running here, with their cancel flags.
+    jobs: HashMap<String, Arc<AtomicBool>>,
+    /// Jobs whose reward/critic roles are hosted here: calls go to the host thread.
+    role_hosts: HashMap<String, std::sync::mpsc::Sender<RoleCall>>,
+    /// Trainer jobs here that wait for role replies.
+    role_replies: HashMap<String, std::sync::mpsc::Sender<RoleReply>>,
+}
+
+type Running = Arc<Mutex<State>>;
 
 fn running_ids(running: &Running) -> Vec<String> {
-    running.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    running.lock().map(|m| m.jobs.keys().cloned().collect()).unwrap_or_default()
+}
+
+fn role_ids(running: &Running) -> Vec<String> {
+    running.lock().map(|m| m.role_hosts.keys().cloned().collect()).unwrap_or_default()
 }
 
 fn memory_bytes() -> u64 {
@@ -72,6 +90,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             device: opts.device_name.clone(),
             memory_bytes: memory_bytes(),
             running_jobs: running_ids(&running),
+            role_jobs: role_ids(&running),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
         let mut inbound = match client.session(ReceiverStream::new(rx)).await {
@@ -93,7 +112,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = hb.tick() => {
-                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running) })) };
+                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running), role_jobs: role_ids(&running) })) };
                     if tx.send(m).await.is_err() { break; }
                 }
                 ev = events_rx.recv() => {
@@ -114,10 +133,38 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
 fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mpsc::UnboundedSender<WorkerMessage>) {
     match m.msg {
         Some(coordinator_message::Msg::Assign(a)) => start_job(a, opts.device, running, events),
+        Some(coordinator_message::Msg::AssignRoles(a)) => roles::start_host(a, opts.device, running, events),
         Some(coordinator_message::Msg::Cancel(c)) => {
-            if let Some(flag) = running.lock().ok().and_then(|m| m.get(&c.job_id).cloned()) {
+            let Ok(mut st) = running.lock() else { return };
+            if let Some(flag) = st.jobs.get(&c.job_id) {
                 info!(job_id = %c.job_id, "cancelling");
                 flag.store(true, Ordering::Relaxed);
+            }
+            if st.role_hosts.remove(&c.job_id).is_some() {
+                info!(job_id = %c.job_id, "releasing hosted roles");
+            }
+        }
+        Some(coordinator_message::Msg::RoleCall(call)) => {
+            let host = running.lock().ok().and_then(|st| st.role_hosts.get(&call.job_id).cloned());
+            match host {
+                Some(tx) => {
+                    let _ = tx.send(call);
+                }
+                None => {
+                    let _ = events.send(WorkerMessage {
+                        msg: Some(worker_message::Msg::RoleReply(RoleReply {
+                            job_id: call.job_id.clone(),
+                            call_id: call.call_id,
+                            error: format!("no roles hosted here for job {}", call.job_id),
+                            tensors: Vec::new(),
+                        })),
+                    });
+                }
+            }
+        }
+        Some(coordinator_message::Msg::RoleReply(reply)) => {
+            if let Some(tx) = running.lock().ok().and_then(|st| st.role_replies.get(&reply.job_id).cloned()) {
+                let _ = tx.send(reply);
             }
         }
         None => {}
@@ -128,11 +175,20 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let Ok(mut m) = running.lock() else { return };
-        if m.contains_key(&a.job_id) {
+        if m.jobs.contains_key(&a.job_id) {
             return; // already running it (a duplicate assignment after a reconnect)
         }
-        m.insert(a.job_id.clone(), cancel.clone());
+        m.jobs.insert(a.job_id.clone(), cancel.clone());
     }
+    let remote = if a.remote_roles {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut m) = running.lock() {
+            m.role_replies.insert(a.job_id.clone(), tx);
+        }
+        Some(roles::ChannelRoles::new(a.job_id.clone(), events.clone(), rx, cancel.clone()))
+    } else {
+        None
+    };
     let (running_t, events_t) = (running.clone(), events.clone());
     let job_id = a.job_id.clone();
     let thread_name = format!("job-{}", &a.job_id);
@@ -143,6 +199,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         let progress_tx = events.clone();
         let progress_id = job_id.clone();
         let hooks = RunHooks {
+            roles: remote.map(|r| Box::new(r) as Box<dyn crate::train::ppo::trainer::RemoteRoles>),
             cancel: Some(cancel.clone()),
             on_record: Some(Box::new(move |step, total, rec| {
                 let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
@@ -161,7 +218,8 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
             Err(e) => (false, format!("{e:#}")),
         };
         if let Ok(mut m) = running.lock() {
-            m.remove(&job_id);
+            m.jobs.remove(&job_id);
+            m.role_replies.remove(&job_id);
         }
         info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
         let _ = events.send(WorkerMessage {
@@ -171,7 +229,8 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
     if let Err(e) = spawned {
         warn!(job_id = %failed_id, error = %e, "cannot start job thread");
         if let Ok(mut m) = running.lock() {
-            m.remove(&failed_id);
+            m.jobs.remove(&failed_id);
+            m.role_replies.remove(&failed_id);
         }
         let _ = events.send(WorkerMessage {
             msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false })),

@@ -25,6 +25,18 @@ fn root(out: &Path) -> PathBuf {
 
 /// Writes `step-N` and prunes old ones.
 pub fn save(out: &Path, step: usize, base_model: &str, ck: &Checkpoint<'_>, keep: usize) -> Result<PathBuf> {
+    save_with(out, step, base_model, ck, keep, &mut |_| Ok(()))
+}
+
+/// [`save`], letting `extra` add files to the checkpoint before it is published.
+pub fn save_with(
+    out: &Path,
+    step: usize,
+    base_model: &str,
+    ck: &Checkpoint<'_>,
+    keep: usize,
+    extra: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let root = root(out);
     let tmp = root.join(format!(".tmp-step-{step}"));
     let dst = root.join(format!("step-{step}"));
@@ -40,6 +52,7 @@ pub fn save(out: &Path, step: usize, base_model: &str, ck: &Checkpoint<'_>, keep
     for (name, o) in &ck.optimizers {
         o.save(&tmp.join(format!("optimizer-{name}.safetensors")))?;
     }
+    extra(&tmp)?;
     let state = tmp.join("state.json");
     std::fs::write(&state, ck.state.to_string()).map_err(|e| Error::io(&state, e))?;
     let _ = std::fs::remove_dir_all(&dst);

@@ -31,6 +31,8 @@ pub struct RunHooks {
     pub cancel: Option<Arc<AtomicBool>>,
     #[allow(clippy::type_complexity)]
     pub on_record: Option<Box<dyn FnMut(usize, usize, &Map<String, Value>) + Send>>,
+    /// A PPO job's reward and critic roles on another worker.
+    pub roles: Option<Box<dyn crate::train::ppo::trainer::RemoteRoles>>,
 }
 
 impl Metrics {

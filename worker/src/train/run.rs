@@ -15,6 +15,16 @@ use crate::error::{Error, Result};
 
 /// Runs one single-kind job into `out`.
 pub fn run_stage(job: &JobSpec, out: &Path, device: Device, metrics: &mut Metrics) -> Result<Outcome> {
+    run_stage_with(job, out, device, metrics, None)
+}
+
+fn run_stage_with(
+    job: &JobSpec,
+    out: &Path,
+    device: Device,
+    metrics: &mut Metrics,
+    roles: Option<Box<dyn ppo::trainer::RemoteRoles>>,
+) -> Result<Outcome> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     metrics.set_tag("stage", job.name.clone().unwrap_or_else(|| job.kind.name().to_string()));
     let mut ctx = Ctx { out, device, metrics };
@@ -22,7 +32,7 @@ pub fn run_stage(job: &JobSpec, out: &Path, device: Device, metrics: &mut Metric
         JobKind::Pretrain => pretrain::run(job, &mut ctx)?,
         JobKind::Sft => sft::run(job, &mut ctx)?,
         JobKind::Reward => reward::run(job, &mut ctx)?,
-        JobKind::Ppo => ppo::trainer::run(job, &mut ctx)?,
+        JobKind::Ppo => ppo::trainer::run_with(job, &mut ctx, roles)?,
         JobKind::Eval => evaluate::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
     };
@@ -87,7 +97,11 @@ pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>
 }
 
 /// [`run_job`] with progress and cancellation hooks.
-pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, hooks: RunHooks) -> Result<Vec<Outcome>> {
+pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
+    let roles = hooks.roles.take();
+    if roles.is_some() && job.kind != JobKind::Ppo {
+        return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo job, this is {}", job.kind.name())));
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let job_file = out.join("job.toml");
     std::fs::write(&job_file, job.to_toml()).map_err(|e| Error::io(&job_file, e))?;
@@ -112,7 +126,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, hooks: RunHooks) 
         }
         outcomes
     } else {
-        vec![run_stage(job, out, device, &mut metrics)?]
+        vec![run_stage_with(job, out, device, &mut metrics, roles)?]
     };
     if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) {
         let title = job.name.clone().unwrap_or_else(|| format!("rlhfd {} report", job.kind.name()));

@@ -3,6 +3,7 @@
 pub mod gae;
 pub mod kl;
 pub mod loss;
+pub mod roles;
 pub mod rollout;
 pub mod trainer;
 

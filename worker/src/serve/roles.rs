@@ -1,0 +1,121 @@
+//! Remote reward/critic roles: the host side (a thread serving role calls
+//! for one PPO job) and the trainer side ([`ChannelRoles`], whose calls
+//! travel through the coordinator).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rlhf_common::spec::JobSpec;
+use rlhf_proto::*;
+use tch::{Device, Tensor};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+use super::wire;
+use super::Running;
+use crate::error::{Error, Result};
+use crate::train::ppo::roles::{wire as ops, RoleHost, RoleOp};
+use crate::train::ppo::trainer::RemoteRoles;
+
+/// Starts a thread that hosts a job's reward and critic roles.
+pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, events: &UnboundedSender<WorkerMessage>) {
+    let (tx, rx) = std::sync::mpsc::channel::<RoleCall>();
+    {
+        let Ok(mut st) = running.lock() else { return };
+        if st.role_hosts.contains_key(&a.job_id) {
+            return;
+        }
+        st.role_hosts.insert(a.job_id.clone(), tx);
+    }
+    let running = running.clone();
+    let events = events.clone();
+    let spawned = std::thread::Builder::new().name(format!("roles-{}", a.job_id)).spawn(move || {
+        info!(job_id = %a.job_id, "hosting reward and critic roles");
+        let setup = JobSpec::from_toml(&a.spec_toml)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
+            .and_then(|spec| {
+                let ppo = spec.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
+                Ok((RoleHost::new(&spec, &ppo, device)?, ppo))
+            });
+        let mut setup = setup.map_err(|e| format!("{e}"));
+        for call in rx {
+            let result = match &mut setup {
+                Ok((host, ppo)) => serve_one(host, ppo, &call),
+                Err(e) => Err(e.clone()),
+            };
+            let (error, tensors) = match result {
+                Ok(t) => (String::new(), t),
+                Err(e) => (e, Vec::new()),
+            };
+            let reply = RoleReply { job_id: call.job_id.clone(), call_id: call.call_id, error, tensors };
+            let _ = events.send(WorkerMessage { msg: Some(worker_message::Msg::RoleReply(reply)) });
+        }
+        if let Ok(mut st) = running.lock() {
+            st.role_hosts.remove(&a.job_id);
+        }
+        info!(job_id = %a.job_id, "roles released");
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start role host thread");
+    }
+}
+
+fn serve_one(host: &mut RoleHost, ppo: &rlhf_common::spec::PpoSpec, call: &RoleCall) -> Result<Vec<TensorData>, String> {
+    let tensors = wire::from_wire_all(&call.tensors).map_err(|e| e.to_string())?;
+    let op = ops::decode(&call.op, call.path.clone(), tensors).map_err(|e| e.to_string())?;
+    let out = host.serve(op, ppo).map_err(|e| format!("{e}"))?;
+    wire::to_wire_all(&out).map_err(|e| e.to_string())
+}
+
+/// The trainer's handle on roles hosted elsewhere.
+pub(super) struct ChannelRoles {
+    job_id: String,
+    events: UnboundedSender<WorkerMessage>,
+    replies: Receiver<RoleReply>,
+    cancel: Arc<AtomicBool>,
+    next: u64,
+    bytes: u64,
+}
+
+impl ChannelRoles {
+    pub(super) fn new(job_id: String, events: UnboundedSender<WorkerMessage>, replies: Receiver<RoleReply>, cancel: Arc<AtomicBool>) -> Self {
+        Self { job_id, events, replies, cancel, next: 0, bytes: 0 }
+    }
+}
+
+impl RemoteRoles for ChannelRoles {
+    fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>> {
+        let (name, path, ts) = ops::encode(&op);
+        let tensors = wire::to_wire_all(&ts)?;
+        self.bytes += wire::bytes(&tensors);
+        self.next += 1;
+        let call = RoleCall { job_id: self.job_id.clone(), call_id: self.next, op: name, path, tensors };
+        self.events
+            .send(WorkerMessage { msg: Some(worker_message::Msg::RoleCall(call)) })
+            .map_err(|_| Error::AdapterState("worker is shutting down".into()))?;
+        loop {
+            match self.replies.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) if r.call_id == self.next => {
+                    if !r.error.is_empty() {
+                        return Err(Error::AdapterState(format!("role host: {}", r.error)));
+                    }
+                    self.bytes += wire::bytes(&r.tensors);
+                    return wire::from_wire_all(&r.tensors);
+                }
+                Ok(_) => continue, // a reply to an abandoned call
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::AdapterState("role replies closed".into())),
+            }
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}

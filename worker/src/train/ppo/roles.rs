@@ -1,0 +1,225 @@
+//! The reward and critic roles as one unit, [`RoleHost`]: the base with the
+//! reward adapter + head and the critic adapter + value head, and the
+//! critic's optimiser. Colocated, the policy adapter sits on the same base;
+//! placed on another worker, the trainer drives it with [`RoleOp`]s that
+//! carry only token ids and per-token floats ([`wire`]).
+
+use std::path::Path;
+
+use rlhf_common::spec::{JobSpec, PpoSpec, RewardSource};
+use tch::{Kind, Tensor};
+
+use super::rollout::{model_scores, values, Batch};
+use super::value_loss;
+use crate::error::{Error, Result};
+use crate::peft::{self, PeftConfig};
+use crate::train::checkpoint;
+use crate::train::optim::AdamW;
+use crate::train::reward::{load_reward_model, Head, HEAD_FILE};
+use crate::train::setup::{load_base, Loaded};
+
+pub const POLICY: &str = "policy";
+pub const CRITIC: &str = "critic";
+pub const REWARD: &str = "reward";
+
+pub struct RoleHost {
+    pub l: Loaded,
+    pub value_head: Head,
+    /// Present for a model reward.
+    pub reward_head: Option<Head>,
+    critic_opt: AdamW,
+}
+
+impl RoleHost {
+    /// Loads the job's base and puts the critic (and a reward model, if the
+    /// job scores with one) on it. The critic starts as a copy of the reward
+    /// model (TRL's default), else fresh.
+    pub fn new(job: &JobSpec, ppo: &PpoSpec, device: tch::Device) -> Result<Self> {
+        let mut l = load_base(job, device)?;
+        let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
+        let h = l.pm.base.cfg.hidden_size;
+        let (reward_head, value_head) = match &ppo.reward {
+            RewardSource::Model { path } => {
+                let dir = path.as_deref().ok_or_else(|| Error::InvalidArgument("ppo.reward.path: required".into()))?;
+                let head = load_reward_model(dir, &mut l.pm, REWARD)?;
+                l.pm.add(CRITIC, peft::io::load(dir, &l.pm.base)?)?;
+                let v = Head::load(&dir.join(HEAD_FILE), h, device)?;
+                (Some(head), Head { weight: v.weight.set_requires_grad(true), bias: v.bias.set_requires_grad(true) })
+            }
+            RewardSource::Label | RewardSource::Match { .. } => {
+                let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &l.pm.base)?;
+                l.pm.add(CRITIC, critic)?;
+                (None, Head::new(h, device, job.seed.wrapping_add(2)))
+            }
+        };
+        let mut params = l.pm.adapter(CRITIC)?.parameters();
+        params.extend([value_head.weight.shallow_clone(), value_head.bias.shallow_clone()]);
+        Ok(Self { l, value_head, reward_head, critic_opt: AdamW::new(params, 0.0) })
+    }
+
+    pub fn model_scores(&mut self, batch: &Batch) -> Result<Tensor> {
+        let head = self.reward_head.as_ref().ok_or_else(|| Error::InvalidArgument("this job has no reward model".into()))?;
+        self.l.pm.set_active(Some(REWARD))?;
+        tch::no_grad(|| model_scores(&self.l.pm, head, batch))
+    }
+
+    pub fn values(&mut self, batch: &Batch) -> Result<Tensor> {
+        self.l.pm.set_active(Some(CRITIC))?;
+        tch::no_grad(|| values(&self.l.pm, &self.value_head, batch))
+    }
+
+    /// One critic update on a minibatch: `vf_coef · clipped value loss`.
+    /// Returns (value loss, value clip fraction).
+    pub fn critic_step(&mut self, sub: &Batch, values_old: &Tensor, returns: &Tensor, ppo: &PpoSpec) -> Result<(f64, f64)> {
+        self.l.pm.set_active(Some(CRITIC))?;
+        let v_new = values(&self.l.pm, &self.value_head, sub)?;
+        let vf = value_loss(&v_new, values_old, returns, &sub.mask, ppo.value_clip);
+        (&vf.loss * ppo.vf_coef).backward();
+        self.critic_opt.clip_grad_norm(ppo.max_grad_norm);
+        self.critic_opt.step(ppo.critic_lr);
+        self.critic_opt.zero_grad();
+        Ok((vf.loss.double_value(&[]), vf.clip_frac.double_value(&[])))
+    }
+
+    /// Writes the critic (adapter + value head) to `dir`.
+    pub fn save_critic(&self, dir: &Path, base_name: &str) -> Result<()> {
+        peft::io::save(self.l.pm.adapter(CRITIC)?, dir, base_name)?;
+        self.value_head.save(&dir.join(HEAD_FILE))
+    }
+
+    /// Critic state for a checkpoint directory (adapter, head, optimiser).
+    pub fn checkpoint(&self, dir: &Path) -> Result<()> {
+        self.save_critic(&dir.join(CRITIC), "")?;
+        self.critic_opt.save(&dir.join(format!("optimizer-{CRITIC}.safetensors")))
+    }
+
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::restore_adapter(&dir.join(CRITIC), self.l.pm.adapter(CRITIC)?)?;
+        let head = Head::load(&dir.join(CRITIC).join(HEAD_FILE), self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
+        tch::no_grad(|| -> Result<()> {
+            self.value_head.weight.shallow_clone().f_copy_(&head.weight)?;
+            self.value_head.bias.shallow_clone().f_copy_(&head.bias)?;
+            Ok(())
+        })?;
+        self.critic_opt.load(&dir.join(format!("optimizer-{CRITIC}.safetensors")))
+    }
+
+    /// Serves one remote operation.
+    pub fn serve(&mut self, op: RoleOp, ppo: &PpoSpec) -> Result<Vec<(String, Tensor)>> {
+        let device = self.l.pm.base.device;
+        Ok(match op {
+            RoleOp::Scores(b) => vec![("scores".into(), self.model_scores(&b.to(device))?)],
+            RoleOp::Values(b) => vec![("values".into(), self.values(&b.to(device))?)],
+            RoleOp::CriticStep { batch, values_old, returns } => {
+                let (loss, frac) = self.critic_step(&batch.to(device), &values_old.to_device(device), &returns.to_device(device), ppo)?;
+                vec![("value_loss".into(), Tensor::from(loss)), ("clip_frac".into(), Tensor::from(frac))]
+            }
+            RoleOp::SaveCritic { dir } => {
+                self.save_critic(Path::new(&dir), "")?;
+                Vec::new()
+            }
+            RoleOp::Checkpoint { dir } => {
+                self.checkpoint(Path::new(&dir))?;
+                Vec::new()
+            }
+            RoleOp::Restore { dir } => {
+                self.restore(Path::new(&dir))?;
+                Vec::new()
+            }
+        })
+    }
+}
+
+/// What a trainer asks of a remote role host.
+pub enum RoleOp {
+    Scores(Batch),
+    Values(Batch),
+    CriticStep { batch: Batch, values_old: Tensor, returns: Tensor },
+    SaveCritic { dir: String },
+    Checkpoint { dir: String },
+    Restore { dir: String },
+}
+
+impl Batch {
+    pub fn to(&self, device: tch::Device) -> Batch {
+        Batch {
+            ids: self.ids.to_device(device),
+            attn: self.attn.to_device(device),
+            response: self.response.to_device(device),
+            mask: self.mask.to_device(device),
+            prompt_width: self.prompt_width,
+            lens: self.lens.clone(),
+        }
+    }
+}
+
+/// Role operations as named CPU tensors (what crosses the wire).
+pub mod wire {
+    use super::*;
+
+    fn lens_tensor(b: &Batch) -> Tensor {
+        Tensor::from_slice(&b.lens.iter().map(|&n| n as i64).collect::<Vec<_>>())
+    }
+
+    fn batch_tensors(b: &Batch) -> Vec<(String, Tensor)> {
+        let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
+        vec![
+            ("ids".into(), cpu(&b.ids)),
+            ("attn".into(), cpu(&b.attn)),
+            ("response".into(), cpu(&b.response)),
+            ("mask".into(), cpu(&b.mask)),
+            ("prompt_width".into(), Tensor::from(b.prompt_width)),
+            ("lens".into(), lens_tensor(b)),
+        ]
+    }
+
+    fn take(ts: &mut Vec<(String, Tensor)>, name: &str) -> Result<Tensor> {
+        let i = ts.iter().position(|(n, _)| n == name).ok_or_else(|| Error::InvalidArgument(format!("role call: tensor {name} missing")))?;
+        Ok(ts.swap_remove(i).1)
+    }
+
+    fn batch_from(ts: &mut Vec<(String, Tensor)>) -> Result<Batch> {
+        let lens: Vec<i64> = Vec::try_from(&take(ts, "lens")?)?;
+        Ok(Batch {
+            ids: take(ts, "ids")?,
+            attn: take(ts, "attn")?,
+            response: take(ts, "response")?,
+            mask: take(ts, "mask")?.to_kind(Kind::Float),
+            prompt_width: take(ts, "prompt_width")?.int64_value(&[]),
+            lens: lens.into_iter().map(|n| n as usize).collect(),
+        })
+    }
+
+    /// (op name, path argument, tensors)
+    pub fn encode(op: &RoleOp) -> (String, String, Vec<(String, Tensor)>) {
+        match op {
+            RoleOp::Scores(b) => ("scores".into(), String::new(), batch_tensors(b)),
+            RoleOp::Values(b) => ("values".into(), String::new(), batch_tensors(b)),
+            RoleOp::CriticStep { batch, values_old, returns } => {
+                let mut t = batch_tensors(batch);
+                t.push(("values_old".into(), values_old.to_device(tch::Device::Cpu)));
+                t.push(("returns".into(), returns.to_device(tch::Device::Cpu)));
+                ("critic_step".into(), String::new(), t)
+            }
+            RoleOp::SaveCritic { dir } => ("save_critic".into(), dir.clone(), Vec::new()),
+            RoleOp::Checkpoint { dir } => ("checkpoint".into(), dir.clone(), Vec::new()),
+            RoleOp::Restore { dir } => ("restore".into(), dir.clone(), Vec::new()),
+        }
+    }
+
+    pub fn decode(op: &str, path: String, mut ts: Vec<(String, Tensor)>) -> Result<RoleOp> {
+        Ok(match op {
+            "scores" => RoleOp::Scores(batch_from(&mut ts)?),
+            "values" => RoleOp::Values(batch_from(&mut ts)?),
+            "critic_step" => {
+                let values_old = take(&mut ts, "values_old")?;
+                let returns = take(&mut ts, "returns")?;
+                RoleOp::CriticStep { batch: batch_from(&mut ts)?, values_old, returns }
+            }
+            "save_critic" => RoleOp::SaveCritic { dir: path },
+            "checkpoint" => RoleOp::Checkpoint { dir: path },
+            "restore" => RoleOp::Restore { dir: path },
+            other => return Err(Error::InvalidArgument(format!("unknown role op {other:?}"))),
+        })
+    }
+}
