@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, on CPU: installs what it needs (venv with
-# torch, release build), then runs the paper's pipeline on a tiny model —
-# pretrain → SFT (LoRA) → reward model → PPO (four roles on one base) → eval —
-# and prints the report (the paper's Tables 3–5).
-#   RLHF_DEMO_OUT  output directory (default runs/demo; removed first)
+# torch, release build), starts a local cluster (a coordinator and 2 CPU
+# workers), submits the paper's pipeline on a tiny model — pretrain → SFT
+# (LoRA) → reward model → PPO with rollout/policy on worker cpu-0 and reward +
+# critic on worker cpu-1 → eval — follows it, prints the report (the paper's
+# Tables 3–5) and the PNG curves, and stops the cluster.
+#   RLHF_DEMO_DIR  cluster data dir (default runs/demo-cluster; removed first)
+#   RLHF_DEMO_PORT coordinator port (default 50051)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RLHF_VENV=${RLHF_VENV:-$HOME/.cache/rlhfd/venv}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/rlhfd/target}
 ./scripts/setup.sh
 . scripts/env.sh
-OUT=${RLHF_DEMO_OUT:-runs/demo}
-rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
+DIR=${RLHF_DEMO_DIR:-runs/demo-cluster}
+PORT=${RLHF_DEMO_PORT:-50051}
+export RLHF_COORDINATOR=http://127.0.0.1:$PORT
+CTL="$RLHF_BIN/rlhfctl"
+"$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
+rm -rf "$DIR"
+mkdir -p "$DIR"
+trap '"$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true' EXIT
+"$CTL" up --cpu-workers 2 --data-dir "$DIR" --listen "127.0.0.1:$PORT"
+"$CTL" workers
 start=$(date +%s)
-"$RLHF_BIN/rlhf-worker" run examples/pipeline.toml --out "$OUT" --device cpu >"$OUT.log" 2>&1 || { tail -n 30 "$OUT.log"; exit 1; }
-cat "$OUT/report.md"
-echo "demo: pipeline finished in $(( $(date +%s) - start )) s; outputs in $OUT (metrics.jsonl, stages/*), log in $OUT.log"
+job=$("$CTL" submit examples/pipeline.toml | tail -n 1)
+echo "submitted job $job"
+"$CTL" watch "$job"
+"$CTL" logs "$job" | grep -v '^{' || true
+"$CTL" report "$job" --out "$DIR/report"
+echo "demo: job $job finished in $(( $(date +%s) - start )) s; outputs in $DIR/jobs/$job"

@@ -181,10 +181,11 @@ def main():
     t_setup = time.perf_counter()
     if args.random_init:
         config = AutoConfig.from_pretrained(args.model)
+        scalar_config = AutoConfig.from_pretrained(args.model, num_labels=1)
         with device:
             base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            reward_model = AutoModelForSequenceClassification.from_config(config, num_labels=1, dtype=dtype)
-            value_model = AutoModelForSequenceClassification.from_config(config, num_labels=1, dtype=dtype)
+            reward_model = AutoModelForSequenceClassification.from_config(scalar_config, dtype=dtype)
+            value_model = AutoModelForSequenceClassification.from_config(scalar_config, dtype=dtype)
     else:
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
         reward_model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype).to(device)
@@ -217,6 +218,8 @@ def main():
         do_sample=True,
         eos_token_id=None,
         pad_token_id=pad,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     sync()
     setup_s = time.perf_counter() - t_setup
@@ -234,8 +237,6 @@ def main():
                 input_ids=queries,
                 attention_mask=torch.ones_like(queries),
                 generation_config=gen_cfg,
-                return_dict_in_generate=True,
-                output_scores=True,
             )
             query_responses = out.sequences
             responses = query_responses[:, context_length:]

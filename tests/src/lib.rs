@@ -29,6 +29,21 @@ pub fn fixtures() -> PathBuf {
     workspace_root().join("worker/tests/fixtures")
 }
 
+/// A command whose process dies with the test (PR_SET_PDEATHSIG), so a
+/// crashed test never leaves daemons behind.
+fn command(path: PathBuf) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(path);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    c
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
@@ -68,7 +83,7 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
-        let child = Command::new(bin("rlhf-coordinator"))
+        let child = command(bin("rlhf-coordinator"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
             .arg(self.data_dir())
             .args(["--lease-ms", &self.lease_ms.to_string()])
@@ -80,7 +95,7 @@ impl Cluster {
     }
 
     pub fn add_worker(&mut self, name: &str) {
-        let child = Command::new(bin("rlhf-worker"))
+        let child = command(bin("rlhf-worker"))
             .args(["serve", "--coordinator", &self.url(), "--device", "cpu", "--name", name, "--heartbeat-ms", "200"])
             .env("RLHF_QUIET", "1")
             .env("RLHF_THREADS", "1")

@@ -47,7 +47,9 @@ pub fn status_message(url: &str, s: &Status) -> String {
 
 impl Client {
     /// Connects, failing within seconds when nothing listens at `url`.
+    /// A URL without a scheme (`10.0.0.5:50051`, as grpcurl takes it) means `http://`.
     pub async fn connect(url: &str) -> Result<Self> {
+        let url = &normalize_url(url);
         let ep = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)"))?
             .connect_timeout(Duration::from_secs(5));
@@ -116,6 +118,15 @@ impl Client {
     }
 }
 
+/// `host:port` → `http://host:port`; URLs with a scheme are kept.
+pub fn normalize_url(url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
 /// Resolves `JOB` on the command line against the job list: a full id is
 /// taken as is (by the caller), then a unique id prefix, then a job name
 /// (the newest job of that name).
@@ -160,6 +171,12 @@ mod tests {
         assert_eq!(match_job(&jobs, "sft").unwrap(), jobs[1].job_id, "the newest job of a name");
         assert!(match_job(&jobs, "nope").unwrap_err().contains("no job \"nope\""));
         assert!(match_job(&jobs, "").is_err());
+    }
+
+    #[test]
+    fn urls_default_to_http() {
+        assert_eq!(normalize_url("10.0.0.5:50051"), "http://10.0.0.5:50051");
+        assert_eq!(normalize_url("https://c:1"), "https://c:1");
     }
 
     #[test]

@@ -42,14 +42,14 @@ pub fn progress_metrics(p: &Progress) -> Option<Map<String, Value>> {
 }
 
 /// The metrics worth a glance, in a fixed order, with short labels: PPO jobs
-/// show reward/KL/policy loss, SFT/reward jobs their loss and accuracy.
+/// show reward/KL/policy loss, SFT/reward jobs their loss and accuracy
+/// (short enough for one terminal line).
 pub fn headline_metrics(m: &Map<String, Value>) -> Vec<(&'static str, f64)> {
-    const KEYS: [(&str, &str); 7] = [
+    const KEYS: [(&str, &str); 6] = [
         ("reward_mean", "reward"),
         ("kl", "kl"),
         ("loss", "loss"),
         ("policy_loss", "policy_loss"),
-        ("value_loss", "value_loss"),
         ("accuracy", "acc"),
         ("eval_accuracy", "eval_acc"),
     ];

@@ -114,7 +114,7 @@ struct View {
 }
 
 fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>10.bold} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})")
+    ProgressStyle::with_template("{prefix:>10.bold} [{bar:30.cyan/blue}] {pos}/{len} eta {eta:<4} {wide_msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
 }
@@ -194,10 +194,11 @@ impl View {
                     self.close_stage();
                     let bar = self.bar();
                     bar.disable_steady_tick();
-                    bar.set_style(bar_style());
-                    bar.set_prefix(label.clone());
+                    bar.set_message("");
                     bar.set_length(p.total);
-                    bar.set_position(p.step);
+                    bar.set_position(p.step.min(p.total));
+                    bar.set_prefix(label.clone());
+                    bar.set_style(bar_style());
                     // Steps done before we started watching say nothing about the rate.
                     bar.reset_eta();
                     self.stage = Some((label.clone(), String::new(), Instant::now()));

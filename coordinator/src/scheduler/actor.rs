@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 use crate::state::JobState;
 use crate::store::{JobRow, Store};
 
+/// A PPO job, or a pipeline with a PPO stage.
+fn has_ppo(spec: &JobSpec) -> bool {
+    spec.kind == JobKind::Ppo || spec.stages.iter().any(|s| s.kind == JobKind::Ppo)
+}
+
 /// What `ListWorkers` shows.
 #[derive(Clone, Debug)]
 pub struct WorkerInfo {
@@ -399,7 +404,7 @@ impl Scheduler {
             let p = &spec.placement;
             let mut trainer_names: Vec<String> = p.trainer.iter().cloned().collect();
             trainer_names.extend(p.rollout.iter().cloned());
-            let role_name = p.critic.clone().or_else(|| p.reward.clone()).filter(|r| spec.kind == JobKind::Ppo && !trainer_names.contains(r));
+            let role_name = p.critic.clone().or_else(|| p.reward.clone()).filter(|r| has_ppo(&spec) && !trainer_names.contains(r));
             let idle = |names: &[String], not: Option<&str>| {
                 self.workers
                     .iter()

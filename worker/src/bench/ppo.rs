@@ -5,8 +5,9 @@
 //! - `lora`, `ssf`, `repadapter`: the worker's design — ONE base model with a
 //!   policy, a critic and a reward adapter of that method, the reference being
 //!   the base with adapters off, plus scalar reward and value heads. The
-//!   iteration is the one `train::ppo::trainer` runs (same rollout, loss and
-//!   GAE functions, same order of forward passes).
+//!   iteration is the one `train::ppo::trainer` runs with every role on one
+//!   device (same rollout, loss and GAE functions, same order of forward
+//!   passes; per minibatch a policy step, then a critic step).
 //! - `naive`: RLHF without PEFT — four separate copies of the base: policy
 //!   (`full` adapter, AdamW), reference, reward (+ head), critic (`full`
 //!   adapter + value head, AdamW).
@@ -172,9 +173,11 @@ impl FromStr for Variant {
 pub enum BenchPreset {
     /// `Preset::Tiny`'s shape, vocabulary 2000.
     Tiny,
-    /// hidden 512, 8 layers, 8 heads (4 kv), intermediate 1376, vocabulary
-    /// 8000 (27M parameters): `Preset::Small`'s proportions, large enough
-    /// that the weights, not the runtime, dominate memory.
+    /// hidden 768, 6 layers, 12 heads (4 kv), intermediate 2048, vocabulary
+    /// 8000 (44M parameters, 176 MB in f32): `Preset::Small` made wide
+    /// enough that weights and optimizer state, not libtorch's own ~370 MB
+    /// or the activations, decide the memory figures, and still a few
+    /// minutes for every configuration on 2 CPU cores.
     Small,
     /// LLaMA-2-7B's shape, random bf16 weights made on the GPU.
     SevenB,
@@ -194,7 +197,7 @@ impl BenchPreset {
             BenchPreset::Tiny => Preset::Tiny.config(2000, 1, 0),
             BenchPreset::Small => {
                 let mut c = Preset::Small.config(8000, 1, 0);
-                (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size) = (512, 8, 8, 4, 1376);
+                (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size) = (768, 6, 12, 4, 2048);
                 c.head_dim = c.hidden_size / c.num_heads;
                 c
             }
@@ -578,14 +581,34 @@ fn run_child(program: &Path, argv: &[String]) -> Value {
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail = |s: &str| s.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let name = program.file_name().map_or_else(|| program.display().to_string(), |n| n.to_string_lossy().into_owned());
     if !out.status.success() {
-        return json!({ "error": format!("{} exited with {}: {}", program.display(), out.status, tail(&stderr)) });
+        return json!({ "error": format!("{name} exited with {}: {}", out.status, failure_summary(&stderr)) });
     }
     match stdout.lines().rev().find(|l| !l.trim().is_empty()).map(serde_json::from_str::<Value>) {
         Some(Ok(v @ Value::Object(_))) => v,
-        _ => json!({ "error": format!("{} printed no JSON line: {}", program.display(), tail(&stdout)) }),
+        _ => json!({ "error": format!("{name} printed no JSON line: {}", failure_summary(&stdout)) }),
     }
+}
+
+/// The telling part of a failed child's output: the line that names the
+/// failure (out of memory, a panic, an error, a Python exception), without
+/// libtorch's C++ backtrace, at most 400 characters.
+fn failure_summary(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let pick = ["out of memory", "Error:", "error:", "panicked", "Error"]
+        .iter()
+        .find_map(|needle| lines.iter().rev().find(|l| l.contains(needle)))
+        .or(lines.last())
+        .copied()
+        .unwrap_or("no output");
+    let pick = pick.split("\\nException raised from").next().unwrap_or(pick);
+    let pick = pick.split(" (https://").next().unwrap_or(pick);
+    let mut s: String = pick.chars().take(400).collect();
+    if s.len() < pick.len() {
+        s.push('…');
+    }
+    s
 }
 
 /// The report as a Markdown table with a header and the two ratios.
@@ -623,7 +646,7 @@ pub fn table(r: &Value) -> String {
     let configs = r["configs"].as_object().unwrap_or(&empty);
     for (name, c) in Variant::ALL.iter().filter_map(|v| configs.get(v.name()).map(|c| (v.name(), c))) {
         if let Some(e) = c.get("error") {
-            let e = e.as_str().unwrap_or("").lines().last().unwrap_or("").to_string();
+            let e: String = e.as_str().unwrap_or("").chars().take(160).collect();
             let _ = writeln!(s, "| {name} | failed: {} |||||||||", e.replace('|', "/"));
             continue;
         }
@@ -837,17 +860,19 @@ impl Roles {
                 let sub = batch.select(mb);
                 let sel = Tensor::from_slice(mb).to_device(device);
                 let pick = |x: &Tensor| x.index_select(0, &sel);
+                // The policy step, then the critic step (as the trainer and
+                // its critic role do), so one graph is alive at a time.
                 let (logp_new, logits) = logprobs(self.views.policy()?, &sub, TEMPERATURE)?;
                 let pg = policy_loss(&logp_new, &pick(&logp_old), &pick(&adv), &sub.mask, CLIP);
+                pg.loss.backward();
+                self.policy_opt.clip_grad_norm(MAX_GRAD_NORM);
+                self.policy_opt.step(LR);
+                self.policy_opt.zero_grad();
                 let v_new = values(self.views.critic()?, &self.value_head, &sub)?;
                 let vf = value_loss(&v_new, &pick(&values_old), &pick(&returns), &sub.mask, VALUE_CLIP);
-                let loss = &pg.loss + &vf.loss * VF_COEF;
-                loss.backward();
-                self.policy_opt.clip_grad_norm(MAX_GRAD_NORM);
+                (&vf.loss * VF_COEF).backward();
                 self.critic_opt.clip_grad_norm(MAX_GRAD_NORM);
-                self.policy_opt.step(LR);
                 self.critic_opt.step(LR);
-                self.policy_opt.zero_grad();
                 self.critic_opt.zero_grad();
                 let entropy = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
                 last = json!({
@@ -946,8 +971,23 @@ mod tests {
         assert_ne!(a, prompt_ids(0, 2, 3, 50, 300));
         assert_eq!(a.len(), 3);
         assert!(a.iter().flatten().all(|&t| (FIRST_ID..300).contains(&t)));
-        // Pinned: the python script computes the same ids.
+        // Pinned: scripts/bench/ppo_python.py computes the same ids.
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(prompt_ids(7, 2, 2, 3, 8000), vec![vec![5418, 2853, 7440], vec![92, 5720, 6330]]);
+    }
+
+    #[test]
+    fn failure_summary_keeps_the_cause_and_drops_the_backtrace() {
+        let panic = "thread 'main' panicked at x.rs:1:2:\ncalled `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. \
+                     Tried to allocate 172.00 MiB. See documentation (https://docs.pytorch.org/x)\\nException raised from malloc\\nframe #0: ...\")\n\
+                     stack backtrace:\n   0: rust_begin_unwind\n";
+        let s = failure_summary(panic);
+        assert!(s.contains("CUDA out of memory. Tried to allocate 172.00 MiB"), "{s}");
+        assert!(!s.contains("frame #0") && !s.contains("https://"), "{s}");
+        let py = "Traceback (most recent call last):\n  File \"x.py\", line 1\nModuleNotFoundError: No module named 'peft'\n";
+        assert_eq!(failure_summary(py), "ModuleNotFoundError: No module named 'peft'");
+        assert_eq!(failure_summary(""), "no output");
+        assert!(failure_summary(&"x".repeat(1000)).chars().count() <= 401);
     }
 
     #[test]

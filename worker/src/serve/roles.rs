@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rlhf_common::spec::JobSpec;
+use rlhf_common::spec::{JobSpec, PpoSpec};
 use rlhf_proto::*;
 use tch::{Device, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
@@ -33,17 +33,19 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
     let events = events.clone();
     let spawned = std::thread::Builder::new().name(format!("roles-{}", a.job_id)).spawn(move || {
         info!(job_id = %a.job_id, "hosting reward and critic roles");
-        let setup = JobSpec::from_toml(&a.spec_toml)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))
-            .and_then(|spec| {
-                let ppo = spec.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
-                Ok((RoleHost::new(&spec, &ppo, device)?, ppo))
-            });
-        let mut setup = setup.map_err(|e| format!("{e}"));
+        // Built by the trainer's first call (`init`), with the resolved job.
+        let mut setup: Option<(RoleHost, PpoSpec)> = None;
         for call in rx {
-            let result = match &mut setup {
-                Ok((host, ppo)) => serve_one(host, ppo, &call),
-                Err(e) => Err(e.clone()),
+            let result = if call.op == "init" {
+                build(&call.path, device).map(|s| {
+                    setup = Some(s);
+                    Vec::new()
+                })
+            } else {
+                match &mut setup {
+                    Some((host, ppo)) => serve_one(host, ppo, &call),
+                    None => Err("role host not initialised (no init call yet)".to_string()),
+                }
             };
             let (error, tensors) = match result {
                 Ok(t) => (String::new(), t),
@@ -62,7 +64,14 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
     }
 }
 
-fn serve_one(host: &mut RoleHost, ppo: &rlhf_common::spec::PpoSpec, call: &RoleCall) -> Result<Vec<TensorData>, String> {
+fn build(spec_toml: &str, device: Device) -> Result<(RoleHost, PpoSpec), String> {
+    let spec = JobSpec::from_toml(spec_toml).map_err(|e| format!("role host job: {e}"))?;
+    let ppo = spec.ppo.clone().ok_or_else(|| "role host job: ppo: required".to_string())?;
+    let host = RoleHost::new(&spec, &ppo, device).map_err(|e| format!("role host: {e}"))?;
+    Ok((host, ppo))
+}
+
+fn serve_one(host: &mut RoleHost, ppo: &PpoSpec, call: &RoleCall) -> Result<Vec<TensorData>, String> {
     let tensors = wire::from_wire_all(&call.tensors).map_err(|e| e.to_string())?;
     let op = ops::decode(&call.op, call.path.clone(), tensors).map_err(|e| e.to_string())?;
     let out = host.serve(op, ppo).map_err(|e| format!("{e}"))?;

@@ -23,7 +23,7 @@ fn run_stage_with(
     out: &Path,
     device: Device,
     metrics: &mut Metrics,
-    roles: Option<Box<dyn ppo::trainer::RemoteRoles>>,
+    roles: Option<&mut (dyn ppo::trainer::RemoteRoles + 'static)>,
 ) -> Result<Outcome> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     metrics.set_tag("stage", job.name.clone().unwrap_or_else(|| job.kind.name().to_string()));
@@ -98,9 +98,10 @@ pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>
 
 /// [`run_job`] with progress and cancellation hooks.
 pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
-    let roles = hooks.roles.take();
-    if roles.is_some() && job.kind != JobKind::Ppo {
-        return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo job, this is {}", job.kind.name())));
+    let mut roles = hooks.roles.take();
+    let has_ppo = job.kind == JobKind::Ppo || job.stages.iter().any(|s| s.kind == JobKind::Ppo);
+    if roles.is_some() && !has_ppo {
+        return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo stage; this {} job has none", job.kind.name())));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let job_file = out.join("job.toml");
@@ -118,7 +119,8 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
                 Some(o) => o,
                 None => {
                     tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
-                    run_stage(&sj, &dir, device, &mut metrics)?
+                    let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
+                    run_stage_with(&sj, &dir, device, &mut metrics, r)?
                 }
             };
             produced.take(&outcome, stage.kind);
@@ -126,7 +128,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
         }
         outcomes
     } else {
-        vec![run_stage_with(job, out, device, &mut metrics, roles)?]
+        vec![run_stage_with(job, out, device, &mut metrics, roles.as_deref_mut())?]
     };
     if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) {
         let title = job.name.clone().unwrap_or_else(|| format!("rlhfd {} report", job.kind.name()));

@@ -108,6 +108,7 @@ impl RoleHost {
     pub fn serve(&mut self, op: RoleOp, ppo: &PpoSpec) -> Result<Vec<(String, Tensor)>> {
         let device = self.l.pm.base.device;
         Ok(match op {
+            RoleOp::Init { .. } => Vec::new(),
             RoleOp::Scores(b) => vec![("scores".into(), self.model_scores(&b.to(device))?)],
             RoleOp::Values(b) => vec![("values".into(), self.values(&b.to(device))?)],
             RoleOp::CriticStep { batch, values_old, returns } => {
@@ -132,6 +133,9 @@ impl RoleHost {
 
 /// What a trainer asks of a remote role host.
 pub enum RoleOp {
+    /// (Re)builds the host for this resolved PPO job (a pipeline's PPO stage
+    /// is only known once the earlier stages have run).
+    Init { spec_toml: String },
     Scores(Batch),
     Values(Batch),
     CriticStep { batch: Batch, values_old: Tensor, returns: Tensor },
@@ -201,6 +205,7 @@ pub mod wire {
                 t.push(("returns".into(), returns.to_device(tch::Device::Cpu)));
                 ("critic_step".into(), String::new(), t)
             }
+            RoleOp::Init { spec_toml } => ("init".into(), spec_toml.clone(), Vec::new()),
             RoleOp::SaveCritic { dir } => ("save_critic".into(), dir.clone(), Vec::new()),
             RoleOp::Checkpoint { dir } => ("checkpoint".into(), dir.clone(), Vec::new()),
             RoleOp::Restore { dir } => ("restore".into(), dir.clone(), Vec::new()),
@@ -216,6 +221,7 @@ pub mod wire {
                 let returns = take(&mut ts, "returns")?;
                 RoleOp::CriticStep { batch: batch_from(&mut ts)?, values_old, returns }
             }
+            "init" => RoleOp::Init { spec_toml: path },
             "save_critic" => RoleOp::SaveCritic { dir: path },
             "checkpoint" => RoleOp::Checkpoint { dir: path },
             "restore" => RoleOp::Restore { dir: path },

@@ -38,16 +38,16 @@ pub trait RemoteRoles: Send {
 
 /// The trainer's view of the roles: the policy's base, and where reward and
 /// critic live.
-struct Parts {
+struct Parts<'r> {
     ppo: PpoSpec,
     /// Colocated: the host also carries the policy adapter.
     host: Option<RoleHost>,
     /// Remote roles: the trainer's own base for policy and reference.
     own: Option<Loaded>,
-    remote: Option<Box<dyn RemoteRoles>>,
+    remote: Option<&'r mut (dyn RemoteRoles + 'static)>,
 }
 
-impl Parts {
+impl Parts<'_> {
     fn policy(&self) -> Result<&Loaded> {
         self.own.as_ref().or(self.host.as_ref().map(|h| &h.l)).ok_or_else(|| Error::AdapterState("no policy model".into()))
     }
@@ -111,14 +111,17 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
 }
 
 /// Runs PPO; with `remote`, reward and critic live on another worker.
-pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<Box<dyn RemoteRoles>>) -> Result<Outcome> {
+pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn RemoteRoles + 'static)>) -> Result<Outcome> {
     let ppo = job.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
     let data = job.data.clone().unwrap_or_default();
     let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
     let (template, examples) = task_data(&data, &train_path, data.max_examples)?;
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let mut parts = match remote {
-        Some(r) => Parts { ppo: ppo.clone(), host: None, own: Some(load_base(job, ctx.device)?), remote: Some(r) },
+        Some(r) => {
+            r.call(RoleOp::Init { spec_toml: job.to_toml() })?;
+            Parts { ppo: ppo.clone(), host: None, own: Some(load_base(job, ctx.device)?), remote: Some(r) }
+        }
         None => Parts { ppo: ppo.clone(), host: Some(RoleHost::new(job, &ppo, ctx.device)?), own: None, remote: None },
     };
     {
