@@ -675,8 +675,16 @@ pub fn table(r: &Value) -> String {
 
 /// The four roles: views of one base, or four separate models.
 enum Views {
-    Shared(PeftModel),
-    Naive { policy: PeftModel, reference: PeftModel, reward: PeftModel, critic: PeftModel },
+    Shared(Box<PeftModel>),
+    Naive(Box<Separate>),
+}
+
+/// The four models of naive RLHF.
+struct Separate {
+    policy: PeftModel,
+    reference: PeftModel,
+    reward: PeftModel,
+    critic: PeftModel,
 }
 
 impl Views {
@@ -686,11 +694,11 @@ impl Views {
                 pm.set_active(role)?;
                 Ok(pm)
             }
-            Views::Naive { policy, reference, reward, critic } => Ok(match role {
-                Some(POLICY) => policy,
-                Some(CRITIC) => critic,
-                Some(_) => reward,
-                None => reference,
+            Views::Naive(m) => Ok(match role {
+                Some(POLICY) => &m.policy,
+                Some(CRITIC) => &m.critic,
+                Some(_) => &m.reward,
+                None => &m.reference,
             }),
         }
     }
@@ -753,7 +761,7 @@ impl Roles {
                     let adapter = peft::build(adapter_config(method, seed.wrapping_add(i as u64)), &pm.base)?;
                     pm.add(name, adapter)?;
                 }
-                (Views::Shared(pm), 1)
+                (Views::Shared(Box::new(pm)), 1)
             }
             None => {
                 let with_full = |name: &str, s: u64| -> Result<PeftModel> {
@@ -767,7 +775,7 @@ impl Roles {
                 let reference = PeftModel::new(load_base(plan)?);
                 let reward = PeftModel::new(load_base(plan)?);
                 let critic = with_full(CRITIC, seed.wrapping_add(1))?;
-                (Views::Naive { policy, reference, reward, critic }, 4)
+                (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
             }
         };
         let mut views = views;
