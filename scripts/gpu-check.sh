@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Checks for the lent GPU machine (no Rust, no registry there): run from the
+# repo root with the release binaries carried in target/release (or
+# RLHF_BIN). Uses the machine's python3 (torch 2.11.0+cu130, transformers).
+#   1. CUDA detected by the same binary that runs on CPU here;
+#   2. logits parity vs transformers on the GPU (tiny fixtures, f32);
+#   3. bench ppo --preset 7b-shape with LoRA on one GPU (bf16);
+#   4. greedy decode tokens/s vs transformers on the GPU (tiny-llama).
+# Prints everything; exits non-zero on the first failed check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${RLHF_BIN:-target/release}
+PY=${PYTHON:-python3}
+TORCH_DIR=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+export LD_LIBRARY_PATH="$TORCH_DIR/lib:${LD_LIBRARY_PATH:-}"   # the rpath points at this machine's venv path
+nvidia-smi -L
+echo "== 1. CUDA from the worker binary"
+"$BIN/rlhf-worker" generate --model worker/tests/fixtures/tiny-qwen2 --tokens 42,259,73 --max-new-tokens 4 --device cuda:0
+echo "== 2. logits parity on cuda:0 (f32) vs transformers"
+for m in tiny-llama tiny-qwen2; do
+  "$BIN/rlhf-worker" logits --model worker/tests/fixtures/$m --adapter worker/tests/fixtures/$m-lora \
+    --tokens 42,259,73,270,76,222,166,125,249,167,227,103 --device cuda:0 --out /tmp/$m-cuda.safetensors
+  "$PY" - "$m" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+m = sys.argv[1]
+ours = load_file(f"/tmp/{m}-cuda.safetensors")["logits"]
+want = load_file(f"worker/tests/fixtures/{m}-expected.safetensors")["logits_lora"]
+d = (ours - want).abs().max().item()
+print(f"{m}: max |logits - transformers| = {d:.2e}")
+sys.exit(0 if d < 1e-4 else 1)
+PY
+done
+echo "== 3. bench ppo --preset 7b-shape (bf16, LoRA, shared base)"
+timeout 300 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora,naive --json | tail -n 1
+echo "== 4. greedy decode on cuda:0 vs transformers"
+"$BIN/rlhf-worker" bench decode --model worker/tests/fixtures/tiny-llama --device cuda:0 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
