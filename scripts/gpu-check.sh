@@ -4,8 +4,8 @@
 # RLHF_BIN). Uses the machine's python3 (torch 2.11.0+cu130, transformers).
 #   1. CUDA detected by the same binary that runs on CPU here;
 #   2. logits parity vs transformers on the GPU (tiny fixtures, f32);
-#   3. bench ppo --preset 7b-shape with LoRA on one GPU (bf16);
-#   4. greedy decode tokens/s vs transformers on the GPU (tiny-llama).
+#   3. greedy decode tokens/s vs transformers on the GPU (tiny-llama);
+#   4. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,8 @@ print(f"{m}: max |logits - transformers| = {d:.2e}")
 sys.exit(0 if d < 1e-4 else 1)
 PY
 done
-echo "== 3. bench ppo --preset 7b-shape (bf16, LoRA, shared base)"
-timeout 300 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora,naive --json | tail -n 1
-echo "== 4. greedy decode on cuda:0 vs transformers"
+echo "== 3. greedy decode on cuda:0: rlhfd, then transformers"
 "$BIN/rlhf-worker" bench decode --model worker/tests/fixtures/tiny-llama --device cuda:0 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
+"$PY" scripts/bench/decode_transformers.py --model worker/tests/fixtures/tiny-llama --device cuda:0 --threads 4 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
+echo "== 4. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
+timeout 240 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 --json | tail -n 1

@@ -31,6 +31,8 @@ def best_time(fn, runs):
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -44,10 +46,11 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--runs", type=int, default=3, help="timed repetitions, best is kept")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval().to(args.device)
     vocab = model.config.get_text_config().vocab_size
     lo, hi = min(100, vocab - 1), min(10000, vocab)
     eos = model.generation_config.eos_token_id
@@ -67,7 +70,7 @@ def main():
     with torch.inference_mode():
         for b in args.batch:
             g = torch.Generator().manual_seed(0)
-            ids = torch.randint(lo, hi, (b, args.prompt_len), generator=g)
+            ids = torch.randint(lo, hi, (b, args.prompt_len), generator=g).to(args.device)
             mask = torch.ones_like(ids)
 
             def prefill():
