@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 . scripts/env.sh
 MODEL=${1:-$HOME/.cache/rlhfd/models/qwen2.5-coder-0.5b}
 THREADS=${2:-$(nproc)}
-ARGS=(--prompt-len 128 --new-tokens 32 --batch 1 8 --runs 2)
+ARGS=(--prompt-len 128 --new-tokens 32 --batch 1 8 --runs 3)
 PROMPT="请判断这条评论的情感：这部电影很好看，演员的表演也很精彩。答案："
 
 ours=$("$RLHF_BIN/rlhf-worker" --threads "$THREADS" bench decode --model "$MODEL" "${ARGS[@]}" | tail -n 1)
