@@ -35,4 +35,6 @@ echo "== 3. greedy decode on cuda:0: rlhfd, then transformers"
 "$BIN/rlhf-worker" bench decode --model worker/tests/fixtures/tiny-llama --device cuda:0 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
 "$PY" scripts/bench/decode_transformers.py --model worker/tests/fixtures/tiny-llama --device cuda:0 --threads 4 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
 echo "== 4. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
-timeout 240 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 --json | tail -n 1
+for mb in 8 2; do  # minibatch 2: the activation memory of the update fits the 22 GB target
+  timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 --minibatch "$mb" --json | tail -n 1
+done
