@@ -237,7 +237,15 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     rlhf_common::init_tracing();
-    match run(Cli::parse()) {
+    // Torch reports some malformed inputs by panicking: say so and exit 1.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<String>().cloned().or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        eprintln!("internal error: panicked at {at}: {}", msg.unwrap_or_default());
+    }));
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))).unwrap_or_else(|_| Err(anyhow::anyhow!("internal error (see the log above)")));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

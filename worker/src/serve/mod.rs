@@ -53,6 +53,11 @@ fn role_ids(running: &Running) -> Vec<String> {
     running.lock().map(|m| m.role_hosts.keys().cloned().collect()).unwrap_or_default()
 }
 
+/// The text of a caught panic.
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+}
+
 fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -209,9 +214,13 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
                 });
             })),
         };
-        let result = JobSpec::from_toml(&a.spec_toml)
-            .map_err(|e| anyhow::anyhow!("job spec: {e}"))
-            .and_then(|spec| run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from));
+        // A panic inside torch (a shape the checks missed) fails the job, not the worker.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            JobSpec::from_toml(&a.spec_toml)
+                .map_err(|e| anyhow::anyhow!("job spec: {e}"))
+                .and_then(|spec| run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from))
+        }))
+        .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_message(&p))));
         let cancelled = cancel.load(Ordering::Relaxed);
         let (ok, reason) = match &result {
             Ok(_) => (true, String::new()),

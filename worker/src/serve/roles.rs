@@ -37,13 +37,16 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
         let mut setup: Option<(RoleHost, PpoSpec)> = None;
         for call in rx {
             let result = if call.op == "init" {
-                build(&call.path, device).map(|s| {
-                    setup = Some(s);
-                    Vec::new()
-                })
+                std::panic::catch_unwind(|| build(&call.path, device))
+                    .unwrap_or_else(|p| Err(format!("internal error: {}", super::panic_message(&p))))
+                    .map(|s| {
+                        setup = Some(s);
+                        Vec::new()
+                    })
             } else {
                 match &mut setup {
-                    Some((host, ppo)) => serve_one(host, ppo, &call),
+                    Some((host, ppo)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(host, ppo, &call)))
+                        .unwrap_or_else(|p| Err(format!("internal error: {}", super::panic_message(&p)))),
                     None => Err("role host not initialised (no init call yet)".to_string()),
                 }
             };
