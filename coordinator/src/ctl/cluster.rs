@@ -499,6 +499,11 @@ mod tests {
         // A real child listed as a worker, and a pid that is no process.
         let child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
+        // Until the child has exec'd, /proc shows the test binary's command line.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(b"sleep") && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let reaper = std::thread::spawn(move || {
             let mut child = child;
             child.wait()
