@@ -174,17 +174,42 @@ pub fn init_model_with_vocab(preset: Preset, vocab_size: usize, corpus: &Path, o
 /// threads drawing random numbers cannot perturb it).
 pub fn random_weights(cfg: &Config, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    layout(cfg)
+        .into_iter()
+        .map(|(name, shape, fill)| {
+            let t = match fill {
+                Fill::Normal => normal(&mut rng, &shape)?,
+                Fill::Ones => Tensor::f_ones(shape.as_slice(), cpu)?,
+                Fill::Zeros => Tensor::f_zeros(shape.as_slice(), cpu)?,
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// How a freshly made weight is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// normal(0, [`INIT_STD`]): matrices and embeddings
+    Normal,
+    /// norm weights
+    Ones,
+    /// biases
+    Zeros,
+}
+
+/// Every weight of a LLaMA-family model of shape `cfg`: HF name, shape and
+/// fill, in a fixed order (so seeded draws are reproducible).
+pub fn layout(cfg: &Config) -> Vec<(String, Vec<i64>, Fill)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let q_dim = cfg.num_heads * cfg.head_dim;
     let kv_dim = cfg.num_kv_heads * cfg.head_dim;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), normal(&mut rng, &[cfg.vocab_size, h])?)];
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h], Fill::Normal)];
     for li in 0..cfg.num_layers {
         let p = format!("model.layers.{li}");
-        out.push((format!("{p}.input_layernorm.weight"), Tensor::f_ones([h], (Kind::Float, tch::Device::Cpu))?));
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            Tensor::f_ones([h], (Kind::Float, tch::Device::Cpu))?,
-        ));
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], Fill::Ones));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Fill::Ones));
         let linears = [
             ("self_attn.q_proj", h, q_dim, cfg.qkv_bias),
             ("self_attn.k_proj", h, kv_dim, cfg.qkv_bias),
@@ -195,17 +220,17 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Result<Vec<(String, Tensor)>> 
             ("mlp.down_proj", i, h, cfg.mlp_bias),
         ];
         for (name, in_dim, out_dim, bias) in linears {
-            out.push((format!("{p}.{name}.weight"), normal(&mut rng, &[out_dim, in_dim])?));
+            out.push((format!("{p}.{name}.weight"), vec![out_dim, in_dim], Fill::Normal));
             if bias {
-                out.push((format!("{p}.{name}.bias"), Tensor::f_zeros([out_dim], (Kind::Float, tch::Device::Cpu))?));
+                out.push((format!("{p}.{name}.bias"), vec![out_dim], Fill::Zeros));
             }
         }
     }
-    out.push(("model.norm.weight".to_string(), Tensor::f_ones([h], (Kind::Float, tch::Device::Cpu))?));
+    out.push(("model.norm.weight".to_string(), vec![h], Fill::Ones));
     if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), normal(&mut rng, &[cfg.vocab_size, h])?));
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h], Fill::Normal));
     }
-    Ok(out)
+    out
 }
 
 /// A CPU f32 tensor of normal(0, INIT_STD) draws (Box–Muller).

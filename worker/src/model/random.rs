@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Arch, Config};
 use super::hooks::Norm;
-use super::init::INIT_STD;
+use super::init::{Fill, INIT_STD};
 use super::layers::{Linear, RmsNorm};
 use super::llama::{Attention, Layer, Mlp, Model};
 use crate::error::{Error, Result};
@@ -102,38 +102,17 @@ pub fn random_tensors(cfg: &Config, kind: Kind, device: Device, seed: u64) -> Re
         Device::Cuda(_) => tch::Cuda::manual_seed_all(seed),
         _ => tch::manual_seed(seed as i64),
     }
-    let normal = |shape: &[i64]| -> Result<Tensor> { Ok(Tensor::f_empty(shape, (kind, device))?.f_normal_(0.0, INIT_STD)?) };
-    let ones = |n: i64| -> Result<Tensor> { Ok(Tensor::f_ones([n], (kind, device))?) };
-    let zeros = |n: i64| -> Result<Tensor> { Ok(Tensor::f_zeros([n], (kind, device))?) };
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let q_dim = cfg.num_heads * cfg.head_dim;
-    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), normal(&[cfg.vocab_size, h])?)];
-    for li in 0..cfg.num_layers {
-        let p = format!("model.layers.{li}");
-        out.push((format!("{p}.input_layernorm.weight"), ones(h)?));
-        out.push((format!("{p}.post_attention_layernorm.weight"), ones(h)?));
-        let linears = [
-            ("self_attn.q_proj", h, q_dim, cfg.qkv_bias),
-            ("self_attn.k_proj", h, kv_dim, cfg.qkv_bias),
-            ("self_attn.v_proj", h, kv_dim, cfg.qkv_bias),
-            ("self_attn.o_proj", q_dim, h, cfg.o_bias),
-            ("mlp.gate_proj", h, i, cfg.mlp_bias),
-            ("mlp.up_proj", h, i, cfg.mlp_bias),
-            ("mlp.down_proj", i, h, cfg.mlp_bias),
-        ];
-        for (name, in_dim, out_dim, bias) in linears {
-            out.push((format!("{p}.{name}.weight"), normal(&[out_dim, in_dim])?));
-            if bias {
-                out.push((format!("{p}.{name}.bias"), zeros(out_dim)?));
-            }
-        }
-    }
-    out.push(("model.norm.weight".to_string(), ones(h)?));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), normal(&[cfg.vocab_size, h])?));
-    }
-    Ok(out)
+    super::init::layout(cfg)
+        .into_iter()
+        .map(|(name, shape, fill)| {
+            let t = match fill {
+                Fill::Normal => Tensor::f_empty(shape.as_slice(), (kind, device))?.f_normal_(0.0, INIT_STD)?,
+                Fill::Ones => Tensor::f_ones(shape.as_slice(), (kind, device))?,
+                Fill::Zeros => Tensor::f_zeros(shape.as_slice(), (kind, device))?,
+            };
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// A model of shape `cfg` with [`random_tensors`] weights.

@@ -1,46 +1,29 @@
 //! Which adapter, where, and how big — shared by job files and
 //! `adapter_config.json`.
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::model::{Block, Proj};
 
 pub use rlhf_common::spec::PeftMethod as Method;
 use rlhf_common::spec::PeftSpec;
 
-/// An adapter's shape. Fields a method does not use are ignored by it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An adapter's shape: a job file's `[peft]` section plus the seed of its
+/// initialisation. Fields a method does not use are ignored by it.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PeftConfig {
     pub method: Method,
     /// LoRA rank / RepAdapter hidden width.
-    #[serde(default = "default_r")]
     pub r: i64,
     /// LoRA scale numerator: the update is (alpha / r)·B·A.
-    #[serde(default = "default_alpha")]
     pub alpha: f64,
     /// Module names: projections (`q_proj` … `down_proj`, or `all-linear`),
     /// norms for SSF (`input_layernorm`, `post_attention_layernorm`, `norm`),
     /// blocks for RepAdapter (`self_attn`, `mlp`). Empty = the method's default.
-    #[serde(default)]
     pub target_modules: Vec<String>,
     /// RepAdapter: groups of the up projection.
-    #[serde(default = "default_groups")]
     pub groups: i64,
     /// Seed of the random initialisation.
-    #[serde(default)]
     pub seed: u64,
-}
-
-fn default_r() -> i64 {
-    8
-}
-fn default_alpha() -> f64 {
-    16.0
-}
-fn default_groups() -> i64 {
-    2
 }
 
 /// Where an SSF scale-and-shift sits.
@@ -65,8 +48,9 @@ impl PeftConfig {
         }
     }
 
+    /// The method with the job file's defaults, seed 0.
     pub fn new(method: Method) -> Self {
-        Self { method, r: default_r(), alpha: default_alpha(), target_modules: Vec::new(), groups: default_groups(), seed: 0 }
+        Self::from_spec(&PeftSpec::new(method), 0)
     }
 
     /// Checks the numbers; names the offending field.
