@@ -177,6 +177,7 @@ impl Model {
             let normed = hooks.norm(Norm::Input(li), &xhat, normed);
             let normed = hooks.block_input(li, Block::Attn, normed);
             let attn = self.attention(li, layer, &normed, (&cos, &sin), &mask, cache.as_deref_mut(), hooks)?;
+            // Not `x += …`: tch's AddAssign is in place and breaks autograd.
             x = x + attn;
             let (xhat, normed) = layer.post_attention_layernorm.forward(&x);
             let normed = hooks.norm(Norm::PostAttention(li), &xhat, normed);

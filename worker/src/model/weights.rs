@@ -178,7 +178,7 @@ impl WeightFiles {
         let t = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &strides, kind, Device::Cpu)? };
         // Files whose header is not padded to 8 bytes leave data misaligned:
         // hand out an aligned copy rather than a view then.
-        if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(kind.elt_size_in_bytes()) {
             return Ok(t.copy());
         }
         Ok(t)
