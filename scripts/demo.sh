@@ -9,10 +9,8 @@
 #   RLHF_DEMO_PORT coordinator port (default 50051)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RLHF_VENV=${RLHF_VENV:-$HOME/.cache/rlhfd/venv}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/rlhfd/target}
+. scripts/env.sh --cache
 ./scripts/setup.sh
-. scripts/env.sh
 DIR=${RLHF_DEMO_DIR:-runs/demo-cluster}
 PORT=${RLHF_DEMO_PORT:-50051}
 export RLHF_COORDINATOR=http://127.0.0.1:$PORT

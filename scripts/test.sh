@@ -3,10 +3,8 @@
 # under ~/.cache/rlhfd so repeated runs (and CI on the same machine) reuse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RLHF_VENV=${RLHF_VENV:-$HOME/.cache/rlhfd/venv}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/rlhfd/target}
+. scripts/env.sh --cache
 ./scripts/setup.sh
-. scripts/env.sh
 
 # The interop tests load rlhfd's adapters in Hugging Face peft.
 if ! "$RLHF_PY" -c 'import transformers, peft' 2>/dev/null; then

@@ -11,7 +11,7 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::optim::{AdamW, Schedule};
-use super::setup::{encode_pair, load_base, positions, right_padded, task_data, Loaded};
+use super::setup::{encode_pair, hidden_at, load_base, positions, right_padded, task_data, Loaded};
 use super::stage::{Ctx, Outcome};
 use crate::data::{self, PreferencePair, Shuffler};
 use crate::error::{Error, Result};
@@ -57,11 +57,7 @@ pub fn score(pm: &PeftModel, head: &Head, seqs: &[Vec<i64>], pad: i64) -> Result
     let (ids, _) = right_padded(seqs, pad, pm.base.device);
     let hidden = pm.forward(&ids, &positions(&ids), Mask::Causal, None)?;
     let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1).collect();
-    let last = Tensor::from_slice(&last).to_device(pm.base.device);
-    let b = seqs.len() as i64;
-    let h = hidden.size()[2];
-    let idx = last.view([b, 1, 1]).expand([b, 1, h], false);
-    Ok(head.forward(&hidden.gather(1, &idx, false).squeeze_dim(1)))
+    Ok(head.forward(&hidden_at(&hidden, &last)))
 }
 
 /// Loads a reward model directory onto `pm` as adapter `name`; returns its head.

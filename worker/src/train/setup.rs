@@ -84,6 +84,13 @@ pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Ten
     )
 }
 
+/// Row `i`'s hidden state at position `pos[i]`: `[b, T, h]` → `[b, h]`.
+pub fn hidden_at(hidden: &Tensor, pos: &[i64]) -> Tensor {
+    let (b, h) = (hidden.size()[0], hidden.size()[2]);
+    let idx = Tensor::from_slice(pos).to_device(hidden.device()).view([b, 1, 1]).expand([b, 1, h], false);
+    hidden.gather(1, &idx, false).squeeze_dim(1)
+}
+
 /// Positions 0..T for every row.
 pub fn positions(ids: &Tensor) -> Tensor {
     let (b, t) = (ids.size()[0], ids.size()[1]);

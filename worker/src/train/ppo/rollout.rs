@@ -86,10 +86,7 @@ impl Batch {
         let m = attention_mask(&self.attn, l);
         let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
         let last: Vec<i64> = self.lens.iter().map(|&n| self.prompt_width + n as i64 - 1).collect();
-        let b = self.rows();
-        let h = hidden.size()[2];
-        let idx = Tensor::from_slice(&last).to_device(hidden.device()).view([b, 1, 1]).expand([b, 1, h], false);
-        Ok(hidden.gather(1, &idx, false).squeeze_dim(1))
+        Ok(crate::train::setup::hidden_at(&hidden, &last))
     }
 }
 
