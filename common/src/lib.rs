@@ -1,6 +1,7 @@
 //! rlhf-common: what every rlhfd crate shares — typed ids, the job file
 //! schema with its validation, and telemetry.
 
+pub mod collective;
 pub mod ids;
 pub mod spec;
 pub mod telemetry;

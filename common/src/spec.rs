@@ -475,7 +475,7 @@ impl Default for CheckpointSpec {
 }
 
 /// Which worker runs which role (used by the coordinator). Empty = all on one.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementSpec {
     #[serde(default)]
@@ -486,6 +486,30 @@ pub struct PlacementSpec {
     pub critic: Option<String>,
     #[serde(default)]
     pub trainer: Option<String>,
+    /// Data parallel: run the job on this many workers, each on a slice of
+    /// every batch, with adapter gradients summed across them (sft,
+    /// reward, pretrain). 1: one worker.
+    #[serde(default = "one")]
+    pub data_parallel: usize,
+    /// How gradients are summed: `auto` (NCCL when every rank is on a GPU,
+    /// else through the coordinator), `coordinator`, or `nccl`.
+    #[serde(default)]
+    pub collective: CollectiveSpec,
+}
+
+impl Default for PlacementSpec {
+    fn default() -> Self {
+        Self { rollout: Vec::new(), reward: None, critic: None, trainer: None, data_parallel: 1, collective: CollectiveSpec::Auto }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveSpec {
+    #[default]
+    Auto,
+    Coordinator,
+    Nccl,
 }
 
 /// One stage of a pipeline: a kind plus the sections it needs; missing
@@ -581,6 +605,7 @@ impl JobSpec {
         if self.version != 1 {
             return err("version", format!("must be 1, got {}", self.version));
         }
+        self.validate_data_parallel()?;
         if self.kind == JobKind::Pipeline {
             if self.stages.is_empty() {
                 return err("stage", "a pipeline needs at least one [[stage]]");
@@ -613,6 +638,24 @@ impl JobSpec {
         }
         self.validate_single(self.kind == JobKind::Pretrain, false)?;
         self.validate_model(self.kind == JobKind::Pretrain)
+    }
+
+    fn validate_data_parallel(&self) -> Result<(), SpecError> {
+        let n = self.placement.data_parallel;
+        if n == 0 {
+            return err("placement.data_parallel", "must be at least 1");
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain) {
+            return err("placement.data_parallel", format!("data parallel runs sft, reward and pretrain jobs, not {}", self.kind.name()));
+        }
+        let batch = self.train.as_ref().map_or(TrainSpec::default().batch_size, |t| t.batch_size);
+        if batch < n {
+            return err("train.batch_size", format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"));
+        }
+        Ok(())
     }
 
     fn validate_model(&self, pretrain_first: bool) -> Result<(), SpecError> {

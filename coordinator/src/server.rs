@@ -13,6 +13,10 @@ use tokio_stream::StreamExt;
 use crate::scheduler::{Config, Handle};
 use crate::service::{Jobs, Workers};
 
+/// Largest worker message: a data-parallel part carries a whole adapter's
+/// gradients (tens of MB for LoRA on a 0.5B model), above tonic's 4 MiB default.
+pub const MAX_MESSAGE: usize = 1 << 30;
+
 pub struct Options {
     pub data_dir: PathBuf,
     pub lease: Duration,
@@ -51,7 +55,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(JobServiceServer::new(Jobs { sched: sched.clone() }))
-        .add_service(WorkerServiceServer::new(Workers::new(sched)))
+        .add_service(WorkerServiceServer::new(Workers::new(sched)).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

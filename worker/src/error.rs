@@ -28,6 +28,8 @@ pub enum Error {
     DataLine { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
+    #[error("data parallel: {0}")]
+    Collective(String),
     #[error("cancelled")]
     Cancelled,
     #[error("invalid argument: {0}")]

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod peft;

@@ -110,3 +110,42 @@ fn relative_paths_resolve_against_the_job_file() {
     assert_eq!(spec.model.path.as_deref(), Some(std::path::Path::new("/jobs/models/tiny")));
     assert_eq!(spec.data.unwrap().train.unwrap(), std::path::PathBuf::from("/jobs/data/train.json"));
 }
+
+const SFT_DP: &str = r#"
+version = 1
+kind = "sft"
+
+[model]
+path = "models/tiny"
+
+[peft]
+method = "lora"
+
+[data]
+task = "eprstmt"
+train = "data/train.json"
+
+[train]
+batch_size = 4
+
+[placement]
+data_parallel = 2
+collective = "coordinator"
+"#;
+
+#[test]
+fn data_parallel_parses_and_names_bad_fields() {
+    let spec = JobSpec::from_toml(SFT_DP).unwrap();
+    assert_eq!((spec.placement.data_parallel, spec.placement.collective), (2, CollectiveSpec::Coordinator));
+    assert_eq!(JobSpec::from_toml(PPO).unwrap().placement.data_parallel, 1);
+    let cases = [
+        ("data_parallel = 2", "data_parallel = 0", "placement.data_parallel: must be at least 1"),
+        ("data_parallel = 2", "data_parallel = 5", "train.batch_size: must be at least placement.data_parallel (5)"),
+        ("kind = \"sft\"", "kind = \"eval\"", "placement.data_parallel: data parallel runs sft, reward and pretrain jobs, not eval"),
+        ("\"coordinator\"", "\"mpi\"", "unknown variant `mpi`"),
+    ];
+    for (from, to, want) in cases {
+        let e = JobSpec::from_toml(&SFT_DP.replace(from, to)).unwrap_err().to_string();
+        assert!(e.contains(want), "{to}: {e}");
+    }
+}

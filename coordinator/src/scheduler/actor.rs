@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use rlhf_common::spec::{JobKind, JobSpec};
 use rlhf_common::JobId;
-use rlhf_proto::{coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, RoleReply};
+use rlhf_proto::{coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, RankJob, Register, RoleReply};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
+use super::groups::{Groups, Reply};
 use super::{Command, Config, WorkerTx};
 use crate::error::{Error, Result};
 use crate::state::JobState;
@@ -58,13 +59,15 @@ pub(super) struct Scheduler {
     started: Instant,
     /// job → the worker hosting its reward/critic roles.
     roles: BTreeMap<String, String>,
-    /// job → role-call payload bytes relayed.
+    /// job → role-call and collective payload bytes relayed.
     relayed: BTreeMap<String, u64>,
+    /// Data-parallel jobs: the worker of each rank, the round in flight.
+    groups: Groups,
 }
 
 impl Scheduler {
     pub(super) fn new(store: Store, cfg: Config, updates: broadcast::Sender<JobRow>) -> Self {
-        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now(), roles: BTreeMap::new(), relayed: BTreeMap::new() }
+        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now(), roles: BTreeMap::new(), relayed: BTreeMap::new(), groups: Groups::default() }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -192,12 +195,19 @@ impl Scheduler {
             hosting: BTreeSet::new(),
         };
         self.workers.insert(id.clone(), slot);
-        self.reconcile(&id, &reg.running_jobs, &reg.role_jobs);
+        self.reconcile(&id, &reg.running_jobs, &reg.role_jobs, &reg.rank_jobs);
     }
 
     /// Makes the store and a worker agree on what it runs: jobs it no longer
     /// runs go back to the queue; jobs it runs that ended here are cancelled.
-    fn reconcile(&mut self, worker: &str, reported: &[String], hosted: &[String]) {
+    fn reconcile(&mut self, worker: &str, reported: &[String], hosted: &[String], ranks: &[RankJob]) {
+        // Data-parallel ranks here: learn those of running jobs back (after a restart).
+        for r in ranks {
+            let live = matches!(self.store.job(&r.job_id), Ok(Some(JobRow { state: JobState::Running { .. }, .. })));
+            if live {
+                self.groups.learn(&r.job_id, worker, r.rank as usize, r.world as usize);
+            }
+        }
         // Roles hosted here: keep those of running jobs, release the rest.
         let mut hosting = BTreeSet::new();
         for id in hosted {
@@ -252,6 +262,9 @@ impl Scheduler {
                 Some(JobState::Running { worker: w }) if w == worker => {
                     running.insert(id.clone());
                 }
+                Some(JobState::Running { .. }) if self.groups.rank_of(id, worker).is_some() => {
+                    running.insert(id.clone());
+                }
                 _ => {
                     self.send_to(worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.clone() }));
                     running.insert(id.clone()); // busy until it stops
@@ -278,7 +291,7 @@ impl Scheduler {
         slot.last_seen_ms = crate::store::now_ms();
         match msg {
             worker_message::Msg::Register(_) => {}
-            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs, &hb.role_jobs),
+            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs, &hb.role_jobs, &hb.rank_jobs),
             worker_message::Msg::RoleCall(call) => {
                 let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
@@ -296,6 +309,15 @@ impl Scheduler {
                     self.send_to(&trainer, coordinator_message::Msg::RoleReply(reply));
                 }
             }
+            worker_message::Msg::Collective(part) => {
+                let bytes = part.tensors.iter().map(|t| t.f32.len() as u64 * 4).sum::<u64>() + part.payload.len() as u64;
+                *self.relayed.entry(part.job_id.clone()).or_default() += bytes;
+                if let Reply::Send(to, result) = self.groups.contribute(worker, part) {
+                    for w in to {
+                        self.send_to(&w, coordinator_message::Msg::CollectiveResult(result.clone()));
+                    }
+                }
+            }
             worker_message::Msg::Progress(p) => {
                 let Some(progress) = p.progress else { return };
                 let json = serde_json::json!({ "stage": progress.stage, "step": progress.step, "total": progress.total, "metrics_json": progress.metrics_json }).to_string();
@@ -311,6 +333,12 @@ impl Scheduler {
                 }
                 let Ok(Some(job)) = self.store.job(&r.job_id) else { return };
                 if !matches!(&job.state, JobState::Running { worker: w } if w == worker) {
+                    // Another rank of a data-parallel job: its failure fails the job.
+                    if let (Some(rank), false) = (self.groups.rank_of(&r.job_id, worker), r.ok || r.cancelled) {
+                        let reason = format!("rank {rank} (worker {worker}): {}", r.reason);
+                        self.move_job(&r.job_id, JobState::Failed { reason: reason.clone() }, &reason);
+                        self.release_roles(&r.job_id);
+                    }
                     return; // cancelled or reassigned meanwhile
                 }
                 let next = if r.ok {
@@ -321,7 +349,7 @@ impl Scheduler {
                     JobState::Failed { reason: r.reason.clone() }
                 };
                 let relayed = self.relayed.remove(&r.job_id).unwrap_or(0);
-                let note = if relayed > 0 { format!("reported by worker {worker}; {relayed} role-call bytes relayed") } else { format!("reported by worker {worker}") };
+                let note = if relayed > 0 { format!("reported by worker {worker}; {relayed} payload bytes relayed") } else { format!("reported by worker {worker}") };
                 self.move_job(&r.job_id, next, &note);
                 self.release_roles(&r.job_id);
             }
@@ -367,6 +395,13 @@ impl Scheduler {
                 self.release_roles(&j.id);
             }
         }
+        // Data-parallel jobs it ran a rank of: stop the other ranks, start over.
+        for job in self.groups.jobs_of(worker) {
+            if let Ok(Some(JobRow { state: JobState::Running { .. }, .. })) = self.store.job(&job) {
+                self.move_job(&job, JobState::Queued, &format!("{message} (it ran a data-parallel rank)"));
+            }
+            self.release_roles(&job);
+        }
         // Jobs whose roles it hosted: stop their trainers and start over.
         let hosted: Vec<String> = self.roles.iter().filter(|(_, w)| *w == worker).map(|(j, _)| j.clone()).collect();
         for job in hosted {
@@ -381,8 +416,13 @@ impl Scheduler {
         }
     }
 
-    /// Frees the worker hosting a job's roles.
+    /// Frees the workers helping a job: its roles' host and its other
+    /// data-parallel ranks (each is told to stop; a rank stays busy until
+    /// it reports that it stopped).
     fn release_roles(&mut self, job: &str) {
+        for w in self.groups.remove(job) {
+            self.send_to(&w, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
+        }
         if let Some(host) = self.roles.remove(job) {
             self.send_to(&host, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
             if let Some(slot) = self.workers.get_mut(&host) {
@@ -401,6 +441,10 @@ impl Scheduler {
         let queued: Vec<JobRow> = self.store.jobs_in("queued").unwrap_or_default();
         for job in queued {
             let Ok(spec) = JobSpec::from_toml(&job.spec_toml) else { continue };
+            if spec.placement.data_parallel > 1 {
+                self.dispatch_ranks(&job, &spec);
+                continue;
+            }
             let p = &spec.placement;
             let mut trainer_names: Vec<String> = p.trainer.iter().cloned().collect();
             trainer_names.extend(p.rollout.iter().cloned());
@@ -436,6 +480,8 @@ impl Scheduler {
                 spec_toml: job.spec_toml.clone(),
                 output_dir: out,
                 remote_roles: host.is_some(),
+                rank: 0,
+                world: 1,
             });
             if self.send_to(&trainer, msg) {
                 if let Some(slot) = self.workers.get_mut(&trainer) {
@@ -451,6 +497,46 @@ impl Scheduler {
                 self.release_roles(&job.id);
             }
         }
+    }
+
+    /// Starts a data-parallel job once `data_parallel` workers are idle:
+    /// rank 0 (the `placement.trainer` worker when named) writes the job's
+    /// files and reports for it; every rank sums through [`Groups`].
+    fn dispatch_ranks(&mut self, job: &JobRow, spec: &JobSpec) {
+        let n = spec.placement.data_parallel;
+        let mut idle: Vec<String> = self.workers.iter().filter(|(_, s)| s.idle()).map(|(id, _)| id.clone()).collect();
+        if let Some(name) = &spec.placement.trainer {
+            let Some(i) = idle.iter().position(|id| &self.workers[id].name == name) else { return };
+            let first = idle.remove(i);
+            idle.insert(0, first);
+        }
+        if idle.len() < n {
+            return; // waits for enough idle workers
+        }
+        idle.truncate(n);
+        let out = self.cfg.data_dir.join("jobs").join(&job.id).display().to_string();
+        for (rank, w) in idle.iter().enumerate() {
+            let msg = coordinator_message::Msg::Assign(AssignTask {
+                job_id: job.id.clone(),
+                spec_toml: job.spec_toml.clone(),
+                output_dir: out.clone(),
+                remote_roles: false,
+                rank: rank as u32,
+                world: n as u32,
+            });
+            if !self.send_to(w, msg) {
+                for sent in &idle[..rank] {
+                    self.send_to(sent, coordinator_message::Msg::Cancel(CancelTask { job_id: job.id.clone() }));
+                }
+                return;
+            }
+            if let Some(slot) = self.workers.get_mut(w) {
+                slot.running.insert(job.id.clone());
+            }
+        }
+        self.groups.create(&job.id, &idle);
+        let ranks: Vec<String> = idle.iter().enumerate().map(|(r, id)| format!("rank {r} on worker {} ({id})", self.workers[id].name)).collect();
+        self.move_job(&job.id, JobState::Running { worker: idle[0].clone() }, &format!("data parallel: {}", ranks.join(", ")));
     }
 
     fn worker_infos(&self) -> Vec<WorkerInfo> {

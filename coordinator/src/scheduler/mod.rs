@@ -5,6 +5,7 @@
 //! reconciles what workers say they run with what the store says.
 
 mod actor;
+mod groups;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -29,6 +29,7 @@ pub struct Options {
     pub heartbeat: Duration,
 }
 
+mod collective;
 mod roles;
 pub mod wire;
 
@@ -41,6 +42,10 @@ struct State {
     role_hosts: HashMap<String, std::sync::mpsc::Sender<RoleCall>>,
     /// Trainer jobs here that wait for role replies.
     role_replies: HashMap<String, std::sync::mpsc::Sender<RoleReply>>,
+    /// Data-parallel jobs here: their rank, world and result channel.
+    ranks: HashMap<String, (RankJob, std::sync::mpsc::Sender<CollectiveResult>)>,
+    /// Each rank's unanswered collective part, sent again after a reconnect.
+    outstanding: HashMap<String, WorkerMessage>,
 }
 
 type Running = Arc<Mutex<State>>;
@@ -51,6 +56,10 @@ fn running_ids(running: &Running) -> Vec<String> {
 
 fn role_ids(running: &Running) -> Vec<String> {
     running.lock().map(|m| m.role_hosts.keys().cloned().collect()).unwrap_or_default()
+}
+
+fn rank_jobs(running: &Running) -> Vec<RankJob> {
+    running.lock().map(|m| m.ranks.values().map(|(r, _)| r.clone()).collect()).unwrap_or_default()
 }
 
 /// The text of a caught panic.
@@ -81,7 +90,8 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
     info!(worker = %worker_id, name = %opts.name, device = %opts.device_name, "worker starting");
     loop {
         let mut client = match WorkerServiceClient::connect(opts.coordinator.clone()).await {
-            Ok(c) => c,
+            // Data-parallel parts carry whole adapter gradients (see the coordinator's MAX_MESSAGE).
+            Ok(c) => c.max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30),
             Err(e) => {
                 warn!(coordinator = %opts.coordinator, error = %e, "cannot reach coordinator; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -96,8 +106,13 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             memory_bytes: memory_bytes(),
             running_jobs: running_ids(&running),
             role_jobs: role_ids(&running),
+            rank_jobs: rank_jobs(&running),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
+        let unanswered: Vec<WorkerMessage> = running.lock().map(|m| m.outstanding.values().cloned().collect()).unwrap_or_default();
+        for m in unanswered {
+            let _ = tx.send(m).await;
+        }
         let mut inbound = match client.session(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
@@ -117,7 +132,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = hb.tick() => {
-                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running), role_jobs: role_ids(&running) })) };
+                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running), role_jobs: role_ids(&running), rank_jobs: rank_jobs(&running) })) };
                     if tx.send(m).await.is_err() { break; }
                 }
                 ev = events_rx.recv() => {
@@ -172,6 +187,11 @@ fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mps
                 let _ = tx.send(reply);
             }
         }
+        Some(coordinator_message::Msg::CollectiveResult(r)) => {
+            if let Some(tx) = running.lock().ok().and_then(|st| st.ranks.get(&r.job_id).map(|(_, tx)| tx.clone())) {
+                let _ = tx.send(r);
+            }
+        }
         None => {}
     }
 }
@@ -194,6 +214,14 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
     } else {
         None
     };
+    let (rank, world) = (a.rank as usize, a.world.max(1) as usize);
+    let relay = (world > 1).then(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut m) = running.lock() {
+            m.ranks.insert(a.job_id.clone(), (RankJob { job_id: a.job_id.clone(), rank: a.rank, world: world as u32 }, tx));
+        }
+        collective::Relay::new(a.job_id.clone(), (rank, world), events.clone(), rx, cancel.clone(), running.clone())
+    });
     let (running_t, events_t) = (running.clone(), events.clone());
     let job_id = a.job_id.clone();
     let thread_name = format!("job-{}", &a.job_id);
@@ -203,22 +231,26 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         info!(job_id = %job_id, out = %a.output_dir, "job starting");
         let progress_tx = events.clone();
         let progress_id = job_id.clone();
-        let hooks = RunHooks {
+        let mut hooks = RunHooks {
             roles: remote.map(|r| Box::new(r) as Box<dyn crate::train::ppo::trainer::RemoteRoles>),
             cancel: Some(cancel.clone()),
-            on_record: Some(Box::new(move |step, total, rec| {
+            dist: None,
+            // Only rank 0 reports progress: its records are the job's.
+            on_record: (rank == 0).then_some(Box::new(move |step: usize, total: usize, rec: &serde_json::Map<String, serde_json::Value>| {
                 let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
                 let p = Progress { stage, step: step as u64, total: total as u64, metrics_json: serde_json::Value::Object(rec.clone()).to_string() };
                 let _ = progress_tx.send(WorkerMessage {
                     msg: Some(worker_message::Msg::Progress(TaskProgress { job_id: progress_id.clone(), progress: Some(p) })),
                 });
-            })),
+            }) as Box<dyn FnMut(usize, usize, &serde_json::Map<String, serde_json::Value>) + Send>),
         };
         // A panic inside torch (a shape the checks missed) fails the job, not the worker.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            JobSpec::from_toml(&a.spec_toml)
-                .map_err(|e| anyhow::anyhow!("job spec: {e}"))
-                .and_then(|spec| run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from))
+            let spec = JobSpec::from_toml(&a.spec_toml).map_err(|e| anyhow::anyhow!("job spec: {e}"))?;
+            if let Some(relay) = relay {
+                hooks.dist = Some(collective::connect(relay, spec.placement.collective, device)?);
+            }
+            run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from)
         }))
         .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_message(&p))));
         let cancelled = cancel.load(Ordering::Relaxed);
@@ -229,6 +261,8 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         if let Ok(mut m) = running.lock() {
             m.jobs.remove(&job_id);
             m.role_replies.remove(&job_id);
+            m.ranks.remove(&job_id);
+            m.outstanding.remove(&job_id);
         }
         info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
         let _ = events.send(WorkerMessage {
@@ -240,6 +274,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         if let Ok(mut m) = running.lock() {
             m.jobs.remove(&failed_id);
             m.role_replies.remove(&failed_id);
+            m.ranks.remove(&failed_id);
         }
         let _ = events.send(WorkerMessage {
             msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false })),

@@ -1,17 +1,21 @@
 //! The supervised loop shared by `pretrain` and `sft`: next-token loss on
 //! marked tokens, AdamW with warmup + cosine, gradient accumulation and
 //! clipping, checkpoints every N steps, and resume from the newest one.
+//! Data parallel: each rank takes every world-th row of each batch and the
+//! ranks sum their gradients before the step (see [`crate::dist`]).
 
 use std::time::Instant;
 
 use rlhf_common::spec::{CheckpointSpec, TrainSpec};
 use serde_json::json;
+use tch::Tensor;
 
 use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
 use super::setup::{lm_loss, right_padded};
 use super::stage::Ctx;
 use crate::data::Shuffler;
+use crate::dist;
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::peft::PeftModel;
@@ -57,6 +61,13 @@ pub fn train(
         tracing::info!(step, dir = %dir.display(), "resuming from checkpoint");
     }
     let device = pm.base.device;
+    let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
+    let params: Vec<Tensor> = opt.params().iter().map(Tensor::shallow_clone).collect();
+    if world > 1 {
+        dist::materialize_grads(&params);
+    }
+    // Targets a row contributes to the loss (the first token predicts nothing).
+    let n_targets = |i: &usize| samples[*i].targets.iter().skip(1).filter(|&&t| t != 0).count();
     let t0 = Instant::now();
     for step in start_step..total {
         let ts = Instant::now();
@@ -64,15 +75,22 @@ pub fn train(
         let mut tokens = 0i64;
         for _ in 0..train.grad_accum {
             let idx = shuffler.next_batch(train.batch_size, samples.len());
+            tokens += idx.iter().map(|&i| samples[i].ids.len() as i64).sum::<i64>();
+            // This rank's rows; its mean loss is weighted by its share of the
+            // batch's targets, so the ranks' losses add up to the batch mean.
+            let all_targets: usize = idx.iter().map(n_targets).sum();
+            let idx = dist::shard(&idx, rank, world);
             let ids: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].ids.clone()).collect();
             let tg: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].targets.clone()).collect();
             let (ids_t, _) = right_padded(&ids, pad, device);
             let (tg_t, _) = right_padded(&tg, 0, device);
-            let (loss, _) = lm_loss(pm, &ids_t, &tg_t)?;
-            (&loss / train.grad_accum as f64).backward();
-            loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
-            tokens += ids.iter().map(|s| s.len() as i64).sum::<i64>();
+            let (loss, n) = lm_loss(pm, &ids_t, &tg_t)?;
+            let share = if world > 1 { n as f64 / all_targets.max(1) as f64 } else { 1.0 };
+            let part = (loss * share) / train.grad_accum as f64;
+            part.backward();
+            loss_sum += part.double_value(&[]);
         }
+        loss_sum = dist::sync_grads(ctx.dist, &params, &[loss_sum])?[0];
         let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
         let lr = sched.lr(step);
         opt.step(lr);
@@ -84,12 +102,12 @@ pub fn train(
             "grad_norm" => grad_norm,
             "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
         };
-        if (train.eval_every > 0 && done % train.eval_every == 0) || done == total {
+        if ((train.eval_every > 0 && done % train.eval_every == 0) || done == total) && rank == 0 {
             let acc = tch::no_grad(|| eval(pm))?;
             rec.insert("eval_accuracy".into(), json!(acc));
         }
         ctx.metrics.log(done, total, rec)?;
-        if ck.every > 0 && done % ck.every == 0 && done < total {
+        if ck.every > 0 && done % ck.every == 0 && done < total && ctx.writes() {
             let a = pm.adapter(adapter)?;
             let state = json!({ "step": done, "shuffler": shuffler });
             let c = Checkpoint { adapters: vec![(adapter, a)], tensors: Vec::new(), optimizers: vec![(adapter, &opt)], state };

@@ -33,6 +33,8 @@ pub struct RunHooks {
     pub on_record: Option<Box<dyn FnMut(usize, usize, &Map<String, Value>) + Send>>,
     /// A PPO job's reward and critic roles on another worker.
     pub roles: Option<Box<dyn crate::train::ppo::trainer::RemoteRoles>>,
+    /// This worker is one rank of a data-parallel job.
+    pub dist: Option<Box<dyn crate::dist::Collective>>,
 }
 
 impl Metrics {

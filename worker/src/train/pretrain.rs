@@ -52,9 +52,11 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let train = job.train.clone().unwrap_or_default();
     let mut no_eval = |_: &crate::peft::PeftModel| Ok(f64::NAN);
     let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut no_eval)?;
-    l.pm.merge(ADAPTER)?;
     let dir = ctx.out.join("model");
-    save_model(&l.pm.base, &dir, Some(&l.model_dir.join("tokenizer.json")))?;
+    if ctx.writes() {
+        l.pm.merge(ADAPTER)?;
+        save_model(&l.pm.base, &dir, Some(&l.model_dir.join("tokenizer.json")))?;
+    }
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "pretrain".into()),
         kind: "pretrain".into(),

@@ -14,6 +14,7 @@ use super::optim::{AdamW, Schedule};
 use super::setup::{encode_pair, hidden_at, load_base, positions, right_padded, task_data, Loaded};
 use super::stage::{Ctx, Outcome};
 use crate::data::{self, PreferencePair, Shuffler};
+use crate::dist;
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::model::{Mask, WeightFiles};
@@ -150,6 +151,11 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let per_step = train.batch_size * train.grad_accum;
     let total = train.max_steps.unwrap_or(train.epochs * train_enc.len().div_ceil(per_step).max(1));
     let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
+    let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
+    if world > 1 {
+        dist::materialize_grads(&params);
+    }
+    let synced: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
     let mut opt = AdamW::new(params, train.weight_decay);
     let mut shuffler = Shuffler::new(job.seed);
     let t0 = Instant::now();
@@ -158,18 +164,26 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0usize);
         for _ in 0..train.grad_accum {
             let idx = shuffler.next_batch(train.batch_size, train_enc.len());
-            let chunk: Vec<&Encoded> = idx.iter().map(|&i| &train_enc[i]).collect();
+            tokens += idx.iter().map(|&i| train_enc[i].chosen.len() + train_enc[i].rejected.len()).sum::<usize>();
+            // This rank's pairs; their loss is a sum over the whole batch's pair count.
+            let batch_pairs = idx.len() as f64;
+            let chunk: Vec<&Encoded> = dist::shard(&idx, rank, world).into_iter().map(|i| &train_enc[i]).collect();
             let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
-            tokens += seqs.iter().map(Vec::len).sum::<usize>();
             let r = score(&l.pm, &head, &seqs, pad)?;
             let n = chunk.len() as i64;
             let margin = Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(ctx.device);
             let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
-            let loss = -diff.log_sigmoid().mean(Kind::Float);
+            let (loss, acc) = if world > 1 {
+                (-diff.log_sigmoid().sum(Kind::Float) / batch_pairs, diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs)
+            } else {
+                (-diff.log_sigmoid().mean(Kind::Float), diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))
+            };
             (&loss / train.grad_accum as f64).backward();
             loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
-            acc_sum += diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]) / train.grad_accum as f64;
+            acc_sum += acc.double_value(&[]) / train.grad_accum as f64;
         }
+        let summed = dist::sync_grads(ctx.dist, &synced, &[loss_sum, acc_sum])?;
+        let (loss_sum, acc_sum) = (summed[0], summed[1]);
         let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
         let lr = sched.lr(step);
         opt.step(lr);
@@ -179,14 +193,14 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             "loss" => loss_sum, "train_accuracy" => acc_sum, "lr" => lr, "grad_norm" => grad_norm,
             "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
         };
-        if (train.eval_every > 0 && done % train.eval_every == 0) || done == total {
+        if ((train.eval_every > 0 && done % train.eval_every == 0) || done == total) && rank == 0 {
             rec.insert("accuracy".into(), json!(accuracy(&l.pm, &head, &eval_enc, pad)?));
         }
         ctx.metrics.log(done, total, rec)?;
     }
     let secs = t0.elapsed().as_secs_f64();
     // Demonstrations (chosen responses) should score 0 on average.
-    let offset = tch::no_grad(|| -> Result<f64> {
+    let offset = if !ctx.writes() { f64::NAN } else { tch::no_grad(|| -> Result<f64> {
         let mut sum = 0.0;
         for chunk in train_enc.chunks(16) {
             let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
@@ -195,11 +209,15 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         let mean = sum / train_enc.len() as f64;
         let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
         Ok(mean)
-    })?;
+    })? };
     let dir: PathBuf = ctx.out.join("reward_model");
-    peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
-    head.save(&dir.join(HEAD_FILE))?;
-    let acc = accuracy(&l.pm, &head, &eval_enc, pad)?;
+    let acc = if ctx.writes() {
+        peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
+        head.save(&dir.join(HEAD_FILE))?;
+        accuracy(&l.pm, &head, &eval_enc, pad)?
+    } else {
+        f64::NAN
+    };
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "reward".into()),
         kind: "reward".into(),

@@ -11,11 +11,12 @@ use tch::Device;
 use super::metrics::{Metrics, RunHooks};
 use super::stage::{Ctx, Outcome};
 use super::{evaluate, ppo, pretrain, report, reward, sft};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 
 /// Runs one single-kind job into `out`.
 pub fn run_stage(job: &JobSpec, out: &Path, device: Device, metrics: &mut Metrics) -> Result<Outcome> {
-    run_stage_with(job, out, device, metrics, None)
+    run_stage_with(job, out, device, metrics, None, &mut Single)
 }
 
 fn run_stage_with(
@@ -24,10 +25,11 @@ fn run_stage_with(
     device: Device,
     metrics: &mut Metrics,
     roles: Option<&mut (dyn ppo::trainer::RemoteRoles + 'static)>,
+    dist: &mut dyn Collective,
 ) -> Result<Outcome> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     metrics.set_tag("stage", job.name.clone().unwrap_or_else(|| job.kind.name().to_string()));
-    let mut ctx = Ctx { out, device, metrics };
+    let mut ctx = Ctx { out, device, metrics, dist };
     let outcome = match job.kind {
         JobKind::Pretrain => pretrain::run(job, &mut ctx)?,
         JobKind::Sft => sft::run(job, &mut ctx)?,
@@ -36,7 +38,9 @@ fn run_stage_with(
         JobKind::Eval => evaluate::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
     };
-    outcome.write(out)?;
+    if ctx.writes() {
+        outcome.write(out)?;
+    }
     Ok(outcome)
 }
 
@@ -96,17 +100,29 @@ pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>
     run_job_with(job, out, device, RunHooks::default())
 }
 
-/// [`run_job`] with progress and cancellation hooks.
+/// [`run_job`] with progress and cancellation hooks. As rank r > 0 of a
+/// data-parallel job (`hooks.dist`), it reads checkpoints from `out` but
+/// writes only its own `metrics-rank<r>.jsonl` there.
 pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
     let mut roles = hooks.roles.take();
+    let mut dist: Box<dyn Collective> = hooks.dist.take().unwrap_or_else(|| Box::new(Single));
+    if dist.world() > 1 && matches!(job.kind, JobKind::Pipeline | JobKind::Ppo | JobKind::Eval) {
+        return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
+    }
+    let rank = dist.rank();
     let has_ppo = job.kind == JobKind::Ppo || job.stages.iter().any(|s| s.kind == JobKind::Ppo);
     if roles.is_some() && !has_ppo {
         return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo stage; this {} job has none", job.kind.name())));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let job_file = out.join("job.toml");
-    std::fs::write(&job_file, job.to_toml()).map_err(|e| Error::io(&job_file, e))?;
-    let mut metrics = Metrics::open(&out.join("metrics.jsonl"))?.with_hooks(hooks);
+    let metrics_file = if rank == 0 {
+        let job_file = out.join("job.toml");
+        std::fs::write(&job_file, job.to_toml()).map_err(|e| Error::io(&job_file, e))?;
+        out.join("metrics.jsonl")
+    } else {
+        out.join(format!("metrics-rank{rank}.jsonl"))
+    };
+    let mut metrics = Metrics::open(&metrics_file)?.with_hooks(hooks);
     let outcomes = if job.kind == JobKind::Pipeline {
         let mut produced = Produced::default();
         let mut outcomes = Vec::new();
@@ -120,7 +136,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
                 None => {
                     tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
                     let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
-                    run_stage_with(&sj, &dir, device, &mut metrics, r)?
+                    run_stage_with(&sj, &dir, device, &mut metrics, r, dist.as_mut())?
                 }
             };
             produced.take(&outcome, stage.kind);
@@ -128,7 +144,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
         }
         outcomes
     } else {
-        vec![run_stage_with(job, out, device, &mut metrics, roles.as_deref_mut())?]
+        vec![run_stage_with(job, out, device, &mut metrics, roles.as_deref_mut(), dist.as_mut())?]
     };
     if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) {
         let title = job.name.clone().unwrap_or_else(|| format!("rlhfd {} report", job.kind.name()));

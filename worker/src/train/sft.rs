@@ -42,7 +42,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     };
     let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut eval)?;
     let dir = ctx.out.join("adapter");
-    peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
+    if ctx.writes() {
+        peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
+    }
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "sft".into()),
         kind: "sft".into(),

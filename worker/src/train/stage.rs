@@ -7,12 +7,23 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::metrics::Metrics;
+use crate::dist::Collective;
 
 /// Where a stage runs and writes.
 pub struct Ctx<'a> {
     pub out: &'a Path,
     pub device: Device,
     pub metrics: &'a mut Metrics,
+    /// The job's other data-parallel ranks ([`crate::dist::Single`] alone).
+    pub dist: &'a mut dyn Collective,
+}
+
+impl Ctx<'_> {
+    /// Rank 0 writes the job's files (adapters, checkpoints, outcome);
+    /// the other ranks only read them.
+    pub fn writes(&self) -> bool {
+        self.dist.rank() == 0
+    }
 }
 
 /// One evaluation number: a model variant on a task in a mode.

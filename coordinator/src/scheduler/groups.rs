@@ -1,0 +1,298 @@
+//! Data-parallel groups: which worker runs which rank of a job, and the
+//! collective round in flight. Every rank sends its part of a round; when
+//! all have, the coordinator sums (or gathers) them in rank order and sends
+//! the result to every rank. The last result is kept, so a rank that lost
+//! it in a reconnect asks again and gets it.
+
+use std::collections::BTreeMap;
+
+use rlhf_common::collective::sum_in_rank_order;
+use rlhf_proto::{Collective, CollectiveResult, TensorData};
+
+struct Round {
+    round: u64,
+    op: String,
+    parts: Vec<Option<Collective>>,
+}
+
+struct Group {
+    /// Worker id of each rank (None until known again after a restart).
+    members: Vec<Option<String>>,
+    pending: Option<Round>,
+    last: Option<CollectiveResult>,
+}
+
+/// What to do with a part.
+pub(super) enum Reply {
+    /// The round waits for other ranks.
+    Wait,
+    /// Send `result` to these workers.
+    Send(Vec<String>, CollectiveResult),
+}
+
+#[derive(Default)]
+pub(super) struct Groups {
+    by_job: BTreeMap<String, Group>,
+}
+
+impl Groups {
+    /// A new group: `workers[r]` runs rank r.
+    pub(super) fn create(&mut self, job: &str, workers: &[String]) {
+        let members = workers.iter().cloned().map(Some).collect();
+        self.by_job.insert(
+            job.to_string(),
+            Group {
+                members,
+                pending: None,
+                last: None,
+            },
+        );
+    }
+
+    /// Learns a rank back from a worker's report (after a coordinator
+    /// restart). False when that rank belongs to another worker.
+    pub(super) fn learn(&mut self, job: &str, worker: &str, rank: usize, world: usize) -> bool {
+        if rank >= world {
+            return false;
+        }
+        let g = self.by_job.entry(job.to_string()).or_insert_with(|| Group {
+            members: vec![None; world],
+            pending: None,
+            last: None,
+        });
+        match g.members.get_mut(rank) {
+            Some(slot @ None) => {
+                *slot = Some(worker.to_string());
+                true
+            }
+            Some(Some(w)) => w == worker,
+            None => false,
+        }
+    }
+
+    pub(super) fn rank_of(&self, job: &str, worker: &str) -> Option<usize> {
+        self.by_job
+            .get(job)?
+            .members
+            .iter()
+            .position(|m| m.as_deref() == Some(worker))
+    }
+
+    /// Jobs with a rank on `worker`.
+    pub(super) fn jobs_of(&self, worker: &str) -> Vec<String> {
+        self.by_job
+            .iter()
+            .filter(|(_, g)| g.members.iter().any(|m| m.as_deref() == Some(worker)))
+            .map(|(j, _)| j.clone())
+            .collect()
+    }
+
+    /// Forgets a job's group; returns its workers.
+    pub(super) fn remove(&mut self, job: &str) -> Vec<String> {
+        self.by_job
+            .remove(job)
+            .map(|g| g.members.into_iter().flatten().collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes `worker`'s part of a round.
+    pub(super) fn contribute(&mut self, worker: &str, part: Collective) -> Reply {
+        let fail = |to: Vec<String>, part: &Collective, error: String| {
+            Reply::Send(
+                to,
+                CollectiveResult {
+                    job_id: part.job_id.clone(),
+                    round: part.round,
+                    error,
+                    tensors: Vec::new(),
+                    payloads: Vec::new(),
+                },
+            )
+        };
+        let me = vec![worker.to_string()];
+        let Some(g) = self.by_job.get_mut(&part.job_id) else {
+            return fail(
+                me,
+                &part,
+                format!(
+                    "job {} has no data-parallel group on this coordinator",
+                    part.job_id
+                ),
+            );
+        };
+        let (rank, world) = (part.rank as usize, part.world as usize);
+        if world != g.members.len() || rank >= world {
+            return fail(
+                me,
+                &part,
+                format!(
+                    "rank {rank} of {world}: the group has {} ranks",
+                    g.members.len()
+                ),
+            );
+        }
+        match &g.members[rank] {
+            Some(w) if w != worker => {
+                return fail(me, &part, format!("rank {rank} belongs to worker {w}"))
+            }
+            Some(_) => {}
+            None => g.members[rank] = Some(worker.to_string()),
+        }
+        if let Some(last) = g.last.as_ref().filter(|l| l.round == part.round) {
+            return Reply::Send(me, last.clone()); // asked again after a reconnect
+        }
+        let round = g.pending.get_or_insert_with(|| Round {
+            round: part.round,
+            op: part.op.clone(),
+            parts: vec![None; world],
+        });
+        if part.round < round.round {
+            return Reply::Wait; // a stale repeat
+        }
+        let everyone: Vec<String> = g.members.iter().flatten().cloned().collect();
+        if part.round > round.round || part.op != round.op {
+            let error = format!(
+                "ranks out of step: rank {rank} sent {} round {}, another rank {} round {}",
+                part.op, part.round, round.op, round.round
+            );
+            g.pending = None;
+            return fail(everyone, &part, error);
+        }
+        round.parts[rank] = Some(part);
+        if round.parts.iter().any(Option::is_none) {
+            return Reply::Wait;
+        }
+        let Some(done) = g.pending.take() else {
+            return Reply::Wait;
+        };
+        let parts: Vec<Collective> = done.parts.into_iter().flatten().collect();
+        let mut result = CollectiveResult {
+            job_id: parts[0].job_id.clone(),
+            round: done.round,
+            ..CollectiveResult::default()
+        };
+        match done.op.as_str() {
+            "sum" => match sum_parts(&parts) {
+                Ok(ts) => result.tensors = ts,
+                Err(e) => result.error = e,
+            },
+            "gather" => result.payloads = parts.into_iter().map(|p| p.payload).collect(),
+            other => {
+                result.error = format!("unknown collective {other:?} (expected sum or gather)")
+            }
+        }
+        g.last = Some(result.clone());
+        Reply::Send(everyone, result)
+    }
+}
+
+/// Tensor i of the result is the sum of every rank's tensor i.
+fn sum_parts(parts: &[Collective]) -> Result<Vec<TensorData>, String> {
+    let n = parts[0].tensors.len();
+    if let Some(p) = parts.iter().find(|p| p.tensors.len() != n) {
+        return Err(format!(
+            "rank {} sent {} tensors, rank 0 sent {n}",
+            p.rank,
+            p.tensors.len()
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let values: Vec<&[f32]> = parts.iter().map(|p| p.tensors[i].f32.as_slice()).collect();
+            let t = &parts[0].tensors[i];
+            Ok(TensorData {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                f32: sum_in_rank_order(&values)?,
+                i64: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(rank: u32, round: u64, op: &str, v: &[f32]) -> Collective {
+        let t = TensorData {
+            name: "g".into(),
+            shape: vec![v.len() as i64],
+            f32: v.to_vec(),
+            i64: Vec::new(),
+        };
+        Collective {
+            job_id: "j".into(),
+            round,
+            rank,
+            world: 2,
+            op: op.into(),
+            tensors: vec![t],
+            payload: vec![rank as u8],
+        }
+    }
+
+    fn sent(r: Reply) -> (Vec<String>, CollectiveResult) {
+        match r {
+            Reply::Send(to, res) => (to, res),
+            Reply::Wait => panic!("expected a result"),
+        }
+    }
+
+    #[test]
+    fn a_round_completes_when_every_rank_sent_and_repeats_on_request() {
+        let mut g = Groups::default();
+        g.create("j", &["a".into(), "b".into()]);
+        assert!(matches!(
+            g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])),
+            Reply::Wait
+        ));
+        let (to, r) = sent(g.contribute("a", part(0, 0, "sum", &[0.5, 0.5])));
+        assert_eq!(
+            (to, r.tensors[0].f32.clone(), r.error.as_str()),
+            (vec!["a".to_string(), "b".into()], vec![1.5, 2.5], "")
+        );
+        // Rank 1 lost the result in a reconnect and asks again: only it gets it.
+        let (to, again) = sent(g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])));
+        assert_eq!((to, again), (vec!["b".to_string()], r));
+        assert!(matches!(
+            g.contribute("a", part(0, 1, "gather", &[])),
+            Reply::Wait
+        ));
+        let (_, r) = sent(g.contribute("b", part(1, 1, "gather", &[])));
+        assert_eq!(r.payloads, vec![vec![0u8], vec![1u8]]);
+    }
+
+    #[test]
+    fn strangers_mismatches_and_lost_groups_get_errors() {
+        let mut g = Groups::default();
+        g.create("j", &["a".into(), "b".into()]);
+        assert!(sent(g.contribute("c", part(1, 0, "sum", &[1.0])))
+            .1
+            .error
+            .contains("rank 1 belongs to worker b"));
+        assert!(matches!(
+            g.contribute("a", part(0, 0, "sum", &[1.0])),
+            Reply::Wait
+        ));
+        let (to, r) = sent(g.contribute("b", part(1, 0, "gather", &[])));
+        assert_eq!(to.len(), 2);
+        assert!(r.error.contains("ranks out of step"), "{}", r.error);
+        assert!(matches!(
+            g.contribute("a", part(0, 1, "sum", &[1.0, 2.0])),
+            Reply::Wait
+        ));
+        assert!(sent(g.contribute("b", part(1, 1, "sum", &[1.0])))
+            .1
+            .error
+            .contains("rank 1 sent 1 values, rank 0 sent 2"));
+        assert_eq!(g.remove("j"), vec!["a".to_string(), "b".into()]);
+        assert!(sent(g.contribute("a", part(0, 2, "sum", &[1.0])))
+            .1
+            .error
+            .contains("no data-parallel group"));
+        // After a restart, ranks are learned back from worker reports.
+        assert!(g.learn("j", "b", 1, 2) && g.learn("j", "a", 0, 2) && !g.learn("j", "c", 0, 2));
+        assert_eq!(g.rank_of("j", "b"), Some(1));
+    }
+}

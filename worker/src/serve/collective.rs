@@ -1,0 +1,159 @@
+//! A data-parallel rank's collectives through the coordinator: each call
+//! sends this rank's part and waits for the summed (or gathered) result.
+//! The last unanswered part stays in the daemon's state and is sent again
+//! after a reconnect, so a restarted coordinator completes the round.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rlhf_common::spec::CollectiveSpec;
+use rlhf_proto::{worker_message, Collective as Part, CollectiveResult, TensorData, WorkerMessage};
+use tch::Device;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::Running;
+use crate::dist::{nccl, Collective};
+use crate::error::{Error, Result};
+
+pub(super) struct Relay {
+    job_id: String,
+    rank: usize,
+    world: usize,
+    round: u64,
+    events: UnboundedSender<WorkerMessage>,
+    results: Receiver<CollectiveResult>,
+    cancel: Arc<AtomicBool>,
+    running: Running,
+}
+
+impl Relay {
+    pub(super) fn new(
+        job_id: String,
+        (rank, world): (usize, usize),
+        events: UnboundedSender<WorkerMessage>,
+        results: Receiver<CollectiveResult>,
+        cancel: Arc<AtomicBool>,
+        running: Running,
+    ) -> Self {
+        Self {
+            job_id,
+            rank,
+            world,
+            round: 0,
+            events,
+            results,
+            cancel,
+            running,
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        op: &str,
+        tensors: Vec<TensorData>,
+        payload: Vec<u8>,
+    ) -> Result<CollectiveResult> {
+        let part = Part {
+            job_id: self.job_id.clone(),
+            round: self.round,
+            rank: self.rank as u32,
+            world: self.world as u32,
+            op: op.into(),
+            tensors,
+            payload,
+        };
+        let msg = WorkerMessage {
+            msg: Some(worker_message::Msg::Collective(part)),
+        };
+        if let Ok(mut st) = self.running.lock() {
+            st.outstanding.insert(self.job_id.clone(), msg.clone());
+        }
+        self.events
+            .send(msg)
+            .map_err(|_| Error::Collective("worker is shutting down".into()))?;
+        let r = loop {
+            match self.results.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) if r.round == self.round => break r,
+                Ok(_) => continue, // a repeated result of an earlier round
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Collective("collective results closed".into()))
+                }
+            }
+        };
+        if let Ok(mut st) = self.running.lock() {
+            st.outstanding.remove(&self.job_id);
+        }
+        self.round += 1;
+        if !r.error.is_empty() {
+            return Err(Error::Collective(r.error));
+        }
+        Ok(r)
+    }
+}
+
+impl Collective for Relay {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn sum_f32(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
+        let t = TensorData {
+            name: "sum".into(),
+            shape: vec![v.len() as i64],
+            f32: v,
+            i64: Vec::new(),
+        };
+        let mut r = self.exchange("sum", vec![t], Vec::new())?;
+        r.tensors
+            .pop()
+            .map(|t| t.f32)
+            .ok_or_else(|| Error::Collective("the sum came back empty".into()))
+    }
+    fn gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let r = self.exchange("gather", Vec::new(), bytes)?;
+        if r.payloads.len() != self.world {
+            return Err(Error::Collective(format!(
+                "gathered {} parts for {} ranks",
+                r.payloads.len(),
+                self.world
+            )));
+        }
+        Ok(r.payloads)
+    }
+}
+
+/// The collective a rank uses: the relay, or NCCL over it. `auto` asks
+/// every rank first and picks NCCL only when all of them are on a GPU with
+/// NCCL loadable.
+pub(super) fn connect(
+    relay: Relay,
+    how: CollectiveSpec,
+    device: Device,
+) -> Result<Box<dyn Collective>> {
+    let mut relay = relay;
+    let use_nccl = match how {
+        CollectiveSpec::Coordinator => false,
+        CollectiveSpec::Nccl => true,
+        CollectiveSpec::Auto => {
+            let ready = device.is_cuda() && nccl::available();
+            relay
+                .gather(vec![u8::from(ready)])?
+                .iter()
+                .all(|b| b.first() == Some(&1))
+        }
+    };
+    if use_nccl {
+        Ok(Box::new(nccl::NcclRank::init(Box::new(relay), device)?))
+    } else {
+        Ok(Box::new(relay))
+    }
+}

@@ -1,0 +1,150 @@
+//! Data parallel on CPU, in one process: two ranks (threads summing
+//! through `dist::local`) train the same adapter a single worker trains on
+//! the same global batches and seed. Both split odd batches unevenly, so
+//! the per-rank loss weighting is exercised too.
+
+mod common;
+
+use std::path::Path;
+
+use common::fixtures;
+use rlhf_common::spec::JobSpec;
+use rlhf_worker::dist::{local, Collective};
+use rlhf_worker::model::WeightFiles;
+use rlhf_worker::train::metrics::RunHooks;
+use rlhf_worker::train::run::{run_job, run_job_with};
+use serde_json::Value;
+use tch::Device;
+
+fn job(text: &str) -> JobSpec {
+    let mut j = JobSpec::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    j.resolve_paths(&fixtures());
+    j
+}
+
+const HEAD: &str = r#"version = 1
+seed = 5
+[model]
+path = "tiny-llama"
+max_length = 128
+[peft]
+method = "lora"
+r = 4
+alpha = 8
+target_modules = ["all-linear"]
+"#;
+
+fn sft() -> String {
+    format!(
+        "kind = \"sft\"\n{HEAD}[data]\ntask = \"eprstmt\"\ntrain = \"fewclue/eprstmt/train.json\"\n[train]\nmax_steps = 8\nbatch_size = 5\ngrad_accum = 2\nlr = 3e-3\nwarmup_steps = 2\n"
+    )
+}
+
+fn reward() -> String {
+    format!(
+        "kind = \"reward\"\n{HEAD}[data]\ntask = \"eprstmt\"\nfrom_multiple_choice = true\ntrain = \"fewclue/eprstmt/train.json\"\n[train]\nmax_steps = 24\nbatch_size = 5\nlr = 2e-3\n"
+    )
+}
+
+/// Runs `text` as `world` ranks into `out`; rank 0 writes the job's files.
+fn run_ranks(text: &str, out: &Path, world: usize) {
+    let spec = job(text);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = local::group(world)
+            .into_iter()
+            .map(|rank| {
+                let spec = spec.clone();
+                s.spawn(move || {
+                    let hooks = RunHooks {
+                        dist: Some(Box::new(rank) as Box<dyn Collective>),
+                        ..RunHooks::default()
+                    };
+                    run_job_with(&spec, out, Device::Cpu, hooks)
+                })
+            })
+            .collect();
+        for (r, h) in handles.into_iter().enumerate() {
+            h.join()
+                .expect("rank thread")
+                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+    });
+}
+
+fn losses(dir: &Path, file: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Largest |a - b| over the tensors of two safetensors files (same names).
+fn max_diff(a: &Path, b: &Path) -> f64 {
+    let (fa, fb) = (
+        WeightFiles::open_file(a).unwrap(),
+        WeightFiles::open_file(b).unwrap(),
+    );
+    let names: Vec<String> = fa.names().map(String::from).collect();
+    assert!(!names.is_empty());
+    names
+        .iter()
+        .map(|n| {
+            let (x, y) = (fa.get_any(n).unwrap(), fb.get_any(n).unwrap());
+            assert_eq!(x.size(), y.size(), "{n}");
+            (x - y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn check(text: &str, files: &[&str]) {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run_job(&job(text), one.path(), Device::Cpu).unwrap();
+    run_ranks(text, two.path(), 2);
+    for f in files {
+        let d = max_diff(&one.path().join(f), &two.path().join(f));
+        eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
+        assert!(d < 2e-5, "{f}: 2 ranks differ from 1 worker by {d:e}");
+    }
+    // The ranks log the global loss: the same numbers as one worker.
+    let (l1, l2, l2b) = (
+        losses(one.path(), "metrics.jsonl"),
+        losses(two.path(), "metrics.jsonl"),
+        losses(two.path(), "metrics-rank1.jsonl"),
+    );
+    assert_eq!(l1.len(), l2.len());
+    for ((a, b), c) in l1.iter().zip(&l2).zip(&l2b) {
+        assert!(
+            (a - b).abs() < 1e-5 && b == c,
+            "loss {a} (1 worker) vs {b} / {c} (ranks 0 / 1)"
+        );
+    }
+    let k = l1.len() / 3;
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(
+        avg(&l1[l1.len() - k..]) < avg(&l1[..k]),
+        "loss fell: {l1:?}"
+    );
+    // Only rank 0 wrote the outputs.
+    assert!(!two.path().join("metrics-rank0.jsonl").exists());
+}
+
+#[test]
+fn two_ranks_train_the_sft_adapter_of_one_worker() {
+    check(&sft(), &["adapter/adapter_model.safetensors"]);
+}
+
+#[test]
+fn two_ranks_train_the_reward_model_of_one_worker() {
+    check(
+        &reward(),
+        &[
+            "reward_model/adapter_model.safetensors",
+            "reward_model/reward_head.safetensors",
+        ],
+    );
+}
