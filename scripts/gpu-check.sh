@@ -5,14 +5,19 @@
 #   1. CUDA detected by the same binary that runs on CPU here;
 #   2. logits parity vs transformers on the GPU (tiny fixtures, f32);
 #   3. greedy decode tokens/s vs transformers on the GPU (tiny-llama);
-#   4. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
+#   4. NCCL through cudarc's run-time loading: a one-rank all-reduce on the GPU;
+#   5. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${RLHF_BIN:-target/release}
 PY=${PYTHON:-python3}
 TORCH_DIR=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
-export LD_LIBRARY_PATH="$TORCH_DIR/lib:${LD_LIBRARY_PATH:-}"   # the rpath points at this machine's venv path
+# The rpath points at the build machine's venv; cudarc dlopens libnccl.so,
+# torch's wheel ships libnccl.so.2 (the build links it the same way there).
+NCCL_LINK=$(mktemp -d)
+ln -sf "$TORCH_DIR/../nvidia/nccl/lib/libnccl.so.2" "$NCCL_LINK/libnccl.so"
+export LD_LIBRARY_PATH="$TORCH_DIR/lib:$NCCL_LINK:${LD_LIBRARY_PATH:-}"
 nvidia-smi -L
 echo "== 1. CUDA from the worker binary"
 "$BIN/rlhf-worker" generate --model worker/tests/fixtures/tiny-qwen2 --tokens 42,259,73 --max-new-tokens 4 --device cuda:0
@@ -34,7 +39,9 @@ done
 echo "== 3. greedy decode on cuda:0: rlhfd, then transformers"
 "$BIN/rlhf-worker" bench decode --model worker/tests/fixtures/tiny-llama --device cuda:0 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
 "$PY" scripts/bench/decode_transformers.py --model worker/tests/fixtures/tiny-llama --device cuda:0 --threads 4 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
-echo "== 4. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
+echo "== 4. NCCL all-reduce on cuda:0 (one-rank group; data parallel over several GPUs uses the same calls)"
+"$BIN/rlhf-worker" bench allreduce --device cuda:0 --megabytes 18 --runs 20 | tail -n 1
+echo "== 5. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 for mb in 8 2; do  # minibatch 2: the activation memory of the update fits the 22 GB target
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 --minibatch "$mb" --json | tail -n 1
 done

@@ -2,6 +2,10 @@
 //! LD_LIBRARY_PATH, and keeps libtorch_cuda linked: with `--as-needed` the
 //! linker drops it (nothing references it by symbol) and CUDA then silently
 //! reports unavailable.
+//!
+//! NCCL: cudarc dlopens `libnccl.so`, but torch's nvidia-nccl wheel ships
+//! only `libnccl.so.2`; a `libnccl.so` link to it goes in OUT_DIR, and that
+//! directory in the rpath, so GPU data parallel finds the NCCL torch uses.
 use std::path::PathBuf;
 
 fn main() {
@@ -17,5 +21,16 @@ fn main() {
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    let nccl = lib.join("../../nvidia/nccl/lib/libnccl.so.2");
+    if let (Ok(target), Ok(out)) = (nccl.canonicalize(), std::env::var("OUT_DIR")) {
+        let dir = PathBuf::from(out).join("nccl");
+        let link = dir.join("libnccl.so");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::remove_file(&link);
+        match std::os::unix::fs::symlink(&target, &link) {
+            Ok(()) => println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display()),
+            Err(e) => println!("cargo:warning=cannot link {}: {e}", link.display()),
+        }
     }
 }

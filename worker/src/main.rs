@@ -153,6 +153,18 @@ enum Bench {
         #[command(flatten)]
         args: rlhf_worker::bench::ppo::PpoArgs,
     },
+    /// NCCL all-reduce on one GPU (a one-rank group, through cudarc's run-time
+    /// loading): checks the sum, reports ms and GB/s; the last line is JSON.
+    Allreduce {
+        /// cuda or cuda:N.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// f32 megabytes per call (LoRA r=8 on all linears of a 0.5B model: ~18).
+        #[arg(long, default_value_t = 18.0)]
+        megabytes: f64,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// One configuration of `bench ppo`, run by it in a child process.
     #[command(hide = true)]
     PpoOne {
@@ -222,6 +234,10 @@ fn run(cli: Cli) -> Result<()> {
             let args = model.resolve()?;
             let line = tools::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
             println!("{line}");
+        }
+        Command::Bench { what: Bench::Allreduce { device, megabytes, runs } } => {
+            let device = tools::parse_device(&device)?;
+            println!("{}", rlhf_worker::dist::nccl::self_check(device, megabytes, runs).context("bench allreduce")?);
         }
         Command::Bench { what: Bench::Ppo { args } } => {
             rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;

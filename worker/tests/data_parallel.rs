@@ -148,3 +148,16 @@ fn two_ranks_train_the_reward_model_of_one_worker() {
         ],
     );
 }
+
+/// GPU ranks sum with NCCL through cudarc's run-time loading: this build
+/// (made without CUDA) finds and loads the NCCL that torch ships.
+#[test]
+fn nccl_loads_at_run_time_without_cuda_at_build_time() {
+    let v = rlhf_worker::dist::nccl::version().expect("libnccl loads");
+    eprintln!("NCCL version code {v}");
+    assert!(v >= 20000, "NCCL 2.x, got {v}");
+    // A CPU rank cannot join an NCCL group; it says why instead of crashing.
+    let boot: Box<dyn Collective> = Box::new(rlhf_worker::dist::Single);
+    let e = rlhf_worker::dist::nccl::NcclRank::init(boot, Device::Cpu).err().expect("refused on cpu").to_string();
+    assert!(e.contains("nccl needs a cuda device"), "{e}");
+}

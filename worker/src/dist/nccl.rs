@@ -151,3 +151,31 @@ impl Collective for NcclRank {
         scatter_into(tensors, &buf)
     }
 }
+
+/// `bench allreduce`: a one-rank NCCL group on `device` sums `megabytes`
+/// of f32 (the size of an adapter's gradients) `runs` times; checks the
+/// result and reports the version, time per call and GB/s as JSON.
+pub fn self_check(device: Device, megabytes: f64, runs: usize) -> Result<serde_json::Value> {
+    let mut rank = NcclRank::init(Box::new(super::Single), device)?;
+    let n = ((megabytes * 1e6) / 4.0).max(1.0) as i64;
+    let want = Tensor::arange(n, (Kind::Float, device)).remainder(1000.0);
+    let t = want.copy();
+    rank.all_reduce(std::slice::from_ref(&t))?;
+    let err = (&t - &want).abs().max().double_value(&[]);
+    if err != 0.0 {
+        return Err(Error::Collective(format!("one-rank all-reduce changed the values by {err}")));
+    }
+    let start = std::time::Instant::now();
+    for _ in 0..runs.max(1) {
+        rank.all_reduce(std::slice::from_ref(&t))?;
+    }
+    let secs = start.elapsed().as_secs_f64() / runs.max(1) as f64;
+    Ok(serde_json::json!({
+        "nccl_version": version()?,
+        "device": format!("{device:?}"),
+        "megabytes": n as f64 * 4.0 / 1e6,
+        "ms_per_all_reduce": secs * 1e3,
+        "gb_per_s": n as f64 * 4.0 / secs / 1e9,
+        "max_abs_error": err,
+    }))
+}
