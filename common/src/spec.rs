@@ -488,7 +488,7 @@ pub struct PlacementSpec {
     pub trainer: Option<String>,
     /// Data parallel: run the job on this many workers, each on a slice of
     /// every batch, with adapter gradients summed across them (sft,
-    /// reward, pretrain). 1: one worker.
+    /// reward, pretrain, ppo). 1: one worker.
     #[serde(default = "one")]
     pub data_parallel: usize,
     /// How gradients are summed: `auto` (NCCL when every rank is on a GPU,
@@ -648,8 +648,18 @@ impl JobSpec {
         if n == 1 {
             return Ok(());
         }
-        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain) {
-            return err("placement.data_parallel", format!("data parallel runs sft, reward and pretrain jobs, not {}", self.kind.name()));
+        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo) {
+            return err("placement.data_parallel", format!("data parallel runs sft, reward, pretrain and ppo jobs, not {}", self.kind.name()));
+        }
+        if self.kind == JobKind::Ppo {
+            if self.placement.reward.is_some() || self.placement.critic.is_some() {
+                return err("placement.critic", "a data-parallel ppo job keeps reward and critic on every rank; drop placement.reward/critic");
+            }
+            let batch = self.ppo.as_ref().map_or(0, |p| p.rollout_batch);
+            if batch < n {
+                return err("ppo.rollout_batch", format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"));
+            }
+            return Ok(());
         }
         let batch = self.train.as_ref().map_or(TrainSpec::default().batch_size, |t| t.batch_size);
         if batch < n {

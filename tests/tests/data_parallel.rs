@@ -191,3 +191,30 @@ async fn a_data_parallel_job_survives_a_killed_rank_and_a_killed_coordinator() {
     eprintln!("data parallel after a rank kill and a coordinator kill vs 1 worker: max |adapter diff| = {d:e}");
     assert!(d < 5e-5, "adapters differ by {d:e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ppo_on_two_workers_trains_the_policy_of_one() {
+    let cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let f = fixtures();
+    let ppo = format!(
+        "version = 1\nkind = \"ppo\"\nseed = 4\n[model]\npath = \"{}\"\nmax_length = 128\n[peft]\nmethod = \"lora\"\nr = 4\n\
+         [data]\ntask = \"eprstmt\"\ntrain = \"{}\"\n[ppo]\niterations = 4\nrollout_batch = 8\nminibatch = 3\nmax_new_tokens = 3\n\
+         temperature = 1.0\nlr = 3e-3\nreward = {{ kind = \"label\" }}\n",
+        f.join("tiny-llama").display(),
+        f.join("fewclue/eprstmt/train.json").display()
+    );
+    let one = submit(&mut c, ppo.clone()).await;
+    let one = wait_job(&mut c, &one, Duration::from_secs(180), is_terminal).await;
+    assert_eq!(state_name(one.state), "succeeded", "{one:?}\n{}", cl.logs());
+    let two = submit(&mut c, format!("{ppo}{DP}")).await;
+    let two = wait_job(&mut c, &two, Duration::from_secs(180), is_terminal).await;
+    assert_eq!(state_name(two.state), "succeeded", "{two:?}\n{}", cl.logs());
+    let d = adapter_diff(&one.output_dir, &two.output_dir);
+    eprintln!("ppo, data parallel (2 workers) vs 1 worker: max |policy adapter diff| = {d:e}");
+    assert!(d < 2e-5, "policy adapters differ by {d:e}");
+    let reward = |dir: &str| read_metrics(Path::new(dir)).iter().map(|r| r["reward_mean"].as_f64().unwrap()).collect::<Vec<_>>();
+    let (r1, r2) = (reward(&one.output_dir), reward(&two.output_dir));
+    assert!(r1.iter().zip(&r2).all(|(a, b)| (a - b).abs() < 1e-5), "{r1:?}\n{r2:?}");
+}

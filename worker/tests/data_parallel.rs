@@ -110,6 +110,9 @@ fn check(text: &str, files: &[&str]) {
         eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
         assert!(d < 2e-5, "{f}: 2 ranks differ from 1 worker by {d:e}");
     }
+    if text.contains("kind = \"ppo\"") {
+        return check_ppo_metrics(one.path(), two.path());
+    }
     // The ranks log the global loss: the same numbers as one worker.
     let (l1, l2, l2b) = (
         losses(one.path(), "metrics.jsonl"),
@@ -133,9 +136,37 @@ fn check(text: &str, files: &[&str]) {
     assert!(!two.path().join("metrics-rank0.jsonl").exists());
 }
 
+fn ppo() -> String {
+    format!(
+        "kind = \"ppo\"\n{HEAD}[data]\ntask = \"eprstmt\"\ntrain = \"fewclue/eprstmt/train.json\"\n\
+         [ppo]\niterations = 4\nrollout_batch = 7\nminibatch = 3\nppo_epochs = 2\nmax_new_tokens = 3\ntemperature = 1.0\n\
+         lr = 3e-3\ncritic_lr = 3e-3\nkl_target = 0.5\nreward = {{ kind = \"label\" }}\n"
+    )
+}
+
 #[test]
 fn two_ranks_train_the_sft_adapter_of_one_worker() {
     check(&sft(), &["adapter/adapter_model.safetensors"]);
+}
+
+/// PPO logs batch-wide numbers: both ranks log what one worker logs.
+fn check_ppo_metrics(one: &Path, two: &Path) {
+    let read = |d: &Path, f: &str| -> Vec<Value> {
+        std::fs::read_to_string(d.join(f)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (a, b, c) = (read(one, "metrics.jsonl"), read(two, "metrics.jsonl"), read(two, "metrics-rank1.jsonl"));
+    assert_eq!((a.len(), b.len(), c.len()), (4, 4, 4));
+    for key in ["reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "value_loss", "response_len", "advantage_mean", "grad_norm"] {
+        for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+            let (x, y, z) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap(), z[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()) && (y - z).abs() <= 1e-6 * (1.0 + y.abs()), "{key}: {x} (1 worker) vs {y} / {z} (ranks 0 / 1)");
+        }
+    }
+}
+
+#[test]
+fn two_ranks_train_the_ppo_policy_and_critic_of_one_worker() {
+    check(&ppo(), &["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/reward_head.safetensors"]);
 }
 
 #[test]
@@ -160,4 +191,18 @@ fn nccl_loads_at_run_time_without_cuda_at_build_time() {
     let boot: Box<dyn Collective> = Box::new(rlhf_worker::dist::Single);
     let e = rlhf_worker::dist::nccl::NcclRank::init(boot, Device::Cpu).err().expect("refused on cpu").to_string();
     assert!(e.contains("nccl needs a cuda device"), "{e}");
+}
+
+/// A rank generates its rows of a global batch: each row samples from its
+/// own stream, so the rows come out as they would in the whole batch.
+#[test]
+fn a_slice_of_a_batch_samples_what_the_whole_batch_samples() {
+    use rlhf_worker::model::{generate, generate_rows, GenerateOptions, NoHooks, Sampling};
+    let m = common::load("tiny-llama");
+    let prompts: Vec<Vec<i64>> = vec![vec![42, 259, 73], vec![270, 76], vec![222, 166, 125, 249], vec![167, 227]];
+    let opts = GenerateOptions { max_new_tokens: 12, sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 0, seed: 11 }, eos_ids: vec![], pad_id: 0 };
+    let all = generate(&m, &NoHooks, &prompts, &opts).unwrap();
+    let odd = generate_rows(&m, &NoHooks, &[prompts[1].clone(), prompts[3].clone()], &opts, &[1, 3]).unwrap();
+    assert_eq!(odd.tokens, vec![all.tokens[1].clone(), all.tokens[3].clone()]);
+    assert_ne!(all.tokens[1], all.tokens[3], "rows draw from different streams");
 }

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 use super::cache::KvCache;
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
-use super::sampling::{sample, Sampling};
+use super::sampling::{sample_rows, Sampling};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -64,6 +64,17 @@ pub fn attention_mask(key_mask: &Tensor, t: i64) -> Tensor {
 
 /// Generates up to `max_new_tokens` for each prompt.
 pub fn generate(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<Generation> {
+    let rows: Vec<u64> = (0..prompts.len() as u64).collect();
+    generate_rows(model, hooks, prompts, opts, &rows)
+}
+
+/// [`generate`] where prompt i is row `rows[i]` of a larger batch: row r
+/// samples from stream r of the seed, so a slice of a batch gets the tokens
+/// the whole batch would.
+pub fn generate_rows(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions, rows: &[u64]) -> Result<Generation> {
+    if rows.len() != prompts.len() {
+        return Err(Error::InvalidArgument(format!("{} row ids for {} prompts", rows.len(), prompts.len())));
+    }
     if prompts.is_empty() {
         return Ok(Generation::default());
     }
@@ -81,17 +92,24 @@ pub fn generate(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &G
             opts.max_new_tokens, model.cfg.max_position_embeddings
         )));
     }
-    tch::no_grad(|| generate_inner(model, hooks, prompts, opts))
+    tch::no_grad(|| generate_inner(model, hooks, prompts, opts, rows))
 }
 
-fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<Generation> {
+fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions, rows: &[u64]) -> Result<Generation> {
     let b = prompts.len();
     let device = model.device;
     let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
     let (ids, mut key_mask) = left_pad(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
     let mut cache = KvCache::new(model.layers.len());
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.sampling.seed);
+    let mut rngs: Vec<ChaCha8Rng> = rows
+        .iter()
+        .map(|&r| {
+            let mut g = ChaCha8Rng::seed_from_u64(opts.sampling.seed);
+            g.set_stream(r);
+            g
+        })
+        .collect();
     let pad = Tensor::from(opts.pad_id).to_device(device);
 
     let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
@@ -108,7 +126,7 @@ fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: 
         let hidden = model.forward(&step_ids, &positions, mask, Some(&mut cache), hooks)?;
         let last = hidden.select(1, t - 1);
         let logits = model.logits(&last, hooks);
-        let (next, logp) = sample(&logits, &opts.sampling, &mut rng);
+        let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
         let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>()).to_device(device).to_kind(Kind::Bool);
         let next = next.where_self(&finished.logical_not(), &pad);
         let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;

@@ -15,7 +15,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Arch, Config};
-pub use generate::{generate, GenerateOptions, Generation};
+pub use generate::{generate, generate_rows, GenerateOptions, Generation};
 pub use hooks::{Block, Hooks, NoHooks, Norm, Proj};
 pub use llama::{Mask, Model};
 pub use sampling::Sampling;

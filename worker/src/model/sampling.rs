@@ -45,6 +45,17 @@ impl Sampling {
 /// and their log-probabilities `[b]` under the temperature-scaled
 /// distribution before top-k/top-p filtering (what PPO's ratio uses).
 pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut ChaCha8Rng) -> (Tensor, Tensor) {
+    sample_with(logits, s, &mut |_| rng.gen::<f32>())
+}
+
+/// [`sample`] with one stream per row, so a row's tokens do not depend on
+/// which other rows share its batch (data-parallel ranks sample the rows
+/// of one global batch apart and must pick what one worker would).
+pub fn sample_rows(logits: &Tensor, s: &Sampling, rngs: &mut [ChaCha8Rng]) -> (Tensor, Tensor) {
+    sample_with(logits, s, &mut |i| rngs[i].gen::<f32>())
+}
+
+fn sample_with(logits: &Tensor, s: &Sampling, draw: &mut dyn FnMut(usize) -> f32) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
     if s.is_greedy() {
         let tokens = logits.argmax(-1, false);
@@ -65,7 +76,7 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut ChaCha8Rng) -> (Tensor, T
     let cum = kept.cumsum(-1, Kind::Float);
     let total = cum.select(1, vocab - 1);
     let b = cum.size()[0];
-    let u: Vec<f32> = (0..b).map(|_| rng.gen::<f32>()).collect();
+    let u: Vec<f32> = (0..b as usize).map(draw).collect();
     let u = Tensor::from_slice(&u).to_device(cum.device()) * total;
     let pos = cum.lt_tensor(&u.unsqueeze(1)).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(vocab - 1);
     let tokens = order.gather(1, &pos.unsqueeze(1), false).squeeze_dim(1);

@@ -106,7 +106,7 @@ pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>
 pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
     let mut roles = hooks.roles.take();
     let mut dist: Box<dyn Collective> = hooks.dist.take().unwrap_or_else(|| Box::new(Single));
-    if dist.world() > 1 && matches!(job.kind, JobKind::Pipeline | JobKind::Ppo | JobKind::Eval) {
+    if dist.world() > 1 && matches!(job.kind, JobKind::Pipeline | JobKind::Eval) {
         return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
     }
     let rank = dist.rank();

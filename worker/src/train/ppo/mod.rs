@@ -5,6 +5,7 @@ pub mod kl;
 pub mod loss;
 pub mod roles;
 pub mod rollout;
+pub mod shard;
 pub mod trainer;
 
 pub use gae::{apply_mask, gae, masked_mean, masked_var, masked_whiten};

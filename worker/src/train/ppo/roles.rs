@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::rollout::{model_scores, values, Batch};
 use super::value_loss;
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::peft::{self, PeftConfig};
 use crate::train::checkpoint;
@@ -71,14 +72,34 @@ impl RoleHost {
     /// One critic update on a minibatch: `vf_coef · clipped value loss`.
     /// Returns (value loss, value clip fraction).
     pub fn critic_step(&mut self, sub: &Batch, values_old: &Tensor, returns: &Tensor, ppo: &PpoSpec) -> Result<(f64, f64)> {
+        self.critic_step_part(Some((sub, values_old, returns)), 1.0, ppo, &mut Single)
+    }
+
+    /// The critic parameters (adapter and value head).
+    pub fn critic_params(&self) -> &[Tensor] {
+        self.critic_opt.params()
+    }
+
+    /// [`critic_step`](Self::critic_step) as one data-parallel rank: this
+    /// rank's rows of the minibatch (none is fine) weigh `share` of it; the
+    /// gradients and statistics are summed over ranks before the update.
+    pub fn critic_step_part(&mut self, part: Option<(&Batch, &Tensor, &Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<(f64, f64)> {
         self.l.pm.set_active(Some(CRITIC))?;
-        let v_new = values(&self.l.pm, &self.value_head, sub)?;
-        let vf = value_loss(&v_new, values_old, returns, &sub.mask, ppo.value_clip);
-        (&vf.loss * ppo.vf_coef).backward();
+        let (mut loss, mut frac) = (0.0, 0.0);
+        if let Some((sub, values_old, returns)) = part {
+            let v_new = values(&self.l.pm, &self.value_head, sub)?;
+            let vf = value_loss(&v_new, values_old, returns, &sub.mask, ppo.value_clip);
+            let scaled = &vf.loss * share;
+            (&scaled * ppo.vf_coef).backward();
+            loss = scaled.double_value(&[]);
+            frac = vf.clip_frac.double_value(&[]) * share;
+        }
+        let params: Vec<Tensor> = self.critic_opt.params().iter().map(Tensor::shallow_clone).collect();
+        let summed = crate::dist::sync_grads(dist, &params, &[loss, frac])?;
         self.critic_opt.clip_grad_norm(ppo.max_grad_norm);
         self.critic_opt.step(ppo.critic_lr);
         self.critic_opt.zero_grad();
-        Ok((vf.loss.double_value(&[]), vf.clip_frac.double_value(&[])))
+        Ok((summed[0], summed[1]))
     }
 
     /// Writes the critic (adapter + value head) to `dir`.

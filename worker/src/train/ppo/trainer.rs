@@ -17,11 +17,12 @@ use tch::{Kind, Tensor};
 
 use super::roles::{RoleHost, RoleOp, CRITIC, POLICY};
 use super::rollout::{logprobs, Batch};
-use super::{apply_missing_eos_penalty, clip_score, entropy_from_logits, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, KlController, KlEstimator};
+use super::{apply_mask, apply_missing_eos_penalty, clip_score, entropy_from_logits, gae, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
 use crate::data::{Shuffler, Template};
 use crate::error::{Error, Result};
 use crate::fields;
-use crate::model::{generate, GenerateOptions, Sampling};
+use crate::dist;
+use crate::model::{generate_rows, GenerateOptions, Sampling};
 use crate::peft::{self, base_parameters, PeftConfig, PeftModel};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::optim::AdamW;
@@ -145,6 +146,17 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
 
     let policy_params = parts.policy()?.pm.adapter(POLICY)?.parameters();
     let trainable = policy_params.iter().map(|t| t.numel() as i64).sum::<i64>();
+    let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
+    if world > 1 {
+        if parts.remote.is_some() {
+            return Err(Error::InvalidArgument("placement: a data-parallel ppo job keeps reward and critic on every rank".into()));
+        }
+        dist::materialize_grads(&policy_params);
+        if let Some(h) = &parts.host {
+            dist::materialize_grads(h.critic_params());
+        }
+    }
+    let synced: Vec<Tensor> = policy_params.iter().map(Tensor::shallow_clone).collect();
     let mut policy_opt = AdamW::new(policy_params, 0.0);
     let mut kl_ctl = match ppo.kl_target {
         Some(target) => KlController::Adaptive { coef: ppo.kl_coef, target, horizon: ppo.kl_horizon },
@@ -174,9 +186,12 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     for it in start..ppo.iterations {
         let ti = Instant::now();
         let bytes_before = parts.bytes();
+        // The global batch; this rank rolls out every world-th row of it.
         let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
-        let batch_prompts: Vec<Vec<i64>> = idx.iter().map(|&i| prompts[i].clone()).collect();
-        let batch_gold: Vec<String> = idx.iter().map(|&i| gold[i].clone()).collect();
+        let b_all = idx.len();
+        let rows = dist::shard(&(0..b_all).collect::<Vec<_>>(), rank, world);
+        let batch_prompts: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
+        let batch_gold: Vec<String> = rows.iter().map(|&r| gold[idx[r]].clone()).collect();
 
         // 1. Rollout with the policy.
         parts.policy_pm()?.set_active(Some(POLICY))?;
@@ -188,7 +203,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         };
         let gen = {
             let pm = &parts.policy()?.pm;
-            generate(&pm.base, pm.hooks(), &batch_prompts, &opts)?
+            generate_rows(&pm.base, pm.hooks(), &batch_prompts, &opts, &rows.iter().map(|&r| r as u64).collect::<Vec<_>>())?
         };
         let t_gen = ti.elapsed().as_secs_f64();
         let batch = Batch::new(&batch_prompts, &gen.tokens, pad, device);
@@ -221,34 +236,56 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let mask = &batch.mask;
         let (rewards, kl) = penalized_rewards(&score, &logp_old, &ref_logp, mask, kl_ctl.coef(), est);
         let (adv, returns) = gae(&rewards, &values_old, mask, ppo.gamma, ppo.lam);
-        let adv = if ppo.whiten_advantages { masked_whiten(&adv, mask, true) } else { adv };
+        let adv = match (ppo.whiten_advantages, world) {
+            (false, _) => adv,
+            (true, 1) => masked_whiten(&adv, mask, true),
+            (true, _) => shard::whiten_across(ctx.dist, &adv, mask)?,
+        };
+        let tokens_of = shard::row_tokens(ctx.dist, &rows, mask, b_all)?;
 
         // 5. PPO epochs over minibatches: policy here, critic on its host.
         let t = Instant::now();
-        let b = batch.rows();
         let mut rng = ChaCha8Rng::seed_from_u64(job.seed ^ (it as u64).wrapping_mul(0x9E37_79B9));
         let (mut pg_sum, mut vf_sum, mut cf_sum, mut ent_sum, mut gn_sum, mut approx_sum, mut n_mb) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
         for _ in 0..ppo.ppo_epochs {
-            let mut order: Vec<i64> = (0..b).collect();
+            let mut order: Vec<usize> = (0..b_all).collect();
             order.shuffle(&mut rng);
             for mb in order.chunks(ppo.minibatch) {
-                let sub = batch.select(mb);
-                let sel = Tensor::from_slice(mb).to_device(device);
+                // This rank's rows of the minibatch; their losses weigh their share of its tokens.
+                let (local, share) = shard::minibatch_part(mb, rank, world, &tokens_of);
+                let sel = Tensor::from_slice(&local).to_device(device);
                 let pick = |x: &Tensor| x.index_select(0, &sel);
-                parts.policy_pm()?.set_active(Some(POLICY))?;
-                let (logp_new, logits) = logprobs(&parts.policy()?.pm, &sub, ppo.temperature)?;
-                let pg = policy_loss(&logp_new, &pick(&logp_old), &pick(&adv), &sub.mask, ppo.clip);
-                pg.loss.backward();
+                let sub = (!local.is_empty()).then(|| batch.select(&local));
+                let mut stats = [0.0; 4];
+                if let Some(sub) = &sub {
+                    parts.policy_pm()?.set_active(Some(POLICY))?;
+                    let (logp_new, logits) = logprobs(&parts.policy()?.pm, sub, ppo.temperature)?;
+                    let pg = policy_loss(&logp_new, &pick(&logp_old), &pick(&adv), &sub.mask, ppo.clip);
+                    let part = &pg.loss * share;
+                    part.backward();
+                    let ent = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
+                    stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                }
+                let stats = dist::sync_grads(ctx.dist, &synced, &stats)?;
                 let gn = policy_opt.clip_grad_norm(ppo.max_grad_norm);
                 policy_opt.step(ppo.lr);
                 policy_opt.zero_grad();
-                let critic = parts.call(RoleOp::CriticStep { batch: sub.to(device), values_old: pick(&values_old), returns: pick(&returns) })?;
-                let get = |n: &str| critic.iter().find(|(k, _)| k == n).map_or(f64::NAN, |(_, t)| scalar(t));
-                vf_sum += get("value_loss");
-                ent_sum += tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
-                pg_sum += scalar(&pg.loss);
-                cf_sum += scalar(&pg.clip_frac);
-                approx_sum += scalar(&pg.approx_kl);
+                let value_loss = match &mut parts.host {
+                    Some(h) => {
+                        let part = sub.as_ref().map(|s| (s, pick(&values_old), pick(&returns)));
+                        h.critic_step_part(part.as_ref().map(|(s, v, r)| (*s, v, r)), share, &ppo, ctx.dist)?.0
+                    }
+                    None => {
+                        let sub = sub.as_ref().ok_or_else(|| Error::AdapterState("empty minibatch".into()))?;
+                        let critic = parts.call(RoleOp::CriticStep { batch: sub.to(device), values_old: pick(&values_old), returns: pick(&returns) })?;
+                        critic.iter().find(|(k, _)| k == "value_loss").map_or(f64::NAN, |(_, t)| scalar(t))
+                    }
+                };
+                vf_sum += value_loss;
+                pg_sum += stats[0];
+                cf_sum += stats[1];
+                approx_sum += stats[2];
+                ent_sum += stats[3];
                 gn_sum += gn;
                 n_mb += 1;
             }
@@ -256,15 +293,32 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let t_train = t.elapsed().as_secs_f64();
 
         // 6. Bookkeeping.
-        let kl_seq = scalar(&kl.sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float));
-        kl_ctl.update(kl_seq, b as usize);
+        // Batch-wide sums (over every rank's rows).
+        let total = |t: &Tensor| scalar(&t.sum(Kind::Float));
+        let g = shard::sum_across(
+            ctx.dist,
+            &[
+                total(&raw_score),
+                total(&raw_score.square()),
+                total(&score),
+                total(&kl),
+                batch.lens.iter().sum::<usize>() as f64,
+                total(&apply_mask(&adv, mask)),
+                total(mask),
+                batch_prompts.iter().map(Vec::len).sum::<usize>() as f64,
+            ],
+        )?;
+        let n_rows = b_all as f64;
+        let kl_seq = g[3] / n_rows;
+        kl_ctl.update(kl_seq, b_all);
         let n = n_mb.max(1) as f64;
-        let tokens: usize = batch_prompts.iter().map(Vec::len).sum::<usize>() + batch.lens.iter().sum::<usize>();
+        let tokens = g[7] + g[4];
         let secs = ti.elapsed().as_secs_f64();
+        let reward_mean = g[0] / n_rows;
         let rec = fields! {
-            "reward_mean" => scalar(&raw_score.mean(Kind::Float)),
-            "reward_std" => if b > 1 { scalar(&raw_score.std(true)) } else { 0.0 },
-            "score_mean" => scalar(&score.mean(Kind::Float)),
+            "reward_mean" => reward_mean,
+            "reward_std" => if b_all > 1 { ((g[1] - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0)).sqrt() } else { 0.0 },
+            "score_mean" => g[2] / n_rows,
             "kl" => kl_seq,
             "kl_coef" => kl_ctl.coef(),
             "entropy" => ent_sum / n,
@@ -273,9 +327,9 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
             "policy_loss" => pg_sum / n,
             "value_loss" => vf_sum / n,
             "grad_norm" => gn_sum / n,
-            "response_len" => batch.lens.iter().sum::<usize>() as f64 / b as f64,
-            "advantage_mean" => scalar(&masked_mean(&adv, mask)),
-            "tokens_per_s" => tokens as f64 / secs,
+            "response_len" => g[4] / n_rows,
+            "advantage_mean" => g[5] / g[6].max(1e-8),
+            "tokens_per_s" => tokens / secs,
             "time_generate" => t_gen,
             "time_reference" => t_ref,
             "time_reward" => t_reward,
@@ -286,7 +340,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         last = rec.clone();
         ctx.metrics.log(it + 1, ppo.iterations, rec)?;
         let done = it + 1;
-        if job.checkpoint.every > 0 && done % job.checkpoint.every == 0 && done < ppo.iterations {
+        if job.checkpoint.every > 0 && done % job.checkpoint.every == 0 && done < ppo.iterations && rank == 0 {
             let Parts { host, own, remote, .. } = &mut parts;
             let pm = match (own.as_ref(), host.as_ref()) {
                 (Some(l), _) | (None, Some(RoleHost { l, .. })) => &l.pm,
@@ -307,9 +361,11 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     }
     let secs = t0.elapsed().as_secs_f64();
     let dir = ctx.out.join("adapter");
-    let base_name = parts.policy()?.model_dir.display().to_string();
-    peft::io::save(parts.policy()?.pm.adapter(POLICY)?, &dir, &base_name)?;
-    parts.call(RoleOp::SaveCritic { dir: ctx.out.join(CRITIC).display().to_string() })?;
+    if ctx.writes() {
+        let base_name = parts.policy()?.model_dir.display().to_string();
+        peft::io::save(parts.policy()?.pm.adapter(POLICY)?, &dir, &base_name)?;
+        parts.call(RoleOp::SaveCritic { dir: ctx.out.join(CRITIC).display().to_string() })?;
+    }
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "ppo".into()),
         kind: "ppo".into(),
