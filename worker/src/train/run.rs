@@ -110,6 +110,9 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
         return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
     }
     let rank = dist.rank();
+    if job.placement.data_parallel > 1 && dist.world() == 1 {
+        tracing::info!(ranks = job.placement.data_parallel, "placement.data_parallel asks the coordinator for ranks; running as one");
+    }
     let has_ppo = job.kind == JobKind::Ppo || job.stages.iter().any(|s| s.kind == JobKind::Ppo);
     if roles.is_some() && !has_ppo {
         return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo stage; this {} job has none", job.kind.name())));
