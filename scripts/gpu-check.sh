@@ -42,6 +42,7 @@ echo "== 3. greedy decode on cuda:0: rlhfd, then transformers"
 echo "== 4. NCCL all-reduce on cuda:0 (one-rank group; data parallel over several GPUs uses the same calls)"
 "$BIN/rlhf-worker" bench allreduce --device cuda:0 --megabytes 18 --runs 20 | tail -n 1
 echo "== 5. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
-for mb in 8 2; do  # minibatch 2: the activation memory of the update fits the 22 GB target
-  timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 --minibatch "$mb" --json | tail -n 1
+# minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
+for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2"; do
+  timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1
 done

@@ -246,6 +246,9 @@ pub struct TrainSpec {
     /// Evaluate on held-out data every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Activation checkpointing in sft/pretrain steps (as `ppo.gradient_checkpointing`).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn one() -> usize {
@@ -263,7 +266,7 @@ fn default_clip() -> f64 {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0 }
+        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0, gradient_checkpointing: false }
     }
 }
 
@@ -347,6 +350,11 @@ pub struct PpoSpec {
     pub critic_lr: f64,
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
+    /// Activation checkpointing in the policy and critic updates: keep only
+    /// each decoder block's input, recompute the rest in the backward (less
+    /// memory for one more forward; the same gradients).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub reward: RewardSource,
 }
 

@@ -48,7 +48,7 @@ use crate::model::save::{write_config, write_generation_config, write_safetensor
 use crate::model::{generate, parse_device, parse_dtype, Config, GenerateOptions, Model, Sampling};
 use crate::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
-use crate::train::ppo::rollout::{logprobs, model_scores, values, Batch};
+use crate::train::ppo::rollout::{logprobs, logprobs_of, model_scores, values, Batch};
 use crate::train::ppo::{entropy_from_logits, gae, masked_whiten, penalized_rewards, policy_loss, value_loss, KlEstimator};
 use crate::train::reward::Head;
 
@@ -121,6 +121,11 @@ pub struct PpoArgs {
     pub configs: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Activation checkpointing in the policy and critic updates of the
+    /// rlhfd configurations (`ppo.gradient_checkpointing`); python runs
+    /// without it (transformers would turn its KV cache off for generation).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
 }
 
 /// A configuration of the benchmark.
@@ -250,6 +255,7 @@ pub struct Plan {
     pub kind: Kind,
     pub seed: u64,
     pub variants: Vec<Variant>,
+    pub recompute: bool,
 }
 
 impl Plan {
@@ -285,6 +291,7 @@ impl Plan {
             device,
             kind,
             seed: args.seed,
+            recompute: args.grad_checkpoint,
             variants: if args.configs.is_empty() {
                 if seven_b { vec![Variant::Lora, Variant::Naive] } else { Variant::ALL.to_vec() }
             } else {
@@ -473,6 +480,9 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
                 vec!["--threads".into(), threads.to_string(), "bench".into(), "ppo-one".into(), "--config".into(), variant.name().into()];
             v.extend(rust_source.iter().cloned());
             common(&mut v);
+            if plan.recompute {
+                v.push("--grad-checkpoint".into());
+            }
             (exe.clone(), v)
         };
         tracing::info!(config = variant.name(), "bench ppo: running");
@@ -543,6 +553,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         "warmup_iterations": 1,
         "ppo_epochs": plan.ppo_epochs,
         "minibatch": plan.minibatch,
+        "gradient_checkpointing": plan.recompute,
         "seed": plan.seed,
         "configs": configs,
         "memory_ratio_vs_naive": memory_ratio,
@@ -630,7 +641,7 @@ pub fn table(r: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "{} {}, {} threads; batch {} x ({} prompt + {} response) tokens; {} timed iterations after 1 warmup; {} PPO epoch(s), minibatch {}\n",
+        "{} {}, {} threads; batch {} x ({} prompt + {} response) tokens; {} timed iterations after 1 warmup; {} PPO epoch(s), minibatch {}{}\n",
         r["device"].as_str().unwrap_or("?"),
         r["dtype"].as_str().unwrap_or("?"),
         r["threads"],
@@ -639,7 +650,8 @@ pub fn table(r: &Value) -> String {
         r["response_len"],
         r["iterations"],
         r["ppo_epochs"],
-        r["minibatch"]
+        r["minibatch"],
+        if r["gradient_checkpointing"].as_bool() == Some(true) { "; activation checkpointing (rlhfd configs)" } else { "" }
     );
     let _ = writeln!(s, "| config | models | trainable | peak MiB | s/iter | generate | reference | reward | values | train | tokens/s |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -871,22 +883,31 @@ impl Roles {
                 let pick = |x: &Tensor| x.index_select(0, &sel);
                 // The policy step, then the critic step (as the trainer and
                 // its critic role do), so one graph is alive at a time.
-                let (logp_new, logits) = logprobs(self.views.policy()?, &sub, TEMPERATURE)?;
-                let pg = policy_loss(&logp_new, &pick(&logp_old), &pick(&adv), &sub.mask, CLIP);
-                pg.loss.backward();
+                let pm = self.views.policy()?;
+                let (old, a) = (pick(&logp_old), pick(&adv));
+                let (pg_loss, entropy) = sub.train_step(pm, plan.recompute, |hidden| {
+                    let (logp_new, logits) = logprobs_of(pm, &sub, hidden, TEMPERATURE);
+                    let pg = policy_loss(&logp_new, &old, &a, &sub.mask, CLIP);
+                    let entropy = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
+                    let l = scalar(&pg.loss);
+                    Ok((pg.loss, (l, entropy)))
+                })?;
                 self.policy_opt.clip_grad_norm(MAX_GRAD_NORM);
                 self.policy_opt.step(LR);
                 self.policy_opt.zero_grad();
-                let v_new = values(self.views.critic()?, &self.value_head, &sub)?;
-                let vf = value_loss(&v_new, &pick(&values_old), &pick(&returns), &sub.mask, VALUE_CLIP);
-                (&vf.loss * VF_COEF).backward();
+                let pm = self.views.critic()?;
+                let (v_old, ret, head) = (pick(&values_old), pick(&returns), &self.value_head);
+                let vf_loss = sub.train_step(pm, plan.recompute, |hidden| {
+                    let vf = value_loss(&head.forward(hidden), &v_old, &ret, &sub.mask, VALUE_CLIP);
+                    let l = scalar(&vf.loss);
+                    Ok((vf.loss * VF_COEF, l))
+                })?;
                 self.critic_opt.clip_grad_norm(MAX_GRAD_NORM);
                 self.critic_opt.step(LR);
                 self.critic_opt.zero_grad();
-                let entropy = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
                 last = json!({
-                    "policy_loss": scalar(&pg.loss),
-                    "value_loss": scalar(&vf.loss),
+                    "policy_loss": pg_loss,
+                    "value_loss": vf_loss,
                     "entropy": entropy,
                     "kl": scalar(&kl.sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)),
                 });
@@ -1025,6 +1046,7 @@ mod tests {
             dtype: None,
             configs: vec!["lora".into(), "naive".into()],
             seed: 0,
+            grad_checkpoint: false,
         };
         let plan = Plan::resolve(&args).expect("plan");
         assert_eq!((plan.batch, plan.minibatch, plan.kind), (2, 2, Kind::Float));
@@ -1053,7 +1075,11 @@ mod tests {
             dtype: None,
             configs: vec![],
             seed: 1,
+            grad_checkpoint: false,
         };
+        let plain = run_one(&args, "lora").expect("run_one");
+        let recomputed = run_one(&PpoArgs { grad_checkpoint: true, ..args.clone() }, "lora").expect("run_one");
+        assert_eq!(plain["last_metrics"], recomputed["last_metrics"], "activation checkpointing changes nothing but memory");
         for config in ["lora", "naive"] {
             let v = run_one(&args, config).expect("run_one");
             assert_eq!(v["config"], config);

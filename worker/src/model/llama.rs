@@ -61,6 +61,7 @@ impl Layer {
 }
 
 /// What the attention of one forward call may see.
+#[derive(Clone, Copy)]
 pub enum Mask<'a> {
     /// Plain causal attention over the new tokens (no cache, no padding).
     Causal,
@@ -169,23 +170,52 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        let embedded = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
-        let mut x = hooks.embed(ids, embedded);
-        let (cos, sin) = self.rope.tables(positions, self.kind);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let (xhat, normed) = layer.input_layernorm.forward(&x);
-            let normed = hooks.norm(Norm::Input(li), &xhat, normed);
-            let normed = hooks.block_input(li, Block::Attn, normed);
-            let attn = self.attention(li, layer, &normed, (&cos, &sin), &mask, cache.as_deref_mut(), hooks)?;
-            // Not `x += …`: tch's AddAssign is in place and breaks autograd.
-            x = x + attn;
-            let (xhat, normed) = layer.post_attention_layernorm.forward(&x);
-            let normed = hooks.norm(Norm::PostAttention(li), &xhat, normed);
-            let normed = hooks.block_input(li, Block::Mlp, normed);
-            x = x + self.mlp(li, layer, &normed, hooks);
+        let mut x = self.embed(ids, hooks)?;
+        let rope = self.rope_tables(positions);
+        for li in 0..self.layers.len() {
+            x = self.block(li, &x, (&rope.0, &rope.1), &mask, cache.as_deref_mut(), hooks)?;
         }
-        let (xhat, y) = self.norm.forward(&x);
-        Ok(hooks.norm(Norm::Final, &xhat, y))
+        Ok(self.final_norm(&x, hooks))
+    }
+
+    /// Token embeddings `[b, t, hidden]` (the input of block 0).
+    pub fn embed(&self, ids: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let embedded = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
+        Ok(hooks.embed(ids, embedded))
+    }
+
+    /// RoPE cos/sin tables for `positions`.
+    pub fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        self.rope.tables(positions, self.kind)
+    }
+
+    /// Decoder block `li`: attention then MLP, each with a residual.
+    pub fn block(
+        &self,
+        li: usize,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Mask<'_>,
+        cache: Option<&mut KvCache>,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[li];
+        let (xhat, normed) = layer.input_layernorm.forward(x);
+        let normed = hooks.norm(Norm::Input(li), &xhat, normed);
+        let normed = hooks.block_input(li, Block::Attn, normed);
+        let attn = self.attention(li, layer, &normed, rope, mask, cache, hooks)?;
+        // Not `x += …`: tch's AddAssign is in place and breaks autograd.
+        let x = x + attn;
+        let (xhat, normed) = layer.post_attention_layernorm.forward(&x);
+        let normed = hooks.norm(Norm::PostAttention(li), &xhat, normed);
+        let normed = hooks.block_input(li, Block::Mlp, normed);
+        Ok(&x + self.mlp(li, layer, &normed, hooks))
+    }
+
+    /// The final norm: block outputs → the hidden states `forward` returns.
+    pub fn final_norm(&self, x: &Tensor, hooks: &dyn Hooks) -> Tensor {
+        let (xhat, y) = self.norm.forward(x);
+        hooks.norm(Norm::Final, &xhat, y)
     }
 
     /// Vocabulary logits for hidden states.

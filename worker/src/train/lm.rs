@@ -12,7 +12,9 @@ use tch::Tensor;
 
 use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
-use super::setup::{lm_loss, right_padded};
+use super::recompute;
+use super::setup::{lm_loss_of, positions, right_padded};
+use crate::model::Mask;
 use super::stage::Ctx;
 use crate::data::Shuffler;
 use crate::dist;
@@ -84,11 +86,14 @@ pub fn train(
             let tg: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].targets.clone()).collect();
             let (ids_t, _) = right_padded(&ids, pad, device);
             let (tg_t, _) = right_padded(&tg, 0, device);
-            let (loss, n) = lm_loss(pm, &ids_t, &tg_t)?;
-            let share = if world > 1 { n as f64 / all_targets.max(1) as f64 } else { 1.0 };
-            let part = (loss * share) / train.grad_accum as f64;
-            part.backward();
-            loss_sum += part.double_value(&[]);
+            let pos = positions(&ids_t);
+            loss_sum += recompute::backward(pm, (&ids_t, &pos, &Mask::Causal), train.gradient_checkpointing, |hidden| {
+                let (loss, n) = lm_loss_of(pm, &ids_t, &tg_t, hidden)?;
+                let share = if world > 1 { n as f64 / all_targets.max(1) as f64 } else { 1.0 };
+                let part = (loss * share) / train.grad_accum as f64;
+                let value = part.double_value(&[]);
+                Ok((part, value))
+            })?;
         }
         loss_sum = dist::sync_grads(ctx.dist, &params, &[loss_sum])?[0];
         let grad_norm = opt.clip_grad_norm(train.max_grad_norm);

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod ppo;
 pub mod pretrain;
+pub mod recompute;
 pub mod report;
 pub mod reward;
 pub mod run;

@@ -101,8 +101,12 @@ pub fn positions(ids: &Tensor) -> Tensor {
 /// (`[b, T]`, 1 on tokens to predict) is set, with the active adapter.
 /// Only those positions go through the LM head.
 pub fn lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor) -> Result<(Tensor, i64)> {
+    lm_loss_of(pm, ids, target_mask, &pm.forward(ids, &positions(ids), Mask::Causal, None)?)
+}
+
+/// [`lm_loss`] from the hidden states of `pm.forward(ids, …)` (causal).
+pub fn lm_loss_of(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor, hidden: &Tensor) -> Result<(Tensor, i64)> {
     let t = ids.size()[1];
-    let hidden = pm.forward(ids, &positions(ids), Mask::Causal, None)?;
     let h = hidden.size()[2];
     let inputs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
     let targets = ids.narrow(1, 1, t - 1).reshape([-1]);

@@ -87,12 +87,12 @@ impl RoleHost {
         self.l.pm.set_active(Some(CRITIC))?;
         let (mut loss, mut frac) = (0.0, 0.0);
         if let Some((sub, values_old, returns)) = part {
-            let v_new = values(&self.l.pm, &self.value_head, sub)?;
-            let vf = value_loss(&v_new, values_old, returns, &sub.mask, ppo.value_clip);
-            let scaled = &vf.loss * share;
-            (&scaled * ppo.vf_coef).backward();
-            loss = scaled.double_value(&[]);
-            frac = vf.clip_frac.double_value(&[]) * share;
+            let head = &self.value_head;
+            (loss, frac) = sub.train_step(&self.l.pm, ppo.gradient_checkpointing, |hidden| {
+                let vf = value_loss(&head.forward(hidden), values_old, returns, &sub.mask, ppo.value_clip);
+                let scaled = &vf.loss * share;
+                Ok((&scaled * ppo.vf_coef, (scaled.double_value(&[]), vf.clip_frac.double_value(&[]) * share)))
+            })?;
         }
         let params: Vec<Tensor> = self.critic_opt.params().iter().map(Tensor::shallow_clone).collect();
         let summed = crate::dist::sync_grads(dist, &params, &[loss, frac])?;

@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::model::generate::{attention_mask, positions_from_mask};
 use crate::model::Mask;
 use crate::peft::PeftModel;
+use crate::train::recompute::backward;
 use crate::train::reward::Head;
 
 /// Token ids of one rollout, with everything the forward passes need.
@@ -71,13 +72,30 @@ impl Batch {
         }
     }
 
+    /// Positions and the attention mask of a forward over `ids`.
+    pub fn forward_inputs(&self) -> (Tensor, Tensor) {
+        (positions_from_mask(&self.attn), attention_mask(&self.attn, self.ids.size()[1]))
+    }
+
+    /// Of hidden states over the whole rows, `[b, R, h]` at the positions
+    /// that predict response tokens.
+    pub fn response_part(&self, hidden: &Tensor) -> Tensor {
+        let r = self.ids.size()[1] - self.prompt_width;
+        hidden.narrow(1, self.prompt_width - 1, r)
+    }
+
     /// Hidden states `[b, R, h]` at the positions that predict response tokens.
     pub fn response_hidden(&self, pm: &PeftModel) -> Result<Tensor> {
-        let l = self.ids.size()[1];
-        let m = attention_mask(&self.attn, l);
-        let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
-        let r = l - self.prompt_width;
-        Ok(hidden.narrow(1, self.prompt_width - 1, r))
+        let (pos, m) = self.forward_inputs();
+        Ok(self.response_part(&pm.forward(&self.ids, &pos, Mask::Explicit(&m), None)?))
+    }
+
+    /// Runs `head` on the response hidden states and backpropagates its
+    /// loss, with activation checkpointing when `recompute` (see
+    /// [`crate::train::recompute`]); returns `head`'s other output.
+    pub fn train_step<T>(&self, pm: &PeftModel, recompute: bool, head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>) -> Result<T> {
+        let (pos, m) = self.forward_inputs();
+        backward(pm, (&self.ids, &pos, &Mask::Explicit(&m)), recompute, |hidden| head(&self.response_part(hidden)))
     }
 
     /// Hidden state `[b, h]` of each row's last real token.
@@ -93,10 +111,14 @@ impl Batch {
 /// Log-probabilities `[b, R]` of the response tokens under the active
 /// adapter at `temperature`, and the logits they came from.
 pub fn logprobs(pm: &PeftModel, batch: &Batch, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let hidden = batch.response_hidden(pm)?;
-    let logits = pm.base.logits(&hidden, pm.hooks()).to_kind(Kind::Float) / temperature;
+    Ok(logprobs_of(pm, batch, &batch.response_hidden(pm)?, temperature))
+}
+
+/// [`logprobs`] from response hidden states `[b, R, h]`.
+pub fn logprobs_of(pm: &PeftModel, batch: &Batch, hidden: &Tensor, temperature: f64) -> (Tensor, Tensor) {
+    let logits = pm.base.logits(hidden, pm.hooks()).to_kind(Kind::Float) / temperature;
     let logp = logits.log_softmax(-1, Kind::Float).gather(2, &batch.response.unsqueeze(-1), false).squeeze_dim(-1);
-    Ok((logp, logits))
+    (logp, logits)
 }
 
 /// Per-token values `[b, R]` from the critic's adapter (active) and head.

@@ -16,7 +16,7 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::roles::{RoleHost, RoleOp, CRITIC, POLICY};
-use super::rollout::{logprobs, Batch};
+use super::rollout::{logprobs, logprobs_of, Batch};
 use super::{apply_mask, apply_missing_eos_penalty, clip_score, entropy_from_logits, gae, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
 use crate::data::{Shuffler, Template};
 use crate::error::{Error, Result};
@@ -259,12 +259,16 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
                 let mut stats = [0.0; 4];
                 if let Some(sub) = &sub {
                     parts.policy_pm()?.set_active(Some(POLICY))?;
-                    let (logp_new, logits) = logprobs(&parts.policy()?.pm, sub, ppo.temperature)?;
-                    let pg = policy_loss(&logp_new, &pick(&logp_old), &pick(&adv), &sub.mask, ppo.clip);
-                    let part = &pg.loss * share;
-                    part.backward();
-                    let ent = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
-                    stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                    let pm = &parts.policy()?.pm;
+                    let (old, adv) = (pick(&logp_old), pick(&adv));
+                    stats = sub.train_step(pm, ppo.gradient_checkpointing, |hidden| {
+                        let (logp_new, logits) = logprobs_of(pm, sub, hidden, ppo.temperature);
+                        let pg = policy_loss(&logp_new, &old, &adv, &sub.mask, ppo.clip);
+                        let part = &pg.loss * share;
+                        let ent = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
+                        let stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                        Ok((part, stats))
+                    })?;
                 }
                 let stats = dist::sync_grads(ctx.dist, &synced, &stats)?;
                 let gn = policy_opt.clip_grad_norm(ppo.max_grad_norm);
