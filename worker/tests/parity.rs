@@ -96,3 +96,21 @@ fn sharded_checkpoint_loads_every_shard() {
     assert_eq!(m.layers.len(), 2);
     assert!(m.lm_head.is_some(), "llama fixture has an untied head");
 }
+
+/// PPO takes the old log-probs from generation (as TRL): on a left-padded,
+/// sampled batch they equal a full forward over prompt + response.
+#[test]
+fn sampled_logprobs_equal_a_full_forward() {
+    use rlhf_worker::train::ppo::rollout::{logprobs, Batch};
+    for name in MODELS {
+        let pm = with_lora(name, false);
+        let prompts = vec![vec![42, 259, 73, 270], vec![76, 222]];
+        let sampling = Sampling { temperature: 0.7, top_p: 0.9, top_k: 0, seed: 3 };
+        let opts = GenerateOptions { max_new_tokens: 6, sampling, eos_ids: vec![], pad_id: 0 };
+        let gen = generate(&pm.base, pm.hooks(), &prompts, &opts).unwrap();
+        let batch = Batch::new(&prompts, &gen.tokens, 0, tch::Device::Cpu);
+        let full = tch::no_grad(|| logprobs(&pm, &batch, 0.7)).unwrap().0;
+        let d = max_abs_diff(&(batch.response_values(&gen.logprobs) * &batch.mask), &(full * &batch.mask));
+        assert!(d < TOL, "{name}: generation log-probs differ from a full forward by {d:e}");
+    }
+}

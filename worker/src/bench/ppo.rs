@@ -844,10 +844,9 @@ impl Roles {
         sync(device);
         times.insert("generate", ti.elapsed().as_secs_f64());
 
-        // 2. Old log-probs (policy) and reference log-probs (adapters off).
+        // 2. Old log-probs from generation (as the trainer and TRL do), reference log-probs (adapters off).
         let t = Instant::now();
-        let pm = self.views.policy()?;
-        let logp_old = tch::no_grad(|| logprobs(pm, &batch, TEMPERATURE))?.0;
+        let logp_old = batch.response_values(&gen.logprobs);
         let pm = self.views.reference()?;
         let ref_logp = tch::no_grad(|| logprobs(pm, &batch, TEMPERATURE))?.0;
         sync(device);

@@ -72,6 +72,14 @@ impl Batch {
         }
     }
 
+    /// Per-token values of each row's response (e.g. the log-probs that
+    /// generation returns) as `[b, R]`, zero on padding.
+    pub fn response_values(&self, rows: &[Vec<f32>]) -> Tensor {
+        let r = self.mask.size()[1] as usize;
+        let flat: Vec<f32> = rows.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat(0.0)).take(r)).collect();
+        Tensor::from_slice(&flat).view([rows.len() as i64, r as i64]).to_device(self.mask.device())
+    }
+
     /// Positions and the attention mask of a forward over `ids`.
     pub fn forward_inputs(&self) -> (Tensor, Tensor) {
         (positions_from_mask(&self.attn), attention_mask(&self.attn, self.ids.size()[1]))

@@ -209,9 +209,10 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let batch = Batch::new(&batch_prompts, &gen.tokens, pad, device);
         let has_eos: Vec<bool> = gen.tokens.iter().map(|r| r.last().is_some_and(|t| eos_ids.contains(t))).collect();
 
-        // 2. Old log-probs (policy), reference log-probs (adapters off).
+        // 2. Old log-probs: the sampled tokens' own, from generation (as
+        // TRL); reference log-probs with the adapters off.
         let t = Instant::now();
-        let logp_old = tch::no_grad(|| logprobs(&parts.policy()?.pm, &batch, ppo.temperature))?.0;
+        let logp_old = batch.response_values(&gen.logprobs);
         parts.policy_pm()?.set_active(None)?;
         let ref_logp = tch::no_grad(|| logprobs(&parts.policy()?.pm, &batch, ppo.temperature))?.0;
         let t_ref = t.elapsed().as_secs_f64();
