@@ -496,7 +496,8 @@ pub struct PlacementSpec {
     pub trainer: Option<String>,
     /// Data parallel: run the job on this many workers, each on a slice of
     /// every batch, with adapter gradients summed across them (sft,
-    /// reward, pretrain, ppo). 1: one worker.
+    /// reward, pretrain, ppo, and pipelines of them; eval runs on rank 0).
+    /// 1: one worker.
     #[serde(default = "one")]
     pub data_parallel: usize,
     /// How gradients are summed: `auto` (NCCL when every rank is on a GPU,
@@ -656,8 +657,15 @@ impl JobSpec {
         if n == 1 {
             return Ok(());
         }
+        if self.kind == JobKind::Pipeline {
+            // Every training stage runs on all ranks; eval stages on rank 0.
+            for (i, st) in self.stages.iter().enumerate().filter(|(_, st)| st.kind != JobKind::Eval) {
+                self.stage_job(st).validate_data_parallel().map_err(|e| SpecError { field: format!("stage[{i}].{}", e.field), msg: e.msg })?;
+            }
+            return Ok(());
+        }
         if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo) {
-            return err("placement.data_parallel", format!("data parallel runs sft, reward, pretrain and ppo jobs, not {}", self.kind.name()));
+            return err("placement.data_parallel", format!("data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not {}", self.kind.name()));
         }
         if self.kind == JobKind::Ppo {
             if self.placement.reward.is_some() || self.placement.critic.is_some() {

@@ -180,6 +180,63 @@ fn two_ranks_train_the_reward_model_of_one_worker() {
     );
 }
 
+/// A whole pipeline (pretrain → sft → reward → ppo → eval) on two ranks:
+/// every training stage matches one worker's, rank 0 evaluates and writes
+/// the report.
+#[test]
+fn two_ranks_run_the_pipeline_of_one_worker() {
+    let text = r#"version = 1
+kind = "pipeline"
+seed = 7
+[model]
+init = { preset = "tiny", corpus = "corpus/tiny_zh.txt" }
+max_length = 96
+[peft]
+method = "lora"
+r = 4
+target_modules = ["all-linear"]
+[data]
+task = "eprstmt"
+train = "fewclue/eprstmt/train.json"
+[[stage]]
+name = "pretrain"
+kind = "pretrain"
+data = { train = "corpus/tiny_zh.txt" }
+train = { max_steps = 4, batch_size = 4, lr = 3e-3 }
+[[stage]]
+name = "sft"
+kind = "sft"
+train = { max_steps = 4, batch_size = 5, lr = 3e-3 }
+[[stage]]
+name = "reward"
+kind = "reward"
+data = { task = "eprstmt", from_multiple_choice = true, train = "fewclue/eprstmt/train.json" }
+train = { max_steps = 4, batch_size = 4, lr = 1e-3 }
+[[stage]]
+name = "ppo"
+kind = "ppo"
+ppo = { iterations = 2, rollout_batch = 6, minibatch = 4, max_new_tokens = 3, temperature = 0.7, reward = { kind = "model" } }
+[[stage]]
+name = "eval"
+kind = "eval"
+eval = { modes = ["choice"], tasks = [{ task = "eprstmt", path = "fewclue/eprstmt/dev.json" }] }
+"#;
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run_job(&job(text), one.path(), Device::Cpu).unwrap();
+    run_ranks(text, two.path(), 2);
+    for f in ["stages/sft/adapter/adapter_model.safetensors", "stages/reward/reward_model/adapter_model.safetensors", "stages/ppo/adapter/adapter_model.safetensors"] {
+        let d = max_diff(&one.path().join(f), &two.path().join(f));
+        eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
+        // Adam turns float-rounding differences of near-zero gradients into
+        // up to lr-sized steps, and the stages compound them: looser than above.
+        assert!(d < 1e-4, "{f}: {d:e}");
+    }
+    let report = |d: &Path| std::fs::read_to_string(d.join("report.md")).unwrap();
+    assert!(report(two.path()).contains("eprstmt"), "{}", report(two.path()));
+    let accuracy = |d: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(d.join("stages/eval/outcome.json")).unwrap()).unwrap() };
+    assert_eq!(accuracy(one.path())["accuracies"], accuracy(two.path())["accuracies"]);
+}
+
 /// GPU ranks sum with NCCL through cudarc's run-time loading: this build
 /// (made without CUDA) finds and loads the NCCL that torch ships.
 #[test]

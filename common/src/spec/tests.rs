@@ -141,7 +141,7 @@ fn data_parallel_parses_and_names_bad_fields() {
     let cases = [
         ("data_parallel = 2", "data_parallel = 0", "placement.data_parallel: must be at least 1"),
         ("data_parallel = 2", "data_parallel = 5", "train.batch_size: must be at least placement.data_parallel (5)"),
-        ("kind = \"sft\"", "kind = \"eval\"", "placement.data_parallel: data parallel runs sft, reward, pretrain and ppo jobs, not eval"),
+        ("kind = \"sft\"", "kind = \"eval\"", "placement.data_parallel: data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not eval"),
         ("\"coordinator\"", "\"mpi\"", "unknown variant `mpi`"),
     ];
     for (from, to, want) in cases {

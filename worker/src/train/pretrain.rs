@@ -21,7 +21,12 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     if let Some(init) = &job.model.init {
         let preset: Preset = init.preset.parse()?;
         let dir = ctx.out.join("init");
-        init_model(preset, &init.corpus, &dir, job.seed)?;
+        if ctx.writes() {
+            init_model(preset, &init.corpus, &dir, job.seed)?;
+        }
+        if ctx.dist.world() > 1 {
+            ctx.dist.gather(Vec::new())?; // rank 0 has made it before the others load it
+        }
         job.model.path = Some(dir);
     }
     let mut l = load_base(&job, ctx.device)?;

@@ -106,7 +106,7 @@ pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>
 pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
     let mut roles = hooks.roles.take();
     let mut dist: Box<dyn Collective> = hooks.dist.take().unwrap_or_else(|| Box::new(Single));
-    if dist.world() > 1 && matches!(job.kind, JobKind::Pipeline | JobKind::Eval) {
+    if dist.world() > 1 && job.kind == JobKind::Eval {
         return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
     }
     let rank = dist.rank();
@@ -136,12 +136,18 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
             let done = dir.join("outcome.json");
             let outcome = match std::fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str::<Outcome>(&t).ok()) {
                 Some(o) => o,
+                // Data parallel: rank 0 evaluates, the other ranks wait for it.
+                None if stage.kind == JobKind::Eval && rank > 0 => Outcome::default(),
                 None => {
                     tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
                     let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
                     run_stage_with(&sj, &dir, device, &mut metrics, r, dist.as_mut())?
                 }
             };
+            if dist.world() > 1 {
+                // Rank 0 has written this stage's files before any rank reads them.
+                dist.gather(Vec::new())?;
+            }
             produced.take(&outcome, stage.kind);
             outcomes.push(outcome);
         }
@@ -149,7 +155,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
     } else {
         vec![run_stage_with(job, out, device, &mut metrics, roles.as_deref_mut(), dist.as_mut())?]
     };
-    if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) {
+    if matches!(job.kind, JobKind::Eval | JobKind::Pipeline) && rank == 0 {
         let title = job.name.clone().unwrap_or_else(|| format!("rlhfd {} report", job.kind.name()));
         let path = out.join("report.md");
         std::fs::write(&path, report::markdown(&title, &outcomes)).map_err(|e| Error::io(&path, e))?;
