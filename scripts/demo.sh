@@ -4,7 +4,9 @@
 # workers), submits the paper's pipeline on a tiny model — pretrain → SFT
 # (LoRA) → reward model → PPO with rollout/policy on worker cpu-0 and reward +
 # critic on worker cpu-1 → eval — follows it, prints the report (the paper's
-# Tables 3–5) and the PNG curves, and stops the cluster.
+# Tables 3–5) and the PNG curves; then runs examples/sft-data-parallel.toml on
+# both workers at once (data parallel, gradients summed through the
+# coordinator), and stops the cluster.
 #   RLHF_DEMO_DIR  cluster data dir (default runs/demo-cluster; removed first)
 #   RLHF_DEMO_PORT coordinator port (default 50051)
 set -euo pipefail
@@ -28,3 +30,8 @@ echo "submitted job $job"
 "$CTL" logs "$job" | grep -v '^{' || true
 "$CTL" report "$job" --out "$DIR/report"
 echo "demo: job $job finished in $(( $(date +%s) - start )) s; outputs in $DIR/jobs/$job"
+echo
+echo "== data parallel: examples/sft-data-parallel.toml, one SFT job on both workers"
+dp=$("$CTL" submit examples/sft-data-parallel.toml | tail -n 1)
+"$CTL" watch "$dp"
+"$CTL" logs "$dp" | grep -v '^{' || true
