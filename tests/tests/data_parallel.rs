@@ -218,3 +218,19 @@ async fn ppo_on_two_workers_trains_the_policy_of_one() {
     let (r1, r2) = (reward(&one.output_dir), reward(&two.output_dir));
     assert!(r1.iter().zip(&r2).all(|(a, b)| (a - b).abs() < 1e-5), "{r1:?}\n{r2:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_data_parallel_job_fails_with_the_cause_and_frees_every_rank() {
+    let cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let missing = sft_job(5, 0).replace(&fixtures().join("tiny-llama").display().to_string(), "/nonexistent/model-dir");
+    let id = submit(&mut c, format!("{missing}{DP}")).await;
+    let j = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
+    assert_eq!(state_name(j.state), "failed", "{j:?}");
+    assert!(j.reason.contains("/nonexistent/model-dir"), "{}", j.reason);
+    // Both ranks stop: the workers take the next job.
+    let ok = submit(&mut c, format!("{}{DP}", sft_job(3, 0))).await;
+    let ok = wait_job(&mut c, &ok, Duration::from_secs(60), is_terminal).await;
+    assert_eq!(state_name(ok.state), "succeeded", "{ok:?}\n{}", cl.logs());
+}

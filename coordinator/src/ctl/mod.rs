@@ -254,6 +254,13 @@ async fn submit(url: &str, file: &Path, wait: bool, request_id: String) -> Resul
         eprintln!("request id {request_id:?} already submitted: job {}", r.job_id);
     }
     println!("{}", r.job_id);
+    let ranks = spec.placement.data_parallel;
+    if ranks > 1 {
+        let alive = c.workers().await.map(|w| w.iter().filter(|w| w.alive).count()).unwrap_or(0);
+        if alive < ranks {
+            eprintln!("note: placement.data_parallel = {ranks} waits for {ranks} idle workers; {alive} connected");
+        }
+    }
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
