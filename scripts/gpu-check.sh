@@ -6,7 +6,9 @@
 #   2. logits parity vs transformers on the GPU (tiny fixtures, f32);
 #   3. greedy decode tokens/s vs transformers on the GPU (tiny-llama);
 #   4. NCCL through cudarc's run-time loading: a one-rank all-reduce on the GPU;
-#   5. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
+#   5. data parallel on the GPU: 2 workers sharing cuda:0 run one SFT job (auto
+#      picks the coordinator relay: NCCL needs a GPU per rank);
+#   6. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,19 @@ echo "== 3. greedy decode on cuda:0: rlhfd, then transformers"
 "$PY" scripts/bench/decode_transformers.py --model worker/tests/fixtures/tiny-llama --device cuda:0 --threads 4 --prompt-len 64 --new-tokens 32 --batch 1 8 | tail -n 1
 echo "== 4. NCCL all-reduce on cuda:0 (one-rank group; data parallel over several GPUs uses the same calls)"
 "$BIN/rlhf-worker" bench allreduce --device cuda:0 --megabytes 18 --runs 20 | tail -n 1
-echo "== 5. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
+echo "== 5. data parallel: a coordinator and 2 workers on cuda:0, examples/sft-data-parallel.toml"
+DP_DIR=$(mktemp -d); DP_PORT=50077
+export RLHF_COORDINATOR=http://127.0.0.1:$DP_PORT
+"$BIN/rlhf-coordinator" --listen 127.0.0.1:$DP_PORT --data-dir "$DP_DIR/data" 2>"$DP_DIR/coordinator.log" & DP_PIDS=$!
+for i in 0 1; do
+  RLHF_QUIET=1 "$BIN/rlhf-worker" serve --device cuda:0 --name "gpu0-$i" 2>"$DP_DIR/worker-$i.log" & DP_PIDS="$DP_PIDS $!"
+done
+trap 'kill $DP_PIDS 2>/dev/null || true' EXIT
+sleep 4
+dp_job=$(timeout 120 "$BIN/rlhfctl" submit --wait examples/sft-data-parallel.toml | tail -n 1)
+"$BIN/rlhfctl" logs "$dp_job" | grep -v '^{'
+kill $DP_PIDS 2>/dev/null || true
+echo "== 6. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 # minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
 for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2"; do
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1

@@ -229,6 +229,11 @@ async fn a_failing_data_parallel_job_fails_with_the_cause_and_frees_every_rank()
     let j = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
     assert_eq!(state_name(j.state), "failed", "{j:?}");
     assert!(j.reason.contains("/nonexistent/model-dir"), "{}", j.reason);
+    // NCCL asked for on CPU workers: refused with the reason, not a crash.
+    let id = submit(&mut c, format!("{}{}", sft_job(3, 0), DP.replace("coordinator", "nccl"))).await;
+    let j = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
+    assert_eq!(state_name(j.state), "failed", "{j:?}");
+    assert!(j.reason.contains("needs every rank on a GPU"), "{}", j.reason);
     // Both ranks stop: the workers take the next job.
     let ok = submit(&mut c, format!("{}{DP}", sft_job(3, 0))).await;
     let ok = wait_job(&mut c, &ok, Duration::from_secs(60), is_terminal).await;

@@ -131,29 +131,28 @@ impl Collective for Relay {
     }
 }
 
-/// The collective a rank uses: the relay, or NCCL over it. `auto` asks
-/// every rank first and picks NCCL only when all of them are on a GPU with
-/// NCCL loadable.
-pub(super) fn connect(
-    relay: Relay,
-    how: CollectiveSpec,
-    device: Device,
-) -> Result<Box<dyn Collective>> {
+/// The collective a rank uses: the relay, or NCCL over it. The ranks first
+/// tell each other their device; `auto` picks NCCL only when every rank is
+/// on a GPU of its own with NCCL loadable (two ranks on one GPU cannot share
+/// an NCCL communicator).
+pub(super) fn connect(relay: Relay, how: CollectiveSpec, device: Device) -> Result<Box<dyn Collective>> {
     let mut relay = relay;
-    let use_nccl = match how {
-        CollectiveSpec::Coordinator => false,
-        CollectiveSpec::Nccl => true,
-        CollectiveSpec::Auto => {
-            let ready = device.is_cuda() && nccl::available();
-            relay
-                .gather(vec![u8::from(ready)])?
-                .iter()
-                .all(|b| b.first() == Some(&1))
+    if how == CollectiveSpec::Coordinator {
+        return Ok(Box::new(relay));
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let me = format!("{}{}:{device:?}", u8::from(device.is_cuda() && nccl::available()), host.trim());
+    let all: Vec<String> = relay.gather(me.into_bytes())?.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+    let shared = all.iter().enumerate().find(|(i, d)| all[..*i].contains(d)).map(|(_, d)| d[1..].to_string());
+    let ready = all.iter().all(|d| d.starts_with('1'));
+    match (how, ready, shared) {
+        (CollectiveSpec::Nccl, false, _) => {
+            Err(Error::Collective("placement.collective = \"nccl\" needs every rank on a GPU with NCCL loadable; use \"coordinator\" or \"auto\"".into()))
         }
-    };
-    if use_nccl {
-        Ok(Box::new(nccl::NcclRank::init(Box::new(relay), device)?))
-    } else {
-        Ok(Box::new(relay))
+        (CollectiveSpec::Nccl, true, Some(d)) => {
+            Err(Error::Collective(format!("placement.collective = \"nccl\": two ranks share {d}; NCCL needs a GPU per rank (use \"coordinator\" or \"auto\")")))
+        }
+        (_, true, None) => Ok(Box::new(nccl::NcclRank::init(Box::new(relay), device)?)),
+        _ => Ok(Box::new(relay)),
     }
 }
