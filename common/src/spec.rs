@@ -264,6 +264,13 @@ fn default_clip() -> f64 {
     1.0
 }
 
+impl TrainSpec {
+    /// Whether to evaluate after step `done` of `total` (every `eval_every`, and at the end).
+    pub fn eval_due(&self, done: usize, total: usize) -> bool {
+        (self.eval_every > 0 && done % self.eval_every == 0) || done == total
+    }
+}
+
 impl Default for TrainSpec {
     fn default() -> Self {
         Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0, gradient_checkpointing: false }

@@ -7,10 +7,9 @@ mod common;
 
 use std::path::Path;
 
-use common::fixtures;
+use common::{fixtures, max_file_diff};
 use rlhf_common::spec::JobSpec;
 use rlhf_worker::dist::{local, Collective};
-use rlhf_worker::model::WeightFiles;
 use rlhf_worker::train::metrics::RunHooks;
 use rlhf_worker::train::run::{run_job, run_job_with};
 use serde_json::Value;
@@ -83,30 +82,12 @@ fn losses(dir: &Path, file: &str) -> Vec<f64> {
         .collect()
 }
 
-/// Largest |a - b| over the tensors of two safetensors files (same names).
-fn max_diff(a: &Path, b: &Path) -> f64 {
-    let (fa, fb) = (
-        WeightFiles::open_file(a).unwrap(),
-        WeightFiles::open_file(b).unwrap(),
-    );
-    let names: Vec<String> = fa.names().map(String::from).collect();
-    assert!(!names.is_empty());
-    names
-        .iter()
-        .map(|n| {
-            let (x, y) = (fa.get_any(n).unwrap(), fb.get_any(n).unwrap());
-            assert_eq!(x.size(), y.size(), "{n}");
-            (x - y).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
 fn check(text: &str, files: &[&str]) {
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     run_job(&job(text), one.path(), Device::Cpu).unwrap();
     run_ranks(text, two.path(), 2);
     for f in files {
-        let d = max_diff(&one.path().join(f), &two.path().join(f));
+        let d = max_file_diff(&one.path().join(f), &two.path().join(f));
         eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
         assert!(d < 2e-5, "{f}: 2 ranks differ from 1 worker by {d:e}");
     }
@@ -225,7 +206,7 @@ eval = { modes = ["choice"], tasks = [{ task = "eprstmt", path = "fewclue/eprstm
     run_job(&job(text), one.path(), Device::Cpu).unwrap();
     run_ranks(text, two.path(), 2);
     for f in ["stages/sft/adapter/adapter_model.safetensors", "stages/reward/reward_model/adapter_model.safetensors", "stages/ppo/adapter/adapter_model.safetensors"] {
-        let d = max_diff(&one.path().join(f), &two.path().join(f));
+        let d = max_file_diff(&one.path().join(f), &two.path().join(f));
         eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
         // Adam turns float-rounding differences of near-zero gradients into
         // up to lr-sized steps, and the stages compound them: looser than above.

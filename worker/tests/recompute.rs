@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use rlhf_common::spec::JobSpec;
-use rlhf_worker::model::WeightFiles;
 use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
 use rlhf_worker::train::ppo::rollout::{logprobs_of, Batch};
 use rlhf_worker::train::run::run_job;
@@ -90,9 +89,7 @@ fn same_outputs(text: impl Fn(bool) -> String, files: &[&str]) {
         outs.push(dir);
     }
     for f in files {
-        let (a, b) = (WeightFiles::open_file(&outs[0].path().join(f)).unwrap(), WeightFiles::open_file(&outs[1].path().join(f)).unwrap());
-        let names: Vec<String> = a.names().map(String::from).collect();
-        let d = names.iter().map(|n| (a.get_any(n).unwrap() - b.get_any(n).unwrap()).abs().max().double_value(&[])).fold(0.0, f64::max);
+        let d = max_file_diff(&outs[0].path().join(f), &outs[1].path().join(f));
         eprintln!("{f}: checkpointing on vs off: max |diff| = {d:e}");
         assert!(d < 1e-5, "{f}: {d:e}");
     }

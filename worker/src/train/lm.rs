@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use rlhf_common::spec::{CheckpointSpec, TrainSpec};
 use serde_json::json;
-use tch::Tensor;
 
 use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
@@ -64,9 +63,8 @@ pub fn train(
     }
     let device = pm.base.device;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
-    let params: Vec<Tensor> = opt.params().iter().map(Tensor::shallow_clone).collect();
     if world > 1 {
-        dist::materialize_grads(&params);
+        dist::materialize_grads(opt.params());
     }
     // Targets a row contributes to the loss (the first token predicts nothing).
     let n_targets = |i: &usize| samples[*i].targets.iter().skip(1).filter(|&&t| t != 0).count();
@@ -95,11 +93,9 @@ pub fn train(
                 Ok((part, value))
             })?;
         }
-        loss_sum = dist::sync_grads(ctx.dist, &params, &[loss_sum])?[0];
-        let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
         let lr = sched.lr(step);
-        opt.step(lr);
-        opt.zero_grad();
+        let (grad_norm, summed) = opt.step_across(ctx.dist, &[loss_sum], train.max_grad_norm, lr)?;
+        let loss_sum = summed[0];
         let done = step + 1;
         let mut rec = fields! {
             "loss" => loss_sum,
@@ -107,7 +103,7 @@ pub fn train(
             "grad_norm" => grad_norm,
             "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
         };
-        if ((train.eval_every > 0 && done % train.eval_every == 0) || done == total) && rank == 0 {
+        if train.eval_due(done, total) && rank == 0 {
             let acc = tch::no_grad(|| eval(pm))?;
             rec.insert("eval_accuracy".into(), json!(acc));
         }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use crate::dist::Collective;
 use crate::error::Result;
 use crate::model::WeightFiles;
 
@@ -80,6 +81,18 @@ impl AdamW {
                 let _ = p.g_sub_(&((&*m / bc1) / denom * lr));
             }
         });
+    }
+
+    /// The data-parallel step: sums the gradients and `extra` (loss and
+    /// metric parts) over the ranks of `dist`, clips to `max_norm`, takes
+    /// one step at `lr` and zeroes the gradients. Returns the gradient norm
+    /// before clipping and the summed `extra` (unchanged with one rank).
+    pub fn step_across(&mut self, dist: &mut dyn Collective, extra: &[f64], max_norm: f64, lr: f64) -> Result<(f64, Vec<f64>)> {
+        let summed = crate::dist::sync_grads(dist, &self.params, extra)?;
+        let norm = self.clip_grad_norm(max_norm);
+        self.step(lr);
+        self.zero_grad();
+        Ok((norm, summed))
     }
 
     /// Moments and step count, for checkpoints.

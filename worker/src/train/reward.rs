@@ -155,7 +155,6 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     if world > 1 {
         dist::materialize_grads(&params);
     }
-    let synced: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
     let mut opt = AdamW::new(params, train.weight_decay);
     let mut shuffler = Shuffler::new(job.seed);
     let t0 = Instant::now();
@@ -182,18 +181,15 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
             acc_sum += acc.double_value(&[]) / train.grad_accum as f64;
         }
-        let summed = dist::sync_grads(ctx.dist, &synced, &[loss_sum, acc_sum])?;
-        let (loss_sum, acc_sum) = (summed[0], summed[1]);
-        let grad_norm = opt.clip_grad_norm(train.max_grad_norm);
         let lr = sched.lr(step);
-        opt.step(lr);
-        opt.zero_grad();
+        let (grad_norm, summed) = opt.step_across(ctx.dist, &[loss_sum, acc_sum], train.max_grad_norm, lr)?;
+        let (loss_sum, acc_sum) = (summed[0], summed[1]);
         let done = step + 1;
         let mut rec = fields! {
             "loss" => loss_sum, "train_accuracy" => acc_sum, "lr" => lr, "grad_norm" => grad_norm,
             "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
         };
-        if ((train.eval_every > 0 && done % train.eval_every == 0) || done == total) && rank == 0 {
+        if train.eval_due(done, total) && rank == 0 {
             rec.insert("accuracy".into(), json!(accuracy(&l.pm, &head, &eval_enc, pad)?));
         }
         ctx.metrics.log(done, total, rec)?;

@@ -29,3 +29,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn to_vec(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(&t.reshape([-1])).expect("int tensor")
 }
+
+/// Largest |a - b| over the tensors of two safetensors files (same names and shapes).
+pub fn max_file_diff(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let (fa, fb) = (WeightFiles::open_file(a).expect("first file"), WeightFiles::open_file(b).expect("second file"));
+    let names: Vec<String> = fa.names().map(String::from).collect();
+    assert!(!names.is_empty(), "{} holds no tensors", a.display());
+    names
+        .iter()
+        .map(|n| {
+            let (x, y) = (fa.get_any(n).expect("tensor"), fb.get_any(n).expect("tensor"));
+            assert_eq!(x.size(), y.size(), "{n}");
+            max_abs_diff(&x, &y)
+        })
+        .fold(0.0, f64::max)
+}

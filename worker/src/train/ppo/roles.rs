@@ -94,11 +94,7 @@ impl RoleHost {
                 Ok((&scaled * ppo.vf_coef, (scaled.double_value(&[]), vf.clip_frac.double_value(&[]) * share)))
             })?;
         }
-        let params: Vec<Tensor> = self.critic_opt.params().iter().map(Tensor::shallow_clone).collect();
-        let summed = crate::dist::sync_grads(dist, &params, &[loss, frac])?;
-        self.critic_opt.clip_grad_norm(ppo.max_grad_norm);
-        self.critic_opt.step(ppo.critic_lr);
-        self.critic_opt.zero_grad();
+        let (_, summed) = self.critic_opt.step_across(dist, &[loss, frac], ppo.max_grad_norm, ppo.critic_lr)?;
         Ok((summed[0], summed[1]))
     }
 

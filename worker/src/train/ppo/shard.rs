@@ -33,7 +33,11 @@ pub fn whiten_across(c: &mut dyn Collective, x: &Tensor, mask: &Tensor) -> Resul
 
 /// Response tokens of every row of the global batch of `rows_total` rows,
 /// where this rank holds rows `rows` with response `mask`.
+/// Empty with one rank, which needs no shares (see [`minibatch_part`]).
 pub fn row_tokens(c: &mut dyn Collective, rows: &[usize], mask: &Tensor, rows_total: usize) -> Result<Vec<f64>> {
+    if c.world() == 1 {
+        return Ok(Vec::new());
+    }
     let mine: Vec<f32> = Vec::try_from(&mask.sum_dim_intlist(1, false, Kind::Float).to_device(Device::Cpu))?;
     let mut all = vec![0.0; rows_total];
     for (&r, &n) in rows.iter().zip(&mine) {

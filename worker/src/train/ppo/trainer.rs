@@ -156,7 +156,6 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
             dist::materialize_grads(h.critic_params());
         }
     }
-    let synced: Vec<Tensor> = policy_params.iter().map(Tensor::shallow_clone).collect();
     let mut policy_opt = AdamW::new(policy_params, 0.0);
     let mut kl_ctl = match ppo.kl_target {
         Some(target) => KlController::Adaptive { coef: ppo.kl_coef, target, horizon: ppo.kl_horizon },
@@ -271,10 +270,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
                         Ok((part, stats))
                     })?;
                 }
-                let stats = dist::sync_grads(ctx.dist, &synced, &stats)?;
-                let gn = policy_opt.clip_grad_norm(ppo.max_grad_norm);
-                policy_opt.step(ppo.lr);
-                policy_opt.zero_grad();
+                let (gn, stats) = policy_opt.step_across(ctx.dist, &stats, ppo.max_grad_norm, ppo.lr)?;
                 let value_loss = match &mut parts.host {
                     Some(h) => {
                         let part = sub.as_ref().map(|s| (s, pick(&values_old), pick(&returns)));
