@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use rlhf_common::spec::JobSpec;
 use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
-use rlhf_worker::train::ppo::rollout::{logprobs_of, Batch};
+use rlhf_worker::train::logprobs::backprop_through_head;
+use rlhf_worker::train::ppo::rollout::Batch;
 use rlhf_worker::train::run::run_job;
 use tch::{Device, Kind, Tensor};
 
@@ -51,10 +52,11 @@ fn grads(pm: &PeftModel, recompute: bool) -> (Vec<Tensor>, f64) {
     let weights = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 1.5, 0.0, 0.0]).view([2, 3]);
     let loss = b
         .train_step(pm, recompute, |hidden| {
-            let (logp, _) = logprobs_of(pm, &b, hidden, 1.0);
-            let loss = (logp * &weights * &b.mask).sum(Kind::Float);
-            let v = loss.double_value(&[]);
-            Ok((loss, v))
+            backprop_through_head(pm, hidden, &b.response, 1.0, false, |logp, _| {
+                let loss = (logp * &weights * &b.mask).sum(Kind::Float);
+                let v = loss.double_value(&[]);
+                Ok((loss, v))
+            })
         })
         .unwrap();
     (params.iter().map(|p| p.grad().copy()).collect(), loss)

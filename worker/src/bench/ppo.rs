@@ -48,8 +48,9 @@ use crate::model::save::{write_config, write_generation_config, write_safetensor
 use crate::model::{generate, parse_device, parse_dtype, Config, GenerateOptions, Model, Sampling};
 use crate::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
-use crate::train::ppo::rollout::{logprobs, logprobs_of, model_scores, values, Batch};
-use crate::train::ppo::{entropy_from_logits, gae, masked_whiten, penalized_rewards, policy_loss, value_loss, KlEstimator};
+use crate::train::logprobs::backprop_through_head;
+use crate::train::ppo::rollout::{logprobs, model_scores, values, Batch};
+use crate::train::ppo::{gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, value_loss, KlEstimator};
 use crate::train::reward::Head;
 
 /// The python baseline, embedded so the binary always runs its own version.
@@ -848,7 +849,7 @@ impl Roles {
         let t = Instant::now();
         let logp_old = batch.response_values(&gen.logprobs);
         let pm = self.views.reference()?;
-        let ref_logp = tch::no_grad(|| logprobs(pm, &batch, TEMPERATURE))?.0;
+        let ref_logp = logprobs(pm, &batch, TEMPERATURE)?;
         sync(device);
         times.insert("reference", t.elapsed().as_secs_f64());
 
@@ -885,11 +886,12 @@ impl Roles {
                 let pm = self.views.policy()?;
                 let (old, a) = (pick(&logp_old), pick(&adv));
                 let (pg_loss, entropy) = sub.train_step(pm, plan.recompute, |hidden| {
-                    let (logp_new, logits) = logprobs_of(pm, &sub, hidden, TEMPERATURE);
-                    let pg = policy_loss(&logp_new, &old, &a, &sub.mask, CLIP);
-                    let entropy = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
-                    let l = scalar(&pg.loss);
-                    Ok((pg.loss, (l, entropy)))
+                    backprop_through_head(pm, hidden, &sub.response, TEMPERATURE, true, |logp_new, ent| {
+                        let pg = policy_loss(logp_new, &old, &a, &sub.mask, CLIP);
+                        let entropy = ent.map_or(f64::NAN, |e| scalar(&masked_mean(e, &sub.mask)));
+                        let l = scalar(&pg.loss);
+                        Ok((pg.loss, (l, entropy)))
+                    })
                 })?;
                 self.policy_opt.clip_grad_norm(MAX_GRAD_NORM);
                 self.policy_opt.step(LR);

@@ -132,7 +132,8 @@ impl Model {
             Some(Linear::load(&w, "lm_head", h, cfg.vocab_size, false, kind, device)?)
         };
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: Some(w) })
+        let keep = w.has_views().then_some(w);
+        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: keep })
     }
 
     /// A model from layers whose tensors are already in memory, in `kind` on

@@ -28,6 +28,8 @@ pub struct WeightFiles {
     index: HashMap<String, (usize, TensorInfo)>,
     /// What to name in errors: the directory or file the user pointed at.
     origin: PathBuf,
+    /// Views into the maps handed out by `get_mapped`.
+    views: std::sync::atomic::AtomicUsize,
 }
 
 impl WeightFiles {
@@ -87,7 +89,7 @@ impl WeightFiles {
             }
             shards.push(Shard { path: path.clone(), map: Arc::new(map), data_start: 8 + header_len });
         }
-        Ok(Self { shards, index, origin: origin.to_path_buf() })
+        Ok(Self { shards, index, origin: origin.to_path_buf(), views: Default::default() })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -134,9 +136,17 @@ impl WeightFiles {
         })?;
         let view = self.view(shard, info, stored)?;
         if stored == kind && device == Device::Cpu {
+            self.views.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(view);
         }
         Ok(view.f_to_device(device)?.f_to_kind(kind)?)
+    }
+
+    /// Whether any tensor handed out views the maps (else the maps may go:
+    /// converted or moved weights hold copies, and mapped pages that were
+    /// read to make them would still count in the resident set).
+    pub(crate) fn has_views(&self) -> bool {
+        self.views.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     fn lowest(&self) -> usize {

@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use rlhf_common::spec::{CheckpointSpec, TrainSpec};
 use serde_json::json;
+use tch::Kind;
 
 use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
 use super::recompute;
-use super::setup::{lm_loss_of, positions, right_padded};
+use super::logprobs::backprop_through_head;
+use super::setup::{lm_targets, positions, right_padded};
 use crate::model::Mask;
 use super::stage::Ctx;
 use crate::data::Shuffler;
@@ -86,11 +88,14 @@ pub fn train(
             let (tg_t, _) = right_padded(&tg, 0, device);
             let pos = positions(&ids_t);
             loss_sum += recompute::backward(pm, (&ids_t, &pos, &Mask::Causal), train.gradient_checkpointing, |hidden| {
-                let (loss, n) = lm_loss_of(pm, &ids_t, &tg_t, hidden)?;
+                let (h, targets) = lm_targets(&ids_t, &tg_t, hidden)?;
+                let n = targets.size()[0];
                 let share = if world > 1 { n as f64 / all_targets.max(1) as f64 } else { 1.0 };
-                let part = (loss * share) / train.grad_accum as f64;
-                let value = part.double_value(&[]);
-                Ok((part, value))
+                backprop_through_head(pm, &h, &targets, 1.0, false, |logp, _| {
+                    let part = -logp.mean(Kind::Float) * (share / train.grad_accum as f64);
+                    let value = part.double_value(&[]);
+                    Ok((part, value))
+                })
             })?;
         }
         let lr = sched.lr(step);

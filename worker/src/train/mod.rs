@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod evaluate;
 pub mod lm;
+pub mod logprobs;
 pub mod metrics;
 pub mod optim;
 pub mod ppo;

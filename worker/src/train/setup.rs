@@ -10,6 +10,7 @@ use crate::data::{self, Example, Task, Template};
 use crate::error::{Error, Result};
 use crate::model::{parse_dtype, Mask, Tokenizer};
 use crate::peft::{self, PeftModel};
+use crate::train::logprobs::token_logprobs;
 
 /// The loaded base of a job, with its tokenizer.
 pub struct Loaded {
@@ -97,25 +98,28 @@ pub fn positions(ids: &Tensor) -> Tensor {
     Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0).expand([b, t], false)
 }
 
-/// Mean next-token cross-entropy over the positions where `target_mask`
-/// (`[b, T]`, 1 on tokens to predict) is set, with the active adapter.
-/// Only those positions go through the LM head.
-pub fn lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor) -> Result<(Tensor, i64)> {
-    lm_loss_of(pm, ids, target_mask, &pm.forward(ids, &positions(ids), Mask::Causal, None)?)
-}
-
-/// [`lm_loss`] from the hidden states of `pm.forward(ids, …)` (causal).
-pub fn lm_loss_of(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor, hidden: &Tensor) -> Result<(Tensor, i64)> {
+/// The next-token prediction rows of a causal forward over `ids`: hidden
+/// states `[n, h]` at the positions whose next token `target_mask` (`[b, T]`,
+/// 1 on tokens to predict) selects, and those tokens `[n]`. Only these rows
+/// go through the LM head (see [`crate::train::logprobs`]).
+pub fn lm_targets(ids: &Tensor, target_mask: &Tensor, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
     let t = ids.size()[1];
     let h = hidden.size()[2];
     let inputs = hidden.narrow(1, 0, t - 1).reshape([-1, h]);
     let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
     let sel = target_mask.narrow(1, 1, t - 1).reshape([-1]).nonzero().squeeze_dim(1);
-    let n = sel.size()[0];
-    if n == 0 {
+    if sel.size()[0] == 0 {
         return Err(Error::InvalidArgument("batch has no target tokens (responses truncated away?)".into()));
     }
-    let logits = pm.base.logits(&inputs.index_select(0, &sel), pm.hooks());
-    let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&targets.index_select(0, &sel));
-    Ok((loss, n))
+    Ok((inputs.index_select(0, &sel), targets.index_select(0, &sel)))
+}
+
+/// Mean next-token cross-entropy over the targets of `target_mask` (see
+/// [`lm_targets`]) with the active adapter, without a graph, and the count
+/// of targets.
+pub fn lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor) -> Result<(f64, i64)> {
+    let hidden = tch::no_grad(|| pm.forward(ids, &positions(ids), Mask::Causal, None))?;
+    let (h, targets) = lm_targets(ids, target_mask, &hidden)?;
+    let (logp, _) = token_logprobs(pm, &h, &targets, 1.0, false);
+    Ok((-logp.mean(Kind::Float).double_value(&[]), targets.size()[0]))
 }

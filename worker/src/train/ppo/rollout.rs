@@ -6,12 +6,13 @@
 //! response token `j` of every row sits at position `P + j` and is predicted
 //! by the hidden state at `P + j − 1`.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::Result;
 use crate::model::generate::{attention_mask, positions_from_mask};
 use crate::model::Mask;
 use crate::peft::PeftModel;
+use crate::train::logprobs::token_logprobs;
 use crate::train::recompute::backward;
 use crate::train::reward::Head;
 
@@ -117,16 +118,9 @@ impl Batch {
 }
 
 /// Log-probabilities `[b, R]` of the response tokens under the active
-/// adapter at `temperature`, and the logits they came from.
-pub fn logprobs(pm: &PeftModel, batch: &Batch, temperature: f64) -> Result<(Tensor, Tensor)> {
-    Ok(logprobs_of(pm, batch, &batch.response_hidden(pm)?, temperature))
-}
-
-/// [`logprobs`] from response hidden states `[b, R, h]`.
-pub fn logprobs_of(pm: &PeftModel, batch: &Batch, hidden: &Tensor, temperature: f64) -> (Tensor, Tensor) {
-    let logits = pm.base.logits(hidden, pm.hooks()).to_kind(Kind::Float) / temperature;
-    let logp = logits.log_softmax(-1, Kind::Float).gather(2, &batch.response.unsqueeze(-1), false).squeeze_dim(-1);
-    (logp, logits)
+/// adapter at `temperature` (no graph; the LM head runs in chunks).
+pub fn logprobs(pm: &PeftModel, batch: &Batch, temperature: f64) -> Result<Tensor> {
+    Ok(token_logprobs(pm, &batch.response_hidden(pm)?, &batch.response, temperature, false).0)
 }
 
 /// Per-token values `[b, R]` from the critic's adapter (active) and head.

@@ -16,8 +16,8 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::roles::{RoleHost, RoleOp, CRITIC, POLICY};
-use super::rollout::{logprobs, logprobs_of, Batch};
-use super::{apply_mask, apply_missing_eos_penalty, clip_score, entropy_from_logits, gae, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
+use super::rollout::{logprobs, Batch};
+use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
 use crate::data::{Shuffler, Template};
 use crate::error::{Error, Result};
 use crate::fields;
@@ -25,6 +25,7 @@ use crate::dist;
 use crate::model::{generate_rows, GenerateOptions, Sampling};
 use crate::peft::{self, base_parameters, PeftConfig, PeftModel};
 use crate::train::checkpoint::{self, Checkpoint};
+use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
 use crate::train::setup::{load_base, task_data, Loaded};
 use crate::train::stage::{Ctx, Outcome};
@@ -213,7 +214,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let t = Instant::now();
         let logp_old = batch.response_values(&gen.logprobs);
         parts.policy_pm()?.set_active(None)?;
-        let ref_logp = tch::no_grad(|| logprobs(&parts.policy()?.pm, &batch, ppo.temperature))?.0;
+        let ref_logp = logprobs(&parts.policy()?.pm, &batch, ppo.temperature)?;
         let t_ref = t.elapsed().as_secs_f64();
         // 3. Scores (reward role or rule) and values (critic role).
         let t = Instant::now();
@@ -262,12 +263,13 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
                     let pm = &parts.policy()?.pm;
                     let (old, adv) = (pick(&logp_old), pick(&adv));
                     stats = sub.train_step(pm, ppo.gradient_checkpointing, |hidden| {
-                        let (logp_new, logits) = logprobs_of(pm, sub, hidden, ppo.temperature);
-                        let pg = policy_loss(&logp_new, &old, &adv, &sub.mask, ppo.clip);
-                        let part = &pg.loss * share;
-                        let ent = tch::no_grad(|| scalar(&entropy_from_logits(&logits, &sub.mask)));
-                        let stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
-                        Ok((part, stats))
+                        backprop_through_head(pm, hidden, &sub.response, ppo.temperature, true, |logp_new, ent| {
+                            let pg = policy_loss(logp_new, &old, &adv, &sub.mask, ppo.clip);
+                            let part = &pg.loss * share;
+                            let ent = ent.map_or(f64::NAN, |e| scalar(&masked_mean(e, &sub.mask)));
+                            let stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                            Ok((part, stats))
+                        })
                     })?;
                 }
                 let (gn, stats) = policy_opt.step_across(ctx.dist, &stats, ppo.max_grad_norm, ppo.lr)?;
