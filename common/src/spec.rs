@@ -597,6 +597,13 @@ impl JobSpec {
         }
     }
 
+    /// Overrides `model.dtype` (`--dtype` of `rlhf-worker run` and
+    /// `rlhfctl submit`) and validates the job again.
+    pub fn override_dtype(&mut self, dtype: &str) -> Result<(), SpecError> {
+        self.model.dtype = dtype.to_string();
+        self.validate()
+    }
+
     /// The single-kind job that a pipeline stage amounts to.
     pub fn stage_job(&self, stage: &StageSpec) -> JobSpec {
         JobSpec {

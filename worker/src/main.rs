@@ -96,6 +96,10 @@ enum Command {
         /// Output directory (default runs/<job name or kind>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// f32, bf16 or f16: overrides the job's model.dtype (bf16 keeps the
+        /// frozen base in bf16, adapters, heads and optimizer state in f32).
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// The worker daemon: register with a coordinator and run its tasks.
     Serve {
@@ -147,11 +151,17 @@ enum Bench {
         runs: usize,
     },
     /// PPO iterations at fixed lengths: shared-base lora/ssf/repadapter vs naive
-    /// RLHF (four models) vs transformers+peft, each configuration in its own
+    /// RLHF (four models) vs the real TRL PPOTrainer, each configuration in its own
     /// process; a table, or with --json one JSON object as the last stdout line.
     Ppo {
         #[command(flatten)]
         args: rlhf_worker::bench::ppo::PpoArgs,
+    },
+    /// LoRA SFT steps (forward, loss, backward, AdamW) in each of --dtypes,
+    /// in one process: s/step and the speedup over the first dtype.
+    Sft {
+        #[command(flatten)]
+        args: rlhf_worker::bench::sft::SftArgs,
     },
     /// NCCL all-reduce on one GPU (a one-rank group, through cudarc's run-time
     /// loading): checks the sum, reports ms and GB/s; the last line is JSON.
@@ -200,8 +210,11 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("generate with {}", args.model.display()))?;
             println!("{line}");
         }
-        Command::Run { job, device, out } => {
-            let spec = rlhf_worker::train::run::read_job(&job)?;
+        Command::Run { job, device, out, dtype } => {
+            let mut spec = rlhf_worker::train::run::read_job(&job)?;
+            if let Some(d) = dtype {
+                spec.override_dtype(&d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+            }
             let device = tools::parse_device(&device)?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(spec.name.clone().unwrap_or_else(|| spec.kind.name().into())));
             let outcomes = rlhf_worker::train::run::run_job(&spec, &out, device)
@@ -241,6 +254,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: Bench::Ppo { args } } => {
             rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;
+        }
+        Command::Bench { what: Bench::Sft { args } } => {
+            rlhf_worker::bench::sft::main(&args).context("bench sft")?;
         }
         Command::Bench { what: Bench::PpoOne { args, config } } => {
             let line = rlhf_worker::bench::ppo::run_one(&args, &config)

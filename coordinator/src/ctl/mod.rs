@@ -86,6 +86,9 @@ pub enum Cmd {
         /// Idempotency key: submitting twice with one id yields one job.
         #[arg(long, value_name = "ID")]
         request_id: Option<String>,
+        /// f32, bf16 or f16: overrides the job's model.dtype.
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// The job table, or one job in detail.
     Status {
@@ -155,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             up(cluster::UpOptions { data_dir: data_dir.resolve(), listen, cpu_workers, timeout: Duration::from_secs(timeout) }).await
         }
         Cmd::Down { data_dir, grace } => down(&data_dir.resolve(), Duration::from_secs(grace)),
-        Cmd::Submit { file, wait, request_id } => submit(&url, &file, wait, request_id.unwrap_or_default()).await,
+        Cmd::Submit { file, wait, request_id, dtype } => submit(&url, &file, wait, request_id.unwrap_or_default(), dtype).await,
         Cmd::Status { job: Some(job), json } => status_one(&url, &job, json).await,
         Cmd::Status { job: None, json } | Cmd::List { json } => list(&url, json).await,
         Cmd::Watch { job } => {
@@ -239,8 +242,11 @@ pub fn load_job_file(file: &Path) -> Result<JobSpec> {
     Ok(spec)
 }
 
-async fn submit(url: &str, file: &Path, wait: bool, request_id: String) -> Result<ExitCode> {
-    let spec = load_job_file(file)?;
+async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: Option<String>) -> Result<ExitCode> {
+    let mut spec = load_job_file(file)?;
+    if let Some(d) = dtype {
+        spec.override_dtype(&d).map_err(|e| anyhow!("--dtype: {e}"))?;
+    }
     let text = spec.to_toml();
     if text.is_empty() {
         bail!("{}: the job could not be written back as TOML", file.display());

@@ -3,6 +3,7 @@
 //! peak-memory figure belongs to one configuration alone.
 
 pub mod ppo;
+pub mod sft;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

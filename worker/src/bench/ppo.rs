@@ -1,21 +1,23 @@
 //! `rlhf-worker bench ppo`: PPO iterations at fixed prompt and response
 //! lengths, timed per phase, with the peak memory of each configuration.
 //!
-//! Configurations:
+//! Every rlhfd configuration times [`iteration::run`], the very iteration
+//! the `ppo` stage runs (per-row sampling streams, reference log-probs,
+//! reward and values, KL-penalised rewards, GAE, whitening, per minibatch a
+//! policy step then a critic step at `critic_lr`, `step_across`), over a
+//! [`iteration::Roles`] provider built here:
 //! - `lora`, `ssf`, `repadapter`: the worker's design — ONE base model with a
 //!   policy, a critic and a reward adapter of that method, the reference being
-//!   the base with adapters off, plus scalar reward and value heads. The
-//!   iteration is the one `train::ppo::trainer` runs with every role on one
-//!   device (same rollout, loss and GAE functions, same order of forward
-//!   passes; per minibatch a policy step, then a critic step).
+//!   the base with adapters off, plus scalar reward and value heads; the
+//!   critic starts as a copy of the reward model, as in the trainer.
 //! - `naive`: RLHF without PEFT — four separate copies of the base: policy
 //!   (`full` adapter, AdamW), reference, reward (+ head), critic (`full`
 //!   adapter + value head, AdamW).
 //! - `trl`: `scripts/bench/ppo_trl.py` (embedded in this binary), the real
-//!   TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` with a peft LoRA policy,
-//!   run by the project venv's python (see [`python`]); `scripts/setup-bench.sh`
-//!   installs its pinned packages. Its layout: TRL's PEFT PPO
-//!   layout, TRL's loss formulas inline.
+//!   TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` with a peft LoRA policy
+//!   (reference = adapter disabled, a separate reward model and a separate
+//!   FULL value model), run by the project venv's python (see [`python`]);
+//!   `scripts/setup-bench.sh` installs its pinned packages.
 //!
 //! Each configuration runs in a child process of its own (this binary's
 //! hidden `bench ppo-one`, or TRL's python), so its peak memory is its own: on CPU
@@ -36,9 +38,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Instant;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rlhf_common::spec::PpoSpec;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -47,12 +47,13 @@ use crate::error::{Error, Result};
 use crate::model::init::{random_weights, Preset};
 use crate::model::random::{llama2_7b_config, random_model};
 use crate::model::save::{write_config, write_generation_config, write_safetensors};
-use crate::model::{generate, parse_device, parse_dtype, Config, GenerateOptions, Model, Sampling};
+use crate::dist::{Collective, Single};
+use crate::model::{parse_device, parse_dtype, Config, Model, Tokenizer};
 use crate::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
-use crate::train::logprobs::backprop_through_head;
-use crate::train::ppo::rollout::{logprobs, model_scores, values, Batch};
-use crate::train::ppo::{gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, value_loss, KlEstimator};
+use crate::train::ppo::iteration::{self, PolicyState, Prompts, Rollout, Scorer};
+use crate::train::ppo::roles::critic_update;
+use crate::train::ppo::rollout::{model_scores, values, Batch};
 use crate::train::reward::Head;
 
 /// The TRL baseline, embedded so the binary always runs its own version.
@@ -731,32 +732,47 @@ impl Views {
             }),
         }
     }
-
-    fn policy(&mut self) -> Result<&PeftModel> {
-        self.view(Some(POLICY))
-    }
-
-    fn reference(&mut self) -> Result<&PeftModel> {
-        self.view(None)
-    }
-
-    fn reward(&mut self) -> Result<&PeftModel> {
-        self.view(Some(REWARD))
-    }
-
-    fn critic(&mut self) -> Result<&PeftModel> {
-        self.view(Some(CRITIC))
-    }
 }
 
-struct Roles {
+/// The bench's roles for [`iteration::run`]: the reward model is a random
+/// (frozen) adapter + head, and the critic starts as a copy of it, as the
+/// trainer's critic starts from the trained reward model.
+struct BenchRoles {
     views: Views,
     reward_head: Head,
     value_head: Head,
-    policy_opt: AdamW,
     critic_opt: AdamW,
-    trainable: i64,
     models: usize,
+}
+
+impl iteration::Roles for BenchRoles {
+    fn policy(&mut self) -> Result<&PeftModel> {
+        self.views.view(Some(POLICY))
+    }
+
+    fn reference(&mut self) -> Result<&PeftModel> {
+        self.views.view(None)
+    }
+
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
+        let pm = self.views.view(Some(REWARD))?;
+        tch::no_grad(|| model_scores(pm, &self.reward_head, batch))
+    }
+
+    fn values(&mut self, batch: &Batch) -> Result<Tensor> {
+        let pm = self.views.view(Some(CRITIC))?;
+        tch::no_grad(|| values(pm, &self.value_head, batch))
+    }
+
+    fn critic_step(&mut self, part: Option<(&Batch, Tensor, Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<f64> {
+        let pm = self.views.view(Some(CRITIC))?;
+        let part = part.as_ref().map(|(s, v, r)| (*s, v, r));
+        Ok(critic_update(pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)?.0)
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        None
+    }
 }
 
 fn load_base(plan: &Plan) -> Result<Model> {
@@ -779,165 +795,70 @@ fn adapter_config(method: Method, seed: u64) -> PeftConfig {
     c
 }
 
-impl Roles {
-    fn new(variant: Variant, plan: &Plan) -> Result<Self> {
-        let h = plan.cfg.hidden_size;
-        let seed = plan.seed;
-        let (views, models) = match variant.shared_method() {
-            Some(method) => {
-                let mut pm = PeftModel::new(load_base(plan)?);
-                for (i, name) in [POLICY, CRITIC, REWARD].into_iter().enumerate() {
-                    let adapter = peft::build(adapter_config(method, seed.wrapping_add(i as u64)), &pm.base)?;
-                    pm.add(name, adapter)?;
-                }
-                (Views::Shared(Box::new(pm)), 1)
-            }
-            None => {
-                let with_full = |name: &str, s: u64| -> Result<PeftModel> {
-                    let mut pm = PeftModel::new(load_base(plan)?);
-                    let adapter = peft::build(adapter_config(Method::Full, s), &pm.base)?;
-                    pm.add(name, adapter)?;
-                    pm.set_active(Some(name))?;
-                    Ok(pm)
-                };
-                let policy = with_full(POLICY, seed)?;
-                let reference = PeftModel::new(load_base(plan)?);
-                let reward = PeftModel::new(load_base(plan)?);
-                let critic = with_full(CRITIC, seed.wrapping_add(1))?;
-                (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
-            }
-        };
-        let mut views = views;
-        let frozen = Head::new(h, plan.device, seed.wrapping_add(3));
-        let reward_head = Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
-        let value_head = Head::new(h, plan.device, seed.wrapping_add(4));
-        let policy_params = views.policy()?.adapter(POLICY)?.parameters();
-        let mut critic_params = views.critic()?.adapter(CRITIC)?.parameters();
-        critic_params.extend([value_head.weight.shallow_clone(), value_head.bias.shallow_clone()]);
-        let trainable = policy_params.iter().chain(&critic_params).map(|t| t.numel() as i64).sum();
-        Ok(Self {
-            views,
-            reward_head,
-            value_head,
-            policy_opt: AdamW::new(policy_params, 0.0),
-            critic_opt: AdamW::new(critic_params, 0.0),
-            trainable,
-            models,
-        })
-    }
-
-    /// One PPO iteration, as `train::ppo::trainer::run` does it; returns the
-    /// seconds of each phase and the total, and a few metrics.
-    fn iteration(&mut self, plan: &Plan, it: usize) -> Result<(BTreeMap<&'static str, f64>, Value)> {
-        let device = plan.device;
-        let pad = plan.pad();
-        let r = plan.response_len;
-        let prompts = prompt_ids(plan.seed, it, plan.batch, plan.prompt_len, plan.cfg.vocab_size, plan.pad());
-        let mut times = BTreeMap::new();
-        sync(device);
-        let ti = Instant::now();
-
-        // 1. Rollout with the policy: exactly `r` tokens, no EOS stop.
-        let opts = GenerateOptions {
-            max_new_tokens: r,
-            sampling: Sampling {
-                temperature: TEMPERATURE,
-                top_p: 1.0,
-                top_k: 0,
-                seed: plan.seed.wrapping_mul(1_000_003).wrapping_add(it as u64),
-            },
-            eos_ids: Vec::new(),
-            pad_id: pad,
-        };
-        let gen = {
-            let pm = self.views.policy()?;
-            generate(&pm.base, pm.hooks(), &prompts, &opts)?
-        };
-        if let Some(short) = gen.tokens.iter().find(|t| t.len() != r) {
-            return Err(Error::InvalidArgument(format!("generation stopped after {} of {r} tokens", short.len())));
-        }
-        let batch = Batch::new(&prompts, &gen.tokens, pad, device);
-        sync(device);
-        times.insert("generate", ti.elapsed().as_secs_f64());
-
-        // 2. Old log-probs from generation (as the trainer and TRL do), reference log-probs (adapters off).
-        let t = Instant::now();
-        let logp_old = batch.response_values(&gen.logprobs);
-        let pm = self.views.reference()?;
-        let ref_logp = logprobs(pm, &batch, TEMPERATURE)?;
-        sync(device);
-        times.insert("reference", t.elapsed().as_secs_f64());
-
-        // 3. Scores from the reward model, values from the critic.
-        let t = Instant::now();
-        let pm = self.views.reward()?;
-        let score = tch::no_grad(|| model_scores(pm, &self.reward_head, &batch))?;
-        sync(device);
-        times.insert("reward", t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let pm = self.views.critic()?;
-        let values_old = tch::no_grad(|| values(pm, &self.value_head, &batch))?;
-        sync(device);
-        times.insert("values", t.elapsed().as_secs_f64());
-
-        // 4. KL-penalised rewards, GAE, whitening, PPO epochs over minibatches.
-        let t = Instant::now();
-        let mask = &batch.mask;
-        let (rewards, kl) = penalized_rewards(&score, &logp_old, &ref_logp, mask, KL_COEF, KlEstimator::K1);
-        let (adv, returns) = gae(&rewards, &values_old, mask, GAMMA, LAM);
-        let adv = masked_whiten(&adv, mask, true);
-        let b = batch.rows();
-        let mut rng = ChaCha8Rng::seed_from_u64(plan.seed ^ (it as u64).wrapping_mul(0x9E37_79B9));
-        let mut last = json!({});
-        for _ in 0..plan.ppo_epochs {
-            let mut order: Vec<i64> = (0..b).collect();
-            order.shuffle(&mut rng);
-            for mb in order.chunks(plan.minibatch) {
-                let sub = batch.select(mb);
-                let sel = Tensor::from_slice(mb).to_device(device);
-                let pick = |x: &Tensor| x.index_select(0, &sel);
-                // The policy step, then the critic step (as the trainer and
-                // its critic role do), so one graph is alive at a time.
-                let pm = self.views.policy()?;
-                let (old, a) = (pick(&logp_old), pick(&adv));
-                let (pg_loss, entropy) = sub.train_step(pm, plan.recompute, |hidden| {
-                    backprop_through_head(pm, hidden, &sub.response, TEMPERATURE, true, |logp_new, ent| {
-                        let pg = policy_loss(logp_new, &old, &a, &sub.mask, CLIP);
-                        let entropy = ent.map_or(f64::NAN, |e| scalar(&masked_mean(e, &sub.mask)));
-                        let l = scalar(&pg.loss);
-                        Ok((pg.loss, (l, entropy)))
-                    })
-                })?;
-                self.policy_opt.clip_grad_norm(MAX_GRAD_NORM);
-                self.policy_opt.step(LR);
-                self.policy_opt.zero_grad();
-                let pm = self.views.critic()?;
-                let (v_old, ret, head) = (pick(&values_old), pick(&returns), &self.value_head);
-                let vf_loss = sub.train_step(pm, plan.recompute, |hidden| {
-                    let vf = value_loss(&head.forward(hidden), &v_old, &ret, &sub.mask, VALUE_CLIP);
-                    let l = scalar(&vf.loss);
-                    Ok((vf.loss * VF_COEF, l))
-                })?;
-                self.critic_opt.clip_grad_norm(MAX_GRAD_NORM);
-                self.critic_opt.step(LR);
-                self.critic_opt.zero_grad();
-                last = json!({
-                    "policy_loss": pg_loss,
-                    "value_loss": vf_loss,
-                    "entropy": entropy,
-                    "kl": scalar(&kl.sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)),
-                });
-            }
-        }
-        sync(device);
-        times.insert("train", t.elapsed().as_secs_f64());
-        times.insert("total", ti.elapsed().as_secs_f64());
-        Ok((times, last))
-    }
+/// The job-file PPO settings of the bench: its shapes, and the
+/// hyperparameters the TRL script uses too.
+fn ppo_spec(plan: &Plan) -> Result<PpoSpec> {
+    serde_json::from_value(json!({
+        "iterations": plan.iterations + 1,
+        "rollout_batch": plan.batch,
+        "minibatch": plan.minibatch,
+        "ppo_epochs": plan.ppo_epochs,
+        "max_new_tokens": plan.response_len,
+        "temperature": TEMPERATURE,
+        "kl_coef": KL_COEF,
+        "kl_estimator": "k1",
+        "gamma": GAMMA,
+        "lam": LAM,
+        "clip": CLIP,
+        "value_clip": VALUE_CLIP,
+        "vf_coef": VF_COEF,
+        "lr": LR,
+        "critic_lr": LR,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "gradient_checkpointing": plan.recompute,
+        "reward": { "kind": "model" },
+    }))
+    .map_err(|e| Error::InvalidArgument(format!("bench ppo settings: {e}")))
 }
 
-fn scalar(t: &Tensor) -> f64 {
-    t.double_value(&[])
+/// The roles of `variant` and the policy's trainable state; also the
+/// trainable parameter count (policy and critic).
+fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, PolicyState, i64)> {
+    let h = plan.cfg.hidden_size;
+    let seed = plan.seed;
+    let (mut views, models) = match variant.shared_method() {
+        Some(method) => {
+            let mut pm = PeftModel::new(load_base(plan)?);
+            // The critic starts as a copy of the reward model: the same init.
+            for (name, s) in [(POLICY, seed), (REWARD, seed.wrapping_add(1)), (CRITIC, seed.wrapping_add(1))] {
+                pm.add(name, peft::build(adapter_config(method, s), &pm.base)?)?;
+            }
+            (Views::Shared(Box::new(pm)), 1)
+        }
+        None => {
+            let with_full = |name: &str, s: u64| -> Result<PeftModel> {
+                let mut pm = PeftModel::new(load_base(plan)?);
+                pm.add(name, peft::build(adapter_config(Method::Full, s), &pm.base)?)?;
+                pm.set_active(Some(name))?;
+                Ok(pm)
+            };
+            let policy = with_full(POLICY, seed)?;
+            let reference = PeftModel::new(load_base(plan)?);
+            let reward = PeftModel::new(load_base(plan)?);
+            let critic = with_full(CRITIC, seed.wrapping_add(1))?;
+            (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
+        }
+    };
+    let frozen = Head::new(h, plan.device, seed.wrapping_add(3));
+    let reward_head = Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
+    let value_head = Head::new(h, plan.device, seed.wrapping_add(3));
+    let policy_params = views.view(Some(POLICY))?.adapter(POLICY)?.parameters();
+    let mut critic_params = views.view(Some(CRITIC))?.adapter(CRITIC)?.parameters();
+    critic_params.extend([value_head.weight.shallow_clone(), value_head.bias.shallow_clone()]);
+    let trainable = policy_params.iter().chain(&critic_params).map(|t| t.numel() as i64).sum();
+    let state = PolicyState::new(policy_params, ppo);
+    let roles = BenchRoles { views, reward_head, value_head, critic_opt: AdamW::new(critic_params, 0.0), models };
+    Ok((roles, state, trainable))
 }
 
 fn sync(device: Device) {
@@ -965,16 +886,31 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         _ => None,
     };
     let t = Instant::now();
-    let mut roles = Roles::new(variant, &plan)?;
+    let ppo = ppo_spec(&plan)?;
+    let (mut roles, mut state, trainable) = roles(variant, &plan, &ppo)?;
     sync(plan.device);
     let setup_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::with_capacity(plan.iterations + 1);
     let mut last = Value::Null;
+    let batch_rows: Vec<usize> = (0..plan.batch).collect();
     for it in 0..=plan.iterations {
-        let (times, metrics) = roles.iteration(&plan, it)?;
-        tracing::debug!(config = config, it, total = times["total"], "iteration");
+        let ids = prompt_ids(plan.seed, it, plan.batch, plan.prompt_len, plan.cfg.vocab_size, plan.pad());
+        let prompts = Prompts { ids: &ids, rows: &batch_rows, global: plan.batch };
+        // No stop token: every response is exactly response_len tokens.
+        let rollout = Rollout { seed: plan.seed, it, eos_ids: Vec::new(), pad: plan.pad() };
+        sync(plan.device);
+        let ti = Instant::now();
+        let rec = iteration::run(&mut roles, &ppo, &mut state, &prompts, &Scorer::Model, &rollout, &mut Single)?;
+        let total = ti.elapsed().as_secs_f64();
+        let len = rec["response_len"].as_f64().unwrap_or(f64::NAN);
+        if len != plan.response_len as f64 {
+            return Err(Error::InvalidArgument(format!("responses averaged {len} of {} tokens", plan.response_len)));
+        }
+        let mut times: BTreeMap<&'static str, f64> = PHASES.iter().map(|&p| (p, rec[&format!("time_{p}")].as_f64().unwrap_or(f64::NAN))).collect();
+        times.insert("total", total);
+        tracing::debug!(config = config, it, total, "iteration");
         rows.push(times);
-        last = metrics;
+        last = json!({ "policy_loss": rec["policy_loss"], "value_loss": rec["value_loss"], "entropy": rec["entropy"], "kl": rec["kl"], "reward_mean": rec["reward_mean"] });
     }
     let timed = &rows[1..];
     let mean = |k: &str| timed.iter().map(|r| r[k]).sum::<f64>() / timed.len() as f64;
@@ -994,7 +930,7 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         "config": variant.name(),
         "method": match variant.shared_method() { Some(m) => format!("{m:?}").to_lowercase(), None => "full".into() },
         "models_loaded": roles.models,
-        "trainable_params": roles.trainable,
+        "trainable_params": trainable,
         "setup_s": setup_s,
         "iterations": timed.len(),
         "s_per_iter": s_per_iter,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rlhf_common::spec::{CheckpointSpec, TrainSpec};
 use serde_json::json;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
@@ -86,17 +86,11 @@ pub fn train(
             let tg: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].targets.clone()).collect();
             let (ids_t, _) = right_padded(&ids, pad, device);
             let (tg_t, _) = right_padded(&tg, 0, device);
-            let pos = positions(&ids_t);
-            loss_sum += recompute::backward(pm, (&ids_t, &pos, &Mask::Causal), train.gradient_checkpointing, |hidden| {
-                let (h, targets) = lm_targets(&ids_t, &tg_t, hidden)?;
-                let n = targets.size()[0];
+            let scale = |n: i64| {
                 let share = if world > 1 { n as f64 / all_targets.max(1) as f64 } else { 1.0 };
-                backprop_through_head(pm, &h, &targets, 1.0, false, |logp, _| {
-                    let part = -logp.mean(Kind::Float) * (share / train.grad_accum as f64);
-                    let value = part.double_value(&[]);
-                    Ok((part, value))
-                })
-            })?;
+                share / train.grad_accum as f64
+            };
+            loss_sum += backward_lm_loss(pm, &ids_t, &tg_t, train.gradient_checkpointing, scale)?;
         }
         let lr = sched.lr(step);
         let (grad_norm, summed) = opt.step_across(ctx.dist, &[loss_sum], train.max_grad_norm, lr)?;
@@ -121,4 +115,20 @@ pub fn train(
         }
     }
     Ok((total, t0.elapsed().as_secs_f64()))
+}
+
+/// Backpropagates the mean next-token cross-entropy over the targets of
+/// `target_mask` (`[b, T]`; see [`lm_targets`]) times `scale(targets)`, with
+/// activation checkpointing when `recompute`; returns the scaled loss.
+pub fn backward_lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor, recompute: bool, scale: impl FnOnce(i64) -> f64) -> Result<f64> {
+    let pos = positions(ids);
+    recompute::backward(pm, (ids, &pos, &Mask::Causal), recompute, |hidden| {
+        let (h, targets) = lm_targets(ids, target_mask, hidden)?;
+        let factor = scale(targets.size()[0]);
+        backprop_through_head(pm, &h, &targets, 1.0, false, |logp, _| {
+            let part = -logp.mean(Kind::Float) * factor;
+            let value = part.double_value(&[]);
+            Ok((part, value))
+        })
+    })
 }

@@ -1,6 +1,7 @@
 //! PPO: rollout, KL-penalised rewards, GAE, clipped policy and value losses.
 
 pub mod gae;
+pub mod iteration;
 pub mod kl;
 pub mod loss;
 pub mod roles;

@@ -13,7 +13,7 @@ use super::rollout::{model_scores, values, Batch};
 use super::value_loss;
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
-use crate::peft::{self, PeftConfig};
+use crate::peft::{self, PeftConfig, PeftModel};
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::reward::{load_reward_model, Head, HEAD_FILE};
@@ -85,17 +85,7 @@ impl RoleHost {
     /// gradients and statistics are summed over ranks before the update.
     pub fn critic_step_part(&mut self, part: Option<(&Batch, &Tensor, &Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<(f64, f64)> {
         self.l.pm.set_active(Some(CRITIC))?;
-        let (mut loss, mut frac) = (0.0, 0.0);
-        if let Some((sub, values_old, returns)) = part {
-            let head = &self.value_head;
-            (loss, frac) = sub.train_step(&self.l.pm, ppo.gradient_checkpointing, |hidden| {
-                let vf = value_loss(&head.forward(hidden), values_old, returns, &sub.mask, ppo.value_clip);
-                let scaled = &vf.loss * share;
-                Ok((&scaled * ppo.vf_coef, (scaled.double_value(&[]), vf.clip_frac.double_value(&[]) * share)))
-            })?;
-        }
-        let (_, summed) = self.critic_opt.step_across(dist, &[loss, frac], ppo.max_grad_norm, ppo.critic_lr)?;
-        Ok((summed[0], summed[1]))
+        critic_update(&self.l.pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)
     }
 
     /// Writes the critic (adapter + value head) to `dir`.
@@ -146,6 +136,31 @@ impl RoleHost {
             }
         })
     }
+}
+
+/// One critic update, `vf_coef · clipped value loss`, with the critic's
+/// adapter active on `pm`: this rank's rows of the minibatch (none is fine)
+/// weigh `share` of it; gradients and statistics are summed over ranks
+/// before the step. Returns (value loss, value clip fraction).
+pub fn critic_update(
+    pm: &PeftModel,
+    head: &Head,
+    opt: &mut AdamW,
+    part: Option<(&Batch, &Tensor, &Tensor)>,
+    share: f64,
+    ppo: &PpoSpec,
+    dist: &mut dyn Collective,
+) -> Result<(f64, f64)> {
+    let (mut loss, mut frac) = (0.0, 0.0);
+    if let Some((sub, values_old, returns)) = part {
+        (loss, frac) = sub.train_step(pm, ppo.gradient_checkpointing, |hidden| {
+            let vf = value_loss(&head.forward(hidden), values_old, returns, &sub.mask, ppo.value_clip);
+            let scaled = &vf.loss * share;
+            Ok((&scaled * ppo.vf_coef, (scaled.double_value(&[]), vf.clip_frac.double_value(&[]) * share)))
+        })?;
+    }
+    let (_, summed) = opt.step_across(dist, &[loss, frac], ppo.max_grad_norm, ppo.critic_lr)?;
+    Ok((summed[0], summed[1]))
 }
 
 /// What a trainer asks of a remote role host.

@@ -1,0 +1,109 @@
+//! `rlhf-worker bench sft`: LoRA SFT steps on a model directory — the
+//! forward, the lean LM-head loss, the backward and the AdamW step that an
+//! `sft` job takes ([`backward_lm_loss`]) — once per dtype in one process,
+//! so the dtypes compare on the same machine state. Token ids are seeded
+//! and random; every position after the first is a target.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::Single;
+use crate::error::{Error, Result};
+use crate::model::{parse_device, parse_dtype, Model};
+use crate::peft::{self, Method, PeftConfig, PeftModel};
+use crate::train::lm::backward_lm_loss;
+use crate::train::optim::AdamW;
+
+/// `bench sft`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SftArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub batch: i64,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    pub seq: i64,
+    /// Timed steps per dtype, after one warmup step.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Comma-separated dtypes, each timed in turn.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    pub dtypes: Vec<String>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object as the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Seconds per step of LoRA (r 8, every linear) SFT in `dtype`.
+fn time_steps(args: &SftArgs, dtype: &str, device: Device) -> Result<Value> {
+    let kind = parse_dtype(dtype)?;
+    let mut pm = PeftModel::new(Model::load(&args.model, kind, device)?);
+    let mut cfg = PeftConfig::new(Method::Lora);
+    cfg.seed = args.seed;
+    cfg.target_modules = vec!["all-linear".into()];
+    let adapter = peft::build(cfg, &pm.base)?;
+    let mut opt = AdamW::new(adapter.parameters(), 0.0);
+    pm.add("sft", adapter)?;
+    pm.set_active(Some("sft"))?;
+    let vocab = pm.base.cfg.vocab_size;
+    tch::manual_seed(args.seed as i64);
+    let ids = Tensor::randint(vocab, [args.batch, args.seq], (Kind::Int64, device));
+    let targets = Tensor::ones([args.batch, args.seq], (Kind::Int64, device));
+    let mut times = Vec::with_capacity(args.steps);
+    let mut losses = Vec::with_capacity(args.steps + 1);
+    for step in 0..=args.steps {
+        let t = Instant::now();
+        losses.push(backward_lm_loss(&pm, &ids, &targets, false, |_| 1.0)?);
+        opt.step_across(&mut Single, &[], 1.0, 1e-4)?;
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let s_per_step = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    Ok(json!({
+        "dtype": dtype,
+        "s_per_step": s_per_step,
+        "tokens_per_s": (args.batch * args.seq) as f64 / s_per_step,
+        "losses": losses,
+    }))
+}
+
+/// Runs `bench sft`: one row per dtype, and the first dtype's time over
+/// each other's (`speedup`).
+pub fn main(args: &SftArgs) -> Result<()> {
+    if args.dtypes.is_empty() || args.steps == 0 {
+        return Err(Error::InvalidArgument("--dtypes and --steps must not be empty".into()));
+    }
+    let device = parse_device(&args.device)?;
+    let rows = args.dtypes.iter().map(|d| time_steps(args, d, device)).collect::<Result<Vec<_>>>()?;
+    let first = rows[0]["s_per_step"].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "SFT step, {}: LoRA r 8 on every linear, batch {} x {} tokens, {} thread(s), {} timed steps after 1 warmup",
+        args.model.display(),
+        args.batch,
+        args.seq,
+        tch::get_num_threads(),
+        args.steps
+    );
+    eprintln!("| dtype | s/step | tokens/s | speedup vs {} |\n|---|---:|---:|---:|", args.dtypes[0]);
+    for r in &rows {
+        let s = r["s_per_step"].as_f64().unwrap_or(f64::NAN);
+        eprintln!("| {} | {s:.3} | {:.1} | {:.2} |", r["dtype"].as_str().unwrap_or("?"), r["tokens_per_s"].as_f64().unwrap_or(f64::NAN), first / s);
+    }
+    if args.json {
+        println!("{}", json!({ "bench": "sft", "model": args.model, "batch": args.batch, "seq": args.seq, "threads": tch::get_num_threads(), "rows": rows }));
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! One PPO iteration — rollout, reference log-probs, scores, values,
+//! KL-penalised rewards, GAE and the PPO epochs — over a [`Roles`] provider
+//! that says where each role lives. The `ppo` stage runs it with the roles
+//! colocated on one base or with reward and critic on another worker;
+//! `bench ppo` times this very function, also over four separate models.
+
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rlhf_common::spec::{KlEstimatorSpec, PpoSpec};
+use serde_json::{Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use super::rollout::{logprobs, Batch};
+use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
+use crate::dist::Collective;
+use crate::error::Result;
+use crate::fields;
+use crate::model::{generate_rows, GenerateOptions, Sampling, Tokenizer};
+use crate::peft::PeftModel;
+use crate::train::logprobs::backprop_through_head;
+use crate::train::optim::AdamW;
+
+/// Where the four roles of an iteration live.
+pub trait Roles {
+    /// The policy: its base with the policy adapter active.
+    fn policy(&mut self) -> Result<&PeftModel>;
+    /// The reference policy: the policy's base with adapters off, or a
+    /// model of its own.
+    fn reference(&mut self) -> Result<&PeftModel>;
+    /// Sequence scores `[b]` from the reward model.
+    fn scores(&mut self, batch: &Batch) -> Result<Tensor>;
+    /// Per-token values `[b, R]` from the critic.
+    fn values(&mut self, batch: &Batch) -> Result<Tensor>;
+    /// One critic update on this rank's part of a minibatch (none is fine),
+    /// weighing `share` of it; returns the value loss summed over ranks.
+    fn critic_step(&mut self, part: Option<(&Batch, Tensor, Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<f64>;
+    /// The tokenizer, for rule rewards on decoded responses.
+    fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// Payload bytes moved to and from other workers so far.
+    fn bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// The prompts of one iteration on this rank.
+pub struct Prompts<'a> {
+    /// Token ids of this rank's rows.
+    pub ids: &'a [Vec<i64>],
+    /// Their rows in the global batch.
+    pub rows: &'a [usize],
+    /// Rows in the global batch.
+    pub global: usize,
+}
+
+/// Where scores come from.
+pub enum Scorer<'a> {
+    /// The reward role.
+    Model,
+    /// A rule on the decoded responses of this rank's rows.
+    Rule(&'a dyn Fn(&Tokenizer, &[Vec<i64>]) -> Result<Tensor>),
+}
+
+/// What carries over from one iteration to the next.
+pub struct PolicyState {
+    pub opt: AdamW,
+    pub kl: KlController,
+}
+
+impl PolicyState {
+    pub fn new(policy_params: Vec<Tensor>, ppo: &PpoSpec) -> Self {
+        let kl = match ppo.kl_target {
+            Some(target) => KlController::Adaptive { coef: ppo.kl_coef, target, horizon: ppo.kl_horizon },
+            None => KlController::Fixed { coef: ppo.kl_coef },
+        };
+        Self { opt: AdamW::new(policy_params, 0.0), kl }
+    }
+}
+
+/// Sampling and stopping of the rollout.
+pub struct Rollout {
+    /// The job's seed; iteration `it` samples with a stream derived from both.
+    pub seed: u64,
+    pub it: usize,
+    /// Generation stops at these (none: always `ppo.max_new_tokens`).
+    pub eos_ids: Vec<i64>,
+    pub pad: i64,
+}
+
+fn estimator(e: KlEstimatorSpec) -> KlEstimator {
+    match e {
+        KlEstimatorSpec::K1 => KlEstimator::K1,
+        KlEstimatorSpec::K3 => KlEstimator::K3,
+    }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.double_value(&[])
+}
+
+/// Waits for the device, so that phase times are the work's, not its launch.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Runs one iteration and returns its metrics record (rewards, KL, losses,
+/// phase times `time_*`, bytes exchanged).
+pub fn run(
+    roles: &mut dyn Roles,
+    ppo: &PpoSpec,
+    state: &mut PolicyState,
+    prompts: &Prompts<'_>,
+    scorer: &Scorer<'_>,
+    rollout: &Rollout,
+    dist: &mut dyn Collective,
+) -> Result<Map<String, Value>> {
+    let ti = Instant::now();
+    let bytes_before = roles.bytes();
+    let (rank, world) = (dist.rank(), dist.world());
+    let b_all = prompts.global;
+
+    // 1. Rollout with the policy; every row samples from its own stream.
+    let opts = GenerateOptions {
+        max_new_tokens: ppo.max_new_tokens,
+        sampling: Sampling {
+            temperature: ppo.temperature,
+            top_p: ppo.top_p,
+            top_k: ppo.top_k,
+            seed: rollout.seed.wrapping_mul(1_000_003).wrapping_add(rollout.it as u64),
+        },
+        eos_ids: rollout.eos_ids.clone(),
+        pad_id: rollout.pad,
+    };
+    let (gen, device) = {
+        let pm = roles.policy()?;
+        let rows: Vec<u64> = prompts.rows.iter().map(|&r| r as u64).collect();
+        (generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?, pm.base.device)
+    };
+    sync(device);
+    let t_gen = ti.elapsed().as_secs_f64();
+    let batch = Batch::new(prompts.ids, &gen.tokens, rollout.pad, device);
+    let has_eos: Vec<bool> = gen.tokens.iter().map(|r| r.last().is_some_and(|t| rollout.eos_ids.contains(t))).collect();
+
+    // 2. Old log-probs: the sampled tokens' own, from generation (as TRL);
+    // reference log-probs with the adapters off.
+    let t = Instant::now();
+    let logp_old = batch.response_values(&gen.logprobs);
+    let ref_logp = logprobs(roles.reference()?, &batch, ppo.temperature)?;
+    sync(device);
+    let t_ref = t.elapsed().as_secs_f64();
+
+    // 3. Scores (reward role or rule) and values (critic role).
+    let t = Instant::now();
+    let raw_score = match scorer {
+        Scorer::Model => roles.scores(&batch)?,
+        Scorer::Rule(rule) => {
+            let tok = roles.tokenizer().ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
+            rule(tok, &gen.tokens)?.to_device(device)
+        }
+    };
+    sync(device);
+    let t_reward = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let values_old = roles.values(&batch)?;
+    sync(device);
+    let t_values = t.elapsed().as_secs_f64();
+
+    // 4. KL-penalised rewards, GAE, whitening.
+    let has_eos_t = Tensor::from_slice(&has_eos.iter().map(|&b| b as u8).collect::<Vec<_>>()).to_kind(Kind::Bool).to_device(device);
+    let score = match ppo.missing_eos_penalty {
+        Some(p) => apply_missing_eos_penalty(&raw_score, &has_eos_t, p),
+        None => raw_score.shallow_clone(),
+    };
+    let score = clip_score(&score, ppo.reward_clip);
+    let mask = &batch.mask;
+    let (rewards, kl) = penalized_rewards(&score, &logp_old, &ref_logp, mask, state.kl.coef(), estimator(ppo.kl_estimator));
+    let (adv, returns) = gae(&rewards, &values_old, mask, ppo.gamma, ppo.lam);
+    let adv = match (ppo.whiten_advantages, world) {
+        (false, _) => adv,
+        (true, 1) => masked_whiten(&adv, mask, true),
+        (true, _) => shard::whiten_across(dist, &adv, mask)?,
+    };
+    let tokens_of = shard::row_tokens(dist, prompts.rows, mask, b_all)?;
+
+    // 5. PPO epochs over minibatches: a policy step, then a critic step.
+    let t = Instant::now();
+    let mut rng = ChaCha8Rng::seed_from_u64(rollout.seed ^ (rollout.it as u64).wrapping_mul(0x9E37_79B9));
+    let mut sums = MinibatchSums::default();
+    for _ in 0..ppo.ppo_epochs {
+        let mut order: Vec<usize> = (0..b_all).collect();
+        order.shuffle(&mut rng);
+        for mb in order.chunks(ppo.minibatch) {
+            // This rank's rows of the minibatch; their losses weigh their share of its tokens.
+            let (local, share) = shard::minibatch_part(mb, rank, world, &tokens_of);
+            let sel = Tensor::from_slice(&local).to_device(device);
+            let pick = |x: &Tensor| x.index_select(0, &sel);
+            let sub = (!local.is_empty()).then(|| batch.select(&local));
+            let mut stats = [0.0; 4];
+            if let Some(sub) = &sub {
+                let pm = roles.policy()?;
+                let (old, adv) = (pick(&logp_old), pick(&adv));
+                stats = sub.train_step(pm, ppo.gradient_checkpointing, |hidden| {
+                    backprop_through_head(pm, hidden, &sub.response, ppo.temperature, true, |logp_new, ent| {
+                        let pg = policy_loss(logp_new, &old, &adv, &sub.mask, ppo.clip);
+                        let part = &pg.loss * share;
+                        let ent = ent.map_or(f64::NAN, |e| scalar(&masked_mean(e, &sub.mask)));
+                        let stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                        Ok((part, stats))
+                    })
+                })?;
+            }
+            let (grad_norm, stats) = state.opt.step_across(dist, &stats, ppo.max_grad_norm, ppo.lr)?;
+            let part = sub.as_ref().map(|s| (s, pick(&values_old), pick(&returns)));
+            let value_loss = roles.critic_step(part, share, ppo, dist)?;
+            sums.add(&stats, grad_norm, value_loss);
+        }
+    }
+    sync(device);
+    let t_train = t.elapsed().as_secs_f64();
+
+    // 6. Batch-wide statistics (over every rank's rows).
+    let total = |t: &Tensor| scalar(&t.sum(Kind::Float));
+    let g = shard::sum_across(
+        dist,
+        &[
+            total(&raw_score),
+            total(&raw_score.square()),
+            total(&score),
+            total(&kl),
+            batch.lens.iter().sum::<usize>() as f64,
+            total(&apply_mask(&adv, mask)),
+            total(mask),
+            prompts.ids.iter().map(Vec::len).sum::<usize>() as f64,
+        ],
+    )?;
+    let [raw, raw_sq, score_sum, kl_sum, response_tokens, adv_sum, mask_sum, prompt_tokens] = g[..] else {
+        unreachable!("sum_across returns as many sums as it is given")
+    };
+    let n_rows = b_all as f64;
+    let kl_seq = kl_sum / n_rows;
+    state.kl.update(kl_seq, b_all);
+    let n = sums.minibatches.max(1) as f64;
+    let secs = ti.elapsed().as_secs_f64();
+    let reward_mean = raw / n_rows;
+    let reward_var = if b_all > 1 { (raw_sq - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0) } else { 0.0 };
+    Ok(fields! {
+        "reward_mean" => reward_mean,
+        "reward_std" => reward_var.sqrt(),
+        "score_mean" => score_sum / n_rows,
+        "kl" => kl_seq,
+        "kl_coef" => state.kl.coef(),
+        "entropy" => sums.entropy / n,
+        "clip_frac" => sums.clip_frac / n,
+        "approx_kl" => sums.approx_kl / n,
+        "policy_loss" => sums.policy_loss / n,
+        "value_loss" => sums.value_loss / n,
+        "grad_norm" => sums.grad_norm / n,
+        "response_len" => response_tokens / n_rows,
+        "advantage_mean" => adv_sum / mask_sum.max(1e-8),
+        "tokens_per_s" => (prompt_tokens + response_tokens) / secs,
+        "time_generate" => t_gen,
+        "time_reference" => t_ref,
+        "time_reward" => t_reward,
+        "time_values" => t_values,
+        "time_train" => t_train,
+        "bytes_exchanged" => roles.bytes() - bytes_before,
+    })
+}
+
+/// Running sums over an iteration's minibatches (already summed over ranks).
+#[derive(Default)]
+struct MinibatchSums {
+    policy_loss: f64,
+    clip_frac: f64,
+    approx_kl: f64,
+    entropy: f64,
+    grad_norm: f64,
+    value_loss: f64,
+    minibatches: usize,
+}
+
+impl MinibatchSums {
+    /// `stats`: policy loss, clip fraction, approx KL, entropy.
+    fn add(&mut self, stats: &[f64], grad_norm: f64, value_loss: f64) {
+        self.policy_loss += stats[0];
+        self.clip_frac += stats[1];
+        self.approx_kl += stats[2];
+        self.entropy += stats[3];
+        self.grad_norm += grad_norm;
+        self.value_loss += value_loss;
+        self.minibatches += 1;
+    }
+}
