@@ -60,8 +60,9 @@ fn rlhfd_lora_loads_in_peft_with_equal_logits() {
 /// Mixed precision: the base in bf16, the LoRA in f32 (as peft keeps it),
 /// against transformers + peft with the base in bf16. The logits of these
 /// fixtures reach about 3.5, where one bf16 step (8 significant bits) is
-/// 0.016; rounding differs in a few places (peft adds the LoRA update to the
-/// bf16 output in f32, rlhfd in bf16), so the bound is five such steps.
+/// 0.016; rounding differs in a few places (peft computes the LoRA update
+/// in f32 and adds it in f32, rlhfd computes and adds it in bf16, as
+/// autocast would), so the bound is five such steps.
 #[test]
 fn bf16_base_with_f32_lora_matches_transformers_and_peft_in_bf16() {
     for name in MODELS {

@@ -582,7 +582,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
 
 /// A link to (or copy of) this executable in `dir`, so that every child runs
 /// the same binary as the parent even if the file is rebuilt meanwhile.
-fn private_exe(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn private_exe(dir: &Path) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| Error::io("the current executable", e))?;
     let private = dir.join("rlhf-worker");
     if std::fs::hard_link(&exe, &private).is_err() {
@@ -603,7 +603,7 @@ fn write_preset_dir(plan: &Plan, dir: &Path) -> Result<()> {
 /// Runs one child and returns the JSON object of its last stdout line, or
 /// `{"error": ...}` naming what went wrong (a failed configuration — say,
 /// out of memory — does not stop the others).
-fn run_child(program: &Path, argv: &[String]) -> Value {
+pub(crate) fn run_child(program: &Path, argv: &[String]) -> Value {
     let out = match Command::new(program).args(argv).output() {
         Ok(o) => o,
         Err(e) => return json!({ "error": format!("cannot run {}: {e}", program.display()) }),

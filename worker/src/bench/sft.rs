@@ -1,8 +1,10 @@
 //! `rlhf-worker bench sft`: LoRA SFT steps on a model directory — the
 //! forward, the lean LM-head loss, the backward and the AdamW step that an
-//! `sft` job takes ([`backward_lm_loss`]) — once per dtype in one process,
-//! so the dtypes compare on the same machine state. Token ids are seeded
-//! and random; every position after the first is a target.
+//! `sft` job takes ([`backward_lm_loss`]) — for each dtype in a child
+//! process of its own (a later dtype would otherwise reuse the heap the
+//! earlier one grew, and fault in fewer pages), one after the other in one
+//! invocation. Token ids are seeded and random; every position after the
+//! first is a target.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,6 +12,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use super::ppo::{private_exe, run_child};
+use super::TempDir;
 use crate::dist::Single;
 use crate::error::{Error, Result};
 use crate::model::{parse_device, parse_dtype, Model};
@@ -87,7 +91,30 @@ pub fn main(args: &SftArgs) -> Result<()> {
         return Err(Error::InvalidArgument("--dtypes and --steps must not be empty".into()));
     }
     let device = parse_device(&args.device)?;
-    let rows = args.dtypes.iter().map(|d| time_steps(args, d, device)).collect::<Result<Vec<_>>>()?;
+    if let [dtype] = args.dtypes.as_slice() {
+        // A child (or a single dtype): time it here.
+        let row = time_steps(args, dtype, device)?;
+        println!("{row}");
+        return Ok(());
+    }
+    let work = TempDir::new("rlhf-bench-sft")?;
+    let exe = private_exe(work.path())?;
+    let mut rows = Vec::with_capacity(args.dtypes.len());
+    for d in &args.dtypes {
+        let argv: Vec<String> = [
+            "--threads", &tch::get_num_threads().to_string(), "bench", "sft", "--model", &args.model.display().to_string(),
+            "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string(), "--steps", &args.steps.to_string(),
+            "--dtypes", d, "--device", &args.device, "--seed", &args.seed.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let row = run_child(&exe, &argv);
+        if let Some(e) = row.get("error") {
+            return Err(Error::InvalidArgument(format!("bench sft --dtypes {d}: {e}")));
+        }
+        rows.push(row);
+    }
     let first = rows[0]["s_per_step"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
         "SFT step, {}: LoRA r 8 on every linear, batch {} x {} tokens, {} thread(s), {} timed steps after 1 warmup",

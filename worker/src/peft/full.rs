@@ -110,7 +110,13 @@ impl Hooks for Full {
     fn linear(&self, layer: usize, proj: Proj, x: &Tensor, y: Tensor) -> Tensor {
         let d = &self.linears[layer][Self::proj_index(proj)];
         let kind = y.kind();
-        y + x.to_kind(Kind::Float).linear(&d.weight, d.bias.as_ref()).to_kind(kind)
+        if kind == Kind::Float {
+            return y + x.linear(&d.weight, d.bias.as_ref());
+        }
+        // The f32 delta cast to the activations' dtype: the matmul runs on
+        // bf16/f16 inputs; its gradient reaches the f32 delta.
+        let bias = d.bias.as_ref().map(|b| b.to_kind(kind));
+        y + x.linear(&d.weight.to_kind(kind), bias.as_ref())
     }
 
     fn norm(&self, norm: Norm, xhat: &Tensor, y: Tensor) -> Tensor {

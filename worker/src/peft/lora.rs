@@ -48,9 +48,15 @@ impl Lora {
 impl Hooks for Lora {
     fn linear(&self, layer: usize, proj: Proj, x: &Tensor, y: Tensor) -> Tensor {
         match self.mods.get(&(layer, proj)) {
+            // f32 activations: the update in f32. Lower-precision ones:
+            // the small A and scaled B are cast to the activations' dtype,
+            // so both matmuls run on bf16/f16 inputs (as autocast would) and
+            // no [tokens, features] tensor is cast; gradients still reach
+            // the f32 A and B through the casts.
+            Some((a, b)) if x.kind() == Kind::Float => y + x.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scale,
             Some((a, b)) => {
-                let update = x.to_kind(Kind::Float).linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scale;
-                y + update.to_kind(x.kind())
+                let kind = x.kind();
+                y + x.linear::<Tensor>(&a.to_kind(kind), None).linear::<Tensor>(&(b * self.scale).to_kind(kind), None)
             }
             None => y,
         }
