@@ -8,7 +8,10 @@
 #   4. NCCL through cudarc's run-time loading: a one-rank all-reduce on the GPU;
 #   5. data parallel on the GPU: 2 workers sharing cuda:0 run one SFT job (auto
 #      picks the coordinator relay: NCCL needs a GPU per rank);
-#   6. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
+#   6. bench ppo --preset small on cuda:0 in bf16: lora against the real TRL
+#      PPOTrainer (when the machine's python3 can import trl 1.12.0; carry its
+#      wheels, or the step says it is skipped);
+#   7. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +58,13 @@ sleep 4
 dp_job=$(timeout 120 "$BIN/rlhfctl" submit --wait examples/sft-data-parallel.toml | tail -n 1)
 "$BIN/rlhfctl" logs "$dp_job" | grep -v '^{'
 kill $DP_PIDS 2>/dev/null || true
-echo "== 6. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
+echo "== 6. bench ppo --preset small on cuda:0 (bf16): lora vs the real TRL"
+ppo_configs=lora
+if "$PY" -c 'import trl, sys; sys.exit(trl.__version__ != "1.12.0")' 2>/dev/null; then ppo_configs=lora,trl
+else echo "(trl 1.12.0 not importable by $PY: the TRL configuration is skipped)"; fi
+RLHF_PY="$PY" timeout 200 "$BIN/rlhf-worker" bench ppo --preset small --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
+  --batch 8 --prompt-len 32 --response-len 32 --minibatch 8 --iterations 3 --json | tail -n 1
+echo "== 7. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 # minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
 for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2"; do
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1

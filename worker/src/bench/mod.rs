@@ -18,7 +18,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The value of a `Name:   1234 kB` line.
-fn parse_kib_field(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn parse_kib_field(status: &str, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }

@@ -502,6 +502,11 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
             }
             (exe.clone(), v)
         };
+        if let Some(reason) = (variant == Variant::Naive).then(|| naive_does_not_fit(&plan)).flatten() {
+            tracing::warn!(config = variant.name(), reason = %reason, "bench ppo: skipped");
+            configs.insert(variant.name().into(), json!({ "error": reason }));
+            continue;
+        }
         tracing::info!(config = variant.name(), "bench ppo: running");
         let started = Instant::now();
         let mut result = run_child(&program, &argv);
@@ -578,6 +583,29 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         "wall_s": t0.elapsed().as_secs_f64(),
         "notes": notes,
     }))
+}
+
+/// Why the naive configuration cannot run on this CPU machine, if it
+/// cannot: four copies of the base, plus a policy and a critic trained in
+/// full, each with an f32 delta, its gradient and two AdamW moments (16 bytes
+/// a parameter), must fit in the memory available now.
+fn naive_does_not_fit(plan: &Plan) -> Option<String> {
+    if plan.device != Device::Cpu {
+        return None;
+    }
+    let params = base_params(&plan.cfg) as f64;
+    let need = params * (4.0 * plan.kind.elt_size_in_bytes() as f64 + 2.0 * 16.0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = super::parse_kib_field(&meminfo, "MemAvailable:")? as f64 * 1024.0;
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    (need > available).then(|| {
+        format!(
+            "skipped: naive RLHF needs about {:.1} GiB (4 copies of the base, 2 models trained in full with f32 \
+             gradients and AdamW state), {:.1} GiB available",
+            gib(need),
+            gib(available)
+        )
+    })
 }
 
 /// A link to (or copy of) this executable in `dir`, so that every child runs

@@ -66,9 +66,12 @@ impl Ssf {
 
     fn apply(&self, site: Site, y: Tensor) -> Tensor {
         match self.mods.get(&site) {
+            // One fused f32 `β + y ⊙ γ` straight from y (a bf16 y is promoted
+            // inside the kernel, not copied to f32 first, and only y itself
+            // is kept for the backward), rounded back to y's dtype.
             Some((g, b)) => {
                 let kind = y.kind();
-                (y.to_kind(Kind::Float) * g + b).to_kind(kind)
+                b.addcmul(&y, g).to_kind(kind)
             }
             None => y,
         }
