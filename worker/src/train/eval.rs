@@ -3,11 +3,15 @@
 //! sample max_new_tokens with temperature 0.1 / top-p 0.9, one beam, and read
 //! the answer off the text).
 
-use tch::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{Kind, Tensor};
 
 use crate::data::{Example, Template};
 use crate::error::{Error, Result};
 use crate::model::generate::{attention_mask, left_pad, positions_from_mask};
+use crate::model::sampling::sample_rows;
 use crate::model::{generate, GenerateOptions, Mask, Sampling, Tokenizer};
 use crate::peft::PeftModel;
 
@@ -15,6 +19,8 @@ use crate::peft::PeftModel;
 pub struct TaskEval {
     pub template: Template,
     pub prompts: Vec<Vec<i64>>,
+    /// Each example's id in its file.
+    pub ids: Vec<i64>,
     /// Index of each example's label in `template.labels()`.
     pub gold: Vec<usize>,
     /// First token of each option's answer, in option order.
@@ -47,7 +53,8 @@ impl TaskEval {
                 .ok_or_else(|| Error::InvalidArgument(format!("example {}: label {:?} not in the verbalizer", ex.id, ex.label)))?;
             gold.push(g);
         }
-        Ok(Self { template: template.clone(), prompts, gold, answer_ids })
+        let ids = examples.iter().map(|e| e.id).collect();
+        Ok(Self { template: template.clone(), prompts, ids, gold, answer_ids })
     }
 
     pub fn len(&self) -> usize {
@@ -59,28 +66,6 @@ impl TaskEval {
     }
 }
 
-/// Accuracy of argmax over the options' first answer tokens.
-pub fn choice_accuracy(pm: &PeftModel, te: &TaskEval, batch: usize, pad: i64) -> Result<f64> {
-    if te.is_empty() {
-        return Ok(0.0);
-    }
-    let answers = Tensor::from_slice(&te.answer_ids).to_device(pm.base.device);
-    let mut correct = 0usize;
-    tch::no_grad(|| -> Result<()> {
-        for (chunk, gold) in te.prompts.chunks(batch.max(1)).zip(te.gold.chunks(batch.max(1))) {
-            let (ids, mask) = left_pad(chunk, pad, pm.base.device);
-            let t = ids.size()[1];
-            let m = attention_mask(&mask, t);
-            let hidden = pm.forward(&ids, &positions_from_mask(&mask), Mask::Explicit(&m), None)?;
-            let logits = pm.base.logits(&hidden.select(1, t - 1), pm.hooks());
-            let pick: Vec<i64> = Vec::try_from(&logits.index_select(1, &answers).argmax(-1, false).to_device(tch::Device::Cpu))?;
-            correct += pick.iter().zip(gold).filter(|(p, g)| **p as usize == **g).count();
-        }
-        Ok(())
-    })?;
-    Ok(correct as f64 / te.len() as f64)
-}
-
 /// Sampling settings of the `generate` mode.
 #[derive(Clone, Debug)]
 pub struct GenSettings {
@@ -90,28 +75,112 @@ pub struct GenSettings {
     pub seed: u64,
 }
 
-/// Accuracy of generated answers read through the verbalizer.
-pub fn generate_accuracy(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, s: &GenSettings, batch: usize) -> Result<f64> {
-    if te.is_empty() {
-        return Ok(0.0);
-    }
-    let labels = te.template.labels();
-    let mut correct = 0usize;
-    for (i, (chunk, gold)) in te.prompts.chunks(batch.max(1)).zip(te.gold.chunks(batch.max(1))).enumerate() {
-        let opts = GenerateOptions {
-            max_new_tokens: s.max_new_tokens,
-            sampling: Sampling { temperature: s.temperature, top_p: s.top_p, top_k: 0, seed: s.seed.wrapping_add(i as u64) },
-            eos_ids: tok.eos_ids.clone(),
-            pad_id: tok.pad_id.or(tok.eos_ids.first().copied()).unwrap_or(0),
-        };
-        let out = generate(&pm.base, pm.hooks(), chunk, &opts)?;
-        for (new, g) in out.tokens.iter().zip(gold) {
-            let text = tok.decode(new, true)?;
-            if te.template.label_for_answer(&text) == Some(labels[*g]) {
-                correct += 1;
-            }
-        }
-    }
-    Ok(correct as f64 / te.len() as f64)
+/// One example scored in both modes: a line of `predictions.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub id: i64,
+    /// The prompt as the model saw it (after any truncation), and its ids.
+    pub prompt: String,
+    pub prompt_ids: Vec<i64>,
+    /// The first token of each option's answer, in `labels()` order.
+    pub option_ids: Vec<i64>,
+    pub gold: String,
+    /// The gold label's index in `labels()` (and in `option_ids`).
+    pub gold_option: usize,
+    /// The option with the highest answer-token log-prob.
+    pub choice: String,
+    /// Log-prob of each option's first answer token, in `labels()` order.
+    pub option_logprobs: Vec<f32>,
+    /// The generated text, and the label it reads as (none: no option).
+    pub generated: Option<String>,
+    pub generate: Option<String>,
 }
 
+impl Prediction {
+    pub fn choice_correct(&self) -> bool {
+        self.choice == self.gold
+    }
+
+    pub fn generate_correct(&self) -> bool {
+        self.generate.as_deref() == Some(self.gold.as_str())
+    }
+}
+
+/// Scores every prompt of `te`: the options' answer-token log-probs at the
+/// last prompt position (`choice`), and with `generate` settings also the
+/// generated answer. With `max_new_tokens = 1` (the paper's setting) one
+/// forward per prompt serves both modes: the generated token is sampled
+/// from the same logits, with the streams `generate` would use; longer
+/// answers are generated on.
+pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Option<&GenSettings>, batch: usize, pad: i64) -> Result<Vec<Prediction>> {
+    let labels = te.template.labels();
+    let answers = Tensor::from_slice(&te.answer_ids).to_device(pm.base.device);
+    let batch = batch.max(1);
+    let mut out = Vec::with_capacity(te.len());
+    tch::no_grad(|| -> Result<()> {
+        for (i, start) in (0..te.len()).step_by(batch).enumerate() {
+            let end = (start + batch).min(te.len());
+            let chunk = &te.prompts[start..end];
+            let (ids, mask) = left_pad(chunk, pad, pm.base.device);
+            let t = ids.size()[1];
+            let m = attention_mask(&mask, t);
+            let hidden = pm.forward(&ids, &positions_from_mask(&mask), Mask::Explicit(&m), None)?;
+            let logits = pm.base.logits(&hidden.select(1, t - 1), pm.hooks()).to_kind(Kind::Float);
+            let options = logits.log_softmax(-1, Kind::Float).index_select(1, &answers).to_device(tch::Device::Cpu);
+            let generated: Vec<Option<Vec<i64>>> = match generate_with {
+                None => vec![None; chunk.len()],
+                Some(s) => {
+                    let sampling = Sampling { temperature: s.temperature, top_p: s.top_p, top_k: 0, seed: s.seed.wrapping_add(i as u64) };
+                    if s.max_new_tokens == 1 {
+                        let mut rngs: Vec<ChaCha8Rng> = (0..chunk.len() as u64)
+                            .map(|r| {
+                                let mut g = ChaCha8Rng::seed_from_u64(sampling.seed);
+                                g.set_stream(r);
+                                g
+                            })
+                            .collect();
+                        let (next, _) = sample_rows(&logits, &sampling, &mut rngs);
+                        Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu))?.into_iter().map(|t| Some(vec![t])).collect()
+                    } else {
+                        let opts = GenerateOptions { max_new_tokens: s.max_new_tokens, sampling, eos_ids: tok.eos_ids.clone(), pad_id: pad };
+                        generate(&pm.base, pm.hooks(), chunk, &opts)?.tokens.into_iter().map(Some).collect()
+                    }
+                }
+            };
+            for (j, new) in generated.into_iter().enumerate() {
+                let k = start + j;
+                let option_logprobs: Vec<f32> = Vec::try_from(&options.get(j as i64))?;
+                let best = option_logprobs.iter().enumerate().fold(0, |b, (o, &lp)| if lp > option_logprobs[b] { o } else { b });
+                let text = new.map(|n| tok.decode(&n, true)).transpose()?;
+                out.push(Prediction {
+                    id: te.ids[k],
+                    prompt: tok.decode(&te.prompts[k], false)?,
+                    prompt_ids: te.prompts[k].clone(),
+                    option_ids: te.answer_ids.clone(),
+                    gold: labels[te.gold[k]].to_string(),
+                    gold_option: te.gold[k],
+                    choice: labels[best].to_string(),
+                    option_logprobs,
+                    generate: text.as_deref().and_then(|x| te.template.label_for_answer(x)).map(str::to_string),
+                    generated: text,
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Accuracy of argmax over the options' first answer tokens.
+pub fn choice_accuracy(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, batch: usize, pad: i64) -> Result<f64> {
+    let preds = score(pm, tok, te, None, batch, pad)?;
+    Ok(accuracy(&preds, Prediction::choice_correct))
+}
+
+/// The share of `preds` that `correct` accepts (0 for none).
+pub fn accuracy(preds: &[Prediction], correct: fn(&Prediction) -> bool) -> f64 {
+    if preds.is_empty() {
+        return 0.0;
+    }
+    preds.iter().filter(|p| correct(p)).count() as f64 / preds.len() as f64
+}

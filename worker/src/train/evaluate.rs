@@ -5,12 +5,17 @@ use std::time::Instant;
 
 use rlhf_common::spec::{EvalMode, JobSpec};
 
-use super::eval::{choice_accuracy, generate_accuracy, GenSettings, TaskEval};
+use std::io::Write as _;
+
+use super::eval::{accuracy, score, GenSettings, Prediction, TaskEval};
 use super::setup::{load_base, task_data};
 use super::stage::{Accuracy, Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::peft;
+
+/// Per-example predictions of an eval job, in its output directory.
+pub const PREDICTIONS: &str = "predictions.jsonl";
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let spec = job.eval.clone().ok_or_else(|| Error::InvalidArgument("eval: required".into()))?;
@@ -31,6 +36,12 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     variants.extend(spec.adapters.iter().map(|(k, v)| (k.clone(), v.clone())));
     let settings = GenSettings { max_new_tokens: spec.max_new_tokens, temperature: spec.temperature, top_p: spec.top_p, seed: job.seed };
     let total = variants.len() * tasks.len() * spec.modes.len();
+    // Every example of every model and task, so any cell of the report can
+    // be audited: {"model", "task", "example": {id, prompt, gold, choice,
+    // option_logprobs, generated, generate}}.
+    std::fs::create_dir_all(ctx.out).map_err(|e| Error::io(ctx.out, e))?;
+    let predictions_path = ctx.out.join(PREDICTIONS);
+    let mut predictions = std::io::BufWriter::new(std::fs::File::create(&predictions_path).map_err(|e| Error::io(&predictions_path, e))?);
     let mut accuracies = Vec::new();
     let t0 = Instant::now();
     for (name, dirs) in &variants {
@@ -44,14 +55,22 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         }
         l.pm.set_active(None)?;
         for (task, te) in &tasks {
+            // One pass scores both modes (see `eval::score`).
+            let t = Instant::now();
+            let generate = spec.modes.contains(&EvalMode::Generate).then_some(&settings);
+            let preds = score(&l.pm, &l.tok, te, generate, spec.batch_size, pad)?;
+            let seconds = t.elapsed().as_secs_f64();
+            for p in &preds {
+                let line = serde_json::json!({ "model": name, "task": task, "example": p });
+                writeln!(predictions, "{line}").map_err(|e| Error::io(&predictions_path, e))?;
+            }
             for mode in &spec.modes {
-                let t = Instant::now();
                 let (acc, mode_name) = match mode {
-                    EvalMode::Choice => (choice_accuracy(&l.pm, te, spec.batch_size, pad)?, "choice"),
-                    EvalMode::Generate => (generate_accuracy(&l.pm, &l.tok, te, &settings, spec.batch_size)?, "generate"),
+                    EvalMode::Choice => (accuracy(&preds, Prediction::choice_correct), "choice"),
+                    EvalMode::Generate => (accuracy(&preds, Prediction::generate_correct), "generate"),
                 };
                 accuracies.push(Accuracy { model: name.clone(), task: task.clone(), mode: mode_name.into(), accuracy: acc, n: te.len() });
-                let rec = fields! { "model" => name, "task" => task, "mode" => mode_name, "accuracy" => acc, "n" => te.len(), "seconds" => t.elapsed().as_secs_f64() };
+                let rec = fields! { "model" => name, "task" => task, "mode" => mode_name, "accuracy" => acc, "n" => te.len(), "seconds" => seconds };
                 ctx.metrics.log(accuracies.len(), total, rec)?;
             }
         }
@@ -59,11 +78,13 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             l.pm.remove(key)?;
         }
     }
+    predictions.flush().map_err(|e| Error::io(&predictions_path, e))?;
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "eval".into()),
         kind: "eval".into(),
         train_seconds: t0.elapsed().as_secs_f64(),
         accuracies,
+        predictions: Some(predictions_path),
         ..Outcome::default()
     })
 }

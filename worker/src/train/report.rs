@@ -70,5 +70,10 @@ pub fn markdown(title: &str, outcomes: &[Outcome]) -> String {
         }
         s.push('\n');
     }
+    for o in outcomes {
+        if let Some(p) = &o.predictions {
+            let _ = writeln!(s, "Every scored example of `{}` (prompt, gold, choice, option log-probs, generated text): `{}`\n", o.stage, p.display());
+        }
+    }
     s
 }

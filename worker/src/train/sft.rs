@@ -37,7 +37,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let pad = l.pad();
     let train = job.train.clone().unwrap_or_default();
     let mut eval = |pm: &crate::peft::PeftModel| match &held_out {
-        Some(te) => choice_accuracy(pm, te, 16, pad),
+        Some(te) => choice_accuracy(pm, &l.tok, te, 16, pad),
         None => Ok(f64::NAN),
     };
     let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut eval)?;

@@ -55,6 +55,9 @@ pub struct Outcome {
     /// Last value of the stage's headline metrics.
     pub final_metrics: serde_json::Map<String, serde_json::Value>,
     pub accuracies: Vec<Accuracy>,
+    /// An eval's per-example predictions (`predictions.jsonl`).
+    #[serde(default)]
+    pub predictions: Option<PathBuf>,
 }
 
 impl Outcome {
