@@ -30,6 +30,21 @@ fn the_pipeline_example_runs_every_stage_and_reports() {
     assert!(stdout.contains("Table 3"), "the report is printed");
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["stages"].as_array().unwrap().len(), 5);
+
+    // The PPO stage learns: on the same prompts every iteration, the reward
+    // model's mean score of the policy's responses rises.
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |stage: &str, key: &str| -> Vec<f64> {
+        records.iter().filter(|r| r["stage"] == stage).filter_map(|r| r[key].as_f64()).collect()
+    };
+    let held_out = of("reward", "accuracy");
+    assert!(held_out.last().is_some_and(|&a| a >= 0.9), "the reward model ranks held-out pairs: {held_out:?}");
+    let reward = of("ppo", "reward_mean");
+    let third = reward.len() / 3;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, final_) = (mean(&reward[..third]), mean(&reward[reward.len() - third..]));
+    assert!(final_ > first + 0.2, "PPO did not raise its reward ({first:.3} → {final_:.3}): {reward:?}");
 }
 
 #[test]
