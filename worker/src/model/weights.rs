@@ -139,7 +139,32 @@ impl WeightFiles {
             self.views.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(view);
         }
-        Ok(view.f_to_device(device)?.f_to_kind(kind)?)
+        let copy = view.f_to_device(device)?.f_to_kind(kind)?;
+        Self::release(shard, info);
+        Ok(copy)
+    }
+
+    /// Drops the mapped pages that hold only `info`'s bytes once a copy of
+    /// the tensor is made (a converted or moved weight), so that loading a
+    /// model in another dtype does not keep the file's pages resident beside
+    /// the copies (f32 from a bf16 file: 2.5 GB of copies plus 1.3 GB of
+    /// pages for Qwen2.5-0.5B). Pages shared with a neighbouring tensor stay.
+    fn release(shard: &Shard, info: &TensorInfo) {
+        // A multiple of every common page size (4, 16, 64 KiB).
+        const ALIGN: usize = 1 << 16;
+        let base = shard.map.as_ptr() as usize;
+        let (start, end) = info.data_offsets;
+        let lo = (base + shard.data_start + start).next_multiple_of(ALIGN);
+        let hi = (base + shard.data_start + end) / ALIGN * ALIGN;
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside the map and inside this tensor's
+            // bytes, which nothing references: the tensor was just copied,
+            // and no view of it was handed out (views are only handed out
+            // when the dtype and device match, and then nothing is copied).
+            // The map is private and these pages were only read, so if they
+            // are touched again they are read back from the file unchanged.
+            let _ = unsafe { shard.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo - base, hi - lo) };
+        }
     }
 
     /// Whether any tensor handed out views the maps (else the maps may go:
