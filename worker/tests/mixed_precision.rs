@@ -15,6 +15,7 @@ mod common;
 use std::path::Path;
 
 use common::fixtures;
+use common::jobs::{ppo_toml, reward_toml, sft_toml};
 use rlhf_common::spec::JobSpec;
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
@@ -36,38 +37,12 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-const LORA: &str = "[peft]\nmethod = \"lora\"\nr = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n";
-
-fn sft(dtype: &str) -> String {
-    format!(
-        r#"version = 1
-kind = "sft"
-seed = 1
-[model]
-path = "tiny-llama"
-dtype = "{dtype}"
-max_length = 256
-{LORA}
-[data]
-task = "eprstmt"
-train = "fewclue/eprstmt/train.json"
-eval = "fewclue/eprstmt/dev.json"
-[train]
-max_steps = 60
-batch_size = 8
-lr = 3e-3
-warmup_steps = 5
-eval_every = 60
-"#
-    )
-}
-
 #[test]
 fn bf16_sft_reward_and_ppo_track_f32() {
     let tmp = tempfile::tempdir().unwrap();
     // SFT.
-    let (f, _) = run(&sft("f32"), &tmp.path().join("sft-f32"));
-    let (b, _) = run(&sft("bf16"), &tmp.path().join("sft-bf16"));
+    let (f, _) = run(&sft_toml("f32", 60, 1, 0), &tmp.path().join("sft-f32"));
+    let (b, _) = run(&sft_toml("bf16", 60, 1, 0), &tmp.path().join("sft-bf16"));
     let (lf, lb) = (series(&f, "loss"), series(&b, "loss"));
     assert_eq!(lf.len(), lb.len());
     assert!((lf[0] - lb[0]).abs() <= 0.02 * lf[0], "first loss f32 {} bf16 {}", lf[0], lb[0]);
@@ -80,66 +55,14 @@ fn bf16_sft_reward_and_ppo_track_f32() {
     eprintln!("sft: first loss {} / {}, last-10 mean {tf} / {tb}, accuracy {af} / {ab} (f32 / bf16)", lf[0], lb[0]);
 
     // Reward model.
-    let reward = |dtype: &str| {
-        format!(
-            r#"version = 1
-kind = "reward"
-seed = 2
-[model]
-path = "tiny-llama"
-dtype = "{dtype}"
-max_length = 256
-{LORA}
-[data]
-task = "eprstmt"
-from_multiple_choice = true
-train = "fewclue/eprstmt/train.json"
-eval = "fewclue/eprstmt/dev.json"
-[train]
-max_steps = 120
-batch_size = 8
-lr = 2e-3
-warmup_steps = 5
-eval_every = 120
-"#
-        )
-    };
-    let (_, rf) = run(&reward("f32"), &tmp.path().join("rm-f32"));
-    let (_, rb) = run(&reward("bf16"), &tmp.path().join("rm-bf16"));
+    let (_, rf) = run(&reward_toml("f32"), &tmp.path().join("rm-f32"));
+    let (_, rb) = run(&reward_toml("bf16"), &tmp.path().join("rm-bf16"));
     let (af, ab) = (rf["accuracy"].as_f64().unwrap(), rb["accuracy"].as_f64().unwrap());
     assert!(af >= 0.75 && ab >= 0.75 && (af - ab).abs() <= 0.1, "reward accuracy f32 {af} bf16 {ab}");
     eprintln!("reward: held-out accuracy {af} / {ab}");
 
     // PPO from each precision's own SFT adapter.
-    let ppo = |dtype: &str| {
-        let sft = tmp.path().join(format!("sft-{dtype}/adapter"));
-        format!(
-            r#"version = 1
-kind = "ppo"
-seed = 3
-[model]
-path = "tiny-llama"
-dtype = "{dtype}"
-max_length = 256
-merge_adapters = [{:?}]
-{LORA}
-[data]
-task = "eprstmt"
-train = "fewclue/eprstmt/train.json"
-[ppo]
-iterations = 25
-rollout_batch = 16
-minibatch = 8
-ppo_epochs = 2
-max_new_tokens = 2
-temperature = 1.0
-lr = 3e-3
-critic_lr = 3e-3
-reward = {{ kind = "match", text = "A" }}
-"#,
-            sft.display().to_string()
-        )
-    };
+    let ppo = |dtype: &str| ppo_toml(dtype, &tmp.path().join(format!("sft-{dtype}/adapter")), 25, 3);
     let (pf, _) = run(&ppo("f32"), &tmp.path().join("ppo-f32"));
     let (pb, _) = run(&ppo("bf16"), &tmp.path().join("ppo-bf16"));
     let (rf, rb) = (series(&pf, "reward_mean"), series(&pb, "reward_mean"));

@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::fixtures;
+use common::jobs::{ppo_toml, reward_toml, sft_toml};
 use rlhf_common::spec::JobSpec;
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
@@ -33,33 +34,6 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-const LORA: &str = "[peft]\nmethod = \"lora\"\nr = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n";
-
-fn sft_toml(steps: usize, seed: u64, every: usize) -> String {
-    format!(
-        r#"version = 1
-kind = "sft"
-seed = {seed}
-[model]
-path = "tiny-llama"
-max_length = 256
-{LORA}
-[data]
-task = "eprstmt"
-train = "fewclue/eprstmt/train.json"
-eval = "fewclue/eprstmt/dev.json"
-[train]
-max_steps = {steps}
-batch_size = 8
-lr = 3e-3
-warmup_steps = 5
-eval_every = 20
-[checkpoint]
-every = {every}
-"#
-    )
-}
-
 fn eval_toml(adapter: Option<&Path>) -> String {
     let adapters = adapter.map(|a| format!("[eval.adapters]\nsft = [{:?}]\n", a.display().to_string())).unwrap_or_default();
     format!(
@@ -81,7 +55,7 @@ path = "fewclue/eprstmt/dev.json"
 fn sft_loss_falls_and_beats_the_untrained_base() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sft");
-    run_job(&job(&sft_toml(60, 1, 0)), &out, Device::Cpu).unwrap();
+    run_job(&job(&sft_toml("f32", 60, 1, 0)), &out, Device::Cpu).unwrap();
     let m = metrics(&out);
     let loss = series(&m, "loss");
     assert_eq!(loss.len(), 60);
@@ -103,27 +77,7 @@ fn sft_loss_falls_and_beats_the_untrained_base() {
 #[test]
 fn reward_model_ranks_held_out_pairs_well_above_chance() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"version = 1
-kind = "reward"
-seed = 2
-[model]
-path = "tiny-llama"
-max_length = 256
-{LORA}
-[data]
-task = "eprstmt"
-from_multiple_choice = true
-train = "fewclue/eprstmt/train.json"
-eval = "fewclue/eprstmt/dev.json"
-[train]
-max_steps = 120
-batch_size = 8
-lr = 2e-3
-warmup_steps = 5
-eval_every = 40
-"#
-    );
+    let text = reward_toml("f32");
     let outcomes = run_job(&job(&text), tmp.path(), Device::Cpu).unwrap();
     let acc = outcomes[0].final_metrics["accuracy"].as_f64().unwrap();
     assert!(acc >= 0.75, "held-out pairwise accuracy {acc}");
@@ -132,41 +86,13 @@ eval_every = 40
     assert!(tmp.path().join("reward_model/reward_head.safetensors").exists());
 }
 
-fn ppo_toml(sft: &Path, iterations: usize, seed: u64) -> String {
-    format!(
-        r#"version = 1
-kind = "ppo"
-seed = {seed}
-[model]
-path = "tiny-llama"
-max_length = 256
-merge_adapters = [{:?}]
-{LORA}
-[data]
-task = "eprstmt"
-train = "fewclue/eprstmt/train.json"
-[ppo]
-iterations = {iterations}
-rollout_batch = 16
-minibatch = 8
-ppo_epochs = 2
-max_new_tokens = 2
-temperature = 1.0
-lr = 3e-3
-critic_lr = 3e-3
-reward = {{ kind = "match", text = "A" }}
-"#,
-        sft.display().to_string()
-    )
-}
-
 #[test]
 fn ppo_raises_a_reward_that_prefers_a_known_answer_with_bounded_kl() {
     let tmp = tempfile::tempdir().unwrap();
     let sft = tmp.path().join("sft");
-    run_job(&job(&sft_toml(60, 1, 0)), &sft, Device::Cpu).unwrap();
+    run_job(&job(&sft_toml("f32", 60, 1, 0)), &sft, Device::Cpu).unwrap();
     let out = tmp.path().join("ppo");
-    run_job(&job(&ppo_toml(&sft.join("adapter"), 25, 3)), &out, Device::Cpu).unwrap();
+    run_job(&job(&ppo_toml("f32", &sft.join("adapter"), 25, 3)), &out, Device::Cpu).unwrap();
     let m = metrics(&out);
     let reward = series(&m, "reward_mean");
     let kl = series(&m, "kl");
@@ -200,25 +126,25 @@ fn same_seed_gives_identical_metrics() {
         run_job(&job(text), &out, Device::Cpu).unwrap();
         deterministic(&metrics(&out))
     };
-    assert_eq!(run("sft-a", &sft_toml(15, 5, 0)), run("sft-b", &sft_toml(15, 5, 0)));
+    assert_eq!(run("sft-a", &sft_toml("f32", 15, 5, 0)), run("sft-b", &sft_toml("f32", 15, 5, 0)));
     let sft = tmp.path().join("sft-a/adapter");
-    let a = run("ppo-a", &ppo_toml(&sft, 3, 4));
-    assert_eq!(a, run("ppo-b", &ppo_toml(&sft, 3, 4)));
-    assert_ne!(a, run("ppo-c", &ppo_toml(&sft, 3, 5)), "another seed should differ");
+    let a = run("ppo-a", &ppo_toml("f32", &sft, 3, 4));
+    assert_eq!(a, run("ppo-b", &ppo_toml("f32", &sft, 3, 4)));
+    assert_ne!(a, run("ppo-c", &ppo_toml("f32", &sft, 3, 5)), "another seed should differ");
 }
 
 #[test]
 fn an_interrupted_sft_resumes_from_its_checkpoint_to_the_same_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let whole = tmp.path().join("whole");
-    run_job(&job(&sft_toml(30, 6, 0)), &whole, Device::Cpu).unwrap();
+    run_job(&job(&sft_toml("f32", 30, 6, 0)), &whole, Device::Cpu).unwrap();
     let part = tmp.path().join("part");
-    run_job(&job(&sft_toml(30, 6, 10)), &part, Device::Cpu).unwrap();
+    run_job(&job(&sft_toml("f32", 30, 6, 10)), &part, Device::Cpu).unwrap();
     // Pretend the process died right after the step-20 checkpoint.
     std::fs::remove_dir_all(part.join("adapter")).unwrap();
     std::fs::remove_dir_all(part.join("checkpoints/step-10")).ok();
     std::fs::remove_file(part.join("metrics.jsonl")).unwrap();
-    run_job(&job(&sft_toml(30, 6, 10)), &part, Device::Cpu).unwrap();
+    run_job(&job(&sft_toml("f32", 30, 6, 10)), &part, Device::Cpu).unwrap();
     let steps: Vec<f64> = series(&metrics(&part), "step");
     assert_eq!(steps.first().copied(), Some(21.0), "resumed at the checkpoint");
     let read = |d: &Path| {
@@ -243,19 +169,19 @@ fn bad_inputs_name_the_cause() {
     let mut lines: Vec<&str> = good.lines().take(4).collect();
     lines[2] = "{\"id\": 2, \"sentence\": \"broken";
     std::fs::write(&bad, lines.join("\n")).unwrap();
-    let text = sft_toml(5, 1, 0).replace("\"fewclue/eprstmt/train.json\"", &format!("{:?}", bad.display().to_string()));
+    let text = sft_toml("f32", 5, 1, 0).replace("\"fewclue/eprstmt/train.json\"", &format!("{:?}", bad.display().to_string()));
     let err = run_job(&job(&text), &tmp.path().join("o1"), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("bad.json:3"), "{err}");
     // A missing model: the path.
-    let text = sft_toml(5, 1, 0).replace("path = \"tiny-llama\"", "path = \"/nonexistent/model\"");
+    let text = sft_toml("f32", 5, 1, 0).replace("path = \"tiny-llama\"", "path = \"/nonexistent/model\"");
     let err = run_job(&job(&text), &tmp.path().join("o2"), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/model"), "{err}");
     // A bad field in the job file: its path.
     let f = tmp.path().join("job.toml");
-    std::fs::write(&f, sft_toml(5, 1, 0).replace("lr = 3e-3", "lr = -1.0")).unwrap();
+    std::fs::write(&f, sft_toml("f32", 5, 1, 0).replace("lr = 3e-3", "lr = -1.0")).unwrap();
     let err = rlhf_worker::train::run::read_job(&f).unwrap_err().to_string();
     assert!(err.contains("train.lr: must be positive"), "{err}");
-    std::fs::write(&f, sft_toml(5, 1, 0).replace("lr = 3e-3", "learning_rate = 3e-3")).unwrap();
+    std::fs::write(&f, sft_toml("f32", 5, 1, 0).replace("lr = 3e-3", "learning_rate = 3e-3")).unwrap();
     let err = rlhf_worker::train::run::read_job(&f).unwrap_err().to_string();
     assert!(err.contains("unknown field `learning_rate`"), "{err}");
 }

@@ -26,6 +26,12 @@ pub fn chunk_rows(pm: &PeftModel) -> i64 {
     (CHUNK_ELEMENTS / pm.base.cfg.vocab_size.max(1)).max(1)
 }
 
+/// `(start, len)` of consecutive chunks of at most `step` rows out of `n`.
+fn spans(n: i64, step: i64) -> impl Iterator<Item = (i64, i64)> {
+    let step = step.max(1);
+    (0..n).step_by(step as usize).map(move |s| (s, step.min(n - s)))
+}
+
 /// Per-token log-probs (and entropies) of one chunk: `hidden` `[c, h]`,
 /// `targets` `[c]`.
 fn chunk(pm: &PeftModel, hidden: &Tensor, targets: &Tensor, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
@@ -63,15 +69,11 @@ pub fn token_logprobs_in(
         let shape = targets.size();
         let (h, t) = flat(hidden, targets);
         let n = t.size()[0];
-        let step = step.max(1);
         let (mut logps, mut ents) = (Vec::new(), Vec::new());
-        let mut s = 0;
-        while s < n {
-            let c = step.min(n - s);
+        for (s, c) in spans(n, step) {
             let (lp, e) = chunk(pm, &h.narrow(0, s, c), &t.narrow(0, s, c), temperature, entropy);
             logps.push(lp);
             ents.extend(e);
-            s += c;
         }
         let join = |v: Vec<Tensor>| -> Tensor {
             if v.is_empty() {
@@ -110,7 +112,6 @@ pub fn backprop_through_head_in<T>(
     step: i64,
     loss: impl FnOnce(&Tensor, Option<&Tensor>) -> Result<(Tensor, T)>,
 ) -> Result<(Tensor, T)> {
-    let step = step.max(1);
     let shape = targets.size();
     let (h, t) = flat(&hidden.detach(), targets);
     let n = t.size()[0];
@@ -124,16 +125,13 @@ pub fn backprop_through_head_in<T>(
         (lp.reshape([-1]), e.map(|e| e.reshape([-1])), None)
     } else {
         let (mut logps, mut ents, mut jacs) = (Vec::new(), Vec::new(), Vec::new());
-        let mut s = 0;
-        while s < n {
-            let c = step.min(n - s);
+        for (s, c) in spans(n, step) {
             let rows = h.narrow(0, s, c).detach().set_requires_grad(true);
             let (lp, e) = chunk(pm, &rows, &t.narrow(0, s, c), temperature, entropy);
             lp.sum(Kind::Float).backward();
             jacs.push(rows.grad());
             logps.push(lp.detach());
             ents.extend(e.map(|e| e.detach()));
-            s += c;
         }
         let ent = entropy.then(|| Tensor::cat(&ents, 0));
         (Tensor::cat(&logps, 0), ent, Some(Tensor::cat(&jacs, 0)))
@@ -154,12 +152,9 @@ pub fn backprop_through_head_in<T>(
         Some(j) => j * g,
         None => {
             let rows = h.detach().set_requires_grad(true);
-            let mut s = 0;
-            while s < n {
-                let c = step.min(n - s);
+            for (s, c) in spans(n, step) {
                 let (lp, _) = chunk(pm, &rows.narrow(0, s, c), &t.narrow(0, s, c), temperature, false);
                 (lp * g.narrow(0, s, c).squeeze_dim(1)).sum(Kind::Float).backward();
-                s += c;
             }
             rows.grad()
         }

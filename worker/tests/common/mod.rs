@@ -1,6 +1,8 @@
 //! Shared helpers for the worker's integration tests.
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use std::path::PathBuf;
 
 use rlhf_worker::model::{Model, WeightFiles};
