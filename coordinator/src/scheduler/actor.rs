@@ -328,10 +328,17 @@ impl Scheduler {
                 self.publish(&p.job_id);
             }
             worker_message::Msg::Result(r) => {
+                let Ok(Some(job)) = self.store.job(&r.job_id) else { return };
+                if r.attempt != 0 && r.attempt != job.attempts {
+                    // An earlier attempt's run ended (say, a rank cancelled
+                    // after a requeue) after the job was assigned again,
+                    // maybe to this very worker: it says nothing of this one.
+                    info!(job_id = %r.job_id, worker = %worker, attempt = r.attempt, current = job.attempts, "ignoring a result of an earlier attempt");
+                    return;
+                }
                 if let Some(slot) = self.workers.get_mut(worker) {
                     slot.running.remove(&r.job_id);
                 }
-                let Ok(Some(job)) = self.store.job(&r.job_id) else { return };
                 if !matches!(&job.state, JobState::Running { worker: w } if w == worker) {
                     // Another rank of a data-parallel job: its failure fails the job.
                     if let (Some(rank), false) = (self.groups.rank_of(&r.job_id, worker), r.ok || r.cancelled) {
@@ -482,6 +489,7 @@ impl Scheduler {
                 remote_roles: host.is_some(),
                 rank: 0,
                 world: 1,
+                attempt: job.attempts + 1,
             });
             if self.send_to(&trainer, msg) {
                 if let Some(slot) = self.workers.get_mut(&trainer) {
@@ -523,6 +531,7 @@ impl Scheduler {
                 remote_roles: false,
                 rank: rank as u32,
                 world: n as u32,
+                attempt: job.attempts + 1,
             });
             if !self.send_to(w, msg) {
                 for sent in &idle[..rank] {

@@ -115,3 +115,65 @@ impl Handle {
         self.data_dir.join("jobs").join(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rlhf_proto::{coordinator_message, Heartbeat, TaskResult};
+
+    use super::*;
+    use crate::state::JobState;
+
+    const SPEC: &str = "version = 1\nkind = \"sft\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"/t.json\"\n";
+
+    /// The next assignment sent to the worker: (job id, attempt).
+    async fn assigned(rx: &mut mpsc::Receiver<std::result::Result<CoordinatorMessage, tonic::Status>>) -> (String, u32) {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("an assignment").expect("open").expect("ok");
+            if let Some(coordinator_message::Msg::Assign(a)) = m.msg {
+                return (a.job_id, a.attempt);
+            }
+        }
+    }
+
+    /// A job requeued and assigned again to the same worker: the result of
+    /// its first attempt (a cancelled run that reports late) must not end
+    /// the second one; the second attempt's result does.
+    #[tokio::test]
+    async fn a_late_result_of_an_earlier_attempt_does_not_end_the_current_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lease = Duration::from_millis(200);
+        let h = Handle::spawn(Config { data_dir: tmp.path().to_path_buf(), lease }).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let reg = Register { worker_id: "w1".into(), name: "cpu-0".into(), device: "cpu".into(), ..Default::default() };
+        h.send(Command::Connected { reg, tx, conn: 1 }).await;
+        let (job, _) = h.submit(SPEC.into(), None).await.unwrap();
+        assert_eq!(assigned(&mut rx).await, (job.id.clone(), 1));
+        let beat = |jobs: Vec<String>| Command::Message {
+            worker: "w1".into(),
+            conn: 1,
+            msg: worker_message::Msg::Heartbeat(Heartbeat { running_jobs: jobs, ..Default::default() }),
+        };
+        // Alive past the "recently assigned" grace, then no longer running
+        // the job: it is requeued and assigned again, to the same worker.
+        for _ in 0..10 {
+            h.send(beat(vec![job.id.clone()])).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // (The first beat requeues it; the slot counts the stale assignment
+        // until the next beat frees the worker for the new one.)
+        h.send(beat(Vec::new())).await;
+        h.send(beat(Vec::new())).await;
+        assert_eq!(assigned(&mut rx).await, (job.id.clone(), 2));
+        let result = |attempt: u32, ok: bool| Command::Message {
+            worker: "w1".into(),
+            conn: 1,
+            msg: worker_message::Msg::Result(TaskResult { job_id: job.id.clone(), ok, cancelled: !ok, reason: "r".into(), attempt }),
+        };
+        h.send(result(1, false)).await;
+        let j = h.get(job.id.clone()).await.unwrap();
+        assert!(matches!(j.state, JobState::Running { .. }) && j.attempts == 2, "{j:?}");
+        h.send(result(2, true)).await;
+        let j = h.get(job.id.clone()).await.unwrap();
+        assert!(matches!(j.state, JobState::Succeeded), "{j:?}");
+    }
+}

@@ -197,6 +197,7 @@ fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mps
 }
 
 fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::UnboundedSender<WorkerMessage>) {
+    let attempt = a.attempt;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let Ok(mut m) = running.lock() else { return };
@@ -266,7 +267,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         }
         info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
         let _ = events.send(WorkerMessage {
-            msg: Some(worker_message::Msg::Result(TaskResult { job_id: job_id.clone(), ok, reason, cancelled: cancelled && !ok })),
+            msg: Some(worker_message::Msg::Result(TaskResult { job_id: job_id.clone(), ok, reason, cancelled: cancelled && !ok, attempt })),
         });
     });
     if let Err(e) = spawned {
@@ -277,7 +278,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
             m.ranks.remove(&failed_id);
         }
         let _ = events.send(WorkerMessage {
-            msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false })),
+            msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false, attempt })),
         });
     }
 }
