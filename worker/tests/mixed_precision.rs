@@ -14,17 +14,13 @@ mod common;
 
 use std::path::Path;
 
-use common::fixtures;
-use common::jobs::{ppo_toml, reward_toml, sft_toml};
-use rlhf_common::spec::JobSpec;
+use common::jobs::{job, ppo_toml, reward_toml, sft_toml};
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
 use tch::Device;
 
 fn run(text: &str, out: &Path) -> (Vec<Value>, Value) {
-    let mut j = JobSpec::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    j.resolve_paths(&fixtures());
-    let outcomes = run_job(&j, out, Device::Cpu).unwrap();
+    let outcomes = run_job(&job(text), out, Device::Cpu).unwrap();
     let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     (m, Value::Object(outcomes[0].final_metrics.clone()))
 }

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use common::fixtures;
-use rlhf_common::spec::JobSpec;
+use common::jobs::job;
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
 use tch::Device;
@@ -35,10 +35,8 @@ path = "fewclue/bustm/dev.json"
 "#,
         adapter.display().to_string()
     );
-    let mut job = JobSpec::from_toml(&text).unwrap();
-    job.resolve_paths(&fixtures());
     let tmp = tempfile::tempdir().unwrap();
-    let outcomes = run_job(&job, tmp.path(), Device::Cpu).unwrap();
+    let outcomes = run_job(&job(&text), tmp.path(), Device::Cpu).unwrap();
     let file = tmp.path().join("predictions.jsonl");
     let lines: Vec<Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let accs = &outcomes[0].accuracies;

@@ -6,17 +6,10 @@ mod common;
 use std::path::Path;
 
 use common::fixtures;
-use common::jobs::{ppo_toml, reward_toml, sft_toml};
-use rlhf_common::spec::JobSpec;
+use common::jobs::{job, ppo_toml, reward_toml, sft_toml};
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
 use tch::Device;
-
-fn job(text: &str) -> JobSpec {
-    let mut j = JobSpec::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    j.resolve_paths(&fixtures());
-    j
-}
 
 fn metrics(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))

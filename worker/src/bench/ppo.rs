@@ -48,7 +48,7 @@ use crate::model::init::{random_weights, Preset};
 use crate::model::random::{llama2_7b_config, random_model};
 use crate::model::save::{write_config, write_generation_config, write_safetensors};
 use crate::dist::{Collective, Single};
-use crate::model::{parse_device, parse_dtype, Config, Model, Tokenizer};
+use crate::model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 use crate::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
 use crate::train::ppo::iteration::{self, PolicyState, Prompts, Rollout, Scorer};
@@ -888,12 +888,6 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
     let state = PolicyState::new(policy_params, ppo);
     let roles = BenchRoles { views, reward_head, value_head, critic_opt: AdamW::new(critic_params, 0.0), models };
     Ok((roles, state, trainable))
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Runs one configuration (`bench ppo-one --config NAME`) and returns its

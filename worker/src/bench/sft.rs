@@ -16,7 +16,7 @@ use super::ppo::{private_exe, run_child};
 use super::TempDir;
 use crate::dist::Single;
 use crate::error::{Error, Result};
-use crate::model::{parse_device, parse_dtype, Model};
+use crate::model::{parse_device, parse_dtype, sync, Model};
 use crate::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::lm::backward_lm_loss;
 use crate::train::optim::AdamW;
@@ -68,9 +68,7 @@ fn time_steps(args: &SftArgs, dtype: &str, device: Device) -> Result<Value> {
         let t = Instant::now();
         losses.push(backward_lm_loss(&pm, &ids, &targets, false, |_| 1.0)?);
         opt.step_across(&mut Single, &[], 1.0, 1e-4)?;
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+        sync(device);
         if step > 0 {
             times.push(t.elapsed().as_secs_f64());
         }

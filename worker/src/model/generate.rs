@@ -1,13 +1,11 @@
 //! Batched incremental generation with left padding and a KV cache.
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use super::cache::KvCache;
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
-use super::sampling::{sample_rows, Sampling};
+use super::sampling::{row_streams, sample_rows, Sampling};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -102,14 +100,7 @@ fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: 
     let (ids, mut key_mask) = left_pad(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
     let mut cache = KvCache::new(model.layers.len());
-    let mut rngs: Vec<ChaCha8Rng> = rows
-        .iter()
-        .map(|&r| {
-            let mut g = ChaCha8Rng::seed_from_u64(opts.sampling.seed);
-            g.set_stream(r);
-            g
-        })
-        .collect();
+    let mut rngs = row_streams(opts.sampling.seed, rows);
     let pad = Tensor::from(opts.pad_id).to_device(device);
 
     let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };

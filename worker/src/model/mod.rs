@@ -26,6 +26,14 @@ use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
 
+/// Waits for `device`'s queued work (a no-op on CPU), so that a timer read
+/// next measures the work, not its launch.
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 /// Parses `f32`, `bf16`, `f16` (and their long spellings).
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     match s {

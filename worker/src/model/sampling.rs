@@ -41,6 +41,18 @@ impl Sampling {
     }
 }
 
+/// One sampling stream per row: stream `r` of `seed` for row id `r`, so a
+/// row draws the same numbers whatever other rows share its batch.
+pub fn row_streams(seed: u64, rows: &[u64]) -> Vec<ChaCha8Rng> {
+    rows.iter()
+        .map(|&r| {
+            let mut g = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+            g.set_stream(r);
+            g
+        })
+        .collect()
+}
+
 /// Picks one token per row of `logits` `[b, vocab]`. Returns the tokens `[b]`
 /// and their log-probabilities `[b]` under the temperature-scaled
 /// distribution before top-k/top-p filtering (what PPO's ratio uses).

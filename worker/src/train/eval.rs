@@ -3,15 +3,13 @@
 //! sample max_new_tokens with temperature 0.1 / top-p 0.9, one beam, and read
 //! the answer off the text).
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::data::{Example, Template};
 use crate::error::{Error, Result};
 use crate::model::generate::{attention_mask, left_pad, positions_from_mask};
-use crate::model::sampling::sample_rows;
+use crate::model::sampling::{row_streams, sample_rows};
 use crate::model::{generate, GenerateOptions, Mask, Sampling, Tokenizer};
 use crate::peft::PeftModel;
 
@@ -79,8 +77,7 @@ pub struct GenSettings {
 #[derive(Clone, Debug, Serialize)]
 pub struct Prediction {
     pub id: i64,
-    /// The prompt as the model saw it (after any truncation), and its ids.
-    pub prompt: String,
+    /// The prompt's ids as the model saw them (after any truncation).
     pub prompt_ids: Vec<i64>,
     /// The first token of each option's answer, in `labels()` order.
     pub option_ids: Vec<i64>,
@@ -132,13 +129,7 @@ pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Opti
                 Some(s) => {
                     let sampling = Sampling { temperature: s.temperature, top_p: s.top_p, top_k: 0, seed: s.seed.wrapping_add(i as u64) };
                     if s.max_new_tokens == 1 {
-                        let mut rngs: Vec<ChaCha8Rng> = (0..chunk.len() as u64)
-                            .map(|r| {
-                                let mut g = ChaCha8Rng::seed_from_u64(sampling.seed);
-                                g.set_stream(r);
-                                g
-                            })
-                            .collect();
+                        let mut rngs = row_streams(sampling.seed, &(0..chunk.len() as u64).collect::<Vec<_>>());
                         let (next, _) = sample_rows(&logits, &sampling, &mut rngs);
                         Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu))?.into_iter().map(|t| Some(vec![t])).collect()
                     } else {
@@ -154,7 +145,6 @@ pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Opti
                 let text = new.map(|n| tok.decode(&n, true)).transpose()?;
                 out.push(Prediction {
                     id: te.ids[k],
-                    prompt: tok.decode(&te.prompts[k], false)?,
                     prompt_ids: te.prompts[k].clone(),
                     option_ids: te.answer_ids.clone(),
                     gold: labels[te.gold[k]].to_string(),

@@ -37,8 +37,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let settings = GenSettings { max_new_tokens: spec.max_new_tokens, temperature: spec.temperature, top_p: spec.top_p, seed: job.seed };
     let total = variants.len() * tasks.len() * spec.modes.len();
     // Every example of every model and task, so any cell of the report can
-    // be audited: {"model", "task", "example": {id, prompt, gold, choice,
-    // option_logprobs, generated, generate}}.
+    // be audited: {"model", "task", "example": {id, prompt (text),
+    // prompt_ids, option_ids, gold, gold_option, choice, option_logprobs,
+    // generated, generate}}.
     std::fs::create_dir_all(ctx.out).map_err(|e| Error::io(ctx.out, e))?;
     let predictions_path = ctx.out.join(PREDICTIONS);
     let mut predictions = std::io::BufWriter::new(std::fs::File::create(&predictions_path).map_err(|e| Error::io(&predictions_path, e))?);
@@ -61,7 +62,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             let preds = score(&l.pm, &l.tok, te, generate, spec.batch_size, pad)?;
             let seconds = t.elapsed().as_secs_f64();
             for p in &preds {
-                let line = serde_json::json!({ "model": name, "task": task, "example": p });
+                let mut example = serde_json::json!(p);
+                example["prompt"] = serde_json::json!(l.tok.decode(&p.prompt_ids, false)?);
+                let line = serde_json::json!({ "model": name, "task": task, "example": example });
                 writeln!(predictions, "{line}").map_err(|e| Error::io(&predictions_path, e))?;
             }
             for mode in &spec.modes {

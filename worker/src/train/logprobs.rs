@@ -4,13 +4,15 @@
 //!
 //! Without gradients ([`token_logprobs`]) each chunk's logits are dropped as
 //! soon as its log-probs (and entropies) are taken. With gradients
-//! ([`backprop_through_head`]) the loss is first taken on detached log-probs,
-//! which gives `∂loss/∂logp` per token; then each chunk goes through the head
-//! again with a graph, is backpropagated with those per-token gradients and
-//! freed. What is left is `∂loss/∂hidden`, handed on to the trunk as the
-//! surrogate `Σ hidden · ∂loss/∂hidden`, whose backward gives every trunk
-//! parameter the gradient the plain loss would. The head runs twice (once
-//! without a graph): one extra head forward buys a peak of one chunk.
+//! ([`backprop_through_head`]) each chunk's pass also takes, per row, the
+//! gradient of that row's log-prob with respect to its hidden state (a
+//! frozen head maps row i to logp_i alone); the loss is then taken on the
+//! detached log-probs, and `∂loss/∂hidden = ∂loss/∂logp · (∂logp/∂hidden)`
+//! is handed on to the trunk as the surrogate `Σ hidden · ∂loss/∂hidden`,
+//! whose backward gives every trunk parameter the gradient the plain loss
+//! would. A trainable head (the `full` method) needs its own gradient, so
+//! then each chunk goes through the head a second time with the per-token
+//! loss gradients. Either way the peak is one chunk's logits.
 
 use tch::{Kind, Tensor};
 
@@ -22,7 +24,7 @@ use crate::peft::PeftModel;
 const CHUNK_ELEMENTS: i64 = 1 << 24;
 
 /// Rows per chunk for this model's vocabulary.
-pub fn chunk_rows(pm: &PeftModel) -> i64 {
+fn chunk_rows(pm: &PeftModel) -> i64 {
     (CHUNK_ELEMENTS / pm.base.cfg.vocab_size.max(1)).max(1)
 }
 

@@ -3,6 +3,15 @@
 
 use std::path::Path;
 
+use rlhf_common::spec::JobSpec;
+
+/// A job file's text, parsed, with its paths resolved against the fixtures.
+pub fn job(text: &str) -> JobSpec {
+    let mut j = JobSpec::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    j.resolve_paths(&super::fixtures());
+    j
+}
+
 pub const LORA: &str = "[peft]\nmethod = \"lora\"\nr = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n";
 
 /// SFT with LoRA; a checkpoint every `every` steps (0: none).

@@ -11,14 +11,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlhf_common::spec::{KlEstimatorSpec, PpoSpec};
 use serde_json::{Map, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::rollout::{logprobs, Batch};
 use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
 use crate::dist::Collective;
 use crate::error::Result;
 use crate::fields;
-use crate::model::{generate_rows, GenerateOptions, Sampling, Tokenizer};
+use crate::model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
 use crate::peft::PeftModel;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
@@ -98,13 +98,6 @@ fn estimator(e: KlEstimatorSpec) -> KlEstimator {
 
 fn scalar(t: &Tensor) -> f64 {
     t.double_value(&[])
-}
-
-/// Waits for the device, so that phase times are the work's, not its launch.
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Runs one iteration and returns its metrics record (rewards, KL, losses,
