@@ -10,6 +10,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod data;
+pub use data::{DataSpec, Source};
+
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -190,38 +193,6 @@ impl PeftSpec {
     }
 }
 
-/// Where the examples come from.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataSpec {
-    /// FewCLUE task (`eprstmt`, `tnews`, `ocnli`, `bustm`) of `train`/`eval`.
-    #[serde(default)]
-    pub task: Option<String>,
-    /// Training file: FewCLUE JSON lines (sft, ppo prompts, reward with
-    /// `from_multiple_choice`), preference pairs (reward), or text (pretrain).
-    #[serde(default)]
-    pub train: Option<PathBuf>,
-    /// Held-out file of the same kind.
-    #[serde(default)]
-    pub eval: Option<PathBuf>,
-    /// Reward: build preference pairs from the FewCLUE `train` file (the
-    /// paper's multiple-choice construction).
-    #[serde(default)]
-    pub from_multiple_choice: bool,
-    /// Prompt template with `{sentence}`, `{sentence1}`, `{sentence2}`, `{options}`.
-    #[serde(default)]
-    pub template: Option<String>,
-    /// Label → answer text.
-    #[serde(default)]
-    pub verbalizer: Option<BTreeMap<String, String>>,
-    /// Use at most this many training examples (by stride).
-    #[serde(default)]
-    pub max_examples: Option<usize>,
-    /// Use at most this many held-out examples (by stride).
-    #[serde(default)]
-    pub max_eval_examples: Option<usize>,
-}
-
 /// Optimisation of sft / reward / pretrain.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +220,11 @@ pub struct TrainSpec {
     /// Activation checkpointing in sft/pretrain steps (as `ppo.gradient_checkpointing`).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Reward: start from this reward model directory (adapter + head)
+    /// instead of a fresh one. In a pipeline, `init_from` on the stage names
+    /// an earlier reward stage instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -273,7 +249,7 @@ impl TrainSpec {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0, gradient_checkpointing: false }
+        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0, gradient_checkpointing: false, init_from: None }
     }
 }
 
@@ -363,6 +339,11 @@ pub struct PpoSpec {
     #[serde(default)]
     pub gradient_checkpointing: bool,
     pub reward: RewardSource,
+    /// A model reward scores each response as if it ended with EOS (the
+    /// reward model learned on EOS-terminated answers); for responses cut
+    /// at max_new_tokens, e.g. the paper's one-token answers.
+    #[serde(default)]
+    pub score_with_eos: bool,
 }
 
 fn default_iterations() -> usize {
@@ -545,6 +526,10 @@ pub struct StageSpec {
     pub ppo: Option<PpoSpec>,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
+    /// Start from the model an earlier stage of the same kind produced
+    /// (its name), e.g. a reward model trained further on other pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl JobSpec {
@@ -578,10 +563,12 @@ impl JobSpec {
             fix(&mut init.corpus);
         }
         self.model.merge_adapters.iter_mut().for_each(fix);
-        let fix_sections = |data: &mut Option<DataSpec>, ppo: &mut Option<PpoSpec>, eval: &mut Option<EvalSpec>| {
+        let fix_sections = |data: &mut Option<DataSpec>, train: &mut Option<TrainSpec>, ppo: &mut Option<PpoSpec>, eval: &mut Option<EvalSpec>| {
+            if let Some(p) = train.as_mut().and_then(|t| t.init_from.as_mut()) {
+                fix(p);
+            }
             if let Some(d) = data {
-                d.train.as_mut().map(fix);
-                d.eval.as_mut().map(fix);
+                d.resolve_paths(&fix);
             }
             if let Some(PpoSpec { reward: RewardSource::Model { path: Some(p) }, .. }) = ppo {
                 fix(p);
@@ -591,9 +578,9 @@ impl JobSpec {
                 e.adapters.values_mut().flatten().for_each(fix);
             }
         };
-        fix_sections(&mut self.data, &mut self.ppo, &mut self.eval);
+        fix_sections(&mut self.data, &mut self.train, &mut self.ppo, &mut self.eval);
         for st in &mut self.stages {
-            fix_sections(&mut st.data, &mut st.ppo, &mut st.eval);
+            fix_sections(&mut st.data, &mut st.train, &mut st.ppo, &mut st.eval);
         }
     }
 
@@ -644,6 +631,16 @@ impl JobSpec {
                 }
                 if st.kind == JobKind::Pretrain && i != 0 {
                     return err(format!("{at}.kind"), "pretrain can only be the first stage");
+                }
+                if let Some(from) = &st.init_from {
+                    match self.stages[..i].iter().find(|s| &s.name == from) {
+                        Some(s) if s.kind == st.kind => {}
+                        Some(s) => return err(format!("{at}.init_from"), format!("stage {from:?} is a {} stage, this one is {}", s.kind.name(), st.kind.name())),
+                        None => return err(format!("{at}.init_from"), format!("no earlier stage named {from:?}")),
+                    }
+                    if st.kind != JobKind::Reward {
+                        return err(format!("{at}.init_from"), format!("only a reward stage starts from an earlier one, not {}", st.kind.name()));
+                    }
                 }
                 let job = self.stage_job(st);
                 job.validate_single(i == 0 && st.kind == JobKind::Pretrain, true)
@@ -724,30 +721,20 @@ impl JobSpec {
         if let Some(t) = &self.train {
             validate_train(t)?;
         }
-        let data = self.data.as_ref();
+        let data = self.data.clone().unwrap_or_default();
+        let mc = data.from_multiple_choice;
         match self.kind {
             JobKind::Pretrain => {
                 let _ = pretrain;
-                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
+                need(data.train.is_some(), "data.train")?;
             }
-            JobKind::Sft => {
+            JobKind::Sft | JobKind::Ppo => {
                 need(self.peft.is_some(), "peft")?;
-                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
-                need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
+                data.validate(self.kind.name(), true)?;
             }
             JobKind::Reward => {
                 need(self.peft.is_some(), "peft")?;
-                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
-                if data.is_some_and(|d| d.from_multiple_choice) {
-                    need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
-                }
-            }
-            JobKind::Ppo => {
-                need(self.peft.is_some(), "peft")?;
-                need(data.and_then(|d| d.train.as_ref()).is_some(), "data.train")?;
-                need(data.and_then(|d| d.task.as_ref()).is_some(), "data.task")?;
-                let Some(ppo) = &self.ppo else { return err("ppo", "required for a ppo job") };
-                validate_ppo(ppo, in_pipeline)?;
+                data.validate(self.kind.name(), mc)?;
             }
             JobKind::Eval => {
                 let Some(e) = &self.eval else { return err("eval", "required for an eval job") };
@@ -755,7 +742,14 @@ impl JobSpec {
             }
             JobKind::Pipeline => {}
         }
-        if let Some(task) = data.and_then(|d| d.task.as_ref()) {
+        if self.kind == JobKind::Ppo {
+            let Some(ppo) = &self.ppo else { return err("ppo", "required for a ppo job") };
+            validate_ppo(ppo, in_pipeline)?;
+        }
+        if self.train.as_ref().is_some_and(|t| t.init_from.is_some()) && self.kind != JobKind::Reward {
+            return err("train.init_from", format!("only a reward job starts from an earlier model, not a {} job", self.kind.name()));
+        }
+        if let Some(task) = &data.task {
             if !TASKS.contains(&task.as_str()) {
                 return err("data.task", format!("unknown task {task:?} (expected one of {})", TASKS.join(", ")));
             }

@@ -149,3 +149,68 @@ fn data_parallel_parses_and_names_bad_fields() {
         assert!(e.contains(want), "{to}: {e}");
     }
 }
+
+#[test]
+fn data_sources_resolve_validate_and_exclude_the_single_form() {
+    let multi = PPO.replace(
+        "task = \"eprstmt\"\ntrain = \"data/train.json\"",
+        "sources = [{ task = \"eprstmt\", train = \"e/train.json\", eval = \"e/dev.json\" }, { task = \"bustm\", train = \"b/train.json\" }]",
+    );
+    let mut spec = JobSpec::from_toml(&multi).unwrap();
+    spec.resolve_paths(std::path::Path::new("/jobs"));
+    let sources = spec.data.as_ref().unwrap().sources();
+    assert_eq!(sources.len(), 2);
+    assert_eq!(sources[0].eval.as_deref(), Some(std::path::Path::new("/jobs/e/dev.json")));
+    assert_eq!(sources[1].train, std::path::PathBuf::from("/jobs/b/train.json"));
+    assert_eq!(JobSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+    // The single form is one source.
+    let one = JobSpec::from_toml(PPO).unwrap().data.unwrap().sources();
+    assert_eq!((one.len(), one[0].task.as_deref()), (1, Some("eprstmt")));
+    let cases = [
+        (multi.replace("\"bustm\"", "\"mnli\""), "data.sources[1].task: unknown task \"mnli\""),
+        (multi.replace("task = \"bustm\", ", ""), "data.sources[1].task: required for a ppo job"),
+        (multi.replace("[data]", "[data]\ntask = \"tnews\""), "data.task: give either data.sources"),
+        (multi.replace("[data]", "[data]\ntemplate = \"{sentence}\""), "data.template: a template or verbalizer override applies to one task"),
+    ];
+    for (text, want) in cases {
+        let e = JobSpec::from_toml(&text).unwrap_err().to_string();
+        assert!(e.starts_with(want), "got {e:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn a_reward_stage_starts_from_an_earlier_reward_stage_only() {
+    let text = r#"
+version = 1
+kind = "pipeline"
+[model]
+path = "m"
+[peft]
+method = "lora"
+[[stage]]
+name = "sft"
+kind = "sft"
+data = { task = "eprstmt", train = "t.json" }
+[[stage]]
+name = "rm-prefs"
+kind = "reward"
+data = { train = "prefs.jsonl" }
+[[stage]]
+name = "rm-mc"
+kind = "reward"
+init_from = "rm-prefs"
+data = { from_multiple_choice = true, sources = [{ task = "eprstmt", train = "t.json" }] }
+"#;
+    let spec = JobSpec::from_toml(text).unwrap();
+    assert_eq!(spec.stages[2].init_from.as_deref(), Some("rm-prefs"));
+    let field = |t: String| JobSpec::from_toml(&t).unwrap_err().to_string();
+    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"sft\"")).starts_with("stage[2].init_from: stage \"sft\" is a sft stage"));
+    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"rm-later\"")).starts_with("stage[2].init_from: no earlier stage named \"rm-later\""));
+    // A multiple-choice reward source needs its task.
+    assert!(field(text.replace("{ task = \"eprstmt\", train = \"t.json\" }]", "{ train = \"t.json\" }]")).starts_with("stage[2].data.sources[0].task: required"));
+    // Outside a pipeline, train.init_from names a directory, for reward jobs only.
+    let mut single = JobSpec::from_toml(&PPO.replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]")).unwrap_err().to_string();
+    assert!(single.starts_with("train.init_from: only a reward job"), "{single}");
+    single = JobSpec::from_toml(&PPO.replace("kind = \"ppo\"", "kind = \"reward\"").replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]")).map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+    assert!(single.is_empty(), "{single}");
+}

@@ -19,5 +19,5 @@ pub mod template;
 pub use batch::{mask_left, mask_right, pad_left, pad_right, truncate_prompt, Shuffler};
 pub use fewclue::{label_name_zh, labels, stride_subset, Example, Task};
 pub use jsonl::read_records;
-pub use preference::{from_multiple_choice, load_pairs, PreferencePair};
+pub use preference::{bare_answer_pairs, from_multiple_choice, load_pairs, PreferencePair};
 pub use template::{default_template, Template};

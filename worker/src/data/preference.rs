@@ -146,18 +146,13 @@ fn respond(answer: &str, explanation: Option<&str>) -> String {
 /// Responses are `"{answer}"` or `"{answer}。{explanation}"`; margins are 0.
 /// An example whose label the template does not know is an error.
 pub fn from_multiple_choice(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<PreferencePair>> {
-    let labels = template.labels();
-    if labels.len() < 2 {
-        return Err(Error::InvalidArgument(format!("template for {} has fewer than two labels", template.task)));
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let wrongs = wrong_labels(examples, template, seed)?;
     let mut out = Vec::with_capacity(examples.len() * 3);
-    for ex in examples {
+    for (ex, wrong) in examples.iter().zip(&wrongs) {
+        let wrong = wrong.as_str();
         let prompt = template.render(ex)?;
         let correct = template.answer(&ex.label)?;
         let explained = respond(correct, Some(&template.explanation(&ex.label)?));
-        let wrong_labels: Vec<&str> = labels.iter().copied().filter(|l| *l != ex.label).collect();
-        let wrong = wrong_labels[rng.gen_range(0..wrong_labels.len())];
         let wrong_explained = respond(template.answer(wrong)?, Some(&template.explanation(wrong)?));
         let bare = respond(correct, None);
         let pair = |chosen: &str, rejected: &str| PreferencePair {
@@ -171,6 +166,43 @@ pub fn from_multiple_choice(examples: &[Example], template: &Template, seed: u64
         out.push(pair(&bare, &wrong_explained));
     }
     Ok(out)
+}
+
+/// One wrong label per example, drawn uniformly (seeded by `seed`).
+fn wrong_labels(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<String>> {
+    let labels = template.labels();
+    if labels.len() < 2 {
+        return Err(Error::InvalidArgument(format!("template for {} has fewer than two labels", template.task)));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(examples.len());
+    for ex in examples {
+        template.answer(&ex.label)?;
+        let wrong: Vec<&str> = labels.iter().copied().filter(|l| *l != ex.label).collect();
+        out.push(wrong[rng.gen_range(0..wrong.len())].to_string());
+    }
+    Ok(out)
+}
+
+/// The pair a one-token answer meets in PPO (the paper's nt = 1): the bare
+/// correct answer ≻ a bare wrong one (the wrong label of
+/// [`from_multiple_choice`]'s pairs for the same `seed`). The construction
+/// never trains on it; it measures whether a reward model can tell right
+/// from wrong answers when nothing else differs.
+pub fn bare_answer_pairs(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<PreferencePair>> {
+    let wrongs = wrong_labels(examples, template, seed)?;
+    examples
+        .iter()
+        .zip(&wrongs)
+        .map(|(ex, w)| {
+            Ok(PreferencePair {
+                prompt: template.render(ex)?,
+                chosen: respond(template.answer(&ex.label)?, None),
+                rejected: respond(template.answer(w)?, None),
+                margin: 0.0,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -309,6 +341,17 @@ mod tests {
         let mut bad = examples[0].clone();
         bad.label = "105".into();
         assert!(from_multiple_choice(&[bad], &t, 1).unwrap_err().to_string().contains("\"105\""));
+    }
+
+    #[test]
+    fn bare_answer_pairs_use_the_construction_s_wrong_label() {
+        let t = default_template(Task::Eprstmt);
+        let full = from_multiple_choice(&examples(), &t, 7).unwrap();
+        let bare = bare_answer_pairs(&examples(), &t, 7).unwrap();
+        assert_eq!(bare.len(), 2);
+        assert_eq!((bare[0].chosen.as_str(), bare[0].rejected.as_str()), ("B", "A"));
+        assert!(full[1].rejected.starts_with(&bare[0].rejected));
+        assert_eq!(bare[0].prompt, full[0].prompt);
     }
 
     #[test]

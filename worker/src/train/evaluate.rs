@@ -8,7 +8,7 @@ use rlhf_common::spec::{EvalMode, JobSpec};
 use std::io::Write as _;
 
 use super::eval::{accuracy, score, GenSettings, Prediction, TaskEval};
-use super::setup::{load_base, task_data};
+use super::setup::{load_base, task_set};
 use super::stage::{Accuracy, Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::fields;
@@ -23,14 +23,8 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let pad = l.pad();
     let mut tasks = Vec::new();
     for t in &spec.tasks {
-        let data = rlhf_common::spec::DataSpec {
-            task: Some(t.task.clone()),
-            template: t.template.clone(),
-            verbalizer: t.verbalizer.clone(),
-            ..Default::default()
-        };
-        let (template, examples) = task_data(&data, &t.path, spec.max_examples)?;
-        tasks.push((t.task.clone(), TaskEval::new(&l.tok, &template, &examples, job.model.max_length)?));
+        let set = task_set(Some(&t.task), "eval.tasks.task", t.template.clone(), t.verbalizer.clone(), &t.path, spec.max_examples)?;
+        tasks.push((t.task.clone(), TaskEval::new(&l.tok, &set.template, &set.examples, job.model.max_length)?));
     }
     let mut variants: Vec<(String, Vec<std::path::PathBuf>)> = vec![("base".into(), Vec::new())];
     variants.extend(spec.adapters.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -20,6 +20,14 @@ pub fn markdown(title: &str, outcomes: &[Outcome]) -> String {
         }
         s.push('\n');
     }
+    if outcomes.iter().any(|o| o.wall_seconds > 0.0) {
+        s.push_str("## Stage wall times\n\n| stage | kind | wall time (s) |\n|---|---|---:|\n");
+        for o in outcomes.iter().filter(|o| o.wall_seconds > 0.0) {
+            let _ = writeln!(s, "| {} | {} | {:.1} |", o.stage, o.kind, o.wall_seconds);
+        }
+        let total: f64 = outcomes.iter().map(|o| o.wall_seconds).sum();
+        let _ = writeln!(s, "| all | | {total:.1} |\n");
+    }
     let finals: Vec<&Outcome> = outcomes.iter().filter(|o| !o.final_metrics.is_empty()).collect();
     if !finals.is_empty() {
         s.push_str("## Final training metrics\n\n| stage | metrics |\n|---|---|\n");

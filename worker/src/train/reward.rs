@@ -11,7 +11,7 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::optim::{AdamW, Schedule};
-use super::setup::{encode_pair, hidden_at, load_base, positions, right_padded, task_data, Loaded};
+use super::setup::{encode_pair, hidden_at, load_base, positions, right_padded, task_set, Loaded};
 use super::stage::{Ctx, Outcome};
 use crate::data::{self, PreferencePair, Shuffler};
 use crate::dist;
@@ -86,18 +86,64 @@ fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<En
         .collect()
 }
 
-fn pairs_of(job: &JobSpec, path: &Path, limit: Option<usize>) -> Result<Vec<PreferencePair>> {
+/// A reward job's pairs.
+struct Pairs {
+    train: Vec<PreferencePair>,
+    held_out: Vec<PreferencePair>,
+    /// Multiple choice: bare correct ≻ bare wrong answer on the held-out
+    /// files (see [`data::bare_answer_pairs`]).
+    bare: Vec<PreferencePair>,
+}
+
+/// Preference pairs of every source of `data.sources` (or the one
+/// `train`/`eval`), training and held-out: a source's eval file, or else
+/// every 10th of its training pairs. `from_multiple_choice` builds the pairs
+/// from FewCLUE files (the paper's construction); otherwise the files hold
+/// pairs. Each source is cut to `max_examples`/`max_eval_examples` pairs by stride.
+fn pairs_of(job: &JobSpec) -> Result<Pairs> {
     let data = job.data.clone().unwrap_or_default();
-    let mut pairs = if data.from_multiple_choice {
-        let (template, examples) = task_data(&data, path, None)?;
-        data::from_multiple_choice(&examples, &template, job.seed)?
-    } else {
-        data::load_pairs(path)?
+    let one = data.sources.is_empty();
+    let cut = |pairs: Vec<PreferencePair>, limit: Option<usize>| match limit {
+        Some(n) => data::stride_subset(&pairs, n),
+        None => pairs,
     };
-    if let Some(n) = limit {
-        pairs = data::stride_subset(&pairs, n);
+    let set = |i: usize, task: Option<&str>, path: &Path| {
+        let field = if one { "data.task".to_string() } else { format!("data.sources[{i}].task") };
+        task_set(task, &field, data.template.clone(), data.verbalizer.clone(), path, None)
+    };
+    let load = |i: usize, task: Option<&str>, path: &Path, limit: Option<usize>| -> Result<Vec<PreferencePair>> {
+        let pairs = if data.from_multiple_choice {
+            let s = set(i, task, path)?;
+            data::from_multiple_choice(&s.examples, &s.template, job.seed)?
+        } else {
+            data::load_pairs(path)?
+        };
+        Ok(cut(pairs, limit))
+    };
+    let mut out = Pairs { train: Vec::new(), held_out: Vec::new(), bare: Vec::new() };
+    for (i, src) in data.sources().iter().enumerate() {
+        let all = load(i, src.task.as_deref(), &src.train, data.max_examples)?;
+        match &src.eval {
+            Some(p) => {
+                out.train.extend(all);
+                out.held_out.extend(load(i, src.task.as_deref(), p, data.max_eval_examples)?);
+                if data.from_multiple_choice {
+                    let s = set(i, src.task.as_deref(), p)?;
+                    out.bare.extend(cut(data::bare_answer_pairs(&s.examples, &s.template, job.seed)?, data.max_eval_examples));
+                }
+            }
+            None => {
+                for (k, p) in all.into_iter().enumerate() {
+                    if k % 10 == 9 {
+                        out.held_out.push(p)
+                    } else {
+                        out.train.push(p)
+                    }
+                }
+            }
+        }
     }
-    Ok(pairs)
+    Ok(out)
 }
 
 /// Pairwise accuracy: how often the chosen response outscores the rejected one.
@@ -120,34 +166,36 @@ fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut l = load_base(job, ctx.device)?;
-    let data = job.data.clone().unwrap_or_default();
-    let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
-    let all = pairs_of(job, &train_path, data.max_examples)?;
-    // Held out: the eval file, or every 10th training pair.
-    let (train_pairs, eval_pairs): (Vec<PreferencePair>, Vec<PreferencePair>) = match &data.eval {
-        Some(p) => (all, pairs_of(job, p, data.max_eval_examples)?),
-        None => {
-            let (a, b): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| i % 10 != 9);
-            (a.into_iter().map(|x| x.1).collect(), b.into_iter().map(|x| x.1).collect())
-        }
-    };
+    let Pairs { train: train_pairs, held_out: eval_pairs, bare } = pairs_of(job)?;
     let max_len = job.model.max_length;
-    let train_enc = encode(&l, &train_pairs, max_len)?;
-    let eval_enc = encode(&l, &eval_pairs, max_len)?;
+    let data = job.data.clone().unwrap_or_default();
+    let fits = |e: &Encoded| data.max_pair_tokens.is_none_or(|n| e.chosen.len().max(e.rejected.len()) <= n);
+    let (train_enc, eval_enc): (Vec<Encoded>, Vec<Encoded>) =
+        (encode(&l, &train_pairs, max_len)?.into_iter().filter(fits).collect(), encode(&l, &eval_pairs, max_len)?.into_iter().filter(fits).collect());
+    let bare_enc = encode(&l, &bare, max_len)?;
+    if let Some(n) = data.max_pair_tokens {
+        tracing::info!(max_pair_tokens = n, train = train_enc.len(), of = train_pairs.len(), eval = eval_enc.len(), of_eval = eval_pairs.len(), "pairs within the token cap");
+    }
     if train_enc.is_empty() {
         return Err(Error::InvalidArgument("data.train: no preference pairs".into()));
     }
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
-    let adapter = peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?;
-    let head = Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed);
+    // A fresh adapter and head, or the reward model of `train.init_from`.
+    let train = job.train.clone().unwrap_or_default();
+    let (adapter, head) = match &train.init_from {
+        Some(dir) => {
+            let h = Head::load(&dir.join(HEAD_FILE), l.pm.base.cfg.hidden_size, ctx.device)?;
+            let head = Head { weight: h.weight.set_requires_grad(true), bias: h.bias.set_requires_grad(true) };
+            (peft::io::load(dir, &l.pm.base)?, head)
+        }
+        None => (peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?, Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed)),
+    };
     let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
     let mut params = adapter.parameters();
     params.extend([head.weight.shallow_clone(), head.bias.shallow_clone()]);
     l.pm.add(ADAPTER, adapter)?;
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
-
-    let train = job.train.clone().unwrap_or_default();
     let per_step = train.batch_size * train.grad_accum;
     let total = train.max_steps.unwrap_or(train.epochs * train_enc.len().div_ceil(per_step).max(1));
     let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
@@ -198,11 +246,13 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     // Demonstrations (chosen responses) should score 0 on average.
     let offset = if !ctx.writes() { f64::NAN } else { tch::no_grad(|| -> Result<f64> {
         let mut sum = 0.0;
-        for chunk in train_enc.chunks(16) {
+        // (at most 512 of them, by stride: long preference sets cost minutes)
+        let demos = data::stride_subset(&train_enc.iter().collect::<Vec<_>>(), 512);
+        for chunk in demos.chunks(16) {
             let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
             sum += score(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
         }
-        let mean = sum / train_enc.len() as f64;
+        let mean = sum / demos.len() as f64;
         let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
         Ok(mean)
     })? };
@@ -214,6 +264,10 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     } else {
         f64::NAN
     };
+    let mut final_metrics = fields! { "accuracy" => acc, "reward_offset" => offset, "eval_pairs" => eval_enc.len() };
+    if !bare_enc.is_empty() && ctx.writes() {
+        final_metrics.insert("bare_answer_accuracy".into(), json!(accuracy(&l.pm, &head, &bare_enc, pad)?));
+    }
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "reward".into()),
         kind: "reward".into(),
@@ -223,7 +277,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         base_params: base_parameters(&l.pm.base),
         train_seconds: secs,
         steps: total,
-        final_metrics: fields! { "accuracy" => acc, "reward_offset" => offset, "eval_pairs" => eval_enc.len() },
+        final_metrics,
         ..Outcome::default()
     })
 }

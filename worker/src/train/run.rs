@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rlhf_common::spec::{JobKind, JobSpec, RewardSource};
+use rlhf_common::spec::{JobKind, JobSpec, RewardSource, StageSpec};
 use tch::Device;
 
 use super::metrics::{Metrics, RunHooks};
@@ -30,7 +30,8 @@ fn run_stage_with(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     metrics.set_tag("stage", job.name.clone().unwrap_or_else(|| job.kind.name().to_string()));
     let mut ctx = Ctx { out, device, metrics, dist };
-    let outcome = match job.kind {
+    let t0 = std::time::Instant::now();
+    let mut outcome = match job.kind {
         JobKind::Pretrain => pretrain::run(job, &mut ctx)?,
         JobKind::Sft => sft::run(job, &mut ctx)?,
         JobKind::Reward => reward::run(job, &mut ctx)?,
@@ -38,6 +39,7 @@ fn run_stage_with(
         JobKind::Eval => evaluate::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
     };
+    outcome.wall_seconds = t0.elapsed().as_secs_f64();
     if ctx.writes() {
         outcome.write(out)?;
     }
@@ -48,46 +50,70 @@ fn run_stage_with(
 #[derive(Default)]
 struct Produced {
     model: Option<PathBuf>,
-    sft: Option<PathBuf>,
-    reward_model: Option<PathBuf>,
-    ppo: Option<PathBuf>,
+    /// Every SFT stage: name, adapter, held-out accuracy (NaN if none).
+    sft: Vec<(String, PathBuf, f64)>,
+    /// Every reward stage: name, reward model; the last one scores PPO.
+    reward_models: Vec<(String, PathBuf)>,
+    ppo: Vec<(String, PathBuf)>,
 }
 
 impl Produced {
     fn take(&mut self, o: &Outcome, kind: JobKind) {
         match kind {
             JobKind::Pretrain => self.model = o.model.clone(),
-            JobKind::Sft => self.sft = o.adapter.clone(),
-            JobKind::Reward => self.reward_model = o.reward_model.clone(),
-            JobKind::Ppo => self.ppo = o.adapter.clone(),
+            JobKind::Sft => {
+                let acc = o.final_metrics.get("eval_accuracy").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+                self.sft.extend(o.adapter.clone().map(|a| (o.stage.clone(), a, acc)));
+            }
+            JobKind::Reward => self.reward_models.extend(o.reward_model.clone().map(|m| (o.stage.clone(), m))),
+            JobKind::Ppo => self.ppo.extend(o.adapter.clone().map(|a| (o.stage.clone(), a))),
             JobKind::Eval | JobKind::Pipeline => {}
         }
     }
 
-    /// Wires a stage's inputs: the pretrained model, the SFT adapter merged
-    /// under reward and PPO (so the reference policy is the SFT model), the
-    /// reward model for PPO, and every trained stage for eval.
-    fn wire(&self, job: &mut JobSpec) {
+    /// The SFT adapter later stages build on: the one with the best
+    /// held-out accuracy (the paper picks the best method on dev); the last
+    /// one when none was evaluated.
+    fn best_sft(&self) -> Option<&(String, PathBuf, f64)> {
+        let mut best = self.sft.last()?;
+        for s in &self.sft {
+            if s.2 > best.2 || (best.2.is_nan() && !s.2.is_nan()) {
+                best = s;
+            }
+        }
+        Some(best)
+    }
+
+    /// Wires a stage's inputs: the pretrained model, the best SFT adapter
+    /// merged under reward and PPO (so the reference policy is the SFT
+    /// model), an earlier reward model to start from (`init_from`), the
+    /// last reward model for PPO, and every trained stage for eval.
+    fn wire(&self, stage: &StageSpec, job: &mut JobSpec) {
         if let Some(m) = &self.model {
             job.model.path = Some(m.clone());
             job.model.init = None;
         }
-        let sft: Vec<PathBuf> = self.sft.iter().cloned().collect();
+        let sft: Vec<PathBuf> = self.best_sft().map(|s| s.1.clone()).into_iter().collect();
         match job.kind {
             JobKind::Reward | JobKind::Ppo => job.model.merge_adapters.extend(sft.iter().cloned()),
             _ => {}
         }
-        if let (Some(ppo), Some(rm)) = (&mut job.ppo, &self.reward_model) {
+        if let Some(from) = &stage.init_from {
+            if let Some((_, dir)) = self.reward_models.iter().find(|(n, _)| n == from) {
+                job.train.get_or_insert_with(Default::default).init_from = Some(dir.clone());
+            }
+        }
+        if let (Some(ppo), Some((_, rm))) = (&mut job.ppo, self.reward_models.last()) {
             if let RewardSource::Model { path: path @ None } = &mut ppo.reward {
                 *path = Some(rm.clone());
             }
         }
         if let Some(eval) = &mut job.eval {
-            if !sft.is_empty() {
-                eval.adapters.entry("sft".into()).or_insert_with(|| sft.clone());
+            for (name, adapter, _) in &self.sft {
+                eval.adapters.entry(name.clone()).or_insert_with(|| vec![adapter.clone()]);
             }
-            if let Some(p) = &self.ppo {
-                eval.adapters.entry("ppo".into()).or_insert_with(|| [sft.clone(), vec![p.clone()]].concat());
+            for (name, p) in &self.ppo {
+                eval.adapters.entry(name.clone()).or_insert_with(|| [sft.clone(), vec![p.clone()]].concat());
             }
         }
     }
@@ -131,7 +157,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
         let mut outcomes = Vec::new();
         for stage in &job.stages {
             let mut sj = job.stage_job(stage);
-            produced.wire(&mut sj);
+            produced.wire(stage, &mut sj);
             let dir = out.join("stages").join(&stage.name);
             let done = dir.join("outcome.json");
             let outcome = match std::fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str::<Outcome>(&t).ok()) {

@@ -49,21 +49,62 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
     Ok(Loaded { pm, tok, model_dir: dir })
 }
 
-/// The task, its template (with the job's overrides) and the examples of `path`.
-pub fn task_data(data: &DataSpec, path: &Path, limit: Option<usize>) -> Result<(Template, Vec<Example>)> {
-    let task: Task = data
-        .task
-        .as_deref()
-        .ok_or_else(|| Error::InvalidArgument("data.task: required".into()))?
+/// A FewCLUE task's template (with the job's overrides) and examples.
+pub struct TaskSet {
+    pub template: Template,
+    pub examples: Vec<Example>,
+}
+
+/// Which file of each data source.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// One [`TaskSet`] per source of `data` (`[[data.sources]]` or the single
+/// `task`/`train`/`eval`), from its train or eval file, each cut to
+/// `max_examples`/`max_eval_examples` by stride. A source without an eval
+/// file has no eval set.
+pub fn task_sets(data: &DataSpec, split: Split) -> Result<Vec<TaskSet>> {
+    let one = data.sources.is_empty();
+    let mut sets = Vec::new();
+    for (i, src) in data.sources().iter().enumerate() {
+        let field = if one { "data.task".to_string() } else { format!("data.sources[{i}].task") };
+        let (path, limit) = match split {
+            Split::Train => (Some(&src.train), data.max_examples),
+            Split::Eval => (src.eval.as_ref(), data.max_eval_examples),
+        };
+        if let Some(path) = path {
+            sets.push(task_set(src.task.as_deref(), &field, data.template.clone(), data.verbalizer.clone(), path, limit)?);
+        }
+    }
+    if split == Split::Train && sets.is_empty() {
+        return Err(Error::InvalidArgument("data.train: required".into()));
+    }
+    Ok(sets)
+}
+
+/// The examples of `path` for `task` (named by `field` in errors), at most
+/// `limit` of them by stride.
+pub fn task_set(
+    task: Option<&str>,
+    field: &str,
+    template: Option<String>,
+    verbalizer: Option<std::collections::BTreeMap<String, String>>,
+    path: &Path,
+    limit: Option<usize>,
+) -> Result<TaskSet> {
+    let task: Task = task
+        .ok_or_else(|| Error::InvalidArgument(format!("{field}: required")))?
         .parse()
-        .map_err(|e: Error| Error::InvalidArgument(format!("data.task: {e}")))?;
-    let template = Template::with_overrides(task, data.template.clone(), data.verbalizer.clone())
-        .map_err(|e| Error::InvalidArgument(format!("data.template: {e}")))?;
+        .map_err(|e: Error| Error::InvalidArgument(format!("{field}: {e}")))?;
+    let template = Template::with_overrides(task, template, verbalizer).map_err(|e| Error::InvalidArgument(format!("data.template: {e}")))?;
     let mut examples = data::fewclue::load(task, path)?;
     if let Some(n) = limit {
         examples = data::stride_subset(&examples, n);
     }
-    Ok((template, examples))
+    Ok(TaskSet { template, examples })
 }
 
 /// Prompt ids and response ids (response ends with EOS), truncated to `max_len`.

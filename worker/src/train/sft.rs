@@ -5,7 +5,7 @@ use rlhf_common::spec::JobSpec;
 
 use super::eval::{choice_accuracy, TaskEval};
 use super::lm::{self, Sample};
-use super::setup::{encode_pair, load_base, task_data};
+use super::setup::{encode_pair, load_base, task_sets, Split};
 use super::stage::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::peft::{self, base_parameters, PeftConfig};
@@ -15,20 +15,21 @@ pub const ADAPTER: &str = "policy";
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut l = load_base(job, ctx.device)?;
     let data = job.data.clone().unwrap_or_default();
-    let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
-    let (template, examples) = task_data(&data, &train_path, data.max_examples)?;
+    let sets = task_sets(&data, Split::Train)?;
     let max_len = job.model.max_length;
     let eos = l.eos();
-    let mut samples = Vec::with_capacity(examples.len());
-    for ex in &examples {
-        let (p, r) = encode_pair(&l.tok, &template.render(ex)?, template.answer(&ex.label)?, Some(eos), max_len)?;
-        let targets = std::iter::repeat_n(0, p.len()).chain(std::iter::repeat_n(1, r.len())).collect();
-        samples.push(Sample { ids: [p, r].concat(), targets });
+    let mut samples = Vec::new();
+    for set in &sets {
+        for ex in &set.examples {
+            let (p, r) = encode_pair(&l.tok, &set.template.render(ex)?, set.template.answer(&ex.label)?, Some(eos), max_len)?;
+            let targets = std::iter::repeat_n(0, p.len()).chain(std::iter::repeat_n(1, r.len())).collect();
+            samples.push(Sample { ids: [p, r].concat(), targets });
+        }
     }
-    let held_out = match &data.eval {
-        Some(path) => Some(TaskEval::new(&l.tok, &template, &task_data(&data, path, data.max_eval_examples)?.1, max_len)?),
-        None => None,
-    };
+    let held_out = task_sets(&data, Split::Eval)?
+        .iter()
+        .map(|set| TaskEval::new(&l.tok, &set.template, &set.examples, max_len))
+        .collect::<Result<Vec<_>>>()?;
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let adapter = peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?;
     let trainable = adapter.num_parameters();
@@ -36,11 +37,24 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
     let train = job.train.clone().unwrap_or_default();
-    let mut eval = |pm: &crate::peft::PeftModel| match &held_out {
-        Some(te) => choice_accuracy(pm, &l.tok, te, 16, pad),
-        None => Ok(f64::NAN),
+    // Held-out choice accuracy, averaged over the tasks (model selection).
+    let mut last = f64::NAN;
+    let mut eval = |pm: &crate::peft::PeftModel| {
+        if held_out.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let mut sum = 0.0;
+        for te in &held_out {
+            sum += choice_accuracy(pm, &l.tok, te, 16, pad)?;
+        }
+        last = sum / held_out.len() as f64;
+        Ok(last)
     };
     let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut eval)?;
+    let mut final_metrics = serde_json::Map::new();
+    if last.is_finite() {
+        final_metrics.insert("eval_accuracy".into(), serde_json::json!(last));
+    }
     let dir = ctx.out.join("adapter");
     if ctx.writes() {
         peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
@@ -54,6 +68,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         base_params: base_parameters(&l.pm.base),
         train_seconds: secs,
         steps,
+        final_metrics,
         ..Outcome::default()
     })
 }

@@ -58,6 +58,9 @@ pub struct Outcome {
     /// An eval's per-example predictions (`predictions.jsonl`).
     #[serde(default)]
     pub predictions: Option<PathBuf>,
+    /// The stage's wall time: loading, training, held-out evals, saving.
+    #[serde(default)]
+    pub wall_seconds: f64,
 }
 
 impl Outcome {

@@ -149,6 +149,13 @@ pub fn run(
     // 3. Scores (reward role or rule) and values (critic role).
     let t = Instant::now();
     let raw_score = match scorer {
+        Scorer::Model if ppo.score_with_eos && !has_eos.iter().all(|&e| e) => {
+            // The reward model learned on EOS-terminated answers: score
+            // each response as if it had ended there.
+            let eos = rollout.eos_ids.first().copied().unwrap_or(rollout.pad);
+            let ended: Vec<Vec<i64>> = gen.tokens.iter().zip(&has_eos).map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() }).collect();
+            roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
+        }
         Scorer::Model => roles.scores(&batch)?,
         Scorer::Rule(rule) => {
             let tok = roles.tokenizer().ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;

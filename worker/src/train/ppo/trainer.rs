@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::Tokenizer;
 use crate::peft::{self, base_parameters, PeftConfig, PeftModel};
 use crate::train::checkpoint::{self, Checkpoint};
-use crate::train::setup::{load_base, task_data, Loaded};
+use crate::train::setup::{load_base, task_sets, Loaded, Split};
 use crate::train::stage::{Ctx, Outcome};
 
 /// A role host on another worker.
@@ -126,13 +126,14 @@ impl Roles for Parts<'_> {
 }
 
 /// Rule rewards from the decoded responses.
-fn rule_scores(tok: &Tokenizer, reward: &RewardSource, template: &Template, responses: &[Vec<i64>], gold: &[String]) -> Result<Tensor> {
+/// `gold[i]` is row i's (template, label).
+fn rule_scores(tok: &Tokenizer, reward: &RewardSource, responses: &[Vec<i64>], gold: &[(&Template, &str)]) -> Result<Tensor> {
     let mut s = Vec::with_capacity(responses.len());
-    for (r, g) in responses.iter().zip(gold) {
+    for (r, (template, g)) in responses.iter().zip(gold) {
         let text = tok.decode(r, true)?;
         s.push(match reward {
             RewardSource::Match { text: t, weight } => (text.matches(t.as_str()).count() as f64 * weight) as f32,
-            _ => f32::from(u8::from(template.label_for_answer(&text) == Some(g.as_str()))),
+            _ => f32::from(u8::from(template.label_for_answer(&text) == Some(*g))),
         });
     }
     Ok(Tensor::from_slice(&s))
@@ -146,8 +147,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
 pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn RemoteRoles + 'static)>) -> Result<Outcome> {
     let ppo = job.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
     let data = job.data.clone().unwrap_or_default();
-    let train_path = data.train.clone().ok_or_else(|| Error::InvalidArgument("data.train: required".into()))?;
-    let (template, examples) = task_data(&data, &train_path, data.max_examples)?;
+    let sets = task_sets(&data, Split::Train)?;
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
     let mut parts = match remote {
@@ -166,15 +166,19 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         pm.add(POLICY, policy)?;
     }
     let max_prompt = job.model.max_length.saturating_sub(ppo.max_new_tokens).max(1);
-    let mut prompts = Vec::with_capacity(examples.len());
-    for ex in &examples {
-        let mut ids = parts.loaded().tok.encode(&template.render(ex)?, true)?;
-        if ids.len() > max_prompt {
-            ids.drain(..ids.len() - max_prompt);
+    // Every source's prompts, each with its template and gold label.
+    let mut prompts = Vec::new();
+    let mut gold: Vec<(usize, String)> = Vec::new();
+    for (k, set) in sets.iter().enumerate() {
+        for ex in &set.examples {
+            let mut ids = parts.loaded().tok.encode(&set.template.render(ex)?, true)?;
+            if ids.len() > max_prompt {
+                ids.drain(..ids.len() - max_prompt);
+            }
+            prompts.push(ids);
+            gold.push((k, ex.label.clone()));
         }
-        prompts.push(ids);
     }
-    let gold: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
     if prompts.is_empty() {
         return Err(Error::InvalidArgument("data.train: no prompts".into()));
     }
@@ -210,8 +214,8 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
         let rows = dist::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
         let batch_prompts: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
-        let batch_gold: Vec<String> = rows.iter().map(|&r| gold[idx[r]].clone()).collect();
-        let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, &template, responses, &batch_gold);
+        let batch_gold: Vec<(&Template, &str)> = rows.iter().map(|&r| (&sets[gold[idx[r]].0].template, gold[idx[r]].1.as_str())).collect();
+        let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, responses, &batch_gold);
         let scorer = match &ppo.reward {
             RewardSource::Model { .. } => Scorer::Model,
             _ => Scorer::Rule(&rule),

@@ -1,0 +1,117 @@
+//! `[data]`: where a stage's examples come from — one source (`task`,
+//! `train`, `eval`) or several (`[[data.sources]]`, e.g. the four FewCLUE
+//! tasks trained together).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{err, SpecError, TASKS};
+
+/// Where the examples come from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// FewCLUE task (`eprstmt`, `tnews`, `ocnli`, `bustm`) of `train`/`eval`.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Training file: FewCLUE JSON lines (sft, ppo prompts, reward with
+    /// `from_multiple_choice`), preference pairs (reward), or text (pretrain).
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Held-out file of the same kind.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Several sources used together, instead of `task`/`train`/`eval`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
+    /// Reward: build preference pairs from the FewCLUE `train` file (the
+    /// paper's multiple-choice construction).
+    #[serde(default)]
+    pub from_multiple_choice: bool,
+    /// Prompt template with `{sentence}`, `{sentence1}`, `{sentence2}`, `{options}`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Label → answer text.
+    #[serde(default)]
+    pub verbalizer: Option<BTreeMap<String, String>>,
+    /// Use at most this many training examples of each source (by stride).
+    #[serde(default)]
+    pub max_examples: Option<usize>,
+    /// Use at most this many held-out examples of each source (by stride).
+    #[serde(default)]
+    pub max_eval_examples: Option<usize>,
+    /// Reward: skip pairs whose prompt + response exceeds this many tokens
+    /// (long preference data on a small budget; the count is logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pair_tokens: Option<usize>,
+}
+
+/// One training file, with its task and held-out file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    #[serde(default)]
+    pub task: Option<String>,
+    pub train: PathBuf,
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+}
+
+impl DataSpec {
+    /// The sources: `[[data.sources]]`, or the one of `task`/`train`/`eval`.
+    pub fn sources(&self) -> Vec<Source> {
+        if !self.sources.is_empty() {
+            return self.sources.clone();
+        }
+        match &self.train {
+            Some(train) => vec![Source { task: self.task.clone(), train: train.clone(), eval: self.eval.clone() }],
+            None => Vec::new(),
+        }
+    }
+
+    pub(super) fn resolve_paths(&mut self, fix: &dyn Fn(&mut PathBuf)) {
+        self.train.as_mut().map(fix);
+        self.eval.as_mut().map(fix);
+        for s in &mut self.sources {
+            fix(&mut s.train);
+            s.eval.as_mut().map(fix);
+        }
+    }
+
+    /// `needs_task`: every source must name a FewCLUE task. Errors name
+    /// the field (`data.sources[2].task`).
+    pub(super) fn validate(&self, kind: &str, needs_task: bool) -> Result<(), SpecError> {
+        if !self.sources.is_empty() {
+            for (field, set) in [("data.task", self.task.is_some()), ("data.train", self.train.is_some()), ("data.eval", self.eval.is_some())] {
+                if set {
+                    return err(field, "give either data.sources or data.task/train/eval, not both");
+                }
+            }
+            if self.sources.len() > 1 && (self.template.is_some() || self.verbalizer.is_some()) {
+                return err("data.template", "a template or verbalizer override applies to one task; drop it or use one source");
+            }
+        } else if self.train.is_none() {
+            return err("data.train", format!("required for a {kind} job (or data.sources)"));
+        }
+        if self.max_pair_tokens.is_some() && kind != "reward" {
+            return err("data.max_pair_tokens", format!("applies to reward jobs, not {kind}"));
+        }
+        if self.max_pair_tokens == Some(0) {
+            return err("data.max_pair_tokens", "must be at least 1");
+        }
+        let one = self.sources.is_empty();
+        for (i, s) in self.sources().iter().enumerate() {
+            let at = |f: &str| if one { format!("data.{f}") } else { format!("data.sources[{i}].{f}") };
+            match &s.task {
+                None if needs_task => return err(at("task"), format!("required for a {kind} job")),
+                Some(t) if !TASKS.contains(&t.as_str()) => {
+                    return err(at("task"), format!("unknown task {t:?} (expected one of {})", TASKS.join(", ")));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
