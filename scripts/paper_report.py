@@ -21,13 +21,21 @@ TASKS = ["eprstmt", "tnews", "ocnli", "bustm"]
 METHODS = ["lora", "ssf", "repadapter", "full"]
 
 
+def stage_order(run):
+    """Stage names in the job file's order."""
+    import tomllib
+
+    return [st["name"] for st in tomllib.load(open(os.path.join(run, "job.toml"), "rb")).get("stage", [])]
+
+
 def load_outcomes(run):
     out = {}
     stages = os.path.join(run, "stages")
-    for name in sorted(os.listdir(stages)):
+    for name in stage_order(run):
         p = os.path.join(stages, name, "outcome.json")
         if os.path.exists(p):
             out[name] = json.load(open(p, encoding="utf-8"))
+            out[name]["_run"] = run
     return out
 
 
@@ -46,6 +54,22 @@ def paper_figures():
     here = os.path.dirname(os.path.abspath(__file__))
     p = os.path.join(here, "paper_figures.json")
     return json.load(open(p, encoding="utf-8")) if os.path.exists(p) else {}
+
+
+def reward_kind(outcomes, stage):
+    """What scored a PPO stage, from the run's resolved job file."""
+    job = os.path.join(outcomes[stage]["_run"], "job.toml")
+    try:
+        import tomllib
+
+        spec = tomllib.load(open(job, "rb"))
+        for st in spec.get("stage", []):
+            if st["name"] == stage:
+                kind = st.get("ppo", {}).get("reward", {}).get("kind", "?")
+                return {"model": "reward model", "label": "label reward"}.get(kind, kind)
+    except (OSError, ValueError, KeyError):
+        pass
+    return "?"
 
 
 def pct(x):
@@ -125,13 +149,18 @@ def main():
         for mode in ["choice", "generate"]:
             lines += [f"## Table 5: base, SFT ({sft_best}, best on dev) and RLHF (PPO on it), {mode} mode", "",
                       "| model | " + " | ".join(TASKS) + " | average | paper (Llama2-7B) |", "|---|" + "---:|" * (len(TASKS) + 1) + "---|"]
-            for label, m in [("base", "base"), (f"SFT ({sft_best})", sft_best), ("RLHF (PPO)", ppo[0])]:
+            rows = [("base", "base"), (f"SFT ({sft_best})", sft_best)]
+            rows += [(f"RLHF ({n}: {reward_kind(outcomes, n)})", n) for n in ppo]
+            for label, m in rows:
                 cells = [pct(acc(m, t, mode)["accuracy"]) if acc(m, t, mode) else "-" for t in TASKS]
                 ref = p5.get(label.split(" ")[0], {})
                 lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct(avg(m, mode))} | {', '.join(f'{k} {v}' for k, v in ref.items()) or 'n/a'} |")
             lines.append("")
 
-    lines += ["## Reward models (held-out pairwise accuracy)", "", "| stage | pairs | held-out pairs | accuracy | first loss | last loss |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["## Reward models (held-out pairwise accuracy)", "",
+              "Bare-answer accuracy: held-out prompts, the correct letter alone against a wrong letter alone (what a "
+              "one-token PPO response meets; the multiple-choice construction never trains on such a pair).", "",
+              "| stage | pairs | held-out pairs | accuracy | bare-answer accuracy | first loss | last loss |", "|---|---|---:|---:|---:|---:|---:|"]
     for n, o in outcomes.items():
         if o["kind"] != "reward":
             continue
@@ -140,7 +169,7 @@ def main():
         first = f"{ms[0]['loss']:.4f}" if ms else "-"
         last = f"{ms[-1]['loss']:.4f}" if ms else "-"
         src = "FewCLUE multiple-choice" if "mc" in n else "Chinese preference pairs"
-        lines.append(f"| {n} | {src} | {fm.get('eval_pairs', '-')} | {pct(fm.get('accuracy'))} | {first} | {last} |")
+        lines.append(f"| {n} | {src} | {fm.get('eval_pairs', '-')} | {pct(fm.get('accuracy'))} | {pct(fm.get('bare_answer_accuracy'))} | {first} | {last} |")
     lines.append("")
 
     for n in ppo:

@@ -74,8 +74,9 @@ impl Full {
     }
 
     fn apply(&self, model: &mut Model, sign: f64) -> Result<()> {
+        // The f32 delta is added in place, so a bf16/f16 weight is rounded once.
         let add = |w: &mut Tensor, d: &Tensor| -> Result<()> {
-            let _ = w.f_add_(&(d * sign).to_kind(w.kind()))?;
+            let _ = w.f_add_(&(d * sign))?;
             Ok(())
         };
         tch::no_grad(|| {

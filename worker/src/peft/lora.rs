@@ -40,8 +40,11 @@ impl Lora {
         Ok(Self { cfg, scale, mods })
     }
 
-    fn delta(&self, a: &Tensor, b: &Tensor, kind: Kind) -> Tensor {
-        (b.mm(a) * self.scale).to_kind(kind)
+    /// `B·A·scale` in f32. Added to (or taken from) a bf16/f16 weight in
+    /// place, it is rounded once, as peft's merge does (`weight += delta`
+    /// with an f32 delta), not twice.
+    fn delta(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        b.mm(a) * self.scale
     }
 }
 
@@ -79,7 +82,7 @@ impl Adapter for Lora {
         tch::no_grad(|| {
             for (&(l, p), (a, b)) in &self.mods {
                 let w = &mut model.layers[l].proj_mut(p).weight;
-                let _ = w.f_add_(&self.delta(a, b, w.kind()))?;
+                let _ = w.f_add_(&self.delta(a, b))?;
             }
             Ok(())
         })
@@ -89,7 +92,7 @@ impl Adapter for Lora {
         tch::no_grad(|| {
             for (&(l, p), (a, b)) in &self.mods {
                 let w = &mut model.layers[l].proj_mut(p).weight;
-                let _ = w.f_sub_(&self.delta(a, b, w.kind()))?;
+                let _ = w.f_sub_(&self.delta(a, b))?;
             }
             Ok(())
         })

@@ -39,14 +39,19 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut predictions = std::io::BufWriter::new(std::fs::File::create(&predictions_path).map_err(|e| Error::io(&predictions_path, e))?);
     let mut accuracies = Vec::new();
     let t0 = Instant::now();
-    for (name, dirs) in &variants {
-        let mut merged = Vec::new();
+    for (vi, (name, dirs)) in variants.iter().enumerate() {
+        // Each model starts from a freshly loaded base: unmerging a bf16
+        // merge does not give the base back bit for bit, and the next model
+        // must not inherit that drift. (The weights are mapped, so a reload
+        // costs little.)
+        if vi > 0 && !variants[vi - 1].1.is_empty() {
+            l = load_base(job, ctx.device)?;
+        }
         for (i, d) in dirs.iter().enumerate() {
             let a = peft::io::load(d, &l.pm.base)?;
             let key = format!("{name}-{i}");
             l.pm.add(&key, a)?;
             l.pm.merge(&key)?;
-            merged.push(key);
         }
         l.pm.set_active(None)?;
         for (task, te) in &tasks {
@@ -70,9 +75,6 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
                 let rec = fields! { "model" => name, "task" => task, "mode" => mode_name, "accuracy" => acc, "n" => te.len(), "seconds" => seconds };
                 ctx.metrics.log(accuracies.len(), total, rec)?;
             }
-        }
-        for key in merged.iter().rev() {
-            l.pm.remove(key)?;
         }
     }
     predictions.flush().map_err(|e| Error::io(&predictions_path, e))?;
