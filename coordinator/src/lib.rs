@@ -3,7 +3,6 @@
 //! workers, holds their leases, and serves `rlhf.v1.JobService` to clients
 //! and `rlhf.v1.WorkerService` to workers.
 
-pub mod ctl;
 pub mod error;
 pub mod scheduler;
 pub mod server;

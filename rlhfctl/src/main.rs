@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rlhf_coordinator::ctl::{run, Cli};
+use rlhfctl::{run, Cli};
 
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`rlhfctl list | head`) like other Unix

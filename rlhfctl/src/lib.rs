@@ -1,5 +1,5 @@
 //! `rlhfctl`, the client CLI: command-line definitions and one function per
-//! command. `src/bin/rlhfctl.rs` only parses and reports errors.
+//! command. `src/main.rs` only parses and reports errors.
 //!
 //! Conventions: every read command takes `--json`; errors go to stderr as
 //! one `error: …` line with exit status 1; `submit` prints the job id as its
