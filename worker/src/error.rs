@@ -1,4 +1,5 @@
 //! Errors of the worker library; each variant names the step that failed.
+//! Model and adapter errors come from rlhf-model unchanged.
 
 use std::path::PathBuf;
 
@@ -6,24 +7,6 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: invalid config: {msg}")]
-    Config { path: PathBuf, msg: String },
-    #[error("unsupported architecture {0:?} (supported: llama, qwen2)")]
-    UnsupportedArchitecture(String),
-    #[error("{path}: {msg}")]
-    Weights { path: PathBuf, msg: String },
-    #[error("tensor {name}: expected shape {expected:?}, found {found:?} in {path}")]
-    Shape { path: PathBuf, name: String, expected: Vec<i64>, found: Vec<i64> },
-    #[error("missing tensor {name} (looked in {path})")]
-    MissingTensor { path: PathBuf, name: String },
-    #[error("tokenizer {path}: {msg}")]
-    Tokenizer { path: PathBuf, msg: String },
-    #[error("token id {id} out of range (vocab size {vocab})")]
-    TokenOutOfRange { id: i64, vocab: i64 },
-    #[error("adapter {path}: {msg}")]
-    Adapter { path: PathBuf, msg: String },
-    #[error("adapter: {0}")]
-    AdapterState(String),
     #[error("{path}:{line}: {msg}")]
     DataLine { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
@@ -34,6 +17,10 @@ pub enum Error {
     Cancelled,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("role host: {0}")]
+    RoleHost(String),
+    #[error(transparent)]
+    Model(#[from] rlhf_model::Error),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -5,8 +5,6 @@ pub mod bench;
 pub mod data;
 pub mod dist;
 pub mod error;
-pub mod model;
-pub mod peft;
 pub mod serve;
 pub mod tools;
 pub mod train;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use rlhf_worker::model::Sampling;
+use rlhf_model::Sampling;
 use rlhf_worker::tools::{self, ModelArgs, Prompt};
 
 #[derive(Parser)]
@@ -238,8 +238,8 @@ fn run(cli: Cli) -> Result<()> {
             })?;
         }
         Command::InitModel { preset, corpus, out, seed } => {
-            let preset: rlhf_worker::model::init::Preset = preset.parse()?;
-            rlhf_worker::model::init::init_model(preset, &corpus, &out, seed)
+            let preset: rlhf_model::init::Preset = preset.parse()?;
+            rlhf_model::init::init_model(preset, &corpus, &out, seed)
                 .with_context(|| format!("init-model into {}", out.display()))?;
             println!("{}", out.display());
         }

@@ -8,8 +8,8 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{self, generate, GenerateOptions, KvCache, Mask, Model, Sampling, Tokenizer};
-use crate::peft::{self, PeftModel};
+use rlhf_model::{self, generate, GenerateOptions, KvCache, Mask, Model, Sampling, Tokenizer};
+use rlhf_model::peft::{self, PeftModel};
 
 /// Where the model comes from and how to run it.
 #[derive(Clone, Debug)]
@@ -141,4 +141,4 @@ pub fn bench_decode(args: &ModelArgs, prompt_len: usize, new_tokens: usize, batc
     }))
 }
 
-pub use model::{parse_device, parse_dtype};
+pub use rlhf_model::{parse_device, parse_dtype};

@@ -235,7 +235,7 @@ fn nccl_loads_at_run_time_without_cuda_at_build_time() {
 /// own stream, so the rows come out as they would in the whole batch.
 #[test]
 fn a_slice_of_a_batch_samples_what_the_whole_batch_samples() {
-    use rlhf_worker::model::{generate, generate_rows, GenerateOptions, NoHooks, Sampling};
+    use rlhf_model::{generate, generate_rows, GenerateOptions, NoHooks, Sampling};
     let m = common::load("tiny-llama");
     let prompts: Vec<Vec<i64>> = vec![vec![42, 259, 73], vec![270, 76], vec![222, 166, 125, 249], vec![167, 227]];
     let opts = GenerateOptions { max_new_tokens: 12, sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 0, seed: 11 }, eos_ids: vec![], pad_id: 0 };

@@ -5,9 +5,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use rlhf_worker::model::init::{init_model, train_tokenizer, Preset, BOS_TOKEN, EOS_TOKEN};
-use rlhf_worker::model::save::save_model;
-use rlhf_worker::model::{Config, Mask, Model, NoHooks, Tokenizer};
+use rlhf_model::init::{init_model, train_tokenizer, Preset, BOS_TOKEN, EOS_TOKEN};
+use rlhf_model::save::save_model;
+use rlhf_model::{Config, Mask, Model, NoHooks, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
 fn corpus() -> PathBuf {

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{load, MODELS};
-use rlhf_worker::model::Mask;
-use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::Mask;
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use rlhf_worker::train::logprobs::{backprop_through_head_in, token_logprobs_in};
 use rlhf_worker::train::ppo::entropy_per_token;
 use rlhf_worker::train::ppo::rollout::Batch;
@@ -116,7 +116,8 @@ fn chunked_logprobs_entropies_and_gradients_equal_the_whole_logits() {
 /// cross-entropy over whole logits.
 #[test]
 fn lm_loss_equals_cross_entropy_over_whole_logits() {
-    use rlhf_worker::train::setup::{lm_loss, lm_targets, positions};
+    use rlhf_model::batch::positions;
+    use rlhf_worker::train::setup::{lm_loss, lm_targets};
     for name in MODELS {
         let pm = adapter_model(name, Method::Lora);
         let ids = Tensor::from_slice(&[5i64, 9, 14, 3, 8, 7, 11, 40, 41, 0]).view([2, 5]);

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use rlhf_worker::model::{generate, GenerateOptions, Sampling};
-use rlhf_worker::peft::{self, PeftModel};
+use rlhf_model::{generate, GenerateOptions, Sampling};
+use rlhf_model::peft::{self, PeftModel};
 use tch::Tensor;
 
 const TOL: f64 = 1e-4;

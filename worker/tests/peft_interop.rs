@@ -8,8 +8,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
-use rlhf_worker::model::Model;
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::Model;
 use tch::{Device, Kind, Tensor};
 
 /// Runs check_peft_interop.py on a perturbed LoRA over `name` with the base

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use rlhf_worker::peft::{self, base_parameters, Adapter, Method, PeftConfig, PeftModel};
+use rlhf_model::peft::{self, base_parameters, Adapter, Method, PeftConfig, PeftModel};
 use tch::{Kind, Tensor};
 
 const METHODS: [Method; 4] = [Method::Lora, Method::Ssf, Method::RepAdapter, Method::Full];

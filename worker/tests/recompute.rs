@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use rlhf_common::spec::JobSpec;
-use rlhf_worker::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use rlhf_worker::train::logprobs::backprop_through_head;
 use rlhf_worker::train::ppo::rollout::Batch;
 use rlhf_worker::train::run::run_job;

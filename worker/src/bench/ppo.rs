@@ -44,17 +44,17 @@ use tch::{Device, Kind, Tensor};
 
 use super::{gpu_used_mib, peak_rss_bytes, GpuUsage, TempDir};
 use crate::error::{Error, Result};
-use crate::model::init::{random_weights, Preset};
-use crate::model::random::{llama2_7b_config, random_model};
-use crate::model::save::{write_config, write_generation_config, write_safetensors};
+use rlhf_model::init::{random_weights, Preset};
+use rlhf_model::random::{llama2_7b_config, random_model};
+use rlhf_model::save::{write_config, write_generation_config, write_safetensors};
 use crate::dist::{Collective, Single};
-use crate::model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
-use crate::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
 use crate::train::ppo::iteration::{self, PolicyState, Prompts, Rollout, Scorer};
 use crate::train::ppo::roles::critic_update;
 use crate::train::ppo::rollout::{model_scores, values, Batch};
-use crate::train::reward::Head;
+use rlhf_model::head::Head;
 
 /// The TRL baseline, embedded so the binary always runs its own version.
 const TRL_SCRIPT: &str = include_str!("../../../scripts/bench/ppo_trl.py");
@@ -625,7 +625,7 @@ fn write_preset_dir(plan: &Plan, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_safetensors(&random_weights(&plan.cfg, plan.seed)?, &dir.join("model.safetensors"))?;
     write_generation_config(&plan.cfg, &dir.join("generation_config.json"))?;
-    write_config(&plan.cfg, &dir.join("config.json"))
+    Ok(write_config(&plan.cfg, &dir.join("config.json"))?)
 }
 
 /// Runs one child and returns the JSON object of its last stdout line, or
@@ -805,12 +805,12 @@ impl iteration::Roles for BenchRoles {
 }
 
 fn load_base(plan: &Plan) -> Result<Model> {
-    match &plan.source {
-        Source::Dir(d) => Model::load(d, plan.kind, plan.device),
-        Source::Preset(BenchPreset::SevenB) => random_model(plan.cfg.clone(), plan.kind, plan.device, plan.seed),
+    Ok(match &plan.source {
+        Source::Dir(d) => Model::load(d, plan.kind, plan.device)?,
+        Source::Preset(BenchPreset::SevenB) => random_model(plan.cfg.clone(), plan.kind, plan.device, plan.seed)?,
         // The same weights the parent writes for TRL.
-        Source::Preset(_) => Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device),
-    }
+        Source::Preset(_) => Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device)?,
+    })
 }
 
 fn adapter_config(method: Method, seed: u64) -> PeftConfig {

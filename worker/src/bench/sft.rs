@@ -16,8 +16,8 @@ use super::ppo::{private_exe, run_child};
 use super::TempDir;
 use crate::dist::Single;
 use crate::error::{Error, Result};
-use crate::model::{parse_device, parse_dtype, sync, Model};
-use crate::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::{parse_device, parse_dtype, sync, Model};
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::lm::backward_lm_loss;
 use crate::train::optim::AdamW;
 

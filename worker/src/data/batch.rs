@@ -1,5 +1,6 @@
-//! Batching helpers: left truncation of prompts, padding with masks, and a
-//! seeded epoch-wise shuffler whose position can be checkpointed.
+//! Batching helpers: left truncation of prompts and a seeded epoch-wise
+//! shuffler whose position can be checkpointed (padding is
+//! `rlhf_model::batch`).
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,46 +20,6 @@ pub fn truncate_prompt(prompt: &[i64], response: &[i64], max_len: usize) -> Resu
     };
     let keep = room.min(prompt.len());
     Ok((prompt[prompt.len() - keep..].to_vec(), response.to_vec()))
-}
-
-fn width(seqs: &[Vec<i64>]) -> usize {
-    seqs.iter().map(Vec::len).max().unwrap_or(0)
-}
-
-/// Pads every sequence on the right with `pad` to the longest length.
-/// Returns the row-major `[seqs.len(), width]` ids and the width.
-pub fn pad_right(seqs: &[Vec<i64>], pad: i64) -> (Vec<i64>, usize) {
-    let w = width(seqs);
-    let mut out = Vec::with_capacity(seqs.len() * w);
-    for s in seqs {
-        out.extend_from_slice(s);
-        out.resize(out.len() + w - s.len(), pad);
-    }
-    (out, w)
-}
-
-/// Pads every sequence on the left with `pad` (the layout for batched
-/// generation, so that all rows end at the same position).
-pub fn pad_left(seqs: &[Vec<i64>], pad: i64) -> (Vec<i64>, usize) {
-    let w = width(seqs);
-    let mut out = Vec::with_capacity(seqs.len() * w);
-    for s in seqs {
-        out.resize(out.len() + w - s.len(), pad);
-        out.extend_from_slice(s);
-    }
-    (out, w)
-}
-
-/// The attention mask of [`pad_right`]: 1 on tokens, 0 on padding.
-pub fn mask_right(seqs: &[Vec<i64>]) -> (Vec<i64>, usize) {
-    let lens: Vec<Vec<i64>> = seqs.iter().map(|s| vec![1; s.len()]).collect();
-    pad_right(&lens, 0)
-}
-
-/// The attention mask of [`pad_left`]: 1 on tokens, 0 on padding.
-pub fn mask_left(seqs: &[Vec<i64>]) -> (Vec<i64>, usize) {
-    let lens: Vec<Vec<i64>> = seqs.iter().map(|s| vec![1; s.len()]).collect();
-    pad_left(&lens, 0)
 }
 
 /// Seeded epoch-wise shuffling of the indices `0..len`. Each epoch is a fresh
@@ -137,16 +98,6 @@ mod tests {
         assert!(p.is_empty() && r == [8, 9]);
         let e = truncate_prompt(&[1], &[7, 8, 9], 2).unwrap_err().to_string();
         assert!(e.contains("3 tokens") && e.contains("max_len 2"), "{e}");
-    }
-
-    #[test]
-    fn pads_and_masks() {
-        let seqs = vec![vec![1, 2, 3], vec![4], vec![]];
-        assert_eq!(pad_right(&seqs, 0), (vec![1, 2, 3, 4, 0, 0, 0, 0, 0], 3));
-        assert_eq!(pad_left(&seqs, -1), (vec![1, 2, 3, -1, -1, 4, -1, -1, -1], 3));
-        assert_eq!(mask_right(&seqs), (vec![1, 1, 1, 1, 0, 0, 0, 0, 0], 3));
-        assert_eq!(mask_left(&seqs), (vec![1, 1, 1, 0, 0, 1, 0, 0, 0], 3));
-        assert_eq!(pad_right(&[], 0), (vec![], 0));
     }
 
     #[test]

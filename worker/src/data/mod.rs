@@ -16,7 +16,7 @@ pub mod jsonl;
 pub mod preference;
 pub mod template;
 
-pub use batch::{mask_left, mask_right, pad_left, pad_right, truncate_prompt, Shuffler};
+pub use batch::{truncate_prompt, Shuffler};
 pub use fewclue::{label_name_zh, labels, stride_subset, Example, Task};
 pub use jsonl::read_records;
 pub use preference::{bare_answer_pairs, from_multiple_choice, load_pairs, PreferencePair};

@@ -106,12 +106,12 @@ impl RemoteRoles for ChannelRoles {
         let call = RoleCall { job_id: self.job_id.clone(), call_id: self.next, op: name, path, tensors };
         self.events
             .send(WorkerMessage { msg: Some(worker_message::Msg::RoleCall(call)) })
-            .map_err(|_| Error::AdapterState("worker is shutting down".into()))?;
+            .map_err(|_| Error::RoleHost("worker is shutting down".into()))?;
         loop {
             match self.replies.recv_timeout(Duration::from_millis(200)) {
                 Ok(r) if r.call_id == self.next => {
                     if !r.error.is_empty() {
-                        return Err(Error::AdapterState(format!("role host: {}", r.error)));
+                        return Err(Error::RoleHost(format!("role host: {}", r.error)));
                     }
                     self.bytes += wire::bytes(&r.tensors);
                     return wire::from_wire_all(&r.tensors);
@@ -122,7 +122,7 @@ impl RemoteRoles for ChannelRoles {
                         return Err(Error::Cancelled);
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err(Error::AdapterState("role replies closed".into())),
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::RoleHost("role replies closed".into())),
             }
         }
     }

@@ -10,7 +10,7 @@ use tch::Tensor;
 
 use super::optim::AdamW;
 use crate::error::{Error, Result};
-use crate::peft::{self, Adapter};
+use rlhf_model::peft::{self, Adapter};
 
 pub struct Checkpoint<'a> {
     pub adapters: Vec<(&'a str, &'a dyn Adapter)>,
@@ -90,7 +90,7 @@ pub fn read_state(dir: &Path) -> Result<Value> {
 
 /// Copies the tensors of a saved adapter into a live one.
 pub fn restore_adapter(dir: &Path, into: &dyn Adapter) -> Result<()> {
-    let files = crate::model::WeightFiles::open_file(&dir.join(peft::io::WEIGHTS_FILE))?;
+    let files = rlhf_model::WeightFiles::open_file(&dir.join(peft::io::WEIGHTS_FILE))?;
     tch::no_grad(|| -> Result<()> {
         for (name, t) in into.tensors() {
             let stored = files.get(&name, &t.size(), tch::Kind::Float, t.device())?;
@@ -102,7 +102,7 @@ pub fn restore_adapter(dir: &Path, into: &dyn Adapter) -> Result<()> {
 
 /// Copies named tensors from `tensors.safetensors` into live ones.
 pub fn restore_tensors(dir: &Path, into: &[(&str, &Tensor)]) -> Result<()> {
-    let files = crate::model::WeightFiles::open_file(&dir.join("tensors.safetensors"))?;
+    let files = rlhf_model::WeightFiles::open_file(&dir.join("tensors.safetensors"))?;
     tch::no_grad(|| -> Result<()> {
         for (name, t) in into {
             let stored = files.get(name, &t.size(), tch::Kind::Float, t.device())?;

@@ -8,10 +8,11 @@ use tch::{Kind, Tensor};
 
 use crate::data::{Example, Template};
 use crate::error::{Error, Result};
-use crate::model::generate::{attention_mask, left_pad, positions_from_mask};
-use crate::model::sampling::{row_streams, sample_rows};
-use crate::model::{generate, GenerateOptions, Mask, Sampling, Tokenizer};
-use crate::peft::PeftModel;
+use rlhf_model::batch::left_padded;
+use rlhf_model::generate::{attention_mask, positions_from_mask};
+use rlhf_model::sampling::{row_streams, sample_rows};
+use rlhf_model::{generate, GenerateOptions, Mask, Sampling, Tokenizer};
+use rlhf_model::peft::PeftModel;
 
 /// A task's prompts, ready to score.
 pub struct TaskEval {
@@ -118,7 +119,7 @@ pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Opti
         for (i, start) in (0..te.len()).step_by(batch).enumerate() {
             let end = (start + batch).min(te.len());
             let chunk = &te.prompts[start..end];
-            let (ids, mask) = left_pad(chunk, pad, pm.base.device);
+            let (ids, mask) = left_padded(chunk, pad, pm.base.device);
             let t = ids.size()[1];
             let m = attention_mask(&mask, t);
             let hidden = pm.forward(&ids, &positions_from_mask(&mask), Mask::Explicit(&m), None)?;

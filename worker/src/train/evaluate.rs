@@ -12,7 +12,7 @@ use super::setup::{load_base, task_set};
 use super::stage::{Accuracy, Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::fields;
-use crate::peft;
+use rlhf_model::peft;
 
 /// Per-example predictions of an eval job, in its output directory.
 pub const PREDICTIONS: &str = "predictions.jsonl";

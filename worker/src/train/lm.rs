@@ -14,14 +14,15 @@ use super::checkpoint::{self, Checkpoint};
 use super::optim::{AdamW, Schedule};
 use super::recompute;
 use super::logprobs::backprop_through_head;
-use super::setup::{lm_targets, positions, right_padded};
-use crate::model::Mask;
+use super::setup::lm_targets;
+use rlhf_model::batch::{positions, right_padded};
+use rlhf_model::Mask;
 use super::stage::Ctx;
 use crate::data::Shuffler;
 use crate::dist;
 use crate::error::{Error, Result};
 use crate::fields;
-use crate::peft::PeftModel;
+use rlhf_model::peft::PeftModel;
 
 /// A token sequence and which of its tokens are targets (1) or context (0).
 pub struct Sample {

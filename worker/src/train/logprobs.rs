@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 use super::ppo::entropy_per_token;
 use crate::error::Result;
-use crate::peft::PeftModel;
+use rlhf_model::peft::PeftModel;
 
 /// f32 logits per chunk: rows × vocab ≤ this many elements (64 MiB).
 const CHUNK_ELEMENTS: i64 = 1 << 24;

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use crate::dist::Collective;
 use crate::error::Result;
-use crate::model::WeightFiles;
+use rlhf_model::WeightFiles;
 
 pub struct AdamW {
     params: Vec<Tensor>,

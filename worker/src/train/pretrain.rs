@@ -10,9 +10,9 @@ use super::lm::{self, Sample};
 use super::setup::load_base;
 use super::stage::{Ctx, Outcome};
 use crate::error::{Error, Result};
-use crate::model::init::{init_model, Preset};
-use crate::model::save::save_model;
-use crate::peft::{self, base_parameters, Method, PeftConfig};
+use rlhf_model::init::{init_model, Preset};
+use rlhf_model::save::save_model;
+use rlhf_model::peft::{self, base_parameters, Method, PeftConfig};
 
 pub const ADAPTER: &str = "full";
 
@@ -55,7 +55,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
     let train = job.train.clone().unwrap_or_default();
-    let mut no_eval = |_: &crate::peft::PeftModel| Ok(f64::NAN);
+    let mut no_eval = |_: &rlhf_model::peft::PeftModel| Ok(f64::NAN);
     let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut no_eval)?;
     let dir = ctx.out.join("model");
     if ctx.writes() {

@@ -8,8 +8,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{self, Example, Task, Template};
 use crate::error::{Error, Result};
-use crate::model::{parse_dtype, Mask, Tokenizer};
-use crate::peft::{self, PeftModel};
+use rlhf_model::batch::positions;
+use rlhf_model::{parse_dtype, Mask, Tokenizer};
+use rlhf_model::peft::{self, PeftModel};
 use crate::train::logprobs::token_logprobs;
 
 /// The loaded base of a job, with its tokenizer.
@@ -37,7 +38,7 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
         .clone()
         .ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
     let kind = parse_dtype(&job.model.dtype)?;
-    let base = crate::model::Model::load(&dir, kind, device)?;
+    let base = rlhf_model::Model::load(&dir, kind, device)?;
     let tok = Tokenizer::load(&dir, &base.cfg)?;
     let mut pm = PeftModel::new(base);
     for (i, a) in job.model.merge_adapters.iter().enumerate() {
@@ -113,30 +114,6 @@ pub fn encode_pair(tok: &Tokenizer, prompt: &str, response: &str, eos: Option<i6
     let mut r = tok.encode(response, false)?;
     r.extend(eos);
     data::truncate_prompt(&p, &r, max_len)
-}
-
-/// Right-padded `[b, T]` ids and a float mask of the same shape.
-pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor) {
-    let (ids, width) = data::pad_right(seqs, pad);
-    let (mask, _) = data::mask_right(seqs);
-    let shape = [seqs.len() as i64, width as i64];
-    (
-        Tensor::from_slice(&ids).view(shape).to_device(device),
-        Tensor::from_slice(&mask).view(shape).to_kind(Kind::Float).to_device(device),
-    )
-}
-
-/// Row `i`'s hidden state at position `pos[i]`: `[b, T, h]` → `[b, h]`.
-pub fn hidden_at(hidden: &Tensor, pos: &[i64]) -> Tensor {
-    let (b, h) = (hidden.size()[0], hidden.size()[2]);
-    let idx = Tensor::from_slice(pos).to_device(hidden.device()).view([b, 1, 1]).expand([b, 1, h], false);
-    hidden.gather(1, &idx, false).squeeze_dim(1)
-}
-
-/// Positions 0..T for every row.
-pub fn positions(ids: &Tensor) -> Tensor {
-    let (b, t) = (ids.size()[0], ids.size()[1]);
-    Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0).expand([b, t], false)
 }
 
 /// The next-token prediction rows of a causal forward over `ids`: hidden

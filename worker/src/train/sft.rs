@@ -8,7 +8,7 @@ use super::lm::{self, Sample};
 use super::setup::{encode_pair, load_base, task_sets, Split};
 use super::stage::{Ctx, Outcome};
 use crate::error::{Error, Result};
-use crate::peft::{self, base_parameters, PeftConfig};
+use rlhf_model::peft::{self, base_parameters, PeftConfig};
 
 pub const ADAPTER: &str = "policy";
 
@@ -39,7 +39,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let train = job.train.clone().unwrap_or_default();
     // Held-out choice accuracy, averaged over the tasks (model selection).
     let mut last = f64::NAN;
-    let mut eval = |pm: &crate::peft::PeftModel| {
+    let mut eval = |pm: &rlhf_model::peft::PeftModel| {
         if held_out.is_empty() {
             return Ok(f64::NAN);
         }

@@ -5,7 +5,7 @@ pub mod jobs;
 
 use std::path::PathBuf;
 
-use rlhf_worker::model::{Model, WeightFiles};
+use rlhf_model::{Model, WeightFiles};
 use tch::{Device, Kind, Tensor};
 
 pub const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];

@@ -18,8 +18,8 @@ use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean,
 use crate::dist::Collective;
 use crate::error::Result;
 use crate::fields;
-use crate::model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
-use crate::peft::PeftModel;
+use rlhf_model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
+use rlhf_model::peft::PeftModel;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
 

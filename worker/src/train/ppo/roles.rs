@@ -13,10 +13,10 @@ use super::rollout::{model_scores, values, Batch};
 use super::value_loss;
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
-use crate::peft::{self, PeftConfig, PeftModel};
+use rlhf_model::peft::{self, PeftConfig, PeftModel};
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
-use crate::train::reward::{load_reward_model, Head, HEAD_FILE};
+use rlhf_model::head::{load_reward_model, Head, HEAD_FILE};
 use crate::train::setup::{load_base, Loaded};
 
 pub const POLICY: &str = "policy";
@@ -91,7 +91,7 @@ impl RoleHost {
     /// Writes the critic (adapter + value head) to `dir`.
     pub fn save_critic(&self, dir: &Path, base_name: &str) -> Result<()> {
         peft::io::save(self.l.pm.adapter(CRITIC)?, dir, base_name)?;
-        self.value_head.save(&dir.join(HEAD_FILE))
+        Ok(self.value_head.save(&dir.join(HEAD_FILE))?)
     }
 
     /// Critic state for a checkpoint directory (adapter, head, optimiser).

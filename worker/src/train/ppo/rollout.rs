@@ -9,12 +9,12 @@
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use crate::model::generate::{attention_mask, positions_from_mask};
-use crate::model::Mask;
-use crate::peft::PeftModel;
+use rlhf_model::generate::{attention_mask, positions_from_mask};
+use rlhf_model::Mask;
+use rlhf_model::peft::PeftModel;
 use crate::train::logprobs::token_logprobs;
 use crate::train::recompute::backward;
-use crate::train::reward::Head;
+use rlhf_model::head::Head;
 
 /// Token ids of one rollout, with everything the forward passes need.
 pub struct Batch {
@@ -113,7 +113,7 @@ impl Batch {
         let m = attention_mask(&self.attn, l);
         let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
         let last: Vec<i64> = self.lens.iter().map(|&n| self.prompt_width + n as i64 - 1).collect();
-        Ok(crate::train::setup::hidden_at(&hidden, &last))
+        Ok(rlhf_model::batch::hidden_at(&hidden, &last))
     }
 }
 

@@ -18,8 +18,8 @@ use super::rollout::Batch;
 use crate::data::{Shuffler, Template};
 use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
-use crate::model::Tokenizer;
-use crate::peft::{self, base_parameters, PeftConfig, PeftModel};
+use rlhf_model::Tokenizer;
+use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::setup::{load_base, task_sets, Loaded, Split};
 use crate::train::stage::{Ctx, Outcome};
@@ -106,7 +106,7 @@ impl Roles for Parts<'_> {
         match self {
             Parts::Colocated { host, .. } => Ok(host.critic_step_part(part.as_ref().map(|(s, v, r)| (*s, v, r)), share, ppo, dist)?.0),
             Parts::Remote { .. } => {
-                let (sub, values_old, returns) = part.ok_or_else(|| Error::AdapterState("empty minibatch".into()))?;
+                let (sub, values_old, returns) = part.ok_or_else(|| Error::InvalidArgument("empty minibatch".into()))?;
                 let out = self.call(RoleOp::CriticStep { batch: sub.to(tch::Device::Cpu), values_old, returns })?;
                 Ok(out.iter().find(|(k, _)| k == "value_loss").map_or(f64::NAN, |(_, t)| t.double_value(&[])))
             }

@@ -26,20 +26,6 @@ pub struct Generation {
     pub logprobs: Vec<Vec<f32>>,
 }
 
-/// Left-pads `prompts` into `[b, T]` ids and a `[b, T]` 0/1 mask.
-pub fn left_pad(prompts: &[Vec<i64>], pad_id: i64, device: tch::Device) -> (Tensor, Tensor) {
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(prompts.len() * width);
-    let mut mask = Vec::with_capacity(prompts.len() * width);
-    for p in prompts {
-        let pad = width - p.len();
-        ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, pad).chain(std::iter::repeat_n(1, p.len())));
-    }
-    let shape = [prompts.len() as i64, width as i64];
-    (Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device))
-}
-
 /// Positions `[b, t]` counting only real tokens (pads get 1, as transformers does).
 pub fn positions_from_mask(mask: &Tensor) -> Tensor {
     let pos = mask.cumsum(-1, Kind::Int64) - 1;
@@ -97,7 +83,7 @@ fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: 
     let b = prompts.len();
     let device = model.device;
     let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
-    let (ids, mut key_mask) = left_pad(prompts, opts.pad_id, device);
+    let (ids, mut key_mask) = crate::batch::left_padded(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
     let mut cache = KvCache::new(model.layers.len());
     let mut rngs = row_streams(opts.sampling.seed, rows);
@@ -148,7 +134,7 @@ mod tests {
 
     #[test]
     fn positions_skip_left_padding() {
-        let (_, mask) = left_pad(&[vec![5, 6, 7], vec![8]], 0, tch::Device::Cpu);
+        let (_, mask) = crate::batch::left_padded(&[vec![5, 6, 7], vec![8]], 0, tch::Device::Cpu);
         let pos = positions_from_mask(&mask);
         assert_eq!(Vec::<i64>::try_from(&pos.view([-1])).unwrap(), vec![0, 1, 2, 1, 1, 0]);
         let m = attention_mask(&mask, 3);

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::{build, Adapter, Method, PeftConfig};
 use crate::error::{Error, Result};
-use crate::model::{Model, WeightFiles};
+use crate::{Model, WeightFiles};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::{param, uniform, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
-use crate::model::{Hooks, Model, Proj};
+use crate::{Hooks, Model, Proj};
 
 pub struct Lora {
     cfg: PeftConfig,

@@ -1,12 +1,20 @@
-//! LLaMA-family decoder models loaded from Hugging Face directories.
+//! rlhf-model: the numerics core of rlhfd. LLaMA-family decoders (LLaMA,
+//! Qwen2) loaded from Hugging Face directories, in tch; the PEFT adapters
+//! (LoRA, SSF, RepAdapter, full) that share one frozen base; the scalar
+//! head of reward models and critics. No async runtime, RPC or collectives:
+//! what compares against transformers + peft lives here.
 
+pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod error;
 pub mod generate;
+pub mod head;
 pub mod hooks;
 pub mod init;
 pub mod layers;
 pub mod llama;
+pub mod peft;
 pub mod random;
 pub mod sampling;
 pub mod save;
@@ -15,6 +23,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Arch, Config};
+pub use error::{Error, Result};
 pub use generate::{generate, generate_rows, GenerateOptions, Generation};
 pub use hooks::{Block, Hooks, NoHooks, Norm, Proj};
 pub use llama::{Mask, Model};
@@ -24,7 +33,7 @@ pub use weights::WeightFiles;
 
 use tch::{Device, Kind};
 
-use crate::error::{Error, Result};
+
 
 /// Waits for `device`'s queued work (a no-op on CPU), so that a timer read
 /// next measures the work, not its launch.

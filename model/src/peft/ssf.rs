@@ -12,8 +12,8 @@ use tch::{Kind, Tensor};
 use super::config::SsfSite;
 use super::{param, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
-use crate::model::layers::Linear;
-use crate::model::{Hooks, Model, Norm, Proj};
+use crate::layers::Linear;
+use crate::{Hooks, Model, Norm, Proj};
 
 /// One scale-and-shift site: a projection of a layer, or a norm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::model::{Hooks, Model};
+use crate::{Hooks, Model};
 
 /// The prefix PEFT puts before the base model's own tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -80,7 +80,7 @@ pub fn base_parameters(model: &Model) -> i64 {
     let mut n = model.embed_tokens.numel();
     for l in &model.layers {
         n += l.input_layernorm.weight.numel() + l.post_attention_layernorm.weight.numel();
-        for p in crate::model::Proj::ALL {
+        for p in crate::Proj::ALL {
             let lin = l.proj(p);
             n += lin.weight.numel() + lin.bias.as_ref().map_or(0, Tensor::numel);
         }

@@ -2,7 +2,7 @@
 //! `adapter_config.json`.
 
 use crate::error::{Error, Result};
-use crate::model::{Block, Proj};
+use crate::{Block, Proj};
 
 pub use rlhf_common::spec::PeftMethod as Method;
 use rlhf_common::spec::PeftSpec;

@@ -149,8 +149,8 @@ pub fn llama2_7b_config() -> Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::init::{random_weights, Preset};
-    use crate::model::{Mask, NoHooks};
+    use crate::init::{random_weights, Preset};
+    use crate::{Mask, NoHooks};
 
     fn logits(m: &Model, ids: &[i64]) -> Tensor {
         let ids = Tensor::from_slice(ids).unsqueeze(0);
@@ -164,8 +164,8 @@ mod tests {
         let cfg = Preset::Tiny.config(300, 1, 0);
         let dir = tempfile::tempdir().expect("tempdir");
         let w = random_weights(&cfg, 3).expect("weights");
-        crate::model::save::write_safetensors(&w, &dir.path().join("model.safetensors")).expect("save");
-        crate::model::save::write_config(&cfg, &dir.path().join("config.json")).expect("config");
+        crate::save::write_safetensors(&w, &dir.path().join("model.safetensors")).expect("save");
+        crate::save::write_config(&cfg, &dir.path().join("config.json")).expect("config");
         let loaded = Model::load(dir.path(), Kind::Float, Device::Cpu).expect("load");
         let built = Model::from_tensors(cfg, w, Kind::Float, Device::Cpu).expect("from_tensors");
         let ids = [5, 17, 2, 250, 9];

@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::{param, uniform, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
-use crate::model::{Block, Hooks, Model};
+use crate::{Block, Hooks, Model};
 
 struct Rep {
     /// φd `[r, d]`

@@ -6,7 +6,7 @@ use tch::Tensor;
 
 use super::Adapter;
 use crate::error::{Error, Result};
-use crate::model::{Hooks, KvCache, Mask, Model, NoHooks};
+use crate::{Hooks, KvCache, Mask, Model, NoHooks};
 
 struct Slot {
     adapter: Box<dyn Adapter>,

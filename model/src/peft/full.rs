@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::{param, Adapter, PeftConfig, PEFT_PREFIX};
 use crate::error::Result;
-use crate::model::{Hooks, Model, Norm, Proj};
+use crate::{Hooks, Model, Norm, Proj};
 
 struct LinearDelta {
     weight: Tensor,
