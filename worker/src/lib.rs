@@ -1,10 +1,11 @@
-//! rlhf-worker: the per-device side of rlhfd. A LLaMA-family decoder in tch,
-//! PEFT adapters that share one frozen base, and the offline tools.
+//! rlhf-worker: the per-device side of rlhfd. The training stages (on the
+//! model crate, `rlhf-model`), task data, data parallel, the worker daemon
+//! and the offline tools.
 
 pub mod bench;
 pub mod data;
-pub mod dist;
 pub mod error;
+pub mod parallel;
 pub mod serve;
 pub mod tools;
 pub mod train;

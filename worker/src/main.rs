@@ -250,7 +250,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: Bench::Allreduce { device, megabytes, runs } } => {
             let device = tools::parse_device(&device)?;
-            println!("{}", rlhf_worker::dist::nccl::self_check(device, megabytes, runs).context("bench allreduce")?);
+            println!("{}", rlhf_worker::parallel::nccl::self_check(device, megabytes, runs).context("bench allreduce")?);
         }
         Command::Bench { what: Bench::Ppo { args } } => {
             rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;

@@ -1,5 +1,5 @@
 //! Data parallel on CPU, in one process: two ranks (threads summing
-//! through `dist::local`) train the same adapter a single worker trains on
+//! through `parallel::local`) train the same adapter a single worker trains on
 //! the same global batches and seed. Both split odd batches unevenly, so
 //! the per-rank loss weighting is exercised too.
 
@@ -9,9 +9,8 @@ use std::path::Path;
 
 use common::{fixtures, max_file_diff};
 use rlhf_common::spec::JobSpec;
-use rlhf_worker::dist::{local, Collective};
-use rlhf_worker::train::metrics::RunHooks;
-use rlhf_worker::train::run::{run_job, run_job_with};
+use rlhf_worker::parallel::{local, Collective};
+use rlhf_worker::train::run::{run_job, run_job_with, RunOptions};
 use serde_json::Value;
 use tch::Device;
 
@@ -54,11 +53,8 @@ fn run_ranks(text: &str, out: &Path, world: usize) {
             .map(|rank| {
                 let spec = spec.clone();
                 s.spawn(move || {
-                    let hooks = RunHooks {
-                        dist: Some(Box::new(rank) as Box<dyn Collective>),
-                        ..RunHooks::default()
-                    };
-                    run_job_with(&spec, out, Device::Cpu, hooks)
+                    let opts = RunOptions { collective: Some(Box::new(rank) as Box<dyn Collective>), ..RunOptions::default() };
+                    run_job_with(&spec, out, Device::Cpu, opts)
                 })
             })
             .collect();
@@ -222,12 +218,12 @@ eval = { modes = ["choice"], tasks = [{ task = "eprstmt", path = "fewclue/eprstm
 /// (made without CUDA) finds and loads the NCCL that torch ships.
 #[test]
 fn nccl_loads_at_run_time_without_cuda_at_build_time() {
-    let v = rlhf_worker::dist::nccl::version().expect("libnccl loads");
+    let v = rlhf_worker::parallel::nccl::version().expect("libnccl loads");
     eprintln!("NCCL version code {v}");
     assert!(v >= 20000, "NCCL 2.x, got {v}");
     // A CPU rank cannot join an NCCL group; it says why instead of crashing.
-    let boot: Box<dyn Collective> = Box::new(rlhf_worker::dist::Single);
-    let e = rlhf_worker::dist::nccl::NcclRank::init(boot, Device::Cpu).err().expect("refused on cpu").to_string();
+    let boot: Box<dyn Collective> = Box::new(rlhf_worker::parallel::Single);
+    let e = rlhf_worker::parallel::nccl::NcclRank::init(boot, Device::Cpu).err().expect("refused on cpu").to_string();
     assert!(e.contains("nccl needs a cuda device"), "{e}");
 }
 

@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 use rlhf_model::init::{random_weights, Preset};
 use rlhf_model::random::{llama2_7b_config, random_model};
 use rlhf_model::save::{write_config, write_generation_config, write_safetensors};
-use crate::dist::{Collective, Single};
+use crate::parallel::{Collective, Single};
 use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::ppo::{private_exe, run_child};
 use super::TempDir;
-use crate::dist::Single;
+use crate::parallel::Single;
 use crate::error::{Error, Result};
 use rlhf_model::{parse_device, parse_dtype, sync, Model};
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};

@@ -14,7 +14,7 @@ use tch::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Running;
-use crate::dist::{nccl, Collective};
+use crate::parallel::{nccl, Collective};
 use crate::error::{Error, Result};
 
 pub(super) struct Relay {

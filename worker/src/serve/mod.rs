@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
-use crate::train::metrics::RunHooks;
-use crate::train::run::run_job_with;
+use crate::train::metrics::Observer;
+use crate::train::ppo::roles::RemoteRoles;
+use crate::train::run::{run_job_with, RunOptions};
 
 pub struct Options {
     pub coordinator: String,
@@ -232,26 +233,26 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         info!(job_id = %job_id, out = %a.output_dir, "job starting");
         let progress_tx = events.clone();
         let progress_id = job_id.clone();
-        let mut hooks = RunHooks {
-            roles: remote.map(|r| Box::new(r) as Box<dyn crate::train::ppo::trainer::RemoteRoles>),
-            cancel: Some(cancel.clone()),
-            dist: None,
-            // Only rank 0 reports progress: its records are the job's.
-            on_record: (rank == 0).then_some(Box::new(move |step: usize, total: usize, rec: &serde_json::Map<String, serde_json::Value>| {
+        let on_record = move |step: usize, total: usize, rec: &serde_json::Map<String, serde_json::Value>| {
                 let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
                 let p = Progress { stage, step: step as u64, total: total as u64, metrics_json: serde_json::Value::Object(rec.clone()).to_string() };
                 let _ = progress_tx.send(WorkerMessage {
                     msg: Some(worker_message::Msg::Progress(TaskProgress { job_id: progress_id.clone(), progress: Some(p) })),
                 });
-            }) as Box<dyn FnMut(usize, usize, &serde_json::Map<String, serde_json::Value>) + Send>),
+        };
+        let mut opts = RunOptions {
+            roles: remote.map(|r| Box::new(r) as Box<dyn RemoteRoles>),
+            // Only rank 0 reports progress: its records are the job's.
+            observer: Observer { cancel: Some(cancel.clone()), on_record: (rank == 0).then(|| Box::new(on_record) as _) },
+            collective: None,
         };
         // A panic inside torch (a shape the checks missed) fails the job, not the worker.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let spec = JobSpec::from_toml(&a.spec_toml).map_err(|e| anyhow::anyhow!("job spec: {e}"))?;
             if let Some(relay) = relay {
-                hooks.dist = Some(collective::connect(relay, spec.placement.collective, device)?);
+                opts.collective = Some(collective::connect(relay, spec.placement.collective, device)?);
             }
-            run_job_with(&spec, &PathBuf::from(&a.output_dir), device, hooks).map_err(anyhow::Error::from)
+            run_job_with(&spec, &PathBuf::from(&a.output_dir), device, opts).map_err(anyhow::Error::from)
         }))
         .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_message(&p))));
         let cancelled = cancel.load(Ordering::Relaxed);

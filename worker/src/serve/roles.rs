@@ -17,7 +17,7 @@ use super::wire;
 use super::Running;
 use crate::error::{Error, Result};
 use crate::train::ppo::roles::{wire as ops, RoleHost, RoleOp};
-use crate::train::ppo::trainer::RemoteRoles;
+use crate::train::ppo::roles::RemoteRoles;
 
 /// Starts a thread that hosts a job's reward and critic roles.
 pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, events: &UnboundedSender<WorkerMessage>) {

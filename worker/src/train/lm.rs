@@ -2,7 +2,7 @@
 //! marked tokens, AdamW with warmup + cosine, gradient accumulation and
 //! clipping, checkpoints every N steps, and resume from the newest one.
 //! Data parallel: each rank takes every world-th row of each batch and the
-//! ranks sum their gradients before the step (see [`crate::dist`]).
+//! ranks sum their gradients before the step (see [`crate::parallel`]).
 
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use rlhf_model::batch::{positions, right_padded};
 use rlhf_model::Mask;
 use super::stage::Ctx;
 use crate::data::Shuffler;
-use crate::dist;
+use crate::parallel;
 use crate::error::{Error, Result};
 use crate::fields;
 use rlhf_model::peft::PeftModel;
@@ -67,7 +67,7 @@ pub fn train(
     let device = pm.base.device;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
     if world > 1 {
-        dist::materialize_grads(opt.params());
+        parallel::materialize_grads(opt.params());
     }
     // Targets a row contributes to the loss (the first token predicts nothing).
     let n_targets = |i: &usize| samples[*i].targets.iter().skip(1).filter(|&&t| t != 0).count();
@@ -82,7 +82,7 @@ pub fn train(
             // This rank's rows; its mean loss is weighted by its share of the
             // batch's targets, so the ranks' losses add up to the batch mean.
             let all_targets: usize = idx.iter().map(n_targets).sum();
-            let idx = dist::shard(&idx, rank, world);
+            let idx = parallel::shard(&idx, rank, world);
             let ids: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].ids.clone()).collect();
             let tg: Vec<Vec<i64>> = idx.iter().map(|&i| samples[i].targets.clone()).collect();
             let (ids_t, _) = right_padded(&ids, pad, device);

@@ -20,21 +20,19 @@ pub struct Metrics {
     /// Added to every record (e.g. `"stage": "sft"`).
     tags: Map<String, Value>,
     quiet: bool,
-    hooks: RunHooks,
+    observer: Observer,
 }
+
+/// Called with every record: `(step, total, record)`.
+pub type OnRecord = Box<dyn FnMut(usize, usize, &Map<String, Value>) + Send>;
 
 /// How a caller (the worker daemon) follows and stops a run: every record is
 /// passed to `on_record`; once `cancel` is set, the next record ends the run
 /// with `Error::Cancelled`.
 #[derive(Default)]
-pub struct RunHooks {
+pub struct Observer {
     pub cancel: Option<Arc<AtomicBool>>,
-    #[allow(clippy::type_complexity)]
-    pub on_record: Option<Box<dyn FnMut(usize, usize, &Map<String, Value>) + Send>>,
-    /// A PPO job's reward and critic roles on another worker.
-    pub roles: Option<Box<dyn crate::train::ppo::trainer::RemoteRoles>>,
-    /// This worker is one rank of a data-parallel job.
-    pub dist: Option<Box<dyn crate::dist::Collective>>,
+    pub on_record: Option<OnRecord>,
 }
 
 impl Metrics {
@@ -48,12 +46,12 @@ impl Metrics {
             start: Instant::now(),
             tags: Map::new(),
             quiet: std::env::var_os("RLHF_QUIET").is_some(),
-            hooks: RunHooks::default(),
+            observer: Observer::default(),
         })
     }
 
-    pub fn with_hooks(mut self, hooks: RunHooks) -> Self {
-        self.hooks = hooks;
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
         self
     }
 
@@ -71,10 +69,10 @@ impl Metrics {
         if !self.quiet {
             self.progress(step, total, &rec);
         }
-        if let Some(f) = &mut self.hooks.on_record {
+        if let Some(f) = &mut self.observer.on_record {
             f(step, total, &rec);
         }
-        if self.hooks.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if self.observer.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Cancelled);
         }
         Ok(())

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use crate::dist::Collective;
+use crate::parallel::Collective;
 use crate::error::Result;
 use rlhf_model::WeightFiles;
 
@@ -88,7 +88,7 @@ impl AdamW {
     /// one step at `lr` and zeroes the gradients. Returns the gradient norm
     /// before clipping and the summed `extra` (unchanged with one rank).
     pub fn step_across(&mut self, dist: &mut dyn Collective, extra: &[f64], max_norm: f64, lr: f64) -> Result<(f64, Vec<f64>)> {
-        let summed = crate::dist::sync_grads(dist, &self.params, extra)?;
+        let summed = crate::parallel::sync_grads(dist, &self.params, extra)?;
         let norm = self.clip_grad_norm(max_norm);
         self.step(lr);
         self.zero_grad();

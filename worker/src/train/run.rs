@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use rlhf_common::spec::{JobKind, JobSpec, RewardSource, StageSpec};
 use tch::Device;
 
-use super::metrics::{Metrics, RunHooks};
+use super::metrics::{Metrics, Observer};
+use super::ppo::roles::RemoteRoles;
 use super::stage::{Ctx, Outcome};
-use super::{evaluate, ppo, pretrain, report, reward, sft};
-use crate::dist::{Collective, Single};
+use super::stages::{eval, pretrain, reward, sft};
+use super::{ppo, report};
+use crate::parallel::{Collective, Single};
 use crate::error::{Error, Result};
 
 /// Runs one single-kind job into `out`.
@@ -24,7 +26,7 @@ fn run_stage_with(
     out: &Path,
     device: Device,
     metrics: &mut Metrics,
-    roles: Option<&mut (dyn ppo::trainer::RemoteRoles + 'static)>,
+    roles: Option<&mut (dyn RemoteRoles + 'static)>,
     dist: &mut dyn Collective,
 ) -> Result<Outcome> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -36,7 +38,7 @@ fn run_stage_with(
         JobKind::Sft => sft::run(job, &mut ctx)?,
         JobKind::Reward => reward::run(job, &mut ctx)?,
         JobKind::Ppo => ppo::trainer::run_with(job, &mut ctx, roles)?,
-        JobKind::Eval => evaluate::run(job, &mut ctx)?,
+        JobKind::Eval => eval::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
     };
     outcome.wall_seconds = t0.elapsed().as_secs_f64();
@@ -119,19 +121,29 @@ impl Produced {
     }
 }
 
+/// How a run is followed, and what it runs with besides its job file.
+#[derive(Default)]
+pub struct RunOptions {
+    pub observer: Observer,
+    /// A PPO job's reward and critic roles on another worker.
+    pub roles: Option<Box<dyn RemoteRoles>>,
+    /// This worker is one rank of a data-parallel job.
+    pub collective: Option<Box<dyn Collective>>,
+}
+
 /// Runs `job` (any kind) into `out`. A pipeline runs its stages into
 /// `out/stages/<name>`; a stage that already finished (its `outcome.json`
 /// exists) is not run again, so a restarted pipeline resumes.
 pub fn run_job(job: &JobSpec, out: &Path, device: Device) -> Result<Vec<Outcome>> {
-    run_job_with(job, out, device, RunHooks::default())
+    run_job_with(job, out, device, RunOptions::default())
 }
 
-/// [`run_job`] with progress and cancellation hooks. As rank r > 0 of a
-/// data-parallel job (`hooks.dist`), it reads checkpoints from `out` but
-/// writes only its own `metrics-rank<r>.jsonl` there.
-pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHooks) -> Result<Vec<Outcome>> {
-    let mut roles = hooks.roles.take();
-    let mut dist: Box<dyn Collective> = hooks.dist.take().unwrap_or_else(|| Box::new(Single));
+/// [`run_job`] with an observer, remote roles or a collective. As rank
+/// r > 0 of a data-parallel job (`opts.collective`), it reads checkpoints
+/// from `out` but writes only its own `metrics-rank<r>.jsonl` there.
+pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions) -> Result<Vec<Outcome>> {
+    let RunOptions { observer, mut roles, collective } = opts;
+    let mut dist: Box<dyn Collective> = collective.unwrap_or_else(|| Box::new(Single));
     if dist.world() > 1 && job.kind == JobKind::Eval {
         return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
     }
@@ -151,7 +163,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, mut hooks: RunHoo
     } else {
         out.join(format!("metrics-rank{rank}.jsonl"))
     };
-    let mut metrics = Metrics::open(&metrics_file)?.with_hooks(hooks);
+    let mut metrics = Metrics::open(&metrics_file)?.with_observer(observer);
     let outcomes = if job.kind == JobKind::Pipeline {
         let mut produced = Produced::default();
         let mut outcomes = Vec::new();

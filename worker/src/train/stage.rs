@@ -7,14 +7,14 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::metrics::Metrics;
-use crate::dist::Collective;
+use crate::parallel::Collective;
 
 /// Where a stage runs and writes.
 pub struct Ctx<'a> {
     pub out: &'a Path,
     pub device: Device,
     pub metrics: &'a mut Metrics,
-    /// The job's other data-parallel ranks ([`crate::dist::Single`] alone).
+    /// The job's other data-parallel ranks ([`crate::parallel::Single`] alone).
     pub dist: &'a mut dyn Collective,
 }
 

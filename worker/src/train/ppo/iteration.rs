@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 
 use super::rollout::{logprobs, Batch};
 use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
-use crate::dist::Collective;
+use crate::parallel::Collective;
 use crate::error::Result;
 use crate::fields;
 use rlhf_model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};

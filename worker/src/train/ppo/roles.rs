@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::rollout::{model_scores, values, Batch};
 use super::value_loss;
-use crate::dist::{Collective, Single};
+use crate::parallel::{Collective, Single};
 use crate::error::{Error, Result};
 use rlhf_model::peft::{self, PeftConfig, PeftModel};
 use crate::train::checkpoint;
@@ -22,6 +22,14 @@ use crate::train::setup::{load_base, Loaded};
 pub const POLICY: &str = "policy";
 pub const CRITIC: &str = "critic";
 pub const REWARD: &str = "reward";
+
+/// A role host on another worker.
+pub trait RemoteRoles: Send {
+    /// Runs `op` there and returns its named tensors.
+    fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>>;
+    /// Payload bytes sent and received so far.
+    fn bytes(&self) -> u64;
+}
 
 pub struct RoleHost {
     pub l: Loaded,

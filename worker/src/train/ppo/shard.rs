@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::gae::{apply_mask, WHITEN_EPS};
-use crate::dist::Collective;
+use crate::parallel::Collective;
 use crate::error::Result;
 
 /// Element-wise sums of `v` over ranks (unchanged with one rank).
@@ -61,7 +61,7 @@ pub fn minibatch_part(mb: &[usize], rank: usize, world: usize, tokens: &[f64]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::Single;
+    use crate::parallel::Single;
 
     #[test]
     fn one_rank_whitens_as_masked_whiten() {

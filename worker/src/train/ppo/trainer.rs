@@ -13,24 +13,16 @@ use serde_json::json;
 use tch::Tensor;
 
 use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
-use super::roles::{RoleHost, RoleOp, CRITIC, POLICY};
+use super::roles::{RemoteRoles, RoleHost, RoleOp, CRITIC, POLICY};
 use super::rollout::Batch;
 use crate::data::{Shuffler, Template};
-use crate::dist::{self, Collective};
+use crate::parallel::{self, Collective};
 use crate::error::{Error, Result};
 use rlhf_model::Tokenizer;
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::setup::{load_base, task_sets, Loaded, Split};
 use crate::train::stage::{Ctx, Outcome};
-
-/// A role host on another worker.
-pub trait RemoteRoles: Send {
-    /// Runs `op` there and returns its named tensors.
-    fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>>;
-    /// Payload bytes sent and received so far.
-    fn bytes(&self) -> u64;
-}
 
 /// Where the trainer's roles live.
 enum Parts<'r> {
@@ -186,9 +178,9 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     let policy_params = parts.loaded().pm.adapter(POLICY)?.parameters();
     let trainable = policy_params.iter().map(|t| t.numel() as i64).sum::<i64>();
     if world > 1 {
-        dist::materialize_grads(&policy_params);
+        parallel::materialize_grads(&policy_params);
         if let Parts::Colocated { host, .. } = &parts {
-            dist::materialize_grads(host.critic_params());
+            parallel::materialize_grads(host.critic_params());
         }
     }
     let mut state = PolicyState::new(policy_params, &ppo);
@@ -212,7 +204,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     for it in start..ppo.iterations {
         // The global batch; this rank rolls out every world-th row of it.
         let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
-        let rows = dist::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
+        let rows = parallel::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
         let batch_prompts: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
         let batch_gold: Vec<(&Template, &str)> = rows.iter().map(|&r| (&sets[gold[idx[r]].0].template, gold[idx[r]].1.as_str())).collect();
         let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, responses, &batch_gold);

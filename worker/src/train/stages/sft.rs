@@ -3,10 +3,10 @@
 
 use rlhf_common::spec::JobSpec;
 
-use super::eval::{choice_accuracy, TaskEval};
-use super::lm::{self, Sample};
-use super::setup::{encode_pair, load_base, task_sets, Split};
-use super::stage::{Ctx, Outcome};
+use crate::train::accuracy::{choice_accuracy, TaskEval};
+use crate::train::lm::{self, Sample};
+use crate::train::setup::{encode_pair, load_base, task_sets, Split};
+use crate::train::stage::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use rlhf_model::peft::{self, base_parameters, PeftConfig};
 

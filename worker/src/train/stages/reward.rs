@@ -10,11 +10,11 @@ use rlhf_common::spec::JobSpec;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use super::optim::{AdamW, Schedule};
-use super::setup::{encode_pair, load_base, task_set, Loaded};
-use super::stage::{Ctx, Outcome};
+use crate::train::optim::{AdamW, Schedule};
+use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
+use crate::train::stage::{Ctx, Outcome};
 use crate::data::{self, PreferencePair, Shuffler};
-use crate::dist;
+use crate::parallel;
 use crate::error::{Error, Result};
 use crate::fields;
 use rlhf_model::head::{score, Head, HEAD_FILE};
@@ -155,7 +155,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
     if world > 1 {
-        dist::materialize_grads(&params);
+        parallel::materialize_grads(&params);
     }
     let mut opt = AdamW::new(params, train.weight_decay);
     let mut shuffler = Shuffler::new(job.seed);
@@ -168,7 +168,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             tokens += idx.iter().map(|&i| train_enc[i].chosen.len() + train_enc[i].rejected.len()).sum::<usize>();
             // This rank's pairs; their loss is a sum over the whole batch's pair count.
             let batch_pairs = idx.len() as f64;
-            let chunk: Vec<&Encoded> = dist::shard(&idx, rank, world).into_iter().map(|i| &train_enc[i]).collect();
+            let chunk: Vec<&Encoded> = parallel::shard(&idx, rank, world).into_iter().map(|i| &train_enc[i]).collect();
             let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
             let r = score(&l.pm, &head, &seqs, pad)?;
             let n = chunk.len() as i64;

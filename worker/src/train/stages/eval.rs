@@ -7,9 +7,9 @@ use rlhf_common::spec::{EvalMode, JobSpec};
 
 use std::io::Write as _;
 
-use super::eval::{accuracy, score, GenSettings, Prediction, TaskEval};
-use super::setup::{load_base, task_set};
-use super::stage::{Accuracy, Ctx, Outcome};
+use crate::train::accuracy::{accuracy, score, GenSettings, Prediction, TaskEval};
+use crate::train::setup::{load_base, task_set};
+use crate::train::stage::{Accuracy, Ctx, Outcome};
 use crate::error::{Error, Result};
 use crate::fields;
 use rlhf_model::peft;
@@ -55,7 +55,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         }
         l.pm.set_active(None)?;
         for (task, te) in &tasks {
-            // One pass scores both modes (see `eval::score`).
+            // One pass scores both modes (see `accuracy::score`).
             let t = Instant::now();
             let generate = spec.modes.contains(&EvalMode::Generate).then_some(&settings);
             let preds = score(&l.pm, &l.tok, te, generate, spec.batch_size, pad)?;

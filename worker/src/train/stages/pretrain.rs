@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use rlhf_common::spec::JobSpec;
 
-use super::lm::{self, Sample};
-use super::setup::load_base;
-use super::stage::{Ctx, Outcome};
+use crate::train::lm::{self, Sample};
+use crate::train::setup::load_base;
+use crate::train::stage::{Ctx, Outcome};
 use crate::error::{Error, Result};
 use rlhf_model::init::{init_model, Preset};
 use rlhf_model::save::save_model;
