@@ -23,6 +23,14 @@ if [ ! -x "$RLHF_GRPCURL" ]; then
   rm -rf "$tmp"
 fi
 
+# Lint: formatting, clippy with warnings as errors, no import circle.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >&2
+fi
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -q -- -D warnings
+python3 scripts/check_cycles.py
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -243,13 +243,25 @@ fn default_clip() -> f64 {
 impl TrainSpec {
     /// Whether to evaluate after step `done` of `total` (every `eval_every`, and at the end).
     pub fn eval_due(&self, done: usize, total: usize) -> bool {
-        (self.eval_every > 0 && done % self.eval_every == 0) || done == total
+        (self.eval_every > 0 && done.is_multiple_of(self.eval_every)) || done == total
     }
 }
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: 1, max_steps: None, batch_size: 8, grad_accum: 1, lr: 1e-4, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: 1.0, eval_every: 0, gradient_checkpointing: false, init_from: None }
+        Self {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            gradient_checkpointing: false,
+            init_from: None,
+        }
     }
 }
 
@@ -266,7 +278,11 @@ pub enum RewardSource {
     /// FewCLUE prompt, else 0 (a verifiable reward).
     Label,
     /// `weight` per occurrence of `text` in the response.
-    Match { text: String, #[serde(default = "unit")] weight: f64 },
+    Match {
+        text: String,
+        #[serde(default = "unit")]
+        weight: f64,
+    },
 }
 
 fn unit() -> f64 {
@@ -496,7 +512,14 @@ pub struct PlacementSpec {
 
 impl Default for PlacementSpec {
     fn default() -> Self {
-        Self { rollout: Vec::new(), reward: None, critic: None, trainer: None, data_parallel: 1, collective: CollectiveSpec::Auto }
+        Self {
+            rollout: Vec::new(),
+            reward: None,
+            critic: None,
+            trainer: None,
+            data_parallel: 1,
+            collective: CollectiveSpec::Auto,
+        }
     }
 }
 
@@ -563,7 +586,10 @@ impl JobSpec {
             fix(&mut init.corpus);
         }
         self.model.merge_adapters.iter_mut().for_each(fix);
-        let fix_sections = |data: &mut Option<DataSpec>, train: &mut Option<TrainSpec>, ppo: &mut Option<PpoSpec>, eval: &mut Option<EvalSpec>| {
+        let fix_sections = |data: &mut Option<DataSpec>,
+                            train: &mut Option<TrainSpec>,
+                            ppo: &mut Option<PpoSpec>,
+                            eval: &mut Option<EvalSpec>| {
             if let Some(p) = train.as_mut().and_then(|t| t.init_from.as_mut()) {
                 fix(p);
             }
@@ -635,11 +661,19 @@ impl JobSpec {
                 if let Some(from) = &st.init_from {
                     match self.stages[..i].iter().find(|s| &s.name == from) {
                         Some(s) if s.kind == st.kind => {}
-                        Some(s) => return err(format!("{at}.init_from"), format!("stage {from:?} is a {} stage, this one is {}", s.kind.name(), st.kind.name())),
+                        Some(s) => {
+                            return err(
+                                format!("{at}.init_from"),
+                                format!("stage {from:?} is a {} stage, this one is {}", s.kind.name(), st.kind.name()),
+                            )
+                        }
                         None => return err(format!("{at}.init_from"), format!("no earlier stage named {from:?}")),
                     }
                     if st.kind != JobKind::Reward {
-                        return err(format!("{at}.init_from"), format!("only a reward stage starts from an earlier one, not {}", st.kind.name()));
+                        return err(
+                            format!("{at}.init_from"),
+                            format!("only a reward stage starts from an earlier one, not {}", st.kind.name()),
+                        );
                     }
                 }
                 let job = self.stage_job(st);
@@ -653,7 +687,10 @@ impl JobSpec {
         }
         if let (Some(r), Some(c)) = (&self.placement.reward, &self.placement.critic) {
             if r != c {
-                return err("placement.critic", format!("reward and critic share one role host: both must name the same worker ({r:?} vs {c:?})"));
+                return err(
+                    "placement.critic",
+                    format!("reward and critic share one role host: both must name the same worker ({r:?} vs {c:?})"),
+                );
             }
         }
         self.validate_single(self.kind == JobKind::Pretrain, false)?;
@@ -671,26 +708,40 @@ impl JobSpec {
         if self.kind == JobKind::Pipeline {
             // Every training stage runs on all ranks; eval stages on rank 0.
             for (i, st) in self.stages.iter().enumerate().filter(|(_, st)| st.kind != JobKind::Eval) {
-                self.stage_job(st).validate_data_parallel().map_err(|e| SpecError { field: format!("stage[{i}].{}", e.field), msg: e.msg })?;
+                self.stage_job(st)
+                    .validate_data_parallel()
+                    .map_err(|e| SpecError { field: format!("stage[{i}].{}", e.field), msg: e.msg })?;
             }
             return Ok(());
         }
         if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo) {
-            return err("placement.data_parallel", format!("data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not {}", self.kind.name()));
+            return err(
+                "placement.data_parallel",
+                format!("data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not {}", self.kind.name()),
+            );
         }
         if self.kind == JobKind::Ppo {
             if self.placement.reward.is_some() || self.placement.critic.is_some() {
-                return err("placement.critic", "a data-parallel ppo job keeps reward and critic on every rank; drop placement.reward/critic");
+                return err(
+                    "placement.critic",
+                    "a data-parallel ppo job keeps reward and critic on every rank; drop placement.reward/critic",
+                );
             }
             let batch = self.ppo.as_ref().map_or(0, |p| p.rollout_batch);
             if batch < n {
-                return err("ppo.rollout_batch", format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"));
+                return err(
+                    "ppo.rollout_batch",
+                    format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"),
+                );
             }
             return Ok(());
         }
         let batch = self.train.as_ref().map_or(TrainSpec::default().batch_size, |t| t.batch_size);
         if batch < n {
-            return err("train.batch_size", format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"));
+            return err(
+                "train.batch_size",
+                format!("must be at least placement.data_parallel ({n}) so every rank gets a row, got {batch}"),
+            );
         }
         Ok(())
     }
@@ -704,7 +755,9 @@ impl JobSpec {
         }
         match (&self.model.path, &self.model.init, pretrain_first) {
             (None, None, _) => err("model.path", "required (or model.init for a pretrain job)"),
-            (_, Some(_), false) => err("model.init", "only a pretrain job (or a pipeline starting with one) can init a model"),
+            (_, Some(_), false) => {
+                err("model.init", "only a pretrain job (or a pipeline starting with one) can init a model")
+            }
             (_, Some(init), true) if !["tiny", "small"].contains(&init.preset.as_str()) => {
                 err("model.init.preset", format!("must be tiny or small, got {:?}", init.preset))
             }
@@ -714,7 +767,13 @@ impl JobSpec {
 
     /// `in_pipeline`: inputs produced by earlier stages need not be given.
     fn validate_single(&self, pretrain: bool, in_pipeline: bool) -> Result<(), SpecError> {
-        let need = |opt: bool, field: &str| if opt { Ok(()) } else { err(field, format!("required for a {} job", self.kind.name())) };
+        let need = |opt: bool, field: &str| {
+            if opt {
+                Ok(())
+            } else {
+                err(field, format!("required for a {} job", self.kind.name()))
+            }
+        };
         if let Some(p) = &self.peft {
             validate_peft(p)?;
         }
@@ -747,7 +806,10 @@ impl JobSpec {
             validate_ppo(ppo, in_pipeline)?;
         }
         if self.train.as_ref().is_some_and(|t| t.init_from.is_some()) && self.kind != JobKind::Reward {
-            return err("train.init_from", format!("only a reward job starts from an earlier model, not a {} job", self.kind.name()));
+            return err(
+                "train.init_from",
+                format!("only a reward job starts from an earlier model, not a {} job", self.kind.name()),
+            );
         }
         if let Some(task) = &data.task {
             if !TASKS.contains(&task.as_str()) {
@@ -837,7 +899,7 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
     if p.max_new_tokens == 0 {
         return err("ppo.max_new_tokens", "must be at least 1");
     }
-    if !(p.temperature > 0.0) {
+    if p.temperature.is_nan() || p.temperature <= 0.0 {
         return err("ppo.temperature", "must be positive (PPO samples)");
     }
     if !(p.top_p > 0.0 && p.top_p <= 1.0) {
@@ -863,7 +925,10 @@ fn validate_eval(e: &EvalSpec) -> Result<(), SpecError> {
     }
     for (i, t) in e.tasks.iter().enumerate() {
         if !TASKS.contains(&t.task.as_str()) {
-            return err(format!("eval.tasks[{i}].task"), format!("unknown task {:?} (expected one of {})", t.task, TASKS.join(", ")));
+            return err(
+                format!("eval.tasks[{i}].task"),
+                format!("unknown task {:?} (expected one of {})", t.task, TASKS.join(", ")),
+            );
         }
     }
     if e.modes.is_empty() {

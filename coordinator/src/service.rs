@@ -99,7 +99,8 @@ impl JobService for Jobs {
                         // Fell behind: resend the current state.
                         if let Ok(j) = sched.get(id.clone()).await {
                             let done = j.state.is_terminal();
-                            if tx.send(Ok(WatchJobResponse { job: Some(job_proto(&sched, &j)) })).await.is_err() || done {
+                            if tx.send(Ok(WatchJobResponse { job: Some(job_proto(&sched, &j)) })).await.is_err() || done
+                            {
                                 return;
                             }
                         }

@@ -52,7 +52,9 @@ impl JobState {
             (JobState::Queued, JobState::Running { .. }) => true,
             (JobState::Queued, JobState::Cancelled { .. } | JobState::Failed { .. }) => true,
             (JobState::Running { .. }, JobState::Queued) => true,
-            (JobState::Running { .. }, JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled { .. }) => true,
+            (JobState::Running { .. }, JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled { .. }) => {
+                true
+            }
             (JobState::Running { .. }, JobState::Running { .. }) => true,
             (JobState::Queued, JobState::Queued | JobState::Succeeded) => false,
             (JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled { .. }, _) => false,
@@ -92,7 +94,9 @@ mod tests {
         assert!(JobState::Queued.can_become(&running));
         assert!(running.can_become(&JobState::Queued));
         assert!(running.can_become(&JobState::Succeeded));
-        for t in [JobState::Succeeded, JobState::Failed { reason: "x".into() }, JobState::Cancelled { reason: "y".into() }] {
+        for t in
+            [JobState::Succeeded, JobState::Failed { reason: "x".into() }, JobState::Cancelled { reason: "y".into() }]
+        {
             assert!(t.is_terminal());
             assert!(!t.can_become(&JobState::Queued) && !t.can_become(&running));
             let back = JobState::from_columns(t.name(), t.reason().into(), String::new()).unwrap();

@@ -91,7 +91,8 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         name: r.get("name")?,
         kind: r.get("kind")?,
         spec_toml: r.get("spec_toml")?,
-        state: JobState::from_columns(&state, reason.clone(), worker).unwrap_or(JobState::Failed { reason: format!("unknown stored state {state:?}") }),
+        state: JobState::from_columns(&state, reason.clone(), worker)
+            .unwrap_or(JobState::Failed { reason: format!("unknown stored state {state:?}") }),
         attempts: r.get("attempts")?,
         created_ms: r.get("created_ms")?,
         updated_ms: r.get("updated_ms")?,
@@ -115,10 +116,18 @@ impl Store {
 
     /// Inserts a queued job; with a request id already used, returns that
     /// job instead (and `false`).
-    pub fn insert_job(&mut self, id: &str, request_id: Option<&str>, name: &str, kind: &str, spec_toml: &str) -> Result<(JobRow, bool)> {
+    pub fn insert_job(
+        &mut self,
+        id: &str,
+        request_id: Option<&str>,
+        name: &str,
+        kind: &str,
+        spec_toml: &str,
+    ) -> Result<(JobRow, bool)> {
         let tx = self.conn.transaction()?;
         if let Some(rid) = request_id {
-            let existing = tx.query_row("SELECT * FROM jobs WHERE request_id = ?1", params![rid], job_from_row).optional()?;
+            let existing =
+                tx.query_row("SELECT * FROM jobs WHERE request_id = ?1", params![rid], job_from_row).optional()?;
             if let Some(j) = existing {
                 return Ok((j, false));
             }
@@ -128,7 +137,10 @@ impl Store {
             "INSERT INTO jobs (id, request_id, name, kind, spec_toml, state, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?6)",
             params![id, request_id, name, kind, spec_toml, now],
         )?;
-        tx.execute("INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, 'queued', 'submitted')", params![id, now])?;
+        tx.execute(
+            "INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, 'queued', 'submitted')",
+            params![id, now],
+        )?;
         tx.commit()?;
         Ok((self.job(id)?.ok_or_else(|| Error::Store("job vanished after insert".into()))?, true))
     }
@@ -156,22 +168,33 @@ impl Store {
             return Ok(false);
         }
         if !cur.state.can_become(next) {
-            return Err(Error::FailedPrecondition(format!("job {id} is {}, it cannot become {}", cur.state.name(), next.name())));
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is {}, it cannot become {}",
+                cur.state.name(),
+                next.name()
+            )));
         }
         let now = now_ms();
-        let attempts = cur.attempts + u32::from(matches!(next, JobState::Running { .. }) && !matches!(cur.state, JobState::Running { .. }));
+        let attempts = cur.attempts
+            + u32::from(matches!(next, JobState::Running { .. }) && !matches!(cur.state, JobState::Running { .. }));
         tx.execute(
             "UPDATE jobs SET state = ?2, reason = ?3, worker = ?4, attempts = ?5, updated_ms = ?6 WHERE id = ?1",
             params![id, next.name(), next.reason(), next.worker(), attempts, now],
         )?;
-        tx.execute("INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)", params![id, now, next.name(), message])?;
+        tx.execute(
+            "INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
+            params![id, now, next.name(), message],
+        )?;
         tx.commit()?;
         Ok(true)
     }
 
     pub fn set_progress(&mut self, id: &str, progress_json: &str, metrics_json: Option<&str>) -> Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("UPDATE jobs SET progress = ?2, updated_ms = ?3 WHERE id = ?1", params![id, progress_json, now_ms()])?;
+        tx.execute(
+            "UPDATE jobs SET progress = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, progress_json, now_ms()],
+        )?;
         if let Some(m) = metrics_json {
             tx.execute("INSERT INTO metrics (job_id, json) VALUES (?1, ?2)", params![id, m])?;
         }

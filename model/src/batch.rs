@@ -78,6 +78,9 @@ mod tests {
         let hidden = Tensor::arange(2 * 3 * 2, (Kind::Float, Device::Cpu)).view([2, 3, 2]);
         let got = hidden_at(&hidden, &[2, 0]);
         assert_eq!(Vec::<f32>::try_from(got.view([-1])).unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(rows(&positions(&Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu)))), vec![vec![0, 1, 2], vec![0, 1, 2]]);
+        assert_eq!(
+            rows(&positions(&Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu)))),
+            vec![vec![0, 1, 2], vec![0, 1, 2]]
+        );
     }
 }

@@ -107,8 +107,7 @@ impl Config {
     }
 
     fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let name = raw
             .model_type
             .clone()

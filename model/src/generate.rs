@@ -55,7 +55,13 @@ pub fn generate(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &G
 /// [`generate`] where prompt i is row `rows[i]` of a larger batch: row r
 /// samples from stream r of the seed, so a slice of a batch gets the tokens
 /// the whole batch would.
-pub fn generate_rows(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions, rows: &[u64]) -> Result<Generation> {
+pub fn generate_rows(
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    rows: &[u64],
+) -> Result<Generation> {
     if rows.len() != prompts.len() {
         return Err(Error::InvalidArgument(format!("{} row ids for {} prompts", rows.len(), prompts.len())));
     }
@@ -79,7 +85,13 @@ pub fn generate_rows(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opt
     tch::no_grad(|| generate_inner(model, hooks, prompts, opts, rows))
 }
 
-fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: &GenerateOptions, rows: &[u64]) -> Result<Generation> {
+fn generate_inner(
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    rows: &[u64],
+) -> Result<Generation> {
     let b = prompts.len();
     let device = model.device;
     let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
@@ -104,7 +116,9 @@ fn generate_inner(model: &Model, hooks: &dyn Hooks, prompts: &[Vec<i64>], opts: 
         let last = hidden.select(1, t - 1);
         let logits = model.logits(&last, hooks);
         let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
-        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>()).to_device(device).to_kind(Kind::Bool);
+        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>())
+            .to_device(device)
+            .to_kind(Kind::Bool);
         let next = next.where_self(&finished.logical_not(), &pad);
         let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
         let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;

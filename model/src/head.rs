@@ -23,7 +23,8 @@ pub struct Head {
 impl Head {
     pub fn new(hidden: i64, device: Device, seed: u64) -> Self {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        let weight = peft::normal(&[1, hidden], 1.0 / ((hidden + 1) as f64).sqrt(), &mut rng, device).set_requires_grad(true);
+        let weight =
+            peft::normal(&[1, hidden], 1.0 / ((hidden + 1) as f64).sqrt(), &mut rng, device).set_requires_grad(true);
         Self { weight, bias: Tensor::zeros([1], (Kind::Float, device)).set_requires_grad(true) }
     }
 
@@ -39,7 +40,10 @@ impl Head {
 
     pub fn load(path: &Path, hidden: i64, device: Device) -> Result<Self> {
         let f = WeightFiles::open_file(path)?;
-        Ok(Self { weight: f.get("weight", &[1, hidden], Kind::Float, device)?, bias: f.get("bias", &[1], Kind::Float, device)? })
+        Ok(Self {
+            weight: f.get("weight", &[1, hidden], Kind::Float, device)?,
+            bias: f.get("bias", &[1], Kind::Float, device)?,
+        })
     }
 }
 

@@ -66,7 +66,8 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: i64, theta: f64, device: tch::Device) -> Self {
-        let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
+        let exponents =
+            Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
         let inv_freq = Tensor::from(theta).to_device(device).to_kind(Kind::Float).pow(&exponents).reciprocal();
         Self { inv_freq }
     }

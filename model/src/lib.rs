@@ -33,8 +33,6 @@ pub use weights::WeightFiles;
 
 use tch::{Device, Kind};
 
-
-
 /// Waits for `device`'s queued work (a no-op on CPU), so that a timer read
 /// next measures the work, not its launch.
 pub fn sync(device: Device) {

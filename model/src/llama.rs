@@ -103,12 +103,18 @@ impl Model {
         let kv_dim = cfg.num_kv_heads * cfg.head_dim;
         let embed_tokens = w.get_mapped("model.embed_tokens.weight", &[cfg.vocab_size, h], kind, device)?;
         let norm = |name: String, site: Norm| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: w.get_mapped(&format!("{name}.weight"), &[h], kind, device)?, eps: cfg.rms_norm_eps, site })
+            Ok(RmsNorm {
+                weight: w.get_mapped(&format!("{name}.weight"), &[h], kind, device)?,
+                eps: cfg.rms_norm_eps,
+                site,
+            })
         };
         let mut layers = Vec::with_capacity(cfg.num_layers as usize);
         for li in 0..cfg.num_layers as usize {
             let p = format!("model.layers.{li}");
-            let lin = |name: &str, i_dim, o_dim, bias| Linear::load(&w, &format!("{p}.{name}"), i_dim, o_dim, bias, kind, device);
+            let lin = |name: &str, i_dim, o_dim, bias| {
+                Linear::load(&w, &format!("{p}.{name}"), i_dim, o_dim, bias, kind, device)
+            };
             layers.push(Layer {
                 input_layernorm: norm(format!("{p}.input_layernorm"), Norm::Input(li))?,
                 self_attn: Attention {

@@ -66,8 +66,11 @@ impl Model {
                 up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
             };
-            let input_layernorm =
-                RmsNorm { weight: take(&format!("{p}.input_layernorm.weight"), &[h])?, eps: cfg.rms_norm_eps, site: Norm::Input(li) };
+            let input_layernorm = RmsNorm {
+                weight: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                eps: cfg.rms_norm_eps,
+                site: Norm::Input(li),
+            };
             let post_attention_layernorm = RmsNorm {
                 weight: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 eps: cfg.rms_norm_eps,

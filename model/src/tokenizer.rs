@@ -21,7 +21,8 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn load(dir: &Path, cfg: &Config) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = HfTokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path: path.clone(), msg: e.to_string() })?;
+        let inner =
+            HfTokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path: path.clone(), msg: e.to_string() })?;
         let mut eos_ids = cfg.eos_token_ids.clone();
         let mut bos_id = cfg.bos_token_id;
         let mut pad_id = cfg.pad_token_id;

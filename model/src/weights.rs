@@ -50,10 +50,8 @@ impl WeightFiles {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let bad = |msg: String| Error::Weights { path: index.clone(), msg };
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no weight_map object".into()))?;
+        let map =
+            json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no weight_map object".into()))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for file in map.values() {
             let file = file.as_str().ok_or_else(|| bad("weight_map values must be file names".into()))?;

@@ -40,7 +40,9 @@ pub fn status_message(url: &str, s: &Status) -> String {
             "cannot reach the coordinator at {url}: {} (is it running? `rlhfctl up` starts a local one)",
             if s.message().is_empty() { chain(s) } else { s.message().to_string() }
         ),
-        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => s.message().to_string(),
+        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+            s.message().to_string()
+        }
         code => format!("{} ({code:?})", s.message()),
     }
 }
@@ -54,7 +56,10 @@ impl Client {
             .with_context(|| format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)"))?
             .connect_timeout(Duration::from_secs(5));
         let channel = ep.connect().await.map_err(|e| {
-            anyhow!("cannot reach the coordinator at {url}: {} (is it running? `rlhfctl up` starts a local one)", chain(&e))
+            anyhow!(
+                "cannot reach the coordinator at {url}: {} (is it running? `rlhfctl up` starts a local one)",
+                chain(&e)
+            )
         })?;
         Ok(Self { inner: JobServiceClient::new(channel), url: url.to_string() })
     }
@@ -182,7 +187,10 @@ mod tests {
     #[test]
     fn status_messages() {
         let url = "http://127.0.0.1:1";
-        assert_eq!(status_message(url, &Status::invalid_argument("ppo.clip: must be in (0, 1)")), "ppo.clip: must be in (0, 1)");
+        assert_eq!(
+            status_message(url, &Status::invalid_argument("ppo.clip: must be in (0, 1)")),
+            "ppo.clip: must be in (0, 1)"
+        );
         assert!(status_message(url, &Status::unavailable("connection refused")).contains("rlhfctl up"));
         assert_eq!(status_message(url, &Status::internal("disk full")), "disk full (Internal)");
     }

@@ -167,7 +167,8 @@ pub fn is_running(pid: u32, program: &Path) -> bool {
         return false;
     }
     // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive = unsafe { libc::kill(pid_t, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    let alive =
+        unsafe { libc::kill(pid_t, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     if !alive {
         return false;
     }
@@ -205,7 +206,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 pub fn read_cluster_file(data_dir: &Path) -> Result<Option<ClusterFile>> {
     let path = data_dir.join(CLUSTER_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(s) => serde_json::from_str(&s).map(Some).with_context(|| format!("{} is not a cluster file", path.display())),
+        Ok(s) => {
+            serde_json::from_str(&s).map(Some).with_context(|| format!("{} is not a cluster file", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
     }
@@ -248,8 +251,13 @@ impl Started {
 
 fn spawn(name: &str, device: &str, program: &Path, args: &[String], data_dir: &Path) -> Result<Started> {
     let log = data_dir.join("logs").join(format!("{name}.log"));
-    let mut f = OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("failed to open {}", log.display()))?;
-    let _ = writeln!(f, "--- rlhfctl up {} at {} UTC: {} {}", name, fmt_utc(now_ms()), program.display(), args.join(" "));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("failed to open {}", log.display()))?;
+    let _ =
+        writeln!(f, "--- rlhfctl up {} at {} UTC: {} {}", name, fmt_utc(now_ms()), program.display(), args.join(" "));
     let err = f.try_clone().with_context(|| format!("failed to open {}", log.display()))?;
     let child = Command::new(program)
         .args(args)
@@ -261,7 +269,13 @@ fn spawn(name: &str, device: &str, program: &Path, args: &[String], data_dir: &P
         .process_group(0)
         .spawn()
         .with_context(|| format!("failed to start {}", program.display()))?;
-    let proc = Proc { name: name.to_string(), device: device.to_string(), pid: child.id(), program: program.to_path_buf(), log };
+    let proc = Proc {
+        name: name.to_string(),
+        device: device.to_string(),
+        pid: child.id(),
+        program: program.to_path_buf(),
+        log,
+    };
     Ok(Started { proc, child })
 }
 
@@ -284,8 +298,10 @@ fn stop_started(started: &mut [Started]) {
 
 /// Starts the cluster and waits for the coordinator and every worker.
 pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
-    std::fs::create_dir_all(opts.data_dir.join("logs")).with_context(|| format!("failed to create {}", opts.data_dir.display()))?;
-    let data_dir = opts.data_dir.canonicalize().with_context(|| format!("failed to resolve {}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(opts.data_dir.join("logs"))
+        .with_context(|| format!("failed to create {}", opts.data_dir.display()))?;
+    let data_dir =
+        opts.data_dir.canonicalize().with_context(|| format!("failed to resolve {}", opts.data_dir.display()))?;
     if let Some(old) = read_cluster_file(&data_dir)? {
         if let Some(p) = old.processes.iter().find(|p| is_running(p.pid, &p.program)) {
             bail!(
@@ -317,7 +333,12 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
         processes: Vec::new(),
     };
     let result = async {
-        let args = vec!["--listen".to_string(), opts.listen.to_string(), "--data-dir".to_string(), data_dir.display().to_string()];
+        let args = vec![
+            "--listen".to_string(),
+            opts.listen.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+        ];
         started.push(spawn("coordinator", "", &coordinator, &args, &data_dir)?);
         cluster.processes = started.iter().map(|s| s.proc.clone()).collect();
         write_cluster_file(&cluster)?;
@@ -375,7 +396,12 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
                     .filter(|s| missing.contains(&s.proc.name.as_str()))
                     .map(|s| format!("last lines of {}:\n{}", s.proc.log.display(), log_tail(&s.proc.log, 20)))
                     .collect();
-                bail!("workers {} did not register within {}s\n{}", missing.join(", "), opts.timeout.as_secs(), tails.join("\n"));
+                bail!(
+                    "workers {} did not register within {}s\n{}",
+                    missing.join(", "),
+                    opts.timeout.as_secs(),
+                    tails.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -501,14 +527,22 @@ mod tests {
         let pid = child.id();
         // Until the child has exec'd, /proc shows the test binary's command line.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(b"sleep") && std::time::Instant::now() < deadline {
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default().starts_with(b"sleep")
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         let reaper = std::thread::spawn(move || {
             let mut child = child;
             child.wait()
         });
-        let proc = |name: &str, pid: u32| Proc { name: name.into(), device: "cpu".into(), pid, program: "sleep".into(), log: "x".into() };
+        let proc = |name: &str, pid: u32| Proc {
+            name: name.into(),
+            device: "cpu".into(),
+            pid,
+            program: "sleep".into(),
+            log: "x".into(),
+        };
         let cluster = ClusterFile {
             coordinator_url: "http://127.0.0.1:1".into(),
             listen: "127.0.0.1:1".into(),

@@ -29,7 +29,12 @@ use render::{job_state, state_name};
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 
 #[derive(Debug, Parser)]
-#[command(name = "rlhfctl", version, about = "Drive an rlhfd cluster: submit and follow RLHF jobs", propagate_version = true)]
+#[command(
+    name = "rlhfctl",
+    version,
+    about = "Drive an rlhfd cluster: submit and follow RLHF jobs",
+    propagate_version = true
+)]
 pub struct Cli {
     /// The coordinator's gRPC address.
     #[arg(long, global = true, env = "RLHF_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -143,7 +148,9 @@ fn print_json(v: &Value) {
 fn exit_for(state: JobState) -> ExitCode {
     match state {
         JobState::Succeeded => ExitCode::SUCCESS,
-        JobState::Failed | JobState::Cancelled | JobState::Queued | JobState::Running | JobState::Unspecified => ExitCode::from(1),
+        JobState::Failed | JobState::Cancelled | JobState::Queued | JobState::Running | JobState::Unspecified => {
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -155,10 +162,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let listen = listen
                 .or_else(|| cluster::listen_from_url(&url))
                 .ok_or_else(|| anyhow!("cannot listen on the address of {url}; give --listen ADDR"))?;
-            up(cluster::UpOptions { data_dir: data_dir.resolve(), listen, cpu_workers, timeout: Duration::from_secs(timeout) }).await
+            up(cluster::UpOptions {
+                data_dir: data_dir.resolve(),
+                listen,
+                cpu_workers,
+                timeout: Duration::from_secs(timeout),
+            })
+            .await
         }
         Cmd::Down { data_dir, grace } => down(&data_dir.resolve(), Duration::from_secs(grace)),
-        Cmd::Submit { file, wait, request_id, dtype } => submit(&url, &file, wait, request_id.unwrap_or_default(), dtype).await,
+        Cmd::Submit { file, wait, request_id, dtype } => {
+            submit(&url, &file, wait, request_id.unwrap_or_default(), dtype).await
+        }
         Cmd::Status { job: Some(job), json } => status_one(&url, &job, json).await,
         Cmd::Status { job: None, json } | Cmd::List { json } => list(&url, json).await,
         Cmd::Watch { job } => {
@@ -198,15 +213,23 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 async fn up(opts: cluster::UpOptions) -> Result<ExitCode> {
     let n = opts.cpu_workers;
     let c = cluster::up(opts).await?;
-    let workers: Vec<String> = c.processes.iter().filter(|p| !p.device.is_empty()).map(|p| format!("{} ({})", p.name, p.device)).collect();
-    let rows: Vec<Vec<String>> =
-        c.processes.iter().map(|p| vec![p.name.clone(), p.pid.to_string(), p.device.clone(), p.log.display().to_string()]).collect();
+    let workers: Vec<String> =
+        c.processes.iter().filter(|p| !p.device.is_empty()).map(|p| format!("{} ({})", p.name, p.device)).collect();
+    let rows: Vec<Vec<String>> = c
+        .processes
+        .iter()
+        .map(|p| vec![p.name.clone(), p.pid.to_string(), p.device.clone(), p.log.display().to_string()])
+        .collect();
     print!("{}", render::table(&["PROCESS", "PID", "DEVICE", "LOG"], &rows));
     println!("coordinator at {} with {} workers: {}", c.coordinator_url, workers.len(), workers.join(", "));
     if n.is_none() && workers.iter().all(|w| w.ends_with("(cpu)")) {
         eprintln!("no GPU found (nvidia-smi -L); started one CPU worker. Use --cpu-workers N for more.");
     }
-    let flag = if c.coordinator_url == DEFAULT_COORDINATOR { String::new() } else { format!(" (set RLHF_COORDINATOR={})", c.coordinator_url) };
+    let flag = if c.coordinator_url == DEFAULT_COORDINATOR {
+        String::new()
+    } else {
+        format!(" (set RLHF_COORDINATOR={})", c.coordinator_url)
+    };
     println!("data dir {}; stop with `rlhfctl down --data-dir {}`{flag}", c.data_dir.display(), c.data_dir.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -306,7 +329,8 @@ async fn logs(url: &str, job: &str, json: bool) -> Result<ExitCode> {
     let id = c.resolve(job).await?;
     let l = c.logs(&id).await?;
     if json {
-        let metrics: Vec<Value> = l.metrics_json.iter().map(|m| serde_json::from_str(m).unwrap_or(Value::String(m.clone()))).collect();
+        let metrics: Vec<Value> =
+            l.metrics_json.iter().map(|m| serde_json::from_str(m).unwrap_or(Value::String(m.clone()))).collect();
         print_json(&json!({
             "id": id,
             "events": l.events.iter().map(render::event_json).collect::<Vec<_>>(),

@@ -81,7 +81,10 @@ pub fn series(records: &[Map<String, Value>], keys: &[&str]) -> Vec<Series> {
         }
     }
     out.into_iter()
-        .map(|l| Series { label: if l.stage.is_empty() { l.key } else { format!("{} {}", l.stage, l.key) }, points: l.points })
+        .map(|l| Series {
+            label: if l.stage.is_empty() { l.key } else { format!("{} {}", l.stage, l.key) },
+            points: l.points,
+        })
         .collect()
 }
 
@@ -154,7 +157,8 @@ pub fn draw_chart(path: &Path, title: &str, y_desc: &str, series: &[Series]) -> 
     register_font();
     // plotters asserts on a few degenerate layouts; keep a bad metrics file
     // from ever aborting the CLI.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| draw_chart_inner(path, title, y_desc, series)));
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| draw_chart_inner(path, title, y_desc, series)));
     match result {
         Ok(r) => r.with_context(|| format!("failed to draw {}", path.display())),
         Err(_) => Err(anyhow!("failed to draw {}: the plotting library gave up on this data", path.display())),

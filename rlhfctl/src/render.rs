@@ -231,7 +231,11 @@ pub fn workers_table(workers: &[Worker], now_ms: i64) -> String {
                 w.device.clone(),
                 fmt_bytes(w.memory_bytes),
                 if w.alive { "yes" } else { "no" }.to_string(),
-                if w.last_heartbeat_ms > 0 { format!("{} ago", fmt_age(now_ms - w.last_heartbeat_ms)) } else { "-".into() },
+                if w.last_heartbeat_ms > 0 {
+                    format!("{} ago", fmt_age(now_ms - w.last_heartbeat_ms))
+                } else {
+                    "-".into()
+                },
                 if w.running_jobs.is_empty() { "-".into() } else { w.running_jobs.join(",") },
             ]
         })
@@ -422,7 +426,10 @@ mod tests {
             running_jobs: vec!["j1".into()],
         };
         let t = workers_table(std::slice::from_ref(&w), 10_000);
-        assert!(t.lines().nth(1).is_some_and(|l| l.contains("80.0 GiB") && l.contains("1s ago") && l.ends_with("j1")), "{t}");
+        assert!(
+            t.lines().nth(1).is_some_and(|l| l.contains("80.0 GiB") && l.contains("1s ago") && l.ends_with("j1")),
+            "{t}"
+        );
         assert_eq!(worker_json(&w)["device"], "cuda:0");
     }
 

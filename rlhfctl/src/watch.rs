@@ -29,7 +29,12 @@ const PLAIN_EVERY: Duration = Duration::from_secs(2);
 /// away) rather than final (no such job).
 fn retryable(code: Code) -> bool {
     match code {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal | Code::DeadlineExceeded => true,
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::Internal
+        | Code::DeadlineExceeded => true,
         Code::Ok
         | Code::InvalidArgument
         | Code::NotFound

@@ -78,7 +78,11 @@ impl Cluster {
     }
 
     fn log(&self, name: &str) -> Stdio {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file");
         Stdio::from(f)
     }
 
@@ -118,7 +122,8 @@ impl Cluster {
         let mut out = String::new();
         for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
             if e.path().extension().is_some_and(|x| x == "log") {
-                out += &format!("--- {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
+                out +=
+                    &format!("--- {}\n{}\n", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default());
             }
         }
         out
@@ -173,7 +178,12 @@ pub fn state_name(s: i32) -> &'static str {
 }
 
 /// Polls a job until `pred` holds or `timeout` passes; returns the last view.
-pub async fn wait_job(c: &mut JobServiceClient<Channel>, id: &str, timeout: Duration, pred: impl Fn(&Job) -> bool) -> Job {
+pub async fn wait_job(
+    c: &mut JobServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Job) -> bool,
+) -> Job {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(r) = c.get_job(GetJobRequest { job_id: id.to_string() }).await {

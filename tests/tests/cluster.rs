@@ -39,11 +39,19 @@ async fn bad_jobs_are_refused_or_fail_with_the_cause() {
     let err = c.submit_job(SubmitJobRequest { spec_toml: bad, request_id: String::new() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("train.lr"), "{}", err.message());
-    let err = c.submit_job(SubmitJobRequest { spec_toml: "version = 1\nkind = [".into(), request_id: String::new() }).await.unwrap_err();
+    let err = c
+        .submit_job(SubmitJobRequest { spec_toml: "version = 1\nkind = [".into(), request_id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let missing = sft_job(5, 0).replace(&fixtures().join("tiny-llama").display().to_string(), "/nonexistent/model-dir");
-    let id = c.submit_job(SubmitJobRequest { spec_toml: missing, request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: missing, request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let j = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
     assert_eq!(state_name(j.state), "failed");
     assert!(j.reason.contains("/nonexistent/model-dir"), "{}", j.reason);
@@ -56,7 +64,12 @@ async fn cancel_stops_a_running_job_within_seconds() {
     let cl = Cluster::start(1, 3000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let id = c.submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 3)).await;
     let t = Instant::now();
     let j = c.cancel_job(CancelJobRequest { job_id: id.clone() }).await.unwrap().into_inner().job.unwrap();
@@ -82,7 +95,12 @@ async fn a_job_survives_its_worker_being_killed() {
     let mut cl = Cluster::start(2, 1500);
     cl.wait_workers(2).await;
     let mut c = cl.client().await;
-    let id = c.submit_job(SubmitJobRequest { spec_toml: sft_job(240, 20), request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(240, 20), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let j = wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 45)).await;
     let victim = j.worker_id.clone();
     let workers = c.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers;
@@ -101,7 +119,11 @@ async fn a_job_survives_its_worker_being_killed() {
     let resumed_at = steps.windows(2).find(|w| w[1] <= w[0]).map(|w| w[1]).expect("a resume point in the metrics");
     assert!(resumed_at > 1 && resumed_at % 20 == 1, "resumed after a checkpoint, at step {resumed_at}");
     assert_eq!(*steps.last().unwrap(), 240);
-    eprintln!("worker kill: requeued after {detect:.2}s (lease {} ms), resumed at step {resumed_at}, done after {:.2}s", cl.lease_ms, killed.elapsed().as_secs_f64());
+    eprintln!(
+        "worker kill: requeued after {detect:.2}s (lease {} ms), resumed at step {resumed_at}, done after {:.2}s",
+        cl.lease_ms,
+        killed.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,8 +131,18 @@ async fn jobs_survive_the_coordinator_being_killed_and_restarted() {
     let mut cl = Cluster::start(1, 2000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let running = c.submit_job(SubmitJobRequest { spec_toml: sft_job(200, 20), request_id: String::new() }).await.unwrap().into_inner().job_id;
-    let queued = c.submit_job(SubmitJobRequest { spec_toml: sft_job(10, 0), request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let running = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(200, 20), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let queued = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(10, 0), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     wait_job(&mut c, &running, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 10)).await;
     cl.kill_coordinator();
     let down = Instant::now();
@@ -131,7 +163,12 @@ async fn two_hundred_concurrent_status_calls_are_all_answered() {
     let cl = Cluster::start(1, 3000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let id = c.submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 2)).await;
     let t = Instant::now();
     let calls = (0..200).map(|_| {
@@ -166,7 +203,12 @@ async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
     let run = |spec: String| {
         let mut c = c.clone();
         async move {
-            let id = c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id;
+            let id = c
+                .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
+                .await
+                .unwrap()
+                .into_inner()
+                .job_id;
             wait_job(&mut c, &id, Duration::from_secs(180), is_terminal).await
         }
     };
@@ -200,7 +242,9 @@ async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
         read_metrics(std::path::Path::new(dir))
             .into_iter()
             .map(|mut r| {
-                r.as_object_mut().unwrap().retain(|k, _| k != "tokens_per_s" && k != "bytes_exchanged" && !k.starts_with("time_"));
+                r.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| k != "tokens_per_s" && k != "bytes_exchanged" && !k.starts_with("time_"));
                 r
             })
             .collect::<Vec<_>>()
@@ -208,10 +252,23 @@ async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
     let (a, b) = (strip(&colocated.output_dir), strip(&split.output_dir));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "split run differs from the colocated one");
-    let bytes: Vec<u64> = read_metrics(std::path::Path::new(&split.output_dir)).iter().map(|r| r["bytes_exchanged"].as_u64().unwrap()).collect();
+    let bytes: Vec<u64> = read_metrics(std::path::Path::new(&split.output_dir))
+        .iter()
+        .map(|r| r["bytes_exchanged"].as_u64().unwrap())
+        .collect();
     let model_bytes = std::fs::metadata(f.join("tiny-llama")).map(|_| 0).unwrap_or(0)
-        + std::fs::read_dir(f.join("tiny-llama")).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "safetensors")).map(|e| e.metadata().unwrap().len()).sum::<u64>();
-    assert!(bytes.iter().all(|&b| b > 0 && b < model_bytes), "per-iteration bytes {bytes:?} vs base model {model_bytes}");
+        + std::fs::read_dir(f.join("tiny-llama"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum::<u64>();
+    assert!(
+        bytes.iter().all(|&b| b > 0 && b < model_bytes),
+        "per-iteration bytes {bytes:?} vs base model {model_bytes}"
+    );
     eprintln!("ppo split: bytes per iteration {bytes:?}; base model {model_bytes} bytes");
-    assert!(read_metrics(std::path::Path::new(&colocated.output_dir)).iter().all(|r| r["bytes_exchanged"].as_u64() == Some(0)));
+    assert!(read_metrics(std::path::Path::new(&colocated.output_dir))
+        .iter()
+        .all(|r| r["bytes_exchanged"].as_u64() == Some(0)));
 }

@@ -17,7 +17,13 @@ fn grpcurl() -> PathBuf {
 }
 
 fn call(addr: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(grpcurl()).arg("-plaintext").args(args.iter().take(args.len() - 1)).arg(addr).arg(args[args.len() - 1]).output().unwrap();
+    let out = Command::new(grpcurl())
+        .arg("-plaintext")
+        .args(args.iter().take(args.len() - 1))
+        .arg(addr)
+        .arg(args[args.len() - 1])
+        .output()
+        .unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -36,7 +42,14 @@ async fn grpcurl_lists_submits_and_gets_named_errors() {
     let body = serde_json::json!({ "spec_toml": sft_job(5, 0), "request_id": "grpcurl-1" }).to_string();
     let (ok, sub) = call(&addr, &["-d", &body, "rlhf.v1.JobService/SubmitJob"]);
     assert!(ok && sub.contains("jobId"), "{sub}");
-    let (ok, err) = call(&addr, &["-d", r#"{"spec_toml": "version = 1\nkind = \"sft\"\n[model]\npath = \"m\"\ndtype = \"f64\"\n"}"#, "rlhf.v1.JobService/SubmitJob"]);
+    let (ok, err) = call(
+        &addr,
+        &[
+            "-d",
+            r#"{"spec_toml": "version = 1\nkind = \"sft\"\n[model]\npath = \"m\"\ndtype = \"f64\"\n"}"#,
+            "rlhf.v1.JobService/SubmitJob",
+        ],
+    );
     assert!(!ok && err.contains("InvalidArgument"), "{err}");
     let (_, jobs) = call(&addr, &["rlhf.v1.JobService/ListJobs"]);
     assert!(jobs.contains("grpcurl") || jobs.contains("sft-e2e"), "{jobs}");

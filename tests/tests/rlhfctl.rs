@@ -50,8 +50,13 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
     let down = ctl(&url, &["down", "--data-dir", d]);
     assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
     if let Err(e) = result {
-        let logs = std::fs::read_dir(data.join("logs")).into_iter().flatten().flatten()
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect::<Vec<_>>().join("\n");
+        let logs = std::fs::read_dir(data.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
         panic!("{e}\n{logs}");
     }
 }

@@ -216,14 +216,19 @@ fn run(cli: Cli) -> Result<()> {
                 spec.override_dtype(&d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
             }
             let device = tools::parse_device(&device)?;
-            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(spec.name.clone().unwrap_or_else(|| spec.kind.name().into())));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("runs").join(spec.name.clone().unwrap_or_else(|| spec.kind.name().into()))
+            });
             let outcomes = rlhf_worker::train::run::run_job(&spec, &out, device)
                 .with_context(|| format!("job {}", job.display()))?;
             let report = out.join("report.md");
             if report.exists() {
                 println!("{}", std::fs::read_to_string(&report).unwrap_or_default());
             }
-            let summary: Vec<_> = outcomes.iter().map(|o| serde_json::json!({"stage": o.stage, "steps": o.steps, "seconds": o.train_seconds})).collect();
+            let summary: Vec<_> = outcomes
+                .iter()
+                .map(|o| serde_json::json!({"stage": o.stage, "steps": o.steps, "seconds": o.train_seconds}))
+                .collect();
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
         }
         Command::Serve { coordinator, device, name, heartbeat_ms } => {
@@ -250,7 +255,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: Bench::Allreduce { device, megabytes, runs } } => {
             let device = tools::parse_device(&device)?;
-            println!("{}", rlhf_worker::parallel::nccl::self_check(device, megabytes, runs).context("bench allreduce")?);
+            println!(
+                "{}",
+                rlhf_worker::parallel::nccl::self_check(device, megabytes, runs).context("bench allreduce")?
+            );
         }
         Command::Bench { what: Bench::Ppo { args } } => {
             rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;
@@ -271,12 +279,17 @@ fn main() -> ExitCode {
     rlhf_common::init_tracing();
     // Torch reports some malformed inputs by panicking: say so and exit 1.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<String>().cloned().or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
         let at = info.location().map(|l| l.to_string()).unwrap_or_default();
         eprintln!("internal error: panicked at {at}: {}", msg.unwrap_or_default());
     }));
     let cli = Cli::parse();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))).unwrap_or_else(|_| Err(anyhow::anyhow!("internal error (see the log above)")));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error (see the log above)")));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,8 +8,8 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use rlhf_model::{self, generate, GenerateOptions, KvCache, Mask, Model, Sampling, Tokenizer};
 use rlhf_model::peft::{self, PeftModel};
+use rlhf_model::{self, generate, GenerateOptions, KvCache, Mask, Model, Sampling, Tokenizer};
 
 /// Where the model comes from and how to run it.
 #[derive(Clone, Debug)]
@@ -45,7 +45,9 @@ pub fn load(args: &ModelArgs) -> Result<PeftModel> {
 pub fn parse_tokens(s: &str) -> Result<Vec<i64>> {
     let ids: Result<Vec<i64>> = s
         .split(',')
-        .map(|t| t.trim().parse::<i64>().map_err(|_| Error::InvalidArgument(format!("--tokens: {t:?} is not an integer"))))
+        .map(|t| {
+            t.trim().parse::<i64>().map_err(|_| Error::InvalidArgument(format!("--tokens: {t:?} is not an integer")))
+        })
         .collect();
     let ids = ids?;
     if ids.is_empty() {
@@ -72,7 +74,12 @@ pub enum Prompt {
 }
 
 /// Generates and returns the JSON line `{"tokens": [...], "text": "..."}`.
-pub fn generate_line(args: &ModelArgs, prompt: &Prompt, max_new_tokens: usize, sampling: Sampling) -> Result<serde_json::Value> {
+pub fn generate_line(
+    args: &ModelArgs,
+    prompt: &Prompt,
+    max_new_tokens: usize,
+    sampling: Sampling,
+) -> Result<serde_json::Value> {
     let pm = load(args)?;
     let tok = Tokenizer::load(&args.model, &pm.base.cfg)?;
     let ids = match prompt {
@@ -94,18 +101,29 @@ pub fn generate_line(args: &ModelArgs, prompt: &Prompt, max_new_tokens: usize, s
 /// Prefill and greedy-decode throughput, as `scripts/bench/decode_transformers.py`
 /// measures it: prefill = one cached forward over `[b, prompt_len]` keeping
 /// the last logits; decode tokens/s = b·new / (generate − prefill).
-pub fn bench_decode(args: &ModelArgs, prompt_len: usize, new_tokens: usize, batches: &[usize], runs: usize) -> Result<serde_json::Value> {
+pub fn bench_decode(
+    args: &ModelArgs,
+    prompt_len: usize,
+    new_tokens: usize,
+    batches: &[usize],
+    runs: usize,
+) -> Result<serde_json::Value> {
     let pm = load(args)?;
     let m = &pm.base;
     let mut prefill = serde_json::Map::new();
     let mut decode = serde_json::Map::new();
     for &b in batches {
         let prompts: Vec<Vec<i64>> = (0..b)
-            .map(|row| (0..prompt_len).map(|i| 100 + ((row * 7919 + i * 104729) % 9900) as i64 % (m.cfg.vocab_size - 100).max(1)).collect())
+            .map(|row| {
+                (0..prompt_len)
+                    .map(|i| 100 + ((row * 7919 + i * 104729) % 9900) as i64 % (m.cfg.vocab_size - 100).max(1))
+                    .collect()
+            })
             .collect();
         let ids: Vec<i64> = prompts.concat();
         let ids = Tensor::from_slice(&ids).view([b as i64, prompt_len as i64]).to_device(m.device);
-        let positions = Tensor::arange(prompt_len as i64, (Kind::Int64, m.device)).unsqueeze(0).expand([b as i64, -1], false);
+        let positions =
+            Tensor::arange(prompt_len as i64, (Kind::Int64, m.device)).unsqueeze(0).expand([b as i64, -1], false);
         let time_prefill = || -> Result<f64> {
             let start = Instant::now();
             tch::no_grad(|| -> Result<()> {
@@ -117,16 +135,23 @@ pub fn bench_decode(args: &ModelArgs, prompt_len: usize, new_tokens: usize, batc
             })?;
             Ok(start.elapsed().as_secs_f64())
         };
-        let opts = GenerateOptions { max_new_tokens: new_tokens, sampling: Sampling::greedy(), eos_ids: Vec::new(), pad_id: 0 };
+        let opts = GenerateOptions {
+            max_new_tokens: new_tokens,
+            sampling: Sampling::greedy(),
+            eos_ids: Vec::new(),
+            pad_id: 0,
+        };
         let time_generate = || -> Result<f64> {
             let start = Instant::now();
             generate(m, pm.hooks(), &prompts, &opts)?;
             Ok(start.elapsed().as_secs_f64())
         };
         time_prefill()?;
-        let tp = (0..runs.max(1)).map(|_| time_prefill()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
+        let tp =
+            (0..runs.max(1)).map(|_| time_prefill()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
         time_generate()?;
-        let tg = (0..runs.max(1)).map(|_| time_generate()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
+        let tg =
+            (0..runs.max(1)).map(|_| time_generate()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
         prefill.insert(b.to_string(), json!((b * prompt_len) as f64 / tp));
         decode.insert(b.to_string(), json!((b * new_tokens) as f64 / (tg - tp).max(1e-9)));
     }

@@ -80,7 +80,10 @@ fn wrong_tensor_shape_names_the_tensor() {
     let m = copy_model("tiny-qwen2", tmp.path());
     edit_config(&m, "\"intermediate_size\": 128", "\"intermediate_size\": 96");
     let err = fails(&logits_args(s(&m), s(&tmp.path().join("o"))));
-    assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[96, 64]") && err.contains("[128, 64]"), "{err}");
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[96, 64]") && err.contains("[128, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -126,7 +129,8 @@ fn adapter_for_another_model_is_refused() {
 
     // Made for a model with hidden size 896 (Qwen2.5-0.5B).
     let wide = tmp.path().join("wide");
-    let tensors: Vec<(String, Tensor)> = (0..2).flat_map(|l| [(key(l, "A"), z(&[4, 896])), (key(l, "B"), z(&[896, 4]))]).collect();
+    let tensors: Vec<(String, Tensor)> =
+        (0..2).flat_map(|l| [(key(l, "A"), z(&[4, 896])), (key(l, "B"), z(&[896, 4]))]).collect();
     let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t.shallow_clone())).collect();
     write_lora(&wide, &refs);
     let err = fails(&["logits", "--model", s(&m), "--adapter", s(&wide), "--tokens", TOKENS, "--out", s(&out)]);
@@ -134,7 +138,8 @@ fn adapter_for_another_model_is_refused() {
 
     // Made for a deeper model: layer 5 does not exist here.
     let deep = tmp.path().join("deep");
-    let tensors: Vec<(String, Tensor)> = (0..6).flat_map(|l| [(key(l, "A"), z(&[4, 64])), (key(l, "B"), z(&[64, 4]))]).collect();
+    let tensors: Vec<(String, Tensor)> =
+        (0..6).flat_map(|l| [(key(l, "A"), z(&[4, 64])), (key(l, "B"), z(&[64, 4]))]).collect();
     let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t.shallow_clone())).collect();
     write_lora(&deep, &refs);
     let err = fails(&["logits", "--model", s(&m), "--adapter", s(&deep), "--tokens", TOKENS, "--out", s(&out)]);
@@ -146,7 +151,8 @@ fn broken_adapter_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let m = fixtures().join("tiny-qwen2");
     let out = tmp.path().join("o");
-    let err = fails(&["logits", "--model", s(&m), "--adapter", "/nonexistent/adapter", "--tokens", TOKENS, "--out", s(&out)]);
+    let err =
+        fails(&["logits", "--model", s(&m), "--adapter", "/nonexistent/adapter", "--tokens", TOKENS, "--out", s(&out)]);
     assert!(err.contains("/nonexistent/adapter/adapter_config.json"), "{err}");
 
     let bad = tmp.path().join("bad");
@@ -155,7 +161,8 @@ fn broken_adapter_files_are_named() {
     let err = fails(&["logits", "--model", s(&m), "--adapter", s(&bad), "--tokens", TOKENS, "--out", s(&out)]);
     assert!(err.contains("PREFIX_TUNING"), "{err}");
 
-    std::fs::write(bad.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}"#).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}"#)
+        .unwrap();
     let err = fails(&["logits", "--model", s(&m), "--adapter", s(&bad), "--tokens", TOKENS, "--out", s(&out)]);
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }
@@ -176,7 +183,21 @@ fn tools_write_logits_and_generate_json() {
     assert_eq!(t[0].1.kind(), Kind::Float);
 
     let out = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
-        .args(["generate", "--model", s(&m), "--prompt", "这部电影", "--max-new-tokens", "5", "--temperature", "0.8", "--top-p", "0.9", "--seed", "4"])
+        .args([
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "这部电影",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "4",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

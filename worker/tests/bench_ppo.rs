@@ -26,7 +26,10 @@ fn tiny_bench_reports_every_field_and_shared_lora_uses_less_memory_than_naive() 
 
     assert_eq!(r["model"], "preset tiny");
     assert_eq!(r["shape"]["hidden"], 64);
-    assert_eq!((r["batch"].as_u64(), r["prompt_len"].as_u64(), r["response_len"].as_u64()), (Some(2), Some(16), Some(8)));
+    assert_eq!(
+        (r["batch"].as_u64(), r["prompt_len"].as_u64(), r["response_len"].as_u64()),
+        (Some(2), Some(16), Some(8))
+    );
     let configs = r["configs"].as_object().expect("configs object");
     assert_eq!(configs.len(), 2, "{r}");
     for name in ["lora", "naive"] {
@@ -61,7 +64,18 @@ fn tiny_bench_reports_every_field_and_shared_lora_uses_less_memory_than_naive() 
 fn tiny_bench_runs_the_real_trl_ppo_trainer_beside_lora() {
     let out = Command::new(env!("CARGO_BIN_EXE_rlhf-worker"))
         .args(["--threads", "1", "bench", "ppo", "--preset", "tiny", "--json", "--iterations", "1"])
-        .args(["--batch", "4", "--prompt-len", "16", "--response-len", "8", "--minibatch", "2", "--configs", "lora,trl"])
+        .args([
+            "--batch",
+            "4",
+            "--prompt-len",
+            "16",
+            "--response-len",
+            "8",
+            "--minibatch",
+            "2",
+            "--configs",
+            "lora,trl",
+        ])
         .env("RUST_LOG", "warn")
         .env_remove("RLHF_PY")
         .output()

@@ -53,15 +53,14 @@ fn run_ranks(text: &str, out: &Path, world: usize) {
             .map(|rank| {
                 let spec = spec.clone();
                 s.spawn(move || {
-                    let opts = RunOptions { collective: Some(Box::new(rank) as Box<dyn Collective>), ..RunOptions::default() };
+                    let opts =
+                        RunOptions { collective: Some(Box::new(rank) as Box<dyn Collective>), ..RunOptions::default() };
                     run_job_with(&spec, out, Device::Cpu, opts)
                 })
             })
             .collect();
         for (r, h) in handles.into_iter().enumerate() {
-            h.join()
-                .expect("rank thread")
-                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+            h.join().expect("rank thread").unwrap_or_else(|e| panic!("rank {r}: {e}"));
         }
     });
 }
@@ -70,11 +69,7 @@ fn losses(dir: &Path, file: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join(file))
         .unwrap()
         .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap())
         .collect()
 }
 
@@ -98,17 +93,11 @@ fn check(text: &str, files: &[&str]) {
     );
     assert_eq!(l1.len(), l2.len());
     for ((a, b), c) in l1.iter().zip(&l2).zip(&l2b) {
-        assert!(
-            (a - b).abs() < 1e-5 && b == c,
-            "loss {a} (1 worker) vs {b} / {c} (ranks 0 / 1)"
-        );
+        assert!((a - b).abs() < 1e-5 && b == c, "loss {a} (1 worker) vs {b} / {c} (ranks 0 / 1)");
     }
     let k = l1.len() / 3;
     let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    assert!(
-        avg(&l1[l1.len() - k..]) < avg(&l1[..k]),
-        "loss fell: {l1:?}"
-    );
+    assert!(avg(&l1[l1.len() - k..]) < avg(&l1[..k]), "loss fell: {l1:?}");
     // Only rank 0 wrote the outputs.
     assert!(!two.path().join("metrics-rank0.jsonl").exists());
 }
@@ -133,28 +122,38 @@ fn check_ppo_metrics(one: &Path, two: &Path) {
     };
     let (a, b, c) = (read(one, "metrics.jsonl"), read(two, "metrics.jsonl"), read(two, "metrics-rank1.jsonl"));
     assert_eq!((a.len(), b.len(), c.len()), (4, 4, 4));
-    for key in ["reward_mean", "reward_std", "kl", "kl_coef", "policy_loss", "value_loss", "response_len", "advantage_mean", "grad_norm"] {
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "kl_coef",
+        "policy_loss",
+        "value_loss",
+        "response_len",
+        "advantage_mean",
+        "grad_norm",
+    ] {
         for ((x, y), z) in a.iter().zip(&b).zip(&c) {
             let (x, y, z) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap(), z[key].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()) && (y - z).abs() <= 1e-6 * (1.0 + y.abs()), "{key}: {x} (1 worker) vs {y} / {z} (ranks 0 / 1)");
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()) && (y - z).abs() <= 1e-6 * (1.0 + y.abs()),
+                "{key}: {x} (1 worker) vs {y} / {z} (ranks 0 / 1)"
+            );
         }
     }
 }
 
 #[test]
 fn two_ranks_train_the_ppo_policy_and_critic_of_one_worker() {
-    check(&ppo(), &["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/reward_head.safetensors"]);
+    check(
+        &ppo(),
+        &["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/reward_head.safetensors"],
+    );
 }
 
 #[test]
 fn two_ranks_train_the_reward_model_of_one_worker() {
-    check(
-        &reward(),
-        &[
-            "reward_model/adapter_model.safetensors",
-            "reward_model/reward_head.safetensors",
-        ],
-    );
+    check(&reward(), &["reward_model/adapter_model.safetensors", "reward_model/reward_head.safetensors"]);
 }
 
 /// A whole pipeline (pretrain → sft → reward → ppo → eval) on two ranks:
@@ -201,7 +200,11 @@ eval = { modes = ["choice"], tasks = [{ task = "eprstmt", path = "fewclue/eprstm
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     run_job(&job(text), one.path(), Device::Cpu).unwrap();
     run_ranks(text, two.path(), 2);
-    for f in ["stages/sft/adapter/adapter_model.safetensors", "stages/reward/reward_model/adapter_model.safetensors", "stages/ppo/adapter/adapter_model.safetensors"] {
+    for f in [
+        "stages/sft/adapter/adapter_model.safetensors",
+        "stages/reward/reward_model/adapter_model.safetensors",
+        "stages/ppo/adapter/adapter_model.safetensors",
+    ] {
         let d = max_file_diff(&one.path().join(f), &two.path().join(f));
         eprintln!("{f}: 2 ranks vs 1 worker: max |diff| = {d:e}");
         // Adam turns float-rounding differences of near-zero gradients into
@@ -210,7 +213,9 @@ eval = { modes = ["choice"], tasks = [{ task = "eprstmt", path = "fewclue/eprstm
     }
     let report = |d: &Path| std::fs::read_to_string(d.join("report.md")).unwrap();
     assert!(report(two.path()).contains("eprstmt"), "{}", report(two.path()));
-    let accuracy = |d: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(d.join("stages/eval/outcome.json")).unwrap()).unwrap() };
+    let accuracy = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("stages/eval/outcome.json")).unwrap()).unwrap()
+    };
     assert_eq!(accuracy(one.path())["accuracies"], accuracy(two.path())["accuracies"]);
 }
 
@@ -234,7 +239,12 @@ fn a_slice_of_a_batch_samples_what_the_whole_batch_samples() {
     use rlhf_model::{generate, generate_rows, GenerateOptions, NoHooks, Sampling};
     let m = common::load("tiny-llama");
     let prompts: Vec<Vec<i64>> = vec![vec![42, 259, 73], vec![270, 76], vec![222, 166, 125, 249], vec![167, 227]];
-    let opts = GenerateOptions { max_new_tokens: 12, sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 0, seed: 11 }, eos_ids: vec![], pad_id: 0 };
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 0, seed: 11 },
+        eos_ids: vec![],
+        pad_id: 0,
+    };
     let all = generate(&m, &NoHooks, &prompts, &opts).unwrap();
     let odd = generate_rows(&m, &NoHooks, &[prompts[1].clone(), prompts[3].clone()], &opts, &[1, 3]).unwrap();
     assert_eq!(odd.tokens, vec![all.tokens[1].clone(), all.tokens[3].clone()]);

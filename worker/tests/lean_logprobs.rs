@@ -6,8 +6,8 @@
 mod common;
 
 use common::{load, MODELS};
-use rlhf_model::Mask;
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::Mask;
 use rlhf_worker::train::logprobs::{backprop_through_head_in, token_logprobs_in};
 use rlhf_worker::train::ppo::entropy_per_token;
 use rlhf_worker::train::ppo::rollout::Batch;
@@ -34,7 +34,12 @@ fn adapter_model(name: &str, method: Method) -> PeftModel {
 }
 
 fn batch() -> Batch {
-    Batch::new(&[vec![5, 9, 14, 3], vec![7, 11], vec![40, 41, 42]], &[vec![20, 21, 22, 23], vec![30], vec![50, 51]], 0, Device::Cpu)
+    Batch::new(
+        &[vec![5, 9, 14, 3], vec![7, 11], vec![40, 41, 42]],
+        &[vec![20, 21, 22, 23], vec![30], vec![50, 51]],
+        0,
+        Device::Cpu,
+    )
 }
 
 fn zero_grads(ps: &[Tensor]) {
@@ -67,13 +72,14 @@ fn plain(pm: &PeftModel, b: &Batch) -> (Tensor, Tensor, f64) {
 /// Lean, `rows` rows per chunk.
 fn lean(pm: &PeftModel, b: &Batch, rows: i64) -> (Tensor, Tensor, f64) {
     let hidden = b.response_hidden(pm).unwrap();
-    let (surrogate, (logp, ent, v)) = backprop_through_head_in(pm, &hidden, &b.response, 0.8, true, rows, |logp, ent| {
-        let ent = ent.expect("entropy asked for");
-        let l = loss(logp, ent, &b.mask);
-        let v = l.double_value(&[]);
-        Ok((l, (logp.detach(), ent.shallow_clone(), v)))
-    })
-    .unwrap();
+    let (surrogate, (logp, ent, v)) =
+        backprop_through_head_in(pm, &hidden, &b.response, 0.8, true, rows, |logp, ent| {
+            let ent = ent.expect("entropy asked for");
+            let l = loss(logp, ent, &b.mask);
+            let v = l.double_value(&[]);
+            Ok((l, (logp.detach(), ent.shallow_clone(), v)))
+        })
+        .unwrap();
     surrogate.backward();
     (logp, ent, v)
 }
@@ -97,7 +103,9 @@ fn chunked_logprobs_entropies_and_gradients_equal_the_whole_logits() {
                 let d = (&e0 - &e).abs().max().double_value(&[]);
                 assert!(d < TOL, "{what}: entropies differ by {d:e}");
                 assert!((v0 - v).abs() < TOL * (1.0 + v0.abs()), "{what}: loss {v} vs {v0}");
-                let no_grad = tch::no_grad(|| token_logprobs_in(&pm, &b.response_hidden(&pm).unwrap(), &b.response, 0.8, false, rows).0);
+                let no_grad = tch::no_grad(|| {
+                    token_logprobs_in(&pm, &b.response_hidden(&pm).unwrap(), &b.response, 0.8, false, rows).0
+                });
                 let d = (&lp0 - &no_grad).abs().max().double_value(&[]);
                 assert!(d < TOL, "{what}: graph-free log-probs differ by {d:e}");
                 let mut worst = 0f64;
@@ -106,7 +114,10 @@ fn chunked_logprobs_entropies_and_gradients_equal_the_whole_logits() {
                     worst = worst.max((a - &g).abs().max().double_value(&[]) / (1.0 + a.abs().max().double_value(&[])));
                 }
                 assert!(worst < TOL, "{what}: gradients differ by {worst:e}");
-                assert!(g0.iter().any(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0), "{what}: all gradients zero");
+                assert!(
+                    g0.iter().any(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0),
+                    "{what}: all gradients zero"
+                );
             }
         }
     }
@@ -125,7 +136,8 @@ fn lm_loss_equals_cross_entropy_over_whole_logits() {
         let hidden = tch::no_grad(|| pm.forward(&ids, &positions(&ids), Mask::Causal, None)).unwrap();
         let (h, t) = lm_targets(&ids, &target_mask, &hidden).unwrap();
         assert_eq!(t.size(), [6]);
-        let ce = tch::no_grad(|| pm.base.logits(&h, pm.hooks()).to_kind(Kind::Float).cross_entropy_for_logits(&t)).double_value(&[]);
+        let ce = tch::no_grad(|| pm.base.logits(&h, pm.hooks()).to_kind(Kind::Float).cross_entropy_for_logits(&t))
+            .double_value(&[]);
         let (l, n) = lm_loss(&pm, &ids, &target_mask).unwrap();
         assert_eq!(n, 6);
         assert!((ce - l).abs() < TOL, "{name}: {l} vs cross-entropy {ce}");

@@ -21,7 +21,11 @@ use tch::Device;
 
 fn run(text: &str, out: &Path) -> (Vec<Value>, Value) {
     let outcomes = run_job(&job(text), out, Device::Cpu).unwrap();
-    let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let m = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     (m, Value::Object(outcomes[0].final_metrics.clone()))
 }
 

@@ -77,7 +77,11 @@ fn sources_load_per_task_with_their_own_templates() {
     let train = task_sets(&data, Split::Train).unwrap();
     let held_out = task_sets(&data, Split::Eval).unwrap();
     assert_eq!(train.iter().map(|s| s.examples.len()).collect::<Vec<_>>(), [64, 8]);
-    assert_eq!(held_out.iter().map(|s| s.examples.len()).collect::<Vec<_>>(), [4, 4], "max_eval_examples is per source");
+    assert_eq!(
+        held_out.iter().map(|s| s.examples.len()).collect::<Vec<_>>(),
+        [4, 4],
+        "max_eval_examples is per source"
+    );
     assert_ne!(train[0].template.template, train[1].template.template);
     assert!(train[1].template.render(&train[1].examples[0]).unwrap().contains("句子一"));
 }

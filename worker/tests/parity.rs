@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use rlhf_model::{generate, GenerateOptions, Sampling};
 use rlhf_model::peft::{self, PeftModel};
+use rlhf_model::{generate, GenerateOptions, Sampling};
 use tch::Tensor;
 
 const TOL: f64 = 1e-4;
@@ -59,9 +59,17 @@ fn greedy_generation_matches_transformers() {
     for name in MODELS {
         let prompt = to_vec(&expected(name, "tokens"));
         let base = PeftModel::new(load(name));
-        assert_eq!(greedy(&base, &[prompt.clone()])[0], to_vec(&expected(name, "greedy_base")), "{name} base");
+        assert_eq!(
+            greedy(&base, std::slice::from_ref(&prompt))[0],
+            to_vec(&expected(name, "greedy_base")),
+            "{name} base"
+        );
         let lora = with_lora(name, false);
-        assert_eq!(greedy(&lora, &[prompt.clone()])[0], to_vec(&expected(name, "greedy_lora")), "{name} lora");
+        assert_eq!(
+            greedy(&lora, std::slice::from_ref(&prompt))[0],
+            to_vec(&expected(name, "greedy_lora")),
+            "{name} lora"
+        );
         let merged = with_lora(name, true);
         assert_eq!(greedy(&merged, &[prompt])[0], to_vec(&expected(name, "greedy_lora")), "{name} merged lora");
     }

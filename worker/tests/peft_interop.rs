@@ -19,7 +19,13 @@ fn check(name: &str, kind: Kind, dtype: &str, tol: f64) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_peft_interop.py");
     let base = Model::load(&fixtures().join(name), kind, Device::Cpu).unwrap();
     let mut pm = PeftModel::new(base);
-    let cfg = PeftConfig { r: 4, alpha: 8.0, seed: 5, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..PeftConfig::new(Method::Lora) };
+    let cfg = PeftConfig {
+        r: 4,
+        alpha: 8.0,
+        seed: 5,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        ..PeftConfig::new(Method::Lora)
+    };
     let adapter = peft::build(cfg, &pm.base).unwrap();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(9);
     tch::no_grad(|| {

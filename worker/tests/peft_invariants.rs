@@ -86,7 +86,10 @@ fn merged_equals_unmerged_and_unmerge_restores_base() {
             let dw = max_abs_diff(&pm.base.layers[0].self_attn.q_proj.weight, &q_before);
             assert!(dw < 1e-5, "{name} {m:?}: unmerge leaves q_proj {dw} off");
             if name == "tiny-llama" {
-                assert!(pm.base.layers[0].self_attn.q_proj.bias.is_none(), "{m:?}: merge-created bias must go on unmerge");
+                assert!(
+                    pm.base.layers[0].self_attn.q_proj.bias.is_none(),
+                    "{m:?}: merge-created bias must go on unmerge"
+                );
             }
         }
     }
@@ -130,10 +133,18 @@ fn gradients_reach_only_adapter_weights() {
             loss.backward();
             for t in pm.adapter("a").unwrap().parameters() {
                 let g = t.grad();
-                assert!(g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} {m:?}: adapter tensor got no gradient");
+                assert!(
+                    g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{name} {m:?}: adapter tensor got no gradient"
+                );
             }
             let layer = &pm.base.layers[0];
-            for w in [&layer.self_attn.q_proj.weight, &layer.mlp.down_proj.weight, &pm.base.embed_tokens, &pm.base.norm.weight] {
+            for w in [
+                &layer.self_attn.q_proj.weight,
+                &layer.mlp.down_proj.weight,
+                &pm.base.embed_tokens,
+                &pm.base.norm.weight,
+            ] {
                 assert!(!w.requires_grad() && !w.grad().defined(), "{name} {m:?}: base weight got a gradient");
             }
         }
@@ -145,13 +156,19 @@ fn named_adapters_share_one_base() {
     let name = "tiny-qwen2";
     let mut pm = PeftModel::new(load(name));
     let base = logits(&pm, name);
-    let solo: Vec<Tensor> = [Method::Lora, Method::Ssf, Method::RepAdapter].iter().map(|&m| logits(&with_adapter(name, m, true), name)).collect();
+    let solo: Vec<Tensor> = [Method::Lora, Method::Ssf, Method::RepAdapter]
+        .iter()
+        .map(|&m| logits(&with_adapter(name, m, true), name))
+        .collect();
     for (role, m) in [("policy", Method::Lora), ("reward", Method::Ssf), ("critic", Method::RepAdapter)] {
         let a = peft::build(config(m), &pm.base).unwrap();
         perturb(a.as_ref(), 11);
         pm.add(role, a).unwrap();
     }
-    assert!(pm.add("policy", peft::build(config(Method::Lora), &pm.base).unwrap()).is_err(), "duplicate names are refused");
+    assert!(
+        pm.add("policy", peft::build(config(Method::Lora), &pm.base).unwrap()).is_err(),
+        "duplicate names are refused"
+    );
     for (i, role) in ["policy", "reward", "critic"].into_iter().enumerate() {
         pm.set_active(Some(role)).unwrap();
         assert_eq!(max_abs_diff(&logits(&pm, name), &solo[i]), 0.0, "{role}");

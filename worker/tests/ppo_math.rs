@@ -24,9 +24,7 @@ impl Ref {
     }
 
     fn get(&self, name: &str) -> &Tensor {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture has no tensor {name}"))
+        self.0.get(name).unwrap_or_else(|| panic!("fixture has no tensor {name}"))
     }
 
     fn input(&self, name: &str) -> &Tensor {
@@ -41,14 +39,8 @@ impl Ref {
     fn check(&self, name: &str, got: &Tensor, tol: f64) {
         let want = self.get(&format!("out.{name}"));
         assert_eq!(got.size(), want.size(), "{name}: shape");
-        let d = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(
-            d <= tol,
-            "{name}: differs from the PyTorch reference by {d} (tolerance {tol})"
-        );
+        let d = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        assert!(d <= tol, "{name}: differs from the PyTorch reference by {d} (tolerance {tol})");
     }
 }
 
@@ -80,14 +72,8 @@ fn penalized_rewards_match_reference_for_k1_and_k3() {
     let r = Ref::load();
     let score = adjusted_score(&r);
     for (est, name) in [(KlEstimator::K1, "k1"), (KlEstimator::K3, "k3")] {
-        let (rewards, kl) = penalized_rewards(
-            &score,
-            r.input("logp"),
-            r.input("ref_logp"),
-            r.input("mask"),
-            r.param("kl_coef"),
-            est,
-        );
+        let (rewards, kl) =
+            penalized_rewards(&score, r.input("logp"), r.input("ref_logp"), r.input("mask"), r.param("kl_coef"), est);
         r.check(&format!("rewards.{name}"), &rewards, TOL);
         r.check(&format!("kl.{name}"), &kl, TOL);
     }
@@ -156,11 +142,7 @@ fn adaptive_kl_controller_matches_reference() {
     assert_eq!(obs.len(), want.len());
     for ((kl, n), want) in obs.iter().zip(&steps).zip(&want) {
         ctl.update(*kl, *n as usize);
-        assert!(
-            (ctl.coef() - want).abs() < 1e-12,
-            "coef {} != reference {want} after kl {kl}",
-            ctl.coef()
-        );
+        assert!((ctl.coef() - want).abs() < 1e-12, "coef {} != reference {want} after kl {kl}", ctl.coef());
     }
 }
 
@@ -181,13 +163,7 @@ fn full_chain_from_inputs_matches_reference() {
     let (adv, ret) = gae(&rewards, r.input("values"), mask, r.param("gamma1"), r.param("lam1"));
     let adv = masked_whiten(&adv, mask, true);
     let pg = policy_loss(r.input("logp_new"), r.input("logp"), &adv, mask, r.param("clip"));
-    let vf = value_loss(
-        r.input("values_new"),
-        r.input("values"),
-        &ret,
-        mask,
-        r.param("clip_value"),
-    );
+    let vf = value_loss(r.input("values_new"), r.input("values"), &ret, mask, r.param("clip_value"));
     r.check("pg.loss", &pg.loss, TOL);
     r.check("vf.loss", &vf.loss, TOL);
 }

@@ -51,20 +51,36 @@ path = "fewclue/bustm/dev.json"
     let tmp = tempfile::tempdir().unwrap();
     let outcomes = run_job(&job(&text), tmp.path(), Device::Cpu).unwrap();
     let file = tmp.path().join("predictions.jsonl");
-    let lines: Vec<Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let accs = &outcomes[0].accuracies;
     let n: usize = accs.iter().filter(|a| a.mode == "choice").map(|a| a.n).sum();
     assert_eq!(lines.len(), n, "one line per model, task and example");
     for a in accs {
-        let mine: Vec<&Value> = lines.iter().filter(|l| l["model"] == a.model.as_str() && l["task"] == a.task.as_str()).collect();
+        let mine: Vec<&Value> =
+            lines.iter().filter(|l| l["model"] == a.model.as_str() && l["task"] == a.task.as_str()).collect();
         assert_eq!(mine.len(), a.n, "{} {}", a.model, a.task);
         let key = if a.mode == "choice" { "choice" } else { "generate" };
         let right = mine.iter().filter(|l| l["example"][key] == l["example"]["gold"]).count();
-        assert!((right as f64 / a.n as f64 - a.accuracy).abs() < 1e-12, "{} {} {}: file and report disagree", a.model, a.task, a.mode);
+        assert!(
+            (right as f64 / a.n as f64 - a.accuracy).abs() < 1e-12,
+            "{} {} {}: file and report disagree",
+            a.model,
+            a.task,
+            a.mode
+        );
         for l in &mine {
             let ex = &l["example"];
-            assert!(ex["prompt"].as_str().is_some_and(|p| !p.is_empty()) && ex["prompt_ids"].as_array().is_some_and(|v| !v.is_empty()), "{ex}");
-            assert_eq!(ex["option_logprobs"].as_array().map(Vec::len), ex["option_ids"].as_array().map(Vec::len), "{ex}");
+            assert!(
+                ex["prompt"].as_str().is_some_and(|p| !p.is_empty())
+                    && ex["prompt_ids"].as_array().is_some_and(|v| !v.is_empty()),
+                "{ex}"
+            );
+            assert_eq!(
+                ex["option_logprobs"].as_array().map(Vec::len),
+                ex["option_ids"].as_array().map(Vec::len),
+                "{ex}"
+            );
             assert!(ex["generated"].is_string(), "{ex}");
         }
     }

@@ -72,7 +72,10 @@ fn checkpointed_gradients_equal_plain_ones() {
             assert_eq!(l1, l2, "{name} {method:?}: loss");
             let mut worst = 0f64;
             for (a, b) in plain.iter().zip(&ckpt) {
-                assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0 || method == Method::Full, "{name} {method:?}: a zero gradient");
+                assert!(
+                    a.abs().sum(Kind::Float).double_value(&[]) > 0.0 || method == Method::Full,
+                    "{name} {method:?}: a zero gradient"
+                );
                 worst = worst.max((a - b).abs().max().double_value(&[]) / (1.0 + a.abs().max().double_value(&[])));
             }
             assert!(worst < 1e-5, "{name} {method:?}: gradients differ by {worst:e}");

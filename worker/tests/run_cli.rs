@@ -24,7 +24,16 @@ fn the_pipeline_example_runs_every_stage_and_reports() {
     assert!(out.join("stages/pretrain/model/config.json").exists());
     assert!(out.join("stages/reward/reward_model/reward_head.safetensors").exists());
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for needle in ["Table 3", "| pretrain | full |", "| sft | lora |", "| ppo | lora |", "| base |", "| sft |", "| ppo |", "generate mode"] {
+    for needle in [
+        "Table 3",
+        "| pretrain | full |",
+        "| sft | lora |",
+        "| ppo | lora |",
+        "| base |",
+        "| sft |",
+        "| ppo |",
+        "generate mode",
+    ] {
         assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
     }
     assert!(stdout.contains("Table 3"), "the report is printed");
@@ -33,8 +42,11 @@ fn the_pipeline_example_runs_every_stage_and_reports() {
 
     // The PPO stage learns: on the same prompts every iteration, the reward
     // model's mean score of the policy's responses rises.
-    let records: Vec<serde_json::Value> =
-        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let of = |stage: &str, key: &str| -> Vec<f64> {
         records.iter().filter(|r| r["stage"] == stage).filter_map(|r| r[key].as_f64()).collect()
     };

@@ -28,7 +28,8 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 fn eval_toml(adapter: Option<&Path>) -> String {
-    let adapters = adapter.map(|a| format!("[eval.adapters]\nsft = [{:?}]\n", a.display().to_string())).unwrap_or_default();
+    let adapters =
+        adapter.map(|a| format!("[eval.adapters]\nsft = [{:?}]\n", a.display().to_string())).unwrap_or_default();
     format!(
         r#"version = 1
 kind = "eval"
@@ -53,13 +54,21 @@ fn sft_loss_falls_and_beats_the_untrained_base() {
     let loss = series(&m, "loss");
     assert_eq!(loss.len(), 60);
     assert!(mean(&loss[55..]) < 0.25 * mean(&loss[..5]), "loss did not fall: {loss:?}");
-    for f in ["job.toml", "metrics.jsonl", "outcome.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    for f in [
+        "job.toml",
+        "metrics.jsonl",
+        "outcome.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
 
     let ev = tmp.path().join("eval");
     let outcomes = run_job(&job(&eval_toml(Some(&out.join("adapter")))), &ev, Device::Cpu).unwrap();
-    let acc = |model: &str, mode: &str| outcomes[0].accuracies.iter().find(|a| a.model == model && a.mode == mode).unwrap().accuracy;
+    let acc = |model: &str, mode: &str| {
+        outcomes[0].accuracies.iter().find(|a| a.model == model && a.mode == mode).unwrap().accuracy
+    };
     assert!(acc("base", "choice") <= 0.7, "untrained base is near chance");
     assert!(acc("sft", "choice") >= 0.9, "sft choice accuracy {}", acc("sft", "choice"));
     assert!(acc("sft", "generate") >= 0.9, "sft generate accuracy {}", acc("sft", "generate"));
@@ -94,7 +103,9 @@ fn ppo_raises_a_reward_that_prefers_a_known_answer_with_bounded_kl() {
     assert!(mean(&reward[..3]) < 0.75, "start {reward:?}");
     assert!(mean(&reward[20..]) > mean(&reward[..3]) + 0.2, "reward did not rise: {reward:?}");
     assert!(kl.iter().all(|k| k.is_finite() && *k < 10.0), "kl unbounded: {kl:?}");
-    for key in ["reward_std", "entropy", "clip_frac", "value_loss", "policy_loss", "grad_norm", "response_len", "tokens_per_s"] {
+    for key in
+        ["reward_std", "entropy", "clip_frac", "value_loss", "policy_loss", "grad_norm", "response_len", "tokens_per_s"]
+    {
         assert_eq!(series(&m, key).len(), 25, "{key} missing");
     }
 }
@@ -162,7 +173,8 @@ fn bad_inputs_name_the_cause() {
     let mut lines: Vec<&str> = good.lines().take(4).collect();
     lines[2] = "{\"id\": 2, \"sentence\": \"broken";
     std::fs::write(&bad, lines.join("\n")).unwrap();
-    let text = sft_toml("f32", 5, 1, 0).replace("\"fewclue/eprstmt/train.json\"", &format!("{:?}", bad.display().to_string()));
+    let text =
+        sft_toml("f32", 5, 1, 0).replace("\"fewclue/eprstmt/train.json\"", &format!("{:?}", bad.display().to_string()));
     let err = run_job(&job(&text), &tmp.path().join("o1"), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("bad.json:3"), "{err}");
     // A missing model: the path.

@@ -84,13 +84,20 @@ impl DataSpec {
     /// the field (`data.sources[2].task`).
     pub(super) fn validate(&self, kind: &str, needs_task: bool) -> Result<(), SpecError> {
         if !self.sources.is_empty() {
-            for (field, set) in [("data.task", self.task.is_some()), ("data.train", self.train.is_some()), ("data.eval", self.eval.is_some())] {
+            for (field, set) in [
+                ("data.task", self.task.is_some()),
+                ("data.train", self.train.is_some()),
+                ("data.eval", self.eval.is_some()),
+            ] {
                 if set {
                     return err(field, "give either data.sources or data.task/train/eval, not both");
                 }
             }
             if self.sources.len() > 1 && (self.template.is_some() || self.verbalizer.is_some()) {
-                return err("data.template", "a template or verbalizer override applies to one task; drop it or use one source");
+                return err(
+                    "data.template",
+                    "a template or verbalizer override applies to one task; drop it or use one source",
+                );
             }
         } else if self.train.is_none() {
             return err("data.train", format!("required for a {kind} job (or data.sources)"));

@@ -25,7 +25,10 @@ reward = { kind = "label" }
 fn a_ppo_job_parses_with_trl_defaults() {
     let spec = JobSpec::from_toml(PPO).unwrap();
     let ppo = spec.ppo.unwrap();
-    assert_eq!((ppo.clip, ppo.value_clip, ppo.vf_coef, ppo.gamma, ppo.lam, ppo.kl_coef), (0.2, 0.2, 0.1, 1.0, 0.95, 0.05));
+    assert_eq!(
+        (ppo.clip, ppo.value_clip, ppo.vf_coef, ppo.gamma, ppo.lam, ppo.kl_coef),
+        (0.2, 0.2, 0.1, 1.0, 0.95, 0.05)
+    );
     assert_eq!(ppo.reward, RewardSource::Label);
     assert_eq!(spec.peft.unwrap().method, PeftMethod::Lora);
 }
@@ -141,7 +144,11 @@ fn data_parallel_parses_and_names_bad_fields() {
     let cases = [
         ("data_parallel = 2", "data_parallel = 0", "placement.data_parallel: must be at least 1"),
         ("data_parallel = 2", "data_parallel = 5", "train.batch_size: must be at least placement.data_parallel (5)"),
-        ("kind = \"sft\"", "kind = \"eval\"", "placement.data_parallel: data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not eval"),
+        (
+            "kind = \"sft\"",
+            "kind = \"eval\"",
+            "placement.data_parallel: data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not eval",
+        ),
         ("\"coordinator\"", "\"mpi\"", "unknown variant `mpi`"),
     ];
     for (from, to, want) in cases {
@@ -170,7 +177,10 @@ fn data_sources_resolve_validate_and_exclude_the_single_form() {
         (multi.replace("\"bustm\"", "\"mnli\""), "data.sources[1].task: unknown task \"mnli\""),
         (multi.replace("task = \"bustm\", ", ""), "data.sources[1].task: required for a ppo job"),
         (multi.replace("[data]", "[data]\ntask = \"tnews\""), "data.task: give either data.sources"),
-        (multi.replace("[data]", "[data]\ntemplate = \"{sentence}\""), "data.template: a template or verbalizer override applies to one task"),
+        (
+            multi.replace("[data]", "[data]\ntemplate = \"{sentence}\""),
+            "data.template: a template or verbalizer override applies to one task",
+        ),
     ];
     for (text, want) in cases {
         let e = JobSpec::from_toml(&text).unwrap_err().to_string();
@@ -204,13 +214,21 @@ data = { from_multiple_choice = true, sources = [{ task = "eprstmt", train = "t.
     let spec = JobSpec::from_toml(text).unwrap();
     assert_eq!(spec.stages[2].init_from.as_deref(), Some("rm-prefs"));
     let field = |t: String| JobSpec::from_toml(&t).unwrap_err().to_string();
-    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"sft\"")).starts_with("stage[2].init_from: stage \"sft\" is a sft stage"));
-    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"rm-later\"")).starts_with("stage[2].init_from: no earlier stage named \"rm-later\""));
+    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"sft\""))
+        .starts_with("stage[2].init_from: stage \"sft\" is a sft stage"));
+    assert!(field(text.replace("init_from = \"rm-prefs\"", "init_from = \"rm-later\""))
+        .starts_with("stage[2].init_from: no earlier stage named \"rm-later\""));
     // A multiple-choice reward source needs its task.
-    assert!(field(text.replace("{ task = \"eprstmt\", train = \"t.json\" }]", "{ train = \"t.json\" }]")).starts_with("stage[2].data.sources[0].task: required"));
+    assert!(field(text.replace("{ task = \"eprstmt\", train = \"t.json\" }]", "{ train = \"t.json\" }]"))
+        .starts_with("stage[2].data.sources[0].task: required"));
     // Outside a pipeline, train.init_from names a directory, for reward jobs only.
-    let mut single = JobSpec::from_toml(&PPO.replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]")).unwrap_err().to_string();
+    let mut single =
+        JobSpec::from_toml(&PPO.replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]")).unwrap_err().to_string();
     assert!(single.starts_with("train.init_from: only a reward job"), "{single}");
-    single = JobSpec::from_toml(&PPO.replace("kind = \"ppo\"", "kind = \"reward\"").replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]")).map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+    single = JobSpec::from_toml(
+        &PPO.replace("kind = \"ppo\"", "kind = \"reward\"").replace("[ppo]", "[train]\ninit_from = \"rm\"\n[ppo]"),
+    )
+    .map(|_| String::new())
+    .unwrap_or_else(|e| e.to_string());
     assert!(single.is_empty(), "{single}");
 }

@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use rlhf_common::spec::{JobKind, JobSpec};
 use rlhf_common::JobId;
-use rlhf_proto::{coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, RankJob, Register, RoleReply};
+use rlhf_proto::{
+    coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, RankJob, Register,
+    RoleReply,
+};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
@@ -67,7 +70,16 @@ pub(super) struct Scheduler {
 
 impl Scheduler {
     pub(super) fn new(store: Store, cfg: Config, updates: broadcast::Sender<JobRow>) -> Self {
-        Self { store, cfg, updates, workers: BTreeMap::new(), started: Instant::now(), roles: BTreeMap::new(), relayed: BTreeMap::new(), groups: Groups::default() }
+        Self {
+            store,
+            cfg,
+            updates,
+            workers: BTreeMap::new(),
+            started: Instant::now(),
+            roles: BTreeMap::new(),
+            relayed: BTreeMap::new(),
+            groups: Groups::default(),
+        }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -97,9 +109,11 @@ impl Scheduler {
                 let _ = reply.send(self.worker_infos());
             }
             Command::Logs { id, reply } => {
-                let r = self.store.job(&id).and_then(|j| j.ok_or(Error::NotFound(format!("job {id}")))).and_then(|_| {
-                    Ok((self.store.events(&id)?, self.store.metrics(&id)?))
-                });
+                let r = self
+                    .store
+                    .job(&id)
+                    .and_then(|j| j.ok_or(Error::NotFound(format!("job {id}"))))
+                    .and_then(|_| Ok((self.store.events(&id)?, self.store.metrics(&id)?)));
                 let _ = reply.send(r);
             }
             Command::Connected { reg, tx, conn } => {
@@ -146,7 +160,8 @@ impl Scheduler {
         let spec = JobSpec::from_toml(spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let id = JobId::new().to_string();
         let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
-        let (row, created) = self.store.insert_job(&id, request_id.filter(|r| !r.is_empty()), &name, spec.kind.name(), spec_toml)?;
+        let (row, created) =
+            self.store.insert_job(&id, request_id.filter(|r| !r.is_empty()), &name, spec.kind.name(), spec_toml)?;
         if created {
             info!(job_id = %row.id, kind = %row.kind, "job submitted");
             self.publish(&row.id);
@@ -161,11 +176,17 @@ impl Scheduler {
             JobState::Succeeded | JobState::Failed { .. } => {
                 return Err(Error::FailedPrecondition(format!("job {id} already {}", job.state.name())));
             }
-            JobState::Queued => self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, "cancelled while queued"),
+            JobState::Queued => {
+                self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, "cancelled while queued")
+            }
             JobState::Running { worker } => {
                 let worker = worker.clone();
                 self.send_to(&worker, coordinator_message::Msg::Cancel(CancelTask { job_id: id.to_string() }));
-                self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, &format!("cancel sent to worker {worker}"));
+                self.move_job(
+                    id,
+                    JobState::Cancelled { reason: "cancelled by user".into() },
+                    &format!("cancel sent to worker {worker}"),
+                );
                 self.release_roles(id);
             }
         }
@@ -291,26 +312,37 @@ impl Scheduler {
         slot.last_seen_ms = crate::store::now_ms();
         match msg {
             worker_message::Msg::Register(_) => {}
-            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.running_jobs, &hb.role_jobs, &hb.rank_jobs),
+            worker_message::Msg::Heartbeat(hb) => {
+                self.reconcile(worker, &hb.running_jobs, &hb.role_jobs, &hb.rank_jobs)
+            }
             worker_message::Msg::RoleCall(call) => {
                 let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
                 let host = self.roles.get(&call.job_id).cloned();
-                let delivered = host.is_some_and(|h| self.send_to(&h, coordinator_message::Msg::RoleCall(call.clone())));
+                let delivered =
+                    host.is_some_and(|h| self.send_to(&h, coordinator_message::Msg::RoleCall(call.clone())));
                 if !delivered {
-                    let reply = RoleReply { job_id: call.job_id.clone(), call_id: call.call_id, error: "the roles' worker is gone".into(), tensors: Vec::new() };
+                    let reply = RoleReply {
+                        job_id: call.job_id.clone(),
+                        call_id: call.call_id,
+                        error: "the roles' worker is gone".into(),
+                        tensors: Vec::new(),
+                    };
                     self.send_to(worker, coordinator_message::Msg::RoleReply(reply));
                 }
             }
             worker_message::Msg::RoleReply(reply) => {
                 let bytes = reply.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(reply.job_id.clone()).or_default() += bytes;
-                if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) = self.store.job(&reply.job_id) {
+                if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) =
+                    self.store.job(&reply.job_id)
+                {
                     self.send_to(&trainer, coordinator_message::Msg::RoleReply(reply));
                 }
             }
             worker_message::Msg::Collective(part) => {
-                let bytes = part.tensors.iter().map(|t| t.f32.len() as u64 * 4).sum::<u64>() + part.payload.len() as u64;
+                let bytes =
+                    part.tensors.iter().map(|t| t.f32.len() as u64 * 4).sum::<u64>() + part.payload.len() as u64;
                 *self.relayed.entry(part.job_id.clone()).or_default() += bytes;
                 if let Reply::Send(to, result) = self.groups.contribute(worker, part) {
                     for w in to {
@@ -356,7 +388,11 @@ impl Scheduler {
                     JobState::Failed { reason: r.reason.clone() }
                 };
                 let relayed = self.relayed.remove(&r.job_id).unwrap_or(0);
-                let note = if relayed > 0 { format!("reported by worker {worker}; {relayed} payload bytes relayed") } else { format!("reported by worker {worker}") };
+                let note = if relayed > 0 {
+                    format!("reported by worker {worker}; {relayed} payload bytes relayed")
+                } else {
+                    format!("reported by worker {worker}")
+                };
                 self.move_job(&r.job_id, next, &note);
                 self.release_roles(&r.job_id);
             }
@@ -455,7 +491,8 @@ impl Scheduler {
             let p = &spec.placement;
             let mut trainer_names: Vec<String> = p.trainer.iter().cloned().collect();
             trainer_names.extend(p.rollout.iter().cloned());
-            let role_name = p.critic.clone().or_else(|| p.reward.clone()).filter(|r| has_ppo(&spec) && !trainer_names.contains(r));
+            let role_name =
+                p.critic.clone().or_else(|| p.reward.clone()).filter(|r| has_ppo(&spec) && !trainer_names.contains(r));
             let idle = |names: &[String], not: Option<&str>| {
                 self.workers
                     .iter()
@@ -473,7 +510,11 @@ impl Scheduler {
             };
             let out = self.cfg.data_dir.join("jobs").join(&job.id).display().to_string();
             if let Some(h) = &host {
-                let msg = coordinator_message::Msg::AssignRoles(AssignRoles { job_id: job.id.clone(), spec_toml: job.spec_toml.clone(), output_dir: out.clone() });
+                let msg = coordinator_message::Msg::AssignRoles(AssignRoles {
+                    job_id: job.id.clone(),
+                    spec_toml: job.spec_toml.clone(),
+                    output_dir: out.clone(),
+                });
                 if !self.send_to(h, msg) {
                     continue;
                 }
@@ -497,7 +538,11 @@ impl Scheduler {
                 }
                 let name = |id: &str| self.workers.get(id).map(|s| s.name.clone()).unwrap_or_default();
                 let how = match &host {
-                    Some(h) => format!("assigned to worker {} ({trainer}); reward and critic on worker {} ({h})", name(&trainer), name(h)),
+                    Some(h) => format!(
+                        "assigned to worker {} ({trainer}); reward and critic on worker {} ({h})",
+                        name(&trainer),
+                        name(h)
+                    ),
                     None => format!("assigned to worker {} ({trainer})", name(&trainer)),
                 };
                 self.move_job(&job.id, JobState::Running { worker: trainer.clone() }, &how);
@@ -544,8 +589,16 @@ impl Scheduler {
             }
         }
         self.groups.create(&job.id, &idle);
-        let ranks: Vec<String> = idle.iter().enumerate().map(|(r, id)| format!("rank {r} on worker {} ({id})", self.workers[id].name)).collect();
-        self.move_job(&job.id, JobState::Running { worker: idle[0].clone() }, &format!("data parallel: {}", ranks.join(", ")));
+        let ranks: Vec<String> = idle
+            .iter()
+            .enumerate()
+            .map(|(r, id)| format!("rank {r} on worker {} ({id})", self.workers[id].name))
+            .collect();
+        self.move_job(
+            &job.id,
+            JobState::Running { worker: idle[0].clone() },
+            &format!("data parallel: {}", ranks.join(", ")),
+        );
     }
 
     fn worker_infos(&self) -> Vec<WorkerInfo> {
@@ -564,4 +617,3 @@ impl Scheduler {
             .collect()
     }
 }
-

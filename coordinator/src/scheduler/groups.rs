@@ -39,14 +39,7 @@ impl Groups {
     /// A new group: `workers[r]` runs rank r.
     pub(super) fn create(&mut self, job: &str, workers: &[String]) {
         let members = workers.iter().cloned().map(Some).collect();
-        self.by_job.insert(
-            job.to_string(),
-            Group {
-                members,
-                pending: None,
-                last: None,
-            },
-        );
+        self.by_job.insert(job.to_string(), Group { members, pending: None, last: None });
     }
 
     /// Learns a rank back from a worker's report (after a coordinator
@@ -71,11 +64,7 @@ impl Groups {
     }
 
     pub(super) fn rank_of(&self, job: &str, worker: &str) -> Option<usize> {
-        self.by_job
-            .get(job)?
-            .members
-            .iter()
-            .position(|m| m.as_deref() == Some(worker))
+        self.by_job.get(job)?.members.iter().position(|m| m.as_deref() == Some(worker))
     }
 
     /// Jobs with a rank on `worker`.
@@ -89,10 +78,7 @@ impl Groups {
 
     /// Forgets a job's group; returns its workers.
     pub(super) fn remove(&mut self, job: &str) -> Vec<String> {
-        self.by_job
-            .remove(job)
-            .map(|g| g.members.into_iter().flatten().collect())
-            .unwrap_or_default()
+        self.by_job.remove(job).map(|g| g.members.into_iter().flatten().collect()).unwrap_or_default()
     }
 
     /// Takes `worker`'s part of a round.
@@ -111,41 +97,22 @@ impl Groups {
         };
         let me = vec![worker.to_string()];
         let Some(g) = self.by_job.get_mut(&part.job_id) else {
-            return fail(
-                me,
-                &part,
-                format!(
-                    "job {} has no data-parallel group on this coordinator",
-                    part.job_id
-                ),
-            );
+            return fail(me, &part, format!("job {} has no data-parallel group on this coordinator", part.job_id));
         };
         let (rank, world) = (part.rank as usize, part.world as usize);
         if world != g.members.len() || rank >= world {
-            return fail(
-                me,
-                &part,
-                format!(
-                    "rank {rank} of {world}: the group has {} ranks",
-                    g.members.len()
-                ),
-            );
+            return fail(me, &part, format!("rank {rank} of {world}: the group has {} ranks", g.members.len()));
         }
         match &g.members[rank] {
-            Some(w) if w != worker => {
-                return fail(me, &part, format!("rank {rank} belongs to worker {w}"))
-            }
+            Some(w) if w != worker => return fail(me, &part, format!("rank {rank} belongs to worker {w}")),
             Some(_) => {}
             None => g.members[rank] = Some(worker.to_string()),
         }
         if let Some(last) = g.last.as_ref().filter(|l| l.round == part.round) {
             return Reply::Send(me, last.clone()); // asked again after a reconnect
         }
-        let round = g.pending.get_or_insert_with(|| Round {
-            round: part.round,
-            op: part.op.clone(),
-            parts: vec![None; world],
-        });
+        let round =
+            g.pending.get_or_insert_with(|| Round { round: part.round, op: part.op.clone(), parts: vec![None; world] });
         if part.round < round.round {
             return Reply::Wait; // a stale repeat
         }
@@ -166,20 +133,15 @@ impl Groups {
             return Reply::Wait;
         };
         let parts: Vec<Collective> = done.parts.into_iter().flatten().collect();
-        let mut result = CollectiveResult {
-            job_id: parts[0].job_id.clone(),
-            round: done.round,
-            ..CollectiveResult::default()
-        };
+        let mut result =
+            CollectiveResult { job_id: parts[0].job_id.clone(), round: done.round, ..CollectiveResult::default() };
         match done.op.as_str() {
             "sum" => match sum_parts(&parts) {
                 Ok(ts) => result.tensors = ts,
                 Err(e) => result.error = e,
             },
             "gather" => result.payloads = parts.into_iter().map(|p| p.payload).collect(),
-            other => {
-                result.error = format!("unknown collective {other:?} (expected sum or gather)")
-            }
+            other => result.error = format!("unknown collective {other:?} (expected sum or gather)"),
         }
         g.last = Some(result.clone());
         Reply::Send(everyone, result)
@@ -190,11 +152,7 @@ impl Groups {
 fn sum_parts(parts: &[Collective]) -> Result<Vec<TensorData>, String> {
     let n = parts[0].tensors.len();
     if let Some(p) = parts.iter().find(|p| p.tensors.len() != n) {
-        return Err(format!(
-            "rank {} sent {} tensors, rank 0 sent {n}",
-            p.rank,
-            p.tensors.len()
-        ));
+        return Err(format!("rank {} sent {} tensors, rank 0 sent {n}", p.rank, p.tensors.len()));
     }
     (0..n)
         .map(|i| {
@@ -215,12 +173,7 @@ mod tests {
     use super::*;
 
     fn part(rank: u32, round: u64, op: &str, v: &[f32]) -> Collective {
-        let t = TensorData {
-            name: "g".into(),
-            shape: vec![v.len() as i64],
-            f32: v.to_vec(),
-            i64: Vec::new(),
-        };
+        let t = TensorData { name: "g".into(), shape: vec![v.len() as i64], f32: v.to_vec(), i64: Vec::new() };
         Collective {
             job_id: "j".into(),
             round,
@@ -243,10 +196,7 @@ mod tests {
     fn a_round_completes_when_every_rank_sent_and_repeats_on_request() {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
-        assert!(matches!(
-            g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])),
-            Reply::Wait
-        ));
+        assert!(matches!(g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])), Reply::Wait));
         let (to, r) = sent(g.contribute("a", part(0, 0, "sum", &[0.5, 0.5])));
         assert_eq!(
             (to, r.tensors[0].f32.clone(), r.error.as_str()),
@@ -255,10 +205,7 @@ mod tests {
         // Rank 1 lost the result in a reconnect and asks again: only it gets it.
         let (to, again) = sent(g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])));
         assert_eq!((to, again), (vec!["b".to_string()], r));
-        assert!(matches!(
-            g.contribute("a", part(0, 1, "gather", &[])),
-            Reply::Wait
-        ));
+        assert!(matches!(g.contribute("a", part(0, 1, "gather", &[])), Reply::Wait));
         let (_, r) = sent(g.contribute("b", part(1, 1, "gather", &[])));
         assert_eq!(r.payloads, vec![vec![0u8], vec![1u8]]);
     }
@@ -267,30 +214,18 @@ mod tests {
     fn strangers_mismatches_and_lost_groups_get_errors() {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
-        assert!(sent(g.contribute("c", part(1, 0, "sum", &[1.0])))
-            .1
-            .error
-            .contains("rank 1 belongs to worker b"));
-        assert!(matches!(
-            g.contribute("a", part(0, 0, "sum", &[1.0])),
-            Reply::Wait
-        ));
+        assert!(sent(g.contribute("c", part(1, 0, "sum", &[1.0]))).1.error.contains("rank 1 belongs to worker b"));
+        assert!(matches!(g.contribute("a", part(0, 0, "sum", &[1.0])), Reply::Wait));
         let (to, r) = sent(g.contribute("b", part(1, 0, "gather", &[])));
         assert_eq!(to.len(), 2);
         assert!(r.error.contains("ranks out of step"), "{}", r.error);
-        assert!(matches!(
-            g.contribute("a", part(0, 1, "sum", &[1.0, 2.0])),
-            Reply::Wait
-        ));
+        assert!(matches!(g.contribute("a", part(0, 1, "sum", &[1.0, 2.0])), Reply::Wait));
         assert!(sent(g.contribute("b", part(1, 1, "sum", &[1.0])))
             .1
             .error
             .contains("rank 1 sent 1 values, rank 0 sent 2"));
         assert_eq!(g.remove("j"), vec!["a".to_string(), "b".into()]);
-        assert!(sent(g.contribute("a", part(0, 2, "sum", &[1.0])))
-            .1
-            .error
-            .contains("no data-parallel group"));
+        assert!(sent(g.contribute("a", part(0, 2, "sum", &[1.0]))).1.error.contains("no data-parallel group"));
         // After a restart, ranks are learned back from worker reports.
         assert!(g.learn("j", "b", 1, 2) && g.learn("j", "a", 0, 2) && !g.learn("j", "c", 0, 2));
         assert_eq!(g.rank_of("j", "b"), Some(1));

@@ -52,7 +52,8 @@ pub struct Handle {
 impl Handle {
     /// Starts the actor (and its lease ticker) on the current runtime.
     pub fn spawn(cfg: Config) -> Result<Self> {
-        std::fs::create_dir_all(cfg.data_dir.join("jobs")).map_err(|e| Error::Store(format!("{}: {e}", cfg.data_dir.display())))?;
+        std::fs::create_dir_all(cfg.data_dir.join("jobs"))
+            .map_err(|e| Error::Store(format!("{}: {e}", cfg.data_dir.display())))?;
         let store = Store::open(&cfg.data_dir.join("state.db"))?;
         let (tx, rx) = mpsc::channel(1024);
         let (updates, _) = broadcast::channel(1024);
@@ -126,9 +127,15 @@ mod tests {
     const SPEC: &str = "version = 1\nkind = \"sft\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"/t.json\"\n";
 
     /// The next assignment sent to the worker: (job id, attempt).
-    async fn assigned(rx: &mut mpsc::Receiver<std::result::Result<CoordinatorMessage, tonic::Status>>) -> (String, u32) {
+    async fn assigned(
+        rx: &mut mpsc::Receiver<std::result::Result<CoordinatorMessage, tonic::Status>>,
+    ) -> (String, u32) {
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("an assignment").expect("open").expect("ok");
+            let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("an assignment")
+                .expect("open")
+                .expect("ok");
             if let Some(coordinator_message::Msg::Assign(a)) = m.msg {
                 return (a.job_id, a.attempt);
             }
@@ -167,7 +174,13 @@ mod tests {
         let result = |attempt: u32, ok: bool| Command::Message {
             worker: "w1".into(),
             conn: 1,
-            msg: worker_message::Msg::Result(TaskResult { job_id: job.id.clone(), ok, cancelled: !ok, reason: "r".into(), attempt }),
+            msg: worker_message::Msg::Result(TaskResult {
+                job_id: job.id.clone(),
+                ok,
+                cancelled: !ok,
+                reason: "r".into(),
+                attempt,
+            }),
         };
         h.send(result(1, false)).await;
         let j = h.get(job.id.clone()).await.unwrap();

@@ -82,7 +82,10 @@ impl PeftConfig {
     }
 
     fn unknown(&self, name: &str, allowed: &str) -> Error {
-        Error::InvalidArgument(format!("peft.target_modules: unknown module {name:?} for {:?} (allowed: {allowed})", self.method))
+        Error::InvalidArgument(format!(
+            "peft.target_modules: unknown module {name:?} for {:?} (allowed: {allowed})",
+            self.method
+        ))
     }
 
     /// LoRA targets (default q_proj, v_proj as PEFT does for LLaMA).

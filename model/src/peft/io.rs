@@ -47,11 +47,8 @@ pub fn save(adapter: &dyn Adapter, dir: &Path, base_model: &str) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
-    let tensors: Vec<(String, Tensor)> = adapter
-        .tensors()
-        .into_iter()
-        .map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous()))
-        .collect();
+    let tensors: Vec<(String, Tensor)> =
+        adapter.tensors().into_iter().map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&tensors, dir.join(WEIGHTS_FILE))?;
     Ok(())
 }
@@ -78,7 +75,10 @@ pub fn read_config(dir: &Path) -> Result<PeftConfig> {
     cfg.target_modules = match v.get("target_modules") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) if s == "all-linear" => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().map(|t| t.as_str().map(String::from).ok_or_else(|| bad("target_modules must be strings".into()))).collect::<Result<_>>()?,
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(String::from).ok_or_else(|| bad("target_modules must be strings".into())))
+            .collect::<Result<_>>()?,
         Some(other) => return Err(bad(format!("target_modules {other}: only a list of module names is supported"))),
     };
     if method == Method::Lora {

@@ -56,7 +56,9 @@ impl Hooks for Lora {
             // so both matmuls run on bf16/f16 inputs (as autocast would) and
             // no [tokens, features] tensor is cast; gradients still reach
             // the f32 A and B through the casts.
-            Some((a, b)) if x.kind() == Kind::Float => y + x.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scale,
+            Some((a, b)) if x.kind() == Kind::Float => {
+                y + x.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scale
+            }
             Some((a, b)) => {
                 let kind = x.kind();
                 y + x.linear::<Tensor>(&a.to_kind(kind), None).linear::<Tensor>(&(b * self.scale).to_kind(kind), None)
@@ -72,10 +74,7 @@ impl Adapter for Lora {
     }
 
     fn tensors(&self) -> Vec<(String, &Tensor)> {
-        self.mods
-            .iter()
-            .flat_map(|(&(l, p), (a, b))| [(key(l, p, "A"), a), (key(l, p, "B"), b)])
-            .collect()
+        self.mods.iter().flat_map(|(&(l, p), (a, b))| [(key(l, p, "A"), a), (key(l, p, "B"), b)]).collect()
     }
 
     fn merge_into(&mut self, model: &mut Model) -> Result<()> {

@@ -107,7 +107,13 @@ impl PeftModel {
     }
 
     /// Hidden states with the active adapter.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: Mask<'_>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Mask<'_>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         self.base.forward(ids, positions, mask, cache, self.hooks())
     }
 

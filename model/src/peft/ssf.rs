@@ -92,7 +92,8 @@ impl Hooks for Ssf {
 fn readers(model: &mut Model, norm: Norm) -> Vec<(Site, &mut Linear)> {
     match norm {
         Norm::Input(l) | Norm::PostAttention(l) => {
-            let procs: &[Proj] = if matches!(norm, Norm::Input(_)) { &[Proj::Q, Proj::K, Proj::V] } else { &[Proj::Gate, Proj::Up] };
+            let procs: &[Proj] =
+                if matches!(norm, Norm::Input(_)) { &[Proj::Q, Proj::K, Proj::V] } else { &[Proj::Gate, Proj::Up] };
             let layer = &mut model.layers[l];
             let a = &mut layer.self_attn;
             let m = &mut layer.mlp;
@@ -116,7 +117,14 @@ fn readers(model: &mut Model, norm: Norm) -> Vec<(Site, &mut Linear)> {
 
 impl Ssf {
     /// Adds `w @ shift` to a reader's bias (creating the bias if needed).
-    fn shift_bias(created: &mut BTreeSet<Site>, site: Site, bias: &mut Option<Tensor>, w: &Tensor, shift: &Tensor, sign: f64) -> Result<()> {
+    fn shift_bias(
+        created: &mut BTreeSet<Site>,
+        site: Site,
+        bias: &mut Option<Tensor>,
+        w: &Tensor,
+        shift: &Tensor,
+        sign: f64,
+    ) -> Result<()> {
         let add = (w.to_kind(Kind::Float).mv(shift) * sign).to_kind(w.kind());
         match bias {
             Some(b) => {
@@ -148,7 +156,14 @@ impl Ssf {
         if norm == Norm::Final {
             // The LM head reads the final norm: its shift becomes a logit bias.
             let head = model.lm_head.as_ref().map_or(&model.embed_tokens, |h| &h.weight).shallow_clone();
-            Self::shift_bias(&mut self.created_bias, Site::Norm(Norm::Final), &mut model.lm_head_bias, &head, &b, sign)?;
+            Self::shift_bias(
+                &mut self.created_bias,
+                Site::Norm(Norm::Final),
+                &mut model.lm_head_bias,
+                &head,
+                &b,
+                sign,
+            )?;
         } else if sign < 0.0 {
             for (site, lin) in readers(model, norm) {
                 Self::shift_bias(&mut self.created_bias, site, &mut lin.bias, &lin.weight, &b, -1.0)?;

@@ -44,17 +44,17 @@ use tch::{Device, Kind, Tensor};
 
 use super::{gpu_used_mib, peak_rss_bytes, GpuUsage, TempDir};
 use crate::error::{Error, Result};
-use rlhf_model::init::{random_weights, Preset};
-use rlhf_model::random::{llama2_7b_config, random_model};
-use rlhf_model::save::{write_config, write_generation_config, write_safetensors};
 use crate::parallel::{Collective, Single};
-use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
-use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
 use crate::train::optim::AdamW;
 use crate::train::ppo::iteration::{self, PolicyState, Prompts, Rollout, Scorer};
 use crate::train::ppo::roles::critic_update;
 use crate::train::ppo::rollout::{model_scores, values, Batch};
 use rlhf_model::head::Head;
+use rlhf_model::init::{random_weights, Preset};
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::random::{llama2_7b_config, random_model};
+use rlhf_model::save::{write_config, write_generation_config, write_safetensors};
+use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 
 /// The TRL baseline, embedded so the binary always runs its own version.
 const TRL_SCRIPT: &str = include_str!("../../../scripts/bench/ppo_trl.py");
@@ -170,10 +170,9 @@ impl FromStr for Variant {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Variant::ALL
-            .into_iter()
-            .find(|v| v.name() == s.trim())
-            .ok_or_else(|| Error::InvalidArgument(format!("--configs: unknown {s:?} (expected lora, ssf, repadapter, naive, trl)")))
+        Variant::ALL.into_iter().find(|v| v.name() == s.trim()).ok_or_else(|| {
+            Error::InvalidArgument(format!("--configs: unknown {s:?} (expected lora, ssf, repadapter, naive, trl)"))
+        })
     }
 }
 
@@ -297,7 +296,11 @@ impl Plan {
             seed: args.seed,
             recompute: args.grad_checkpoint,
             variants: if args.configs.is_empty() {
-                if seven_b { vec![Variant::Lora, Variant::Naive] } else { Variant::ALL.to_vec() }
+                if seven_b {
+                    vec![Variant::Lora, Variant::Naive]
+                } else {
+                    Variant::ALL.to_vec()
+                }
             } else {
                 let mut v = args.configs.iter().map(|c| c.parse()).collect::<Result<Vec<Variant>>>()?;
                 v.dedup();
@@ -493,8 +496,14 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
             }
             (python(), v)
         } else {
-            let mut v: Vec<String> =
-                vec!["--threads".into(), threads.to_string(), "bench".into(), "ppo-one".into(), "--config".into(), variant.name().into()];
+            let mut v: Vec<String> = vec![
+                "--threads".into(),
+                threads.to_string(),
+                "bench".into(),
+                "ppo-one".into(),
+                "--config".into(),
+                variant.name().into(),
+            ];
             v.extend(rust_source.iter().cloned());
             common(&mut v);
             if plan.recompute {
@@ -723,7 +732,11 @@ pub fn table(r: &Value) -> String {
         );
     }
     let show = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.3}"));
-    let _ = writeln!(s, "\nmemory_ratio_vs_naive = {} (shared-base lora peak / naive peak)", show(&r["memory_ratio_vs_naive"]));
+    let _ = writeln!(
+        s,
+        "\nmemory_ratio_vs_naive = {} (shared-base lora peak / naive peak)",
+        show(&r["memory_ratio_vs_naive"])
+    );
     let _ = writeln!(s, "time_ratio_vs_trl     = {} (lora s/iter / trl s/iter)", show(&r["time_ratio_vs_trl"]));
     s
 }
@@ -793,7 +806,13 @@ impl iteration::Roles for BenchRoles {
         tch::no_grad(|| values(pm, &self.value_head, batch))
     }
 
-    fn critic_step(&mut self, part: Option<(&Batch, Tensor, Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<f64> {
+    fn critic_step(
+        &mut self,
+        part: Option<(&Batch, Tensor, Tensor)>,
+        share: f64,
+        ppo: &PpoSpec,
+        dist: &mut dyn Collective,
+    ) -> Result<f64> {
         let pm = self.views.view(Some(CRITIC))?;
         let part = part.as_ref().map(|(s, v, r)| (*s, v, r));
         Ok(critic_update(pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)?.0)
@@ -809,7 +828,9 @@ fn load_base(plan: &Plan) -> Result<Model> {
         Source::Dir(d) => Model::load(d, plan.kind, plan.device)?,
         Source::Preset(BenchPreset::SevenB) => random_model(plan.cfg.clone(), plan.kind, plan.device, plan.seed)?,
         // The same weights the parent writes for TRL.
-        Source::Preset(_) => Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device)?,
+        Source::Preset(_) => {
+            Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device)?
+        }
     })
 }
 
@@ -879,7 +900,8 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
         }
     };
     let frozen = Head::new(h, plan.device, seed.wrapping_add(3));
-    let reward_head = Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
+    let reward_head =
+        Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
     let value_head = Head::new(h, plan.device, seed.wrapping_add(3));
     let policy_params = views.view(Some(POLICY))?.adapter(POLICY)?.parameters();
     let mut critic_params = views.view(Some(CRITIC))?.adapter(CRITIC)?.parameters();
@@ -929,7 +951,8 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         if len != plan.response_len as f64 {
             return Err(Error::InvalidArgument(format!("responses averaged {len} of {} tokens", plan.response_len)));
         }
-        let mut times: BTreeMap<&'static str, f64> = PHASES.iter().map(|&p| (p, rec[&format!("time_{p}")].as_f64().unwrap_or(f64::NAN))).collect();
+        let mut times: BTreeMap<&'static str, f64> =
+            PHASES.iter().map(|&p| (p, rec[&format!("time_{p}")].as_f64().unwrap_or(f64::NAN))).collect();
         times.insert("total", total);
         tracing::debug!(config = config, it, total, "iteration");
         rows.push(times);
@@ -941,7 +964,9 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
     let phases: Map<String, Value> = PHASES.iter().map(|p| (p.to_string(), json!(mean(p)))).collect();
     let (peak, source) = match plan.device {
         Device::Cuda(i) => match (gpu_start, gpu_used_mib(i)) {
-            (_, Some(GpuUsage::Process(mib))) => (Some(mib * 1024.0 * 1024.0), "nvidia-smi: this process's GPU memory at exit"),
+            (_, Some(GpuUsage::Process(mib))) => {
+                (Some(mib * 1024.0 * 1024.0), "nvidia-smi: this process's GPU memory at exit")
+            }
             (Some(GpuUsage::Device(a)), Some(GpuUsage::Device(b))) => {
                 (Some((b - a).max(0.0) * 1024.0 * 1024.0), "nvidia-smi: GPU memory used at exit minus at start")
             }
@@ -1056,7 +1081,10 @@ mod tests {
         };
         let plain = run_one(&args, "lora").expect("run_one");
         let recomputed = run_one(&PpoArgs { grad_checkpoint: true, ..args.clone() }, "lora").expect("run_one");
-        assert_eq!(plain["last_metrics"], recomputed["last_metrics"], "activation checkpointing changes nothing but memory");
+        assert_eq!(
+            plain["last_metrics"], recomputed["last_metrics"],
+            "activation checkpointing changes nothing but memory"
+        );
         for config in ["lora", "naive"] {
             let v = run_one(&args, config).expect("run_one");
             assert_eq!(v["config"], config);

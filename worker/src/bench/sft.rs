@@ -14,12 +14,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::ppo::{private_exe, run_child};
 use super::TempDir;
-use crate::parallel::Single;
 use crate::error::{Error, Result};
-use rlhf_model::{parse_device, parse_dtype, sync, Model};
-use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
+use crate::parallel::Single;
 use crate::train::lm::backward_lm_loss;
 use crate::train::optim::AdamW;
+use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
+use rlhf_model::{parse_device, parse_dtype, sync, Model};
 
 /// `bench sft`.
 #[derive(clap::Args, Clone, Debug)]
@@ -100,9 +100,24 @@ pub fn main(args: &SftArgs) -> Result<()> {
     let mut rows = Vec::with_capacity(args.dtypes.len());
     for d in &args.dtypes {
         let argv: Vec<String> = [
-            "--threads", &tch::get_num_threads().to_string(), "bench", "sft", "--model", &args.model.display().to_string(),
-            "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string(), "--steps", &args.steps.to_string(),
-            "--dtypes", d, "--device", &args.device, "--seed", &args.seed.to_string(),
+            "--threads",
+            &tch::get_num_threads().to_string(),
+            "bench",
+            "sft",
+            "--model",
+            &args.model.display().to_string(),
+            "--batch",
+            &args.batch.to_string(),
+            "--seq",
+            &args.seq.to_string(),
+            "--steps",
+            &args.steps.to_string(),
+            "--dtypes",
+            d,
+            "--device",
+            &args.device,
+            "--seed",
+            &args.seed.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -125,10 +140,18 @@ pub fn main(args: &SftArgs) -> Result<()> {
     eprintln!("| dtype | s/step | tokens/s | speedup vs {} |\n|---|---:|---:|---:|", args.dtypes[0]);
     for r in &rows {
         let s = r["s_per_step"].as_f64().unwrap_or(f64::NAN);
-        eprintln!("| {} | {s:.3} | {:.1} | {:.2} |", r["dtype"].as_str().unwrap_or("?"), r["tokens_per_s"].as_f64().unwrap_or(f64::NAN), first / s);
+        eprintln!(
+            "| {} | {s:.3} | {:.1} | {:.2} |",
+            r["dtype"].as_str().unwrap_or("?"),
+            r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            first / s
+        );
     }
     if args.json {
-        println!("{}", json!({ "bench": "sft", "model": args.model, "batch": args.batch, "seq": args.seq, "threads": tch::get_num_threads(), "rows": rows }));
+        println!(
+            "{}",
+            json!({ "bench": "sft", "model": args.model, "batch": args.batch, "seq": args.seq, "threads": tch::get_num_threads(), "rows": rows })
+        );
     }
     Ok(())
 }

@@ -44,9 +44,9 @@ fn parse(s: &str) -> Result<Vec<Piece<'_>>> {
         if tail.starts_with("{{") || tail.starts_with("}}") {
             out.push(Piece::Lit(&tail[..1]));
             rest = &tail[2..];
-        } else if tail.starts_with('}') {
+        } else if let Some(after) = tail.strip_prefix('}') {
             out.push(Piece::Lit("}"));
-            rest = &tail[1..];
+            rest = after;
         } else {
             let end = tail
                 .find('}')

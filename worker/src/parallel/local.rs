@@ -40,7 +40,11 @@ pub fn group(world: usize) -> Vec<LocalRank> {
 }
 
 impl LocalRank {
-    fn wait<'a>(&'a self, mut st: MutexGuard<'a, Round>, until: impl Fn(&Round) -> bool) -> Result<MutexGuard<'a, Round>> {
+    fn wait<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, Round>,
+        until: impl Fn(&Round) -> bool,
+    ) -> Result<MutexGuard<'a, Round>> {
         while !until(&st) {
             if st.broken {
                 return Err(Error::Collective("another rank stopped".into()));
@@ -92,7 +96,10 @@ impl Collective for LocalRank {
     }
     fn sum_f32(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
         let all = self.exchange(v.iter().flat_map(|x| x.to_le_bytes()).collect())?;
-        let parts: Vec<Vec<f32>> = all.iter().map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()).collect();
+        let parts: Vec<Vec<f32>> = all
+            .iter()
+            .map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            .collect();
         let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
         sum_in_rank_order(&refs).map_err(Error::Collective)
     }

@@ -28,23 +28,13 @@ pub trait Collective: Send {
         if self.world() == 1 {
             return Ok(());
         }
-        let flat: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| {
-                t.detach()
-                    .to_device(Device::Cpu)
-                    .to_kind(Kind::Float)
-                    .reshape([-1])
-            })
-            .collect();
+        let flat: Vec<Tensor> =
+            tensors.iter().map(|t| t.detach().to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).collect();
         let v = Vec::<f32>::try_from(&Tensor::cat(&flat, 0))?;
         let n = v.len();
         let sum = self.sum_f32(v)?;
         if sum.len() != n {
-            return Err(Error::Collective(format!(
-                "sum has {} values, sent {n}",
-                sum.len()
-            )));
+            return Err(Error::Collective(format!("sum has {} values, sent {n}", sum.len())));
         }
         scatter_into(tensors, &Tensor::from_slice(&sum))
     }
@@ -87,21 +77,13 @@ impl Collective for Single {
 /// `world`-th, from `rank` (so every rank gets one when the batch has at
 /// least `world` rows).
 pub fn shard<T: Clone>(rows: &[T], rank: usize, world: usize) -> Vec<T> {
-    rows.iter()
-        .skip(rank)
-        .step_by(world.max(1))
-        .cloned()
-        .collect()
+    rows.iter().skip(rank).step_by(world.max(1)).cloned().collect()
 }
 
 /// Gives every parameter a (zero) gradient, so ranks that see no example
 /// touching a parameter still send a gradient of the right shape.
 pub fn materialize_grads(params: &[Tensor]) {
-    let parts: Vec<Tensor> = params
-        .iter()
-        .filter(|p| p.requires_grad())
-        .map(|p| p.sum(Kind::Float) * 0.0)
-        .collect();
+    let parts: Vec<Tensor> = params.iter().filter(|p| p.requires_grad()).map(|p| p.sum(Kind::Float) * 0.0).collect();
     if let Some(z) = parts.into_iter().reduce(|a, b| a + b) {
         z.backward();
     }
@@ -118,19 +100,13 @@ pub fn sync_grads(c: &mut dyn Collective, params: &[Tensor], extra: &[f64]) -> R
     for (i, p) in params.iter().enumerate() {
         let g = p.grad();
         if !g.defined() {
-            return Err(Error::Collective(format!(
-                "parameter {i} has no gradient (call materialize_grads first)"
-            )));
+            return Err(Error::Collective(format!("parameter {i} has no gradient (call materialize_grads first)")));
         }
         ts.push(g);
     }
     let device = params.first().map_or(Device::Cpu, Tensor::device);
-    let ex =
-        Tensor::from_slice(&extra.iter().map(|&x| x as f32).collect::<Vec<_>>()).to_device(device);
+    let ex = Tensor::from_slice(&extra.iter().map(|&x| x as f32).collect::<Vec<_>>()).to_device(device);
     ts.push(ex.shallow_clone());
     c.all_reduce(&ts)?;
-    Ok(Vec::<f32>::try_from(&ex.to_device(Device::Cpu))?
-        .into_iter()
-        .map(f64::from)
-        .collect())
+    Ok(Vec::<f32>::try_from(&ex.to_device(Device::Cpu))?.into_iter().map(f64::from).collect())
 }

@@ -23,8 +23,7 @@ pub fn available() -> bool {
 pub fn version() -> Result<i32> {
     if !available() {
         return Err(Error::Collective(
-            "libnccl.so not found (install NCCL, or build where torch's nvidia-nccl wheel is)"
-                .into(),
+            "libnccl.so not found (install NCCL, or build where torch's nvidia-nccl wheel is)".into(),
         ));
     }
     result::get_nccl_version().map_err(|e| Error::Collective(format!("ncclGetVersion: {e:?}")))
@@ -45,53 +44,31 @@ impl NcclRank {
     /// Joins the NCCL group of `boot`'s ranks on `device`.
     pub fn init(mut boot: Box<dyn Collective>, device: Device) -> Result<Self> {
         let Device::Cuda(ordinal) = device else {
-            return Err(Error::Collective(format!(
-                "nccl needs a cuda device, this rank runs on {device:?}"
-            )));
+            return Err(Error::Collective(format!("nccl needs a cuda device, this rank runs on {device:?}")));
         };
         version()?;
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| Error::Collective(format!("cuda context {ordinal}: {e:?}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::Collective(format!("cuda context {ordinal}: {e:?}")))?;
         let mine = if boot.rank() == 0 {
-            let id = result::get_uniqueid()
-                .map_err(|e| Error::Collective(format!("ncclGetUniqueId: {e:?}")))?;
+            let id = result::get_uniqueid().map_err(|e| Error::Collective(format!("ncclGetUniqueId: {e:?}")))?;
             id.internal.iter().map(|&c| c as u8).collect()
         } else {
             Vec::new()
         };
         let ids = boot.gather(mine)?;
-        let id_bytes = ids
-            .first()
-            .filter(|b| b.len() == 128)
-            .ok_or_else(|| Error::Collective("rank 0 sent no NCCL id".into()))?;
+        let id_bytes =
+            ids.first().filter(|b| b.len() == 128).ok_or_else(|| Error::Collective("rank 0 sent no NCCL id".into()))?;
         let mut id = sys::ncclUniqueId { internal: [0; 128] };
         for (d, &s) in id.internal.iter_mut().zip(id_bytes) {
             *d = s as _;
         }
         let mut comm = std::ptr::null_mut();
-        ctx.bind_to_thread()
-            .map_err(|e| Error::Collective(format!("cuda context {ordinal}: {e:?}")))?;
+        ctx.bind_to_thread().map_err(|e| Error::Collective(format!("cuda context {ordinal}: {e:?}")))?;
         // SAFETY: `comm` is written by NCCL; the id came from rank 0.
-        unsafe { result::comm_init_rank(&mut comm, boot.world() as i32, id, boot.rank() as i32) }
-            .map_err(|e| {
-            Error::Collective(format!(
-                "ncclCommInitRank (rank {} of {}): {e:?}",
-                boot.rank(),
-                boot.world()
-            ))
+        unsafe { result::comm_init_rank(&mut comm, boot.world() as i32, id, boot.rank() as i32) }.map_err(|e| {
+            Error::Collective(format!("ncclCommInitRank (rank {} of {}): {e:?}", boot.rank(), boot.world()))
         })?;
-        tracing::info!(
-            rank = boot.rank(),
-            world = boot.world(),
-            ordinal,
-            "nccl communicator ready"
-        );
-        Ok(Self {
-            comm,
-            ordinal,
-            _ctx: ctx,
-            boot,
-        })
+        tracing::info!(rank = boot.rank(), world = boot.world(), ordinal, "nccl communicator ready");
+        Ok(Self { comm, ordinal, _ctx: ctx, boot })
     }
 }
 
@@ -120,15 +97,8 @@ impl Collective for NcclRank {
     /// One NCCL all-reduce over the tensors packed into one f32 buffer.
     fn all_reduce(&mut self, tensors: &[Tensor]) -> Result<()> {
         let device = Device::Cuda(self.ordinal);
-        let flat: Vec<Tensor> = tensors
-            .iter()
-            .map(|t| {
-                t.detach()
-                    .to_device(device)
-                    .to_kind(Kind::Float)
-                    .reshape([-1])
-            })
-            .collect();
+        let flat: Vec<Tensor> =
+            tensors.iter().map(|t| t.detach().to_device(device).to_kind(Kind::Float).reshape([-1])).collect();
         let buf = Tensor::cat(&flat, 0).contiguous();
         tch::Cuda::synchronize(self.ordinal as i64);
         let ptr = buf.data_ptr();

@@ -14,8 +14,8 @@ use tch::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Running;
-use crate::parallel::{nccl, Collective};
 use crate::error::{Error, Result};
+use crate::parallel::{nccl, Collective};
 
 pub(super) struct Relay {
     job_id: String,
@@ -37,24 +37,10 @@ impl Relay {
         cancel: Arc<AtomicBool>,
         running: Running,
     ) -> Self {
-        Self {
-            job_id,
-            rank,
-            world,
-            round: 0,
-            events,
-            results,
-            cancel,
-            running,
-        }
+        Self { job_id, rank, world, round: 0, events, results, cancel, running }
     }
 
-    fn exchange(
-        &mut self,
-        op: &str,
-        tensors: Vec<TensorData>,
-        payload: Vec<u8>,
-    ) -> Result<CollectiveResult> {
+    fn exchange(&mut self, op: &str, tensors: Vec<TensorData>, payload: Vec<u8>) -> Result<CollectiveResult> {
         let part = Part {
             job_id: self.job_id.clone(),
             round: self.round,
@@ -64,15 +50,11 @@ impl Relay {
             tensors,
             payload,
         };
-        let msg = WorkerMessage {
-            msg: Some(worker_message::Msg::Collective(part)),
-        };
+        let msg = WorkerMessage { msg: Some(worker_message::Msg::Collective(part)) };
         if let Ok(mut st) = self.running.lock() {
             st.outstanding.insert(self.job_id.clone(), msg.clone());
         }
-        self.events
-            .send(msg)
-            .map_err(|_| Error::Collective("worker is shutting down".into()))?;
+        self.events.send(msg).map_err(|_| Error::Collective("worker is shutting down".into()))?;
         let r = loop {
             match self.results.recv_timeout(Duration::from_millis(200)) {
                 Ok(r) if r.round == self.round => break r,
@@ -106,26 +88,14 @@ impl Collective for Relay {
         self.world
     }
     fn sum_f32(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
-        let t = TensorData {
-            name: "sum".into(),
-            shape: vec![v.len() as i64],
-            f32: v,
-            i64: Vec::new(),
-        };
+        let t = TensorData { name: "sum".into(), shape: vec![v.len() as i64], f32: v, i64: Vec::new() };
         let mut r = self.exchange("sum", vec![t], Vec::new())?;
-        r.tensors
-            .pop()
-            .map(|t| t.f32)
-            .ok_or_else(|| Error::Collective("the sum came back empty".into()))
+        r.tensors.pop().map(|t| t.f32).ok_or_else(|| Error::Collective("the sum came back empty".into()))
     }
     fn gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let r = self.exchange("gather", Vec::new(), bytes)?;
         if r.payloads.len() != self.world {
-            return Err(Error::Collective(format!(
-                "gathered {} parts for {} ranks",
-                r.payloads.len(),
-                self.world
-            )));
+            return Err(Error::Collective(format!("gathered {} parts for {} ranks", r.payloads.len(), self.world)));
         }
         Ok(r.payloads)
     }
@@ -142,7 +112,8 @@ pub(super) fn connect(relay: Relay, how: CollectiveSpec, device: Device) -> Resu
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let me = format!("{}{}:{device:?}", u8::from(device.is_cuda() && nccl::available()), host.trim());
-    let all: Vec<String> = relay.gather(me.into_bytes())?.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+    let all: Vec<String> =
+        relay.gather(me.into_bytes())?.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
     let shared = all.iter().enumerate().find(|(i, d)| all[..*i].contains(d)).map(|(_, d)| d[1..].to_string());
     let ready = all.iter().all(|d| d.starts_with('1'));
     match (how, ready, shared) {

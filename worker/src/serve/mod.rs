@@ -65,7 +65,10 @@ fn rank_jobs(running: &Running) -> Vec<RankJob> {
 
 /// The text of a caught panic.
 pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn memory_bytes() -> u64 {
@@ -110,7 +113,8 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             rank_jobs: rank_jobs(&running),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
-        let unanswered: Vec<WorkerMessage> = running.lock().map(|m| m.outstanding.values().cloned().collect()).unwrap_or_default();
+        let unanswered: Vec<WorkerMessage> =
+            running.lock().map(|m| m.outstanding.values().cloned().collect()).unwrap_or_default();
         for m in unanswered {
             let _ = tx.send(m).await;
         }
@@ -220,7 +224,10 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
     let relay = (world > 1).then(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         if let Ok(mut m) = running.lock() {
-            m.ranks.insert(a.job_id.clone(), (RankJob { job_id: a.job_id.clone(), rank: a.rank, world: world as u32 }, tx));
+            m.ranks.insert(
+                a.job_id.clone(),
+                (RankJob { job_id: a.job_id.clone(), rank: a.rank, world: world as u32 }, tx),
+            );
         }
         collective::Relay::new(a.job_id.clone(), (rank, world), events.clone(), rx, cancel.clone(), running.clone())
     });
@@ -234,16 +241,27 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         let progress_tx = events.clone();
         let progress_id = job_id.clone();
         let on_record = move |step: usize, total: usize, rec: &serde_json::Map<String, serde_json::Value>| {
-                let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
-                let p = Progress { stage, step: step as u64, total: total as u64, metrics_json: serde_json::Value::Object(rec.clone()).to_string() };
-                let _ = progress_tx.send(WorkerMessage {
-                    msg: Some(worker_message::Msg::Progress(TaskProgress { job_id: progress_id.clone(), progress: Some(p) })),
-                });
+            let stage = rec.get("stage").and_then(|s| s.as_str()).unwrap_or_default().to_string();
+            let p = Progress {
+                stage,
+                step: step as u64,
+                total: total as u64,
+                metrics_json: serde_json::Value::Object(rec.clone()).to_string(),
+            };
+            let _ = progress_tx.send(WorkerMessage {
+                msg: Some(worker_message::Msg::Progress(TaskProgress {
+                    job_id: progress_id.clone(),
+                    progress: Some(p),
+                })),
+            });
         };
         let mut opts = RunOptions {
             roles: remote.map(|r| Box::new(r) as Box<dyn RemoteRoles>),
             // Only rank 0 reports progress: its records are the job's.
-            observer: Observer { cancel: Some(cancel.clone()), on_record: (rank == 0).then(|| Box::new(on_record) as _) },
+            observer: Observer {
+                cancel: Some(cancel.clone()),
+                on_record: (rank == 0).then(|| Box::new(on_record) as _),
+            },
             collective: None,
         };
         // A panic inside torch (a shape the checks missed) fails the job, not the worker.
@@ -268,7 +286,13 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         }
         info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
         let _ = events.send(WorkerMessage {
-            msg: Some(worker_message::Msg::Result(TaskResult { job_id: job_id.clone(), ok, reason, cancelled: cancelled && !ok, attempt })),
+            msg: Some(worker_message::Msg::Result(TaskResult {
+                job_id: job_id.clone(),
+                ok,
+                reason,
+                cancelled: cancelled && !ok,
+                attempt,
+            })),
         });
     });
     if let Err(e) = spawned {
@@ -279,7 +303,13 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
             m.ranks.remove(&failed_id);
         }
         let _ = events.send(WorkerMessage {
-            msg: Some(worker_message::Msg::Result(TaskResult { job_id: failed_id, ok: false, reason: format!("cannot start job thread: {e}"), cancelled: false, attempt })),
+            msg: Some(worker_message::Msg::Result(TaskResult {
+                job_id: failed_id,
+                ok: false,
+                reason: format!("cannot start job thread: {e}"),
+                cancelled: false,
+                attempt,
+            })),
         });
     }
 }

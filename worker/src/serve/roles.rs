@@ -16,8 +16,8 @@ use tracing::{info, warn};
 use super::wire;
 use super::Running;
 use crate::error::{Error, Result};
-use crate::train::ppo::roles::{wire as ops, RoleHost, RoleOp};
 use crate::train::ppo::roles::RemoteRoles;
+use crate::train::ppo::roles::{wire as ops, RoleHost, RoleOp};
 
 /// Starts a thread that hosts a job's reward and critic roles.
 pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, events: &UnboundedSender<WorkerMessage>) {
@@ -45,8 +45,10 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
                     })
             } else {
                 match &mut setup {
-                    Some((host, ppo)) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(host, ppo, &call)))
-                        .unwrap_or_else(|p| Err(format!("internal error: {}", super::panic_message(&p)))),
+                    Some((host, ppo)) => {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_one(host, ppo, &call)))
+                            .unwrap_or_else(|p| Err(format!("internal error: {}", super::panic_message(&p))))
+                    }
                     None => Err("role host not initialised (no init call yet)".to_string()),
                 }
             };
@@ -92,7 +94,12 @@ pub(super) struct ChannelRoles {
 }
 
 impl ChannelRoles {
-    pub(super) fn new(job_id: String, events: UnboundedSender<WorkerMessage>, replies: Receiver<RoleReply>, cancel: Arc<AtomicBool>) -> Self {
+    pub(super) fn new(
+        job_id: String,
+        events: UnboundedSender<WorkerMessage>,
+        replies: Receiver<RoleReply>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
         Self { job_id, events, replies, cancel, next: 0, bytes: 0 }
     }
 }

@@ -10,10 +10,18 @@ pub fn to_wire(name: &str, t: &Tensor) -> Result<TensorData> {
     let shape = t.size();
     let flat = t.reshape([-1]);
     Ok(match t.kind() {
-        Kind::Int64 | Kind::Int | Kind::Bool | Kind::Uint8 => {
-            TensorData { name: name.to_string(), shape, f32: Vec::new(), i64: Vec::try_from(&flat.to_kind(Kind::Int64))? }
-        }
-        _ => TensorData { name: name.to_string(), shape, f32: Vec::try_from(&flat.to_kind(Kind::Float))?, i64: Vec::new() },
+        Kind::Int64 | Kind::Int | Kind::Bool | Kind::Uint8 => TensorData {
+            name: name.to_string(),
+            shape,
+            f32: Vec::new(),
+            i64: Vec::try_from(&flat.to_kind(Kind::Int64))?,
+        },
+        _ => TensorData {
+            name: name.to_string(),
+            shape,
+            f32: Vec::try_from(&flat.to_kind(Kind::Float))?,
+            i64: Vec::new(),
+        },
     })
 }
 

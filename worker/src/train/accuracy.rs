@@ -10,9 +10,9 @@ use crate::data::{Example, Template};
 use crate::error::{Error, Result};
 use rlhf_model::batch::left_padded;
 use rlhf_model::generate::{attention_mask, positions_from_mask};
+use rlhf_model::peft::PeftModel;
 use rlhf_model::sampling::{row_streams, sample_rows};
 use rlhf_model::{generate, GenerateOptions, Mask, Sampling, Tokenizer};
-use rlhf_model::peft::PeftModel;
 
 /// A task's prompts, ready to score.
 pub struct TaskEval {
@@ -32,9 +32,12 @@ impl TaskEval {
         let mut answer_ids = Vec::new();
         for a in template.answers() {
             let ids = tok.encode(a, false)?;
-            let first = *ids.first().ok_or_else(|| Error::InvalidArgument(format!("answer {a:?} encodes to no tokens")))?;
+            let first =
+                *ids.first().ok_or_else(|| Error::InvalidArgument(format!("answer {a:?} encodes to no tokens")))?;
             if answer_ids.contains(&first) {
-                return Err(Error::InvalidArgument(format!("verbalizer answers must start with distinct tokens ({a:?} does not)")));
+                return Err(Error::InvalidArgument(format!(
+                    "verbalizer answers must start with distinct tokens ({a:?} does not)"
+                )));
             }
             answer_ids.push(first);
         }
@@ -46,10 +49,9 @@ impl TaskEval {
                 ids.drain(..ids.len() - max_len);
             }
             prompts.push(ids);
-            let g = labels
-                .iter()
-                .position(|l| *l == ex.label)
-                .ok_or_else(|| Error::InvalidArgument(format!("example {}: label {:?} not in the verbalizer", ex.id, ex.label)))?;
+            let g = labels.iter().position(|l| *l == ex.label).ok_or_else(|| {
+                Error::InvalidArgument(format!("example {}: label {:?} not in the verbalizer", ex.id, ex.label))
+            })?;
             gold.push(g);
         }
         let ids = examples.iter().map(|e| e.id).collect();
@@ -110,7 +112,14 @@ impl Prediction {
 /// forward per prompt serves both modes: the generated token is sampled
 /// from the same logits, with the streams `generate` would use; longer
 /// answers are generated on.
-pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Option<&GenSettings>, batch: usize, pad: i64) -> Result<Vec<Prediction>> {
+pub fn score(
+    pm: &PeftModel,
+    tok: &Tokenizer,
+    te: &TaskEval,
+    generate_with: Option<&GenSettings>,
+    batch: usize,
+    pad: i64,
+) -> Result<Vec<Prediction>> {
     let labels = te.template.labels();
     let answers = Tensor::from_slice(&te.answer_ids).to_device(pm.base.device);
     let batch = batch.max(1);
@@ -128,13 +137,26 @@ pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Opti
             let generated: Vec<Option<Vec<i64>>> = match generate_with {
                 None => vec![None; chunk.len()],
                 Some(s) => {
-                    let sampling = Sampling { temperature: s.temperature, top_p: s.top_p, top_k: 0, seed: s.seed.wrapping_add(i as u64) };
+                    let sampling = Sampling {
+                        temperature: s.temperature,
+                        top_p: s.top_p,
+                        top_k: 0,
+                        seed: s.seed.wrapping_add(i as u64),
+                    };
                     if s.max_new_tokens == 1 {
                         let mut rngs = row_streams(sampling.seed, &(0..chunk.len() as u64).collect::<Vec<_>>());
                         let (next, _) = sample_rows(&logits, &sampling, &mut rngs);
-                        Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu))?.into_iter().map(|t| Some(vec![t])).collect()
+                        Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu))?
+                            .into_iter()
+                            .map(|t| Some(vec![t]))
+                            .collect()
                     } else {
-                        let opts = GenerateOptions { max_new_tokens: s.max_new_tokens, sampling, eos_ids: tok.eos_ids.clone(), pad_id: pad };
+                        let opts = GenerateOptions {
+                            max_new_tokens: s.max_new_tokens,
+                            sampling,
+                            eos_ids: tok.eos_ids.clone(),
+                            pad_id: pad,
+                        };
                         generate(&pm.base, pm.hooks(), chunk, &opts)?.tokens.into_iter().map(Some).collect()
                     }
                 }
@@ -142,7 +164,10 @@ pub fn score(pm: &PeftModel, tok: &Tokenizer, te: &TaskEval, generate_with: Opti
             for (j, new) in generated.into_iter().enumerate() {
                 let k = start + j;
                 let option_logprobs: Vec<f32> = Vec::try_from(&options.get(j as i64))?;
-                let best = option_logprobs.iter().enumerate().fold(0, |b, (o, &lp)| if lp > option_logprobs[b] { o } else { b });
+                let best = option_logprobs
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (o, &lp)| if lp > option_logprobs[b] { o } else { b });
                 let text = new.map(|n| tok.decode(&n, true)).transpose()?;
                 out.push(Prediction {
                     id: te.ids[k],

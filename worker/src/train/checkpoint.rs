@@ -46,7 +46,8 @@ pub fn save_with(
         peft::io::save(*a, &tmp.join(name), base_model)?;
     }
     if !ck.tensors.is_empty() {
-        let cpu: Vec<(String, Tensor)> = ck.tensors.iter().map(|(k, t)| (k.clone(), t.detach().to_device(tch::Device::Cpu))).collect();
+        let cpu: Vec<(String, Tensor)> =
+            ck.tensors.iter().map(|(k, t)| (k.clone(), t.detach().to_device(tch::Device::Cpu))).collect();
         Tensor::write_safetensors(&cpu, tmp.join("tensors.safetensors"))?;
     }
     for (name, o) in &ck.optimizers {

@@ -11,18 +11,18 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{self, Checkpoint};
+use super::logprobs::backprop_through_head;
 use super::optim::{AdamW, Schedule};
 use super::recompute;
-use super::logprobs::backprop_through_head;
 use super::setup::lm_targets;
-use rlhf_model::batch::{positions, right_padded};
-use rlhf_model::Mask;
 use super::stage::Ctx;
 use crate::data::Shuffler;
-use crate::parallel;
 use crate::error::{Error, Result};
 use crate::fields;
+use crate::parallel;
+use rlhf_model::batch::{positions, right_padded};
 use rlhf_model::peft::PeftModel;
+use rlhf_model::Mask;
 
 /// A token sequence and which of its tokens are targets (1) or context (0).
 pub struct Sample {
@@ -111,7 +111,12 @@ pub fn train(
         if ck.every > 0 && done % ck.every == 0 && done < total && ctx.writes() {
             let a = pm.adapter(adapter)?;
             let state = json!({ "step": done, "shuffler": shuffler });
-            let c = Checkpoint { adapters: vec![(adapter, a)], tensors: Vec::new(), optimizers: vec![(adapter, &opt)], state };
+            let c = Checkpoint {
+                adapters: vec![(adapter, a)],
+                tensors: Vec::new(),
+                optimizers: vec![(adapter, &opt)],
+                state,
+            };
             checkpoint::save(ctx.out, done, "", &c, ck.keep)?;
         }
     }
@@ -121,7 +126,13 @@ pub fn train(
 /// Backpropagates the mean next-token cross-entropy over the targets of
 /// `target_mask` (`[b, T]`; see [`lm_targets`]) times `scale(targets)`, with
 /// activation checkpointing when `recompute`; returns the scaled loss.
-pub fn backward_lm_loss(pm: &PeftModel, ids: &Tensor, target_mask: &Tensor, recompute: bool, scale: impl FnOnce(i64) -> f64) -> Result<f64> {
+pub fn backward_lm_loss(
+    pm: &PeftModel,
+    ids: &Tensor,
+    target_mask: &Tensor,
+    recompute: bool,
+    scale: impl FnOnce(i64) -> f64,
+) -> Result<f64> {
     let pos = positions(ids);
     recompute::backward(pm, (ids, &pos, &Mask::Causal), recompute, |hidden| {
         let (h, targets) = lm_targets(ids, target_mask, hidden)?;

@@ -36,7 +36,13 @@ fn spans(n: i64, step: i64) -> impl Iterator<Item = (i64, i64)> {
 
 /// Per-token log-probs (and entropies) of one chunk: `hidden` `[c, h]`,
 /// `targets` `[c]`.
-fn chunk(pm: &PeftModel, hidden: &Tensor, targets: &Tensor, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
+fn chunk(
+    pm: &PeftModel,
+    hidden: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    entropy: bool,
+) -> (Tensor, Option<Tensor>) {
     let logits = pm.base.logits(hidden, pm.hooks()).to_kind(Kind::Float);
     let logits = if temperature == 1.0 { logits } else { logits / temperature };
     let chosen = logits.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
@@ -54,7 +60,13 @@ fn flat(hidden: &Tensor, targets: &Tensor) -> (Tensor, Tensor) {
 /// Log-probs of `targets` `[..]` at temperature `temperature` from hidden
 /// states `hidden` `[.., h]` (shape of `targets`), with per-token entropies
 /// when `entropy`; no graph is kept.
-pub fn token_logprobs(pm: &PeftModel, hidden: &Tensor, targets: &Tensor, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
+pub fn token_logprobs(
+    pm: &PeftModel,
+    hidden: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    entropy: bool,
+) -> (Tensor, Option<Tensor>) {
     token_logprobs_in(pm, hidden, targets, temperature, entropy, chunk_rows(pm))
 }
 

@@ -88,7 +88,7 @@ impl Metrics {
         let eta = if step > 0 && total >= step { elapsed / step as f64 * (total - step) as f64 } else { 0.0 };
         if self.tty {
             let width = 24;
-            let filled = if total > 0 { width * step.min(total) / total } else { 0 };
+            let filled = (width * step.min(total)).checked_div(total).unwrap_or(0);
             eprint!(
                 "\r{stage:>8} [{}{}] {step}/{total} {} eta {eta:.0}s   ",
                 "#".repeat(filled),

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use crate::parallel::Collective;
 use crate::error::Result;
+use crate::parallel::Collective;
 use rlhf_model::WeightFiles;
 
 pub struct AdamW {
@@ -87,7 +87,13 @@ impl AdamW {
     /// metric parts) over the ranks of `dist`, clips to `max_norm`, takes
     /// one step at `lr` and zeroes the gradients. Returns the gradient norm
     /// before clipping and the summed `extra` (unchanged with one rank).
-    pub fn step_across(&mut self, dist: &mut dyn Collective, extra: &[f64], max_norm: f64, lr: f64) -> Result<(f64, Vec<f64>)> {
+    pub fn step_across(
+        &mut self,
+        dist: &mut dyn Collective,
+        extra: &[f64],
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<(f64, Vec<f64>)> {
         let summed = crate::parallel::sync_grads(dist, &self.params, extra)?;
         let norm = self.clip_grad_norm(max_norm);
         self.step(lr);

@@ -8,8 +8,8 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use rlhf_model::Mask;
 use rlhf_model::peft::PeftModel;
+use rlhf_model::Mask;
 
 /// Backpropagates `head(hidden).0` where `hidden = pm.forward(ids, …)`, and
 /// returns `head`'s other output. Gradients accumulate into the active

@@ -16,7 +16,11 @@ pub fn markdown(title: &str, outcomes: &[Outcome]) -> String {
         for o in trained {
             let ratio = if o.base_params > 0 { 100.0 * o.trainable_params as f64 / o.base_params as f64 } else { 0.0 };
             let method = o.method.map_or("-", |m| m.name());
-            let _ = writeln!(s, "| {} | {} | {} | {:.4}% | {:.1} | {} |", o.stage, method, o.trainable_params, ratio, o.train_seconds, o.steps);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.4}% | {:.1} | {} |",
+                o.stage, method, o.trainable_params, ratio, o.train_seconds, o.steps
+            );
         }
         s.push('\n');
     }
@@ -80,7 +84,12 @@ pub fn markdown(title: &str, outcomes: &[Outcome]) -> String {
     }
     for o in outcomes {
         if let Some(p) = &o.predictions {
-            let _ = writeln!(s, "Every scored example of `{}` (prompt, gold, choice, option log-probs, generated text): `{}`\n", o.stage, p.display());
+            let _ = writeln!(
+                s,
+                "Every scored example of `{}` (prompt, gold, choice, option log-probs, generated text): `{}`\n",
+                o.stage,
+                p.display()
+            );
         }
     }
     s

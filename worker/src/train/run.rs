@@ -13,8 +13,8 @@ use super::ppo::roles::RemoteRoles;
 use super::stage::{Ctx, Outcome};
 use super::stages::{eval, pretrain, reward, sft};
 use super::{ppo, report};
-use crate::parallel::{Collective, Single};
 use crate::error::{Error, Result};
+use crate::parallel::{Collective, Single};
 
 /// Runs one single-kind job into `out`.
 pub fn run_stage(job: &JobSpec, out: &Path, device: Device, metrics: &mut Metrics) -> Result<Outcome> {
@@ -145,15 +145,24 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions)
     let RunOptions { observer, mut roles, collective } = opts;
     let mut dist: Box<dyn Collective> = collective.unwrap_or_else(|| Box::new(Single));
     if dist.world() > 1 && job.kind == JobKind::Eval {
-        return Err(Error::InvalidArgument(format!("placement.data_parallel: a {} job runs on one worker", job.kind.name())));
+        return Err(Error::InvalidArgument(format!(
+            "placement.data_parallel: a {} job runs on one worker",
+            job.kind.name()
+        )));
     }
     let rank = dist.rank();
     if job.placement.data_parallel > 1 && dist.world() == 1 {
-        tracing::info!(ranks = job.placement.data_parallel, "placement.data_parallel asks the coordinator for ranks; running as one");
+        tracing::info!(
+            ranks = job.placement.data_parallel,
+            "placement.data_parallel asks the coordinator for ranks; running as one"
+        );
     }
     let has_ppo = job.kind == JobKind::Ppo || job.stages.iter().any(|s| s.kind == JobKind::Ppo);
     if roles.is_some() && !has_ppo {
-        return Err(Error::InvalidArgument(format!("remote reward/critic roles need a ppo stage; this {} job has none", job.kind.name())));
+        return Err(Error::InvalidArgument(format!(
+            "remote reward/critic roles need a ppo stage; this {} job has none",
+            job.kind.name()
+        )));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let metrics_file = if rank == 0 {
@@ -172,16 +181,17 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions)
             produced.wire(stage, &mut sj);
             let dir = out.join("stages").join(&stage.name);
             let done = dir.join("outcome.json");
-            let outcome = match std::fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str::<Outcome>(&t).ok()) {
-                Some(o) => o,
-                // Data parallel: rank 0 evaluates, the other ranks wait for it.
-                None if stage.kind == JobKind::Eval && rank > 0 => Outcome::default(),
-                None => {
-                    tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
-                    let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
-                    run_stage_with(&sj, &dir, device, &mut metrics, r, dist.as_mut())?
-                }
-            };
+            let outcome =
+                match std::fs::read_to_string(&done).ok().and_then(|t| serde_json::from_str::<Outcome>(&t).ok()) {
+                    Some(o) => o,
+                    // Data parallel: rank 0 evaluates, the other ranks wait for it.
+                    None if stage.kind == JobKind::Eval && rank > 0 => Outcome::default(),
+                    None => {
+                        tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
+                        let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
+                        run_stage_with(&sj, &dir, device, &mut metrics, r, dist.as_mut())?
+                    }
+                };
             if dist.world() > 1 {
                 // Rank 0 has written this stage's files before any rank reads them.
                 dist.gather(Vec::new())?;

@@ -8,10 +8,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{self, Example, Task, Template};
 use crate::error::{Error, Result};
-use rlhf_model::batch::positions;
-use rlhf_model::{parse_dtype, Mask, Tokenizer};
-use rlhf_model::peft::{self, PeftModel};
 use crate::train::logprobs::token_logprobs;
+use rlhf_model::batch::positions;
+use rlhf_model::peft::{self, PeftModel};
+use rlhf_model::{parse_dtype, Mask, Tokenizer};
 
 /// The loaded base of a job, with its tokenizer.
 pub struct Loaded {
@@ -32,11 +32,7 @@ impl Loaded {
 
 /// Loads `job.model` on `device` and merges `model.merge_adapters` in order.
 pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
-    let dir = job
-        .model
-        .path
-        .clone()
-        .ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
+    let dir = job.model.path.clone().ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
     let kind = parse_dtype(&job.model.dtype)?;
     let base = rlhf_model::Model::load(&dir, kind, device)?;
     let tok = Tokenizer::load(&dir, &base.cfg)?;
@@ -77,7 +73,14 @@ pub fn task_sets(data: &DataSpec, split: Split) -> Result<Vec<TaskSet>> {
             Split::Eval => (src.eval.as_ref(), data.max_eval_examples),
         };
         if let Some(path) = path {
-            sets.push(task_set(src.task.as_deref(), &field, data.template.clone(), data.verbalizer.clone(), path, limit)?);
+            sets.push(task_set(
+                src.task.as_deref(),
+                &field,
+                data.template.clone(),
+                data.verbalizer.clone(),
+                path,
+                limit,
+            )?);
         }
     }
     if split == Split::Train && sets.is_empty() {
@@ -100,7 +103,8 @@ pub fn task_set(
         .ok_or_else(|| Error::InvalidArgument(format!("{field}: required")))?
         .parse()
         .map_err(|e: Error| Error::InvalidArgument(format!("{field}: {e}")))?;
-    let template = Template::with_overrides(task, template, verbalizer).map_err(|e| Error::InvalidArgument(format!("data.template: {e}")))?;
+    let template = Template::with_overrides(task, template, verbalizer)
+        .map_err(|e| Error::InvalidArgument(format!("data.template: {e}")))?;
     let mut examples = data::fewclue::load(task, path)?;
     if let Some(n) = limit {
         examples = data::stride_subset(&examples, n);
@@ -109,7 +113,13 @@ pub fn task_set(
 }
 
 /// Prompt ids and response ids (response ends with EOS), truncated to `max_len`.
-pub fn encode_pair(tok: &Tokenizer, prompt: &str, response: &str, eos: Option<i64>, max_len: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+pub fn encode_pair(
+    tok: &Tokenizer,
+    prompt: &str,
+    response: &str,
+    eos: Option<i64>,
+    max_len: usize,
+) -> Result<(Vec<i64>, Vec<i64>)> {
     let p = tok.encode(prompt, true)?;
     let mut r = tok.encode(response, false)?;
     r.extend(eos);

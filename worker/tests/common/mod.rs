@@ -20,7 +20,8 @@ pub fn load(name: &str) -> Model {
 
 /// A tensor from `<name>-expected.safetensors`.
 pub fn expected(name: &str, tensor: &str) -> Tensor {
-    let files = WeightFiles::open_file(&fixtures().join(format!("{name}-expected.safetensors"))).expect("expected file");
+    let files =
+        WeightFiles::open_file(&fixtures().join(format!("{name}-expected.safetensors"))).expect("expected file");
     files.get_any(tensor).expect("expected tensor")
 }
 

@@ -100,10 +100,7 @@ pub fn gae(rewards: &Tensor, values: &Tensor, mask: &Tensor, gamma: f64, lam: f6
     let values = apply_mask(values, mask);
     let rewards = apply_mask(rewards, mask);
     // V[t+1], with V[T] = 0.
-    let next_values = Tensor::cat(
-        &[values.narrow(1, 1, t_len - 1), values.narrow(1, 0, 1).zeros_like()],
-        1,
-    );
+    let next_values = Tensor::cat(&[values.narrow(1, 1, t_len - 1), values.narrow(1, 0, 1).zeros_like()], 1);
     let deltas = rewards + next_values * gamma - &values;
     let mut last = deltas.select(1, 0).zeros_like();
     let mut columns = Vec::with_capacity(t_len as usize);
@@ -153,9 +150,7 @@ pub fn to_rows(x: &Tensor) -> Vec<Vec<f64>> {
     let x = x.to_kind(Kind::Double).to_device(tch::Device::Cpu).contiguous();
     let size = x.size();
     assert!(size.len() == 2, "to_rows: expected [b, t], got {size:?}");
-    (0..size[0])
-        .map(|i| Vec::<f64>::try_from(&x.get(i)).expect("double row"))
-        .collect()
+    (0..size[0]).map(|i| Vec::<f64>::try_from(&x.get(i)).expect("double row")).collect()
 }
 
 #[cfg(test)]
@@ -171,11 +166,7 @@ mod tests {
     }
 
     fn max_abs_diff_rows(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max)
+        a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
     }
 
     fn check_against_loop(kind: Kind, tol: f64) {

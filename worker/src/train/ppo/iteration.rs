@@ -14,14 +14,17 @@ use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
 use super::rollout::{logprobs, Batch};
-use super::{apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss, shard, KlController, KlEstimator};
-use crate::parallel::Collective;
+use super::{
+    apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss,
+    shard, KlController, KlEstimator,
+};
 use crate::error::Result;
 use crate::fields;
-use rlhf_model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
-use rlhf_model::peft::PeftModel;
+use crate::parallel::Collective;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
+use rlhf_model::peft::PeftModel;
+use rlhf_model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
 
 /// Where the four roles of an iteration live.
 pub trait Roles {
@@ -36,7 +39,13 @@ pub trait Roles {
     fn values(&mut self, batch: &Batch) -> Result<Tensor>;
     /// One critic update on this rank's part of a minibatch (none is fine),
     /// weighing `share` of it; returns the value loss summed over ranks.
-    fn critic_step(&mut self, part: Option<(&Batch, Tensor, Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<f64>;
+    fn critic_step(
+        &mut self,
+        part: Option<(&Batch, Tensor, Tensor)>,
+        share: f64,
+        ppo: &PpoSpec,
+        dist: &mut dyn Collective,
+    ) -> Result<f64>;
     /// The tokenizer, for rule rewards on decoded responses.
     fn tokenizer(&self) -> Option<&Tokenizer>;
     /// Payload bytes moved to and from other workers so far.
@@ -55,12 +64,15 @@ pub struct Prompts<'a> {
     pub global: usize,
 }
 
+/// A rule reward: scores of response token ids.
+pub type RuleFn<'a> = dyn Fn(&Tokenizer, &[Vec<i64>]) -> Result<Tensor> + 'a;
+
 /// Where scores come from.
 pub enum Scorer<'a> {
     /// The reward role.
     Model,
     /// A rule on the decoded responses of this rank's rows.
-    Rule(&'a dyn Fn(&Tokenizer, &[Vec<i64>]) -> Result<Tensor>),
+    Rule(&'a RuleFn<'a>),
 }
 
 /// What carries over from one iteration to the next.
@@ -153,12 +165,19 @@ pub fn run(
             // The reward model learned on EOS-terminated answers: score
             // each response as if it had ended there.
             let eos = rollout.eos_ids.first().copied().unwrap_or(rollout.pad);
-            let ended: Vec<Vec<i64>> = gen.tokens.iter().zip(&has_eos).map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() }).collect();
+            let ended: Vec<Vec<i64>> = gen
+                .tokens
+                .iter()
+                .zip(&has_eos)
+                .map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() })
+                .collect();
             roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
         }
         Scorer::Model => roles.scores(&batch)?,
         Scorer::Rule(rule) => {
-            let tok = roles.tokenizer().ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
+            let tok = roles
+                .tokenizer()
+                .ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
             rule(tok, &gen.tokens)?.to_device(device)
         }
     };
@@ -170,14 +189,16 @@ pub fn run(
     let t_values = t.elapsed().as_secs_f64();
 
     // 4. KL-penalised rewards, GAE, whitening.
-    let has_eos_t = Tensor::from_slice(&has_eos.iter().map(|&b| b as u8).collect::<Vec<_>>()).to_kind(Kind::Bool).to_device(device);
+    let has_eos_t =
+        Tensor::from_slice(&has_eos.iter().map(|&b| b as u8).collect::<Vec<_>>()).to_kind(Kind::Bool).to_device(device);
     let score = match ppo.missing_eos_penalty {
         Some(p) => apply_missing_eos_penalty(&raw_score, &has_eos_t, p),
         None => raw_score.shallow_clone(),
     };
     let score = clip_score(&score, ppo.reward_clip);
     let mask = &batch.mask;
-    let (rewards, kl) = penalized_rewards(&score, &logp_old, &ref_logp, mask, state.kl.coef(), estimator(ppo.kl_estimator));
+    let (rewards, kl) =
+        penalized_rewards(&score, &logp_old, &ref_logp, mask, state.kl.coef(), estimator(ppo.kl_estimator));
     let (adv, returns) = gae(&rewards, &values_old, mask, ppo.gamma, ppo.lam);
     let adv = match (ppo.whiten_advantages, world) {
         (false, _) => adv,
@@ -208,7 +229,8 @@ pub fn run(
                         let pg = policy_loss(logp_new, &old, &adv, &sub.mask, ppo.clip);
                         let part = &pg.loss * share;
                         let ent = ent.map_or(f64::NAN, |e| scalar(&masked_mean(e, &sub.mask)));
-                        let stats = [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
+                        let stats =
+                            [scalar(&part), scalar(&pg.clip_frac) * share, scalar(&pg.approx_kl) * share, ent * share];
                         Ok((part, stats))
                     })
                 })?;
@@ -246,7 +268,8 @@ pub fn run(
     let n = sums.minibatches.max(1) as f64;
     let secs = ti.elapsed().as_secs_f64();
     let reward_mean = raw / n_rows;
-    let reward_var = if b_all > 1 { (raw_sq - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0) } else { 0.0 };
+    let reward_var =
+        if b_all > 1 { (raw_sq - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0) } else { 0.0 };
     Ok(fields! {
         "reward_mean" => reward_mean,
         "reward_std" => reward_var.sqrt(),

@@ -54,16 +54,9 @@ pub fn penalized_rewards(
 ) -> (Tensor, Tensor) {
     assert_same_shape("penalized_rewards logp/mask", logp, mask);
     let size = mask.size();
-    assert!(
-        size.len() == 2,
-        "penalized_rewards: expected [b, t] tensors, got {size:?}"
-    );
+    assert!(size.len() == 2, "penalized_rewards: expected [b, t] tensors, got {size:?}");
     let score_size = score.size();
-    assert!(
-        score_size == [size[0]],
-        "penalized_rewards: score must be [{}], got {score_size:?}",
-        size[0]
-    );
+    assert!(score_size == [size[0]], "penalized_rewards: score must be [{}], got {score_size:?}", size[0]);
     let valid = mask.gt(0.0);
     let kl = kl_per_token(logp, ref_logp, est).masked_fill(&valid.logical_not(), 0.0);
     // 1 + t on valid tokens, 0 elsewhere; its argmax is the last valid index.
@@ -169,11 +162,7 @@ mod tests {
 
     #[test]
     fn adaptive_controller_follows_trl() {
-        let mut c = KlController::Adaptive {
-            coef: 0.2,
-            target: 6.0,
-            horizon: 10000.0,
-        };
+        let mut c = KlController::Adaptive { coef: 0.2, target: 6.0, horizon: 10000.0 };
         // KL far above target: error clipped to +0.2.
         c.update(60.0, 256);
         assert!((c.coef() - 0.2 * (1.0 + 0.2 * 256.0 / 10000.0)).abs() < 1e-15);

@@ -51,16 +51,9 @@ pub fn policy_loss(
     let loss = masked_mean(&pg1.maximum(&pg2), mask);
     let (clip_frac, approx_kl) = tch::no_grad(|| {
         let clipped = pg2.gt_tensor(&pg1).to_kind(mask.kind());
-        (
-            masked_mean(&clipped, mask),
-            masked_mean(&log_ratio.square(), mask) * 0.5,
-        )
+        (masked_mean(&clipped, mask), masked_mean(&log_ratio.square(), mask) * 0.5)
     });
-    PolicyLossOut {
-        loss,
-        clip_frac,
-        approx_kl,
-    }
+    PolicyLossOut { loss, clip_frac, approx_kl }
 }
 
 /// Output of [`value_loss`]; every field is a scalar tensor.
@@ -108,19 +101,11 @@ pub fn value_loss(
 /// Computed in f32 (or f64 for f64 logits) whatever the logits' dtype; `-inf` logits (banned
 /// tokens) contribute 0.
 pub fn entropy_per_token(logits: &Tensor) -> Tensor {
-    let kind = if logits.kind() == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
-    };
+    let kind = if logits.kind() == Kind::Double { Kind::Double } else { Kind::Float };
     let logp = logits.log_softmax(-1, kind);
     let p = logp.exp();
     // 0 * -inf would be NaN; a finite floor makes it 0 and is exact for every p > 0 in range.
-    let floor = if kind == Kind::Double {
-        f64::MIN
-    } else {
-        f32::MIN as f64
-    };
+    let floor = if kind == Kind::Double { f64::MIN } else { f32::MIN as f64 };
     -(p * logp.clamp_min(floor)).sum_dim_intlist(-1, false, kind)
 }
 
@@ -174,9 +159,7 @@ mod tests {
     #[test]
     fn policy_loss_clips_and_ignores_padding() {
         // One token, A = 1, ratio = e^1 > 1.2: clipped, loss = -1.2, no gradient.
-        let new = Tensor::from_slice(&[0.0f32, f32::NAN])
-            .reshape([1, 2])
-            .set_requires_grad(true);
+        let new = Tensor::from_slice(&[0.0f32, f32::NAN]).reshape([1, 2]).set_requires_grad(true);
         let old = Tensor::from_slice(&[-1.0f32, 0.0]).reshape([1, 2]);
         let adv = Tensor::from_slice(&[1.0f32, 0.0]).reshape([1, 2]);
         let mask = Tensor::from_slice(&[1.0f32, 0.0]).reshape([1, 2]);
@@ -213,9 +196,7 @@ mod tests {
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
         assert!((scalar(&entropy_from_logits(&logits, &mask)) - (v as f64).ln()).abs() < 1e-6);
         // Half the vocabulary banned: entropy ln(v/2), not NaN; bf16 logits work too.
-        let banned = Tensor::arange(v, (Kind::Int64, Device::Cpu))
-            .ge(v / 2)
-            .reshape([1, 1, v]);
+        let banned = Tensor::arange(v, (Kind::Int64, Device::Cpu)).ge(v / 2).reshape([1, 1, v]);
         let logits = logits.masked_fill(&banned, f64::NEG_INFINITY).to_kind(Kind::BFloat16);
         assert!((scalar(&entropy_from_logits(&logits, &mask)) - ((v / 2) as f64).ln()).abs() < 1e-6);
     }
@@ -228,9 +209,6 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&s).unwrap(), vec![1.0, -8.5, 1.5]);
         let c = clip_score(&s, Some(2.0));
         assert_eq!(Vec::<f32>::try_from(&c).unwrap(), vec![1.0, -2.0, 1.5]);
-        assert_eq!(
-            Vec::<f32>::try_from(&clip_score(&s, None)).unwrap(),
-            vec![1.0, -8.5, 1.5]
-        );
+        assert_eq!(Vec::<f32>::try_from(&clip_score(&s, None)).unwrap(), vec![1.0, -8.5, 1.5]);
     }
 }

@@ -11,13 +11,13 @@ use tch::{Kind, Tensor};
 
 use super::rollout::{model_scores, values, Batch};
 use super::value_loss;
-use crate::parallel::{Collective, Single};
 use crate::error::{Error, Result};
-use rlhf_model::peft::{self, PeftConfig, PeftModel};
+use crate::parallel::{Collective, Single};
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
-use rlhf_model::head::{load_reward_model, Head, HEAD_FILE};
 use crate::train::setup::{load_base, Loaded};
+use rlhf_model::head::{load_reward_model, Head, HEAD_FILE};
+use rlhf_model::peft::{self, PeftConfig, PeftModel};
 
 pub const POLICY: &str = "policy";
 pub const CRITIC: &str = "critic";
@@ -67,7 +67,8 @@ impl RoleHost {
     }
 
     pub fn model_scores(&mut self, batch: &Batch) -> Result<Tensor> {
-        let head = self.reward_head.as_ref().ok_or_else(|| Error::InvalidArgument("this job has no reward model".into()))?;
+        let head =
+            self.reward_head.as_ref().ok_or_else(|| Error::InvalidArgument("this job has no reward model".into()))?;
         self.l.pm.set_active(Some(REWARD))?;
         tch::no_grad(|| model_scores(&self.l.pm, head, batch))
     }
@@ -79,7 +80,13 @@ impl RoleHost {
 
     /// One critic update on a minibatch: `vf_coef · clipped value loss`.
     /// Returns (value loss, value clip fraction).
-    pub fn critic_step(&mut self, sub: &Batch, values_old: &Tensor, returns: &Tensor, ppo: &PpoSpec) -> Result<(f64, f64)> {
+    pub fn critic_step(
+        &mut self,
+        sub: &Batch,
+        values_old: &Tensor,
+        returns: &Tensor,
+        ppo: &PpoSpec,
+    ) -> Result<(f64, f64)> {
         self.critic_step_part(Some((sub, values_old, returns)), 1.0, ppo, &mut Single)
     }
 
@@ -91,7 +98,13 @@ impl RoleHost {
     /// [`critic_step`](Self::critic_step) as one data-parallel rank: this
     /// rank's rows of the minibatch (none is fine) weigh `share` of it; the
     /// gradients and statistics are summed over ranks before the update.
-    pub fn critic_step_part(&mut self, part: Option<(&Batch, &Tensor, &Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<(f64, f64)> {
+    pub fn critic_step_part(
+        &mut self,
+        part: Option<(&Batch, &Tensor, &Tensor)>,
+        share: f64,
+        ppo: &PpoSpec,
+        dist: &mut dyn Collective,
+    ) -> Result<(f64, f64)> {
         self.l.pm.set_active(Some(CRITIC))?;
         critic_update(&self.l.pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)
     }
@@ -110,7 +123,8 @@ impl RoleHost {
 
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
         checkpoint::restore_adapter(&dir.join(CRITIC), self.l.pm.adapter(CRITIC)?)?;
-        let head = Head::load(&dir.join(CRITIC).join(HEAD_FILE), self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
+        let head =
+            Head::load(&dir.join(CRITIC).join(HEAD_FILE), self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
         tch::no_grad(|| -> Result<()> {
             self.value_head.weight.shallow_clone().f_copy_(&head.weight)?;
             self.value_head.bias.shallow_clone().f_copy_(&head.bias)?;
@@ -127,7 +141,12 @@ impl RoleHost {
             RoleOp::Scores(b) => vec![("scores".into(), self.model_scores(&b.to(device))?)],
             RoleOp::Values(b) => vec![("values".into(), self.values(&b.to(device))?)],
             RoleOp::CriticStep { batch, values_old, returns } => {
-                let (loss, frac) = self.critic_step(&batch.to(device), &values_old.to_device(device), &returns.to_device(device), ppo)?;
+                let (loss, frac) = self.critic_step(
+                    &batch.to(device),
+                    &values_old.to_device(device),
+                    &returns.to_device(device),
+                    ppo,
+                )?;
                 vec![("value_loss".into(), Tensor::from(loss)), ("clip_frac".into(), Tensor::from(frac))]
             }
             RoleOp::SaveCritic { dir } => {
@@ -175,13 +194,25 @@ pub fn critic_update(
 pub enum RoleOp {
     /// (Re)builds the host for this resolved PPO job (a pipeline's PPO stage
     /// is only known once the earlier stages have run).
-    Init { spec_toml: String },
+    Init {
+        spec_toml: String,
+    },
     Scores(Batch),
     Values(Batch),
-    CriticStep { batch: Batch, values_old: Tensor, returns: Tensor },
-    SaveCritic { dir: String },
-    Checkpoint { dir: String },
-    Restore { dir: String },
+    CriticStep {
+        batch: Batch,
+        values_old: Tensor,
+        returns: Tensor,
+    },
+    SaveCritic {
+        dir: String,
+    },
+    Checkpoint {
+        dir: String,
+    },
+    Restore {
+        dir: String,
+    },
 }
 
 impl Batch {
@@ -218,7 +249,10 @@ pub mod wire {
     }
 
     fn take(ts: &mut Vec<(String, Tensor)>, name: &str) -> Result<Tensor> {
-        let i = ts.iter().position(|(n, _)| n == name).ok_or_else(|| Error::InvalidArgument(format!("role call: tensor {name} missing")))?;
+        let i = ts
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("role call: tensor {name} missing")))?;
         Ok(ts.swap_remove(i).1)
     }
 

@@ -9,12 +9,12 @@
 use tch::{Device, Tensor};
 
 use crate::error::Result;
-use rlhf_model::generate::{attention_mask, positions_from_mask};
-use rlhf_model::Mask;
-use rlhf_model::peft::PeftModel;
 use crate::train::logprobs::token_logprobs;
 use crate::train::recompute::backward;
+use rlhf_model::generate::{attention_mask, positions_from_mask};
 use rlhf_model::head::Head;
+use rlhf_model::peft::PeftModel;
+use rlhf_model::Mask;
 
 /// Token ids of one rollout, with everything the forward passes need.
 pub struct Batch {
@@ -39,8 +39,17 @@ impl Batch {
         for (pr, rs) in prompts.iter().zip(responses) {
             let lp = p - pr.len();
             let rp = r - rs.len();
-            ids.extend(std::iter::repeat_n(pad, lp).chain(pr.iter().copied()).chain(rs.iter().copied()).chain(std::iter::repeat_n(pad, rp)));
-            attn.extend(std::iter::repeat_n(0i64, lp).chain(std::iter::repeat_n(1, pr.len() + rs.len())).chain(std::iter::repeat_n(0, rp)));
+            ids.extend(
+                std::iter::repeat_n(pad, lp)
+                    .chain(pr.iter().copied())
+                    .chain(rs.iter().copied())
+                    .chain(std::iter::repeat_n(pad, rp)),
+            );
+            attn.extend(
+                std::iter::repeat_n(0i64, lp)
+                    .chain(std::iter::repeat_n(1, pr.len() + rs.len()))
+                    .chain(std::iter::repeat_n(0, rp)),
+            );
             resp.extend(rs.iter().copied().chain(std::iter::repeat_n(pad, rp)));
             mask.extend(std::iter::repeat_n(1f32, rs.len()).chain(std::iter::repeat_n(0.0, rp)));
         }
@@ -77,7 +86,8 @@ impl Batch {
     /// generation returns) as `[b, R]`, zero on padding.
     pub fn response_values(&self, rows: &[Vec<f32>]) -> Tensor {
         let r = self.mask.size()[1] as usize;
-        let flat: Vec<f32> = rows.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat(0.0)).take(r)).collect();
+        let flat: Vec<f32> =
+            rows.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat(0.0)).take(r)).collect();
         Tensor::from_slice(&flat).view([rows.len() as i64, r as i64]).to_device(self.mask.device())
     }
 
@@ -102,7 +112,12 @@ impl Batch {
     /// Runs `head` on the response hidden states and backpropagates its
     /// loss, with activation checkpointing when `recompute` (see
     /// [`crate::train::recompute`]); returns `head`'s other output.
-    pub fn train_step<T>(&self, pm: &PeftModel, recompute: bool, head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>) -> Result<T> {
+    pub fn train_step<T>(
+        &self,
+        pm: &PeftModel,
+        recompute: bool,
+        head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+    ) -> Result<T> {
         let (pos, m) = self.forward_inputs();
         backward(pm, (&self.ids, &pos, &Mask::Explicit(&m)), recompute, |hidden| head(&self.response_part(hidden)))
     }

@@ -7,8 +7,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::gae::{apply_mask, WHITEN_EPS};
-use crate::parallel::Collective;
 use crate::error::Result;
+use crate::parallel::Collective;
 
 /// Element-wise sums of `v` over ranks (unchanged with one rank).
 pub fn sum_across(c: &mut dyn Collective, v: &[f64]) -> Result<Vec<f64>> {

@@ -16,15 +16,17 @@ use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
 use super::roles::{RemoteRoles, RoleHost, RoleOp, CRITIC, POLICY};
 use super::rollout::Batch;
 use crate::data::{Shuffler, Template};
-use crate::parallel::{self, Collective};
 use crate::error::{Error, Result};
-use rlhf_model::Tokenizer;
-use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
+use crate::parallel::{self, Collective};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::setup::{load_base, task_sets, Loaded, Split};
 use crate::train::stage::{Ctx, Outcome};
+use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
+use rlhf_model::Tokenizer;
 
 /// Where the trainer's roles live.
+// One per job: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Parts<'r> {
     /// Every role on this worker's one base (the host carries the policy
     /// adapter too).
@@ -94,11 +96,20 @@ impl Roles for Parts<'_> {
         }
     }
 
-    fn critic_step(&mut self, part: Option<(&Batch, Tensor, Tensor)>, share: f64, ppo: &PpoSpec, dist: &mut dyn Collective) -> Result<f64> {
+    fn critic_step(
+        &mut self,
+        part: Option<(&Batch, Tensor, Tensor)>,
+        share: f64,
+        ppo: &PpoSpec,
+        dist: &mut dyn Collective,
+    ) -> Result<f64> {
         match self {
-            Parts::Colocated { host, .. } => Ok(host.critic_step_part(part.as_ref().map(|(s, v, r)| (*s, v, r)), share, ppo, dist)?.0),
+            Parts::Colocated { host, .. } => {
+                Ok(host.critic_step_part(part.as_ref().map(|(s, v, r)| (*s, v, r)), share, ppo, dist)?.0)
+            }
             Parts::Remote { .. } => {
-                let (sub, values_old, returns) = part.ok_or_else(|| Error::InvalidArgument("empty minibatch".into()))?;
+                let (sub, values_old, returns) =
+                    part.ok_or_else(|| Error::InvalidArgument("empty minibatch".into()))?;
                 let out = self.call(RoleOp::CriticStep { batch: sub.to(tch::Device::Cpu), values_old, returns })?;
                 Ok(out.iter().find(|(k, _)| k == "value_loss").map_or(f64::NAN, |(_, t)| t.double_value(&[])))
             }
@@ -119,7 +130,12 @@ impl Roles for Parts<'_> {
 
 /// Rule rewards from the decoded responses.
 /// `gold[i]` is row i's (template, label).
-fn rule_scores(tok: &Tokenizer, reward: &RewardSource, responses: &[Vec<i64>], gold: &[(&Template, &str)]) -> Result<Tensor> {
+fn rule_scores(
+    tok: &Tokenizer,
+    reward: &RewardSource,
+    responses: &[Vec<i64>],
+    gold: &[(&Template, &str)],
+) -> Result<Tensor> {
     let mut s = Vec::with_capacity(responses.len());
     for (r, (template, g)) in responses.iter().zip(gold) {
         let text = tok.decode(r, true)?;
@@ -144,7 +160,9 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
     let mut parts = match remote {
         Some(_) if world > 1 => {
-            return Err(Error::InvalidArgument("placement: a data-parallel ppo job keeps reward and critic on every rank".into()));
+            return Err(Error::InvalidArgument(
+                "placement: a data-parallel ppo job keeps reward and critic on every rank".into(),
+            ));
         }
         Some(remote) => {
             remote.call(RoleOp::Init { spec_toml: job.to_toml() })?;
@@ -206,7 +224,8 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
         let rows = parallel::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
         let batch_prompts: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
-        let batch_gold: Vec<(&Template, &str)> = rows.iter().map(|&r| (&sets[gold[idx[r]].0].template, gold[idx[r]].1.as_str())).collect();
+        let batch_gold: Vec<(&Template, &str)> =
+            rows.iter().map(|&r| (&sets[gold[idx[r]].0].template, gold[idx[r]].1.as_str())).collect();
         let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, responses, &batch_gold);
         let scorer = match &ppo.reward {
             RewardSource::Model { .. } => Scorer::Model,
@@ -245,14 +264,31 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
 }
 
 /// Policy adapter and optimizer, then the critic's state wherever it lives.
-fn save_checkpoint(parts: &mut Parts<'_>, out: &Path, step: usize, state: &PolicyState, st: serde_json::Value, keep: usize) -> Result<()> {
+fn save_checkpoint(
+    parts: &mut Parts<'_>,
+    out: &Path,
+    step: usize,
+    state: &PolicyState,
+    st: serde_json::Value,
+    keep: usize,
+) -> Result<()> {
     match parts {
         Parts::Colocated { host, .. } => {
-            let ck = Checkpoint { adapters: vec![(POLICY, host.l.pm.adapter(POLICY)?)], tensors: Vec::new(), optimizers: vec![(POLICY, &state.opt)], state: st };
+            let ck = Checkpoint {
+                adapters: vec![(POLICY, host.l.pm.adapter(POLICY)?)],
+                tensors: Vec::new(),
+                optimizers: vec![(POLICY, &state.opt)],
+                state: st,
+            };
             checkpoint::save_with(out, step, "", &ck, keep, &mut |dir: &Path| host.checkpoint(dir)).map(|_| ())
         }
         Parts::Remote { own, remote } => {
-            let ck = Checkpoint { adapters: vec![(POLICY, own.pm.adapter(POLICY)?)], tensors: Vec::new(), optimizers: vec![(POLICY, &state.opt)], state: st };
+            let ck = Checkpoint {
+                adapters: vec![(POLICY, own.pm.adapter(POLICY)?)],
+                tensors: Vec::new(),
+                optimizers: vec![(POLICY, &state.opt)],
+                state: st,
+            };
             checkpoint::save_with(out, step, "", &ck, keep, &mut |dir: &Path| {
                 remote.call(RoleOp::Checkpoint { dir: dir.display().to_string() }).map(|_| ())
             })

@@ -7,11 +7,11 @@ use rlhf_common::spec::{EvalMode, JobSpec};
 
 use std::io::Write as _;
 
+use crate::error::{Error, Result};
+use crate::fields;
 use crate::train::accuracy::{accuracy, score, GenSettings, Prediction, TaskEval};
 use crate::train::setup::{load_base, task_set};
 use crate::train::stage::{Accuracy, Ctx, Outcome};
-use crate::error::{Error, Result};
-use crate::fields;
 use rlhf_model::peft;
 
 /// Per-example predictions of an eval job, in its output directory.
@@ -23,12 +23,24 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let pad = l.pad();
     let mut tasks = Vec::new();
     for t in &spec.tasks {
-        let set = task_set(Some(&t.task), "eval.tasks.task", t.template.clone(), t.verbalizer.clone(), &t.path, spec.max_examples)?;
+        let set = task_set(
+            Some(&t.task),
+            "eval.tasks.task",
+            t.template.clone(),
+            t.verbalizer.clone(),
+            &t.path,
+            spec.max_examples,
+        )?;
         tasks.push((t.task.clone(), TaskEval::new(&l.tok, &set.template, &set.examples, job.model.max_length)?));
     }
     let mut variants: Vec<(String, Vec<std::path::PathBuf>)> = vec![("base".into(), Vec::new())];
     variants.extend(spec.adapters.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let settings = GenSettings { max_new_tokens: spec.max_new_tokens, temperature: spec.temperature, top_p: spec.top_p, seed: job.seed };
+    let settings = GenSettings {
+        max_new_tokens: spec.max_new_tokens,
+        temperature: spec.temperature,
+        top_p: spec.top_p,
+        seed: job.seed,
+    };
     let total = variants.len() * tasks.len() * spec.modes.len();
     // Every example of every model and task, so any cell of the report can
     // be audited: {"model", "task", "example": {id, prompt (text),
@@ -36,7 +48,8 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     // generated, generate}}.
     std::fs::create_dir_all(ctx.out).map_err(|e| Error::io(ctx.out, e))?;
     let predictions_path = ctx.out.join(PREDICTIONS);
-    let mut predictions = std::io::BufWriter::new(std::fs::File::create(&predictions_path).map_err(|e| Error::io(&predictions_path, e))?);
+    let mut predictions =
+        std::io::BufWriter::new(std::fs::File::create(&predictions_path).map_err(|e| Error::io(&predictions_path, e))?);
     let mut accuracies = Vec::new();
     let t0 = Instant::now();
     for (vi, (name, dirs)) in variants.iter().enumerate() {
@@ -71,7 +84,13 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
                     EvalMode::Choice => (accuracy(&preds, Prediction::choice_correct), "choice"),
                     EvalMode::Generate => (accuracy(&preds, Prediction::generate_correct), "generate"),
                 };
-                accuracies.push(Accuracy { model: name.clone(), task: task.clone(), mode: mode_name.into(), accuracy: acc, n: te.len() });
+                accuracies.push(Accuracy {
+                    model: name.clone(),
+                    task: task.clone(),
+                    mode: mode_name.into(),
+                    accuracy: acc,
+                    n: te.len(),
+                });
                 let rec = fields! { "model" => name, "task" => task, "mode" => mode_name, "accuracy" => acc, "n" => te.len(), "seconds" => seconds };
                 ctx.metrics.log(accuracies.len(), total, rec)?;
             }

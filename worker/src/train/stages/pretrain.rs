@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use rlhf_common::spec::JobSpec;
 
+use crate::error::{Error, Result};
 use crate::train::lm::{self, Sample};
 use crate::train::setup::load_base;
 use crate::train::stage::{Ctx, Outcome};
-use crate::error::{Error, Result};
 use rlhf_model::init::{init_model, Preset};
-use rlhf_model::save::save_model;
 use rlhf_model::peft::{self, base_parameters, Method, PeftConfig};
+use rlhf_model::save::save_model;
 
 pub const ADAPTER: &str = "full";
 

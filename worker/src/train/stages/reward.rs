@@ -10,13 +10,13 @@ use rlhf_common::spec::JobSpec;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
+use crate::data::{self, PreferencePair, Shuffler};
+use crate::error::{Error, Result};
+use crate::fields;
+use crate::parallel;
 use crate::train::optim::{AdamW, Schedule};
 use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
 use crate::train::stage::{Ctx, Outcome};
-use crate::data::{self, PreferencePair, Shuffler};
-use crate::parallel;
-use crate::error::{Error, Result};
-use crate::fields;
 use rlhf_model::head::{score, Head, HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
@@ -83,7 +83,10 @@ fn pairs_of(job: &JobSpec) -> Result<Pairs> {
                 out.held_out.extend(load(i, src.task.as_deref(), p, data.max_eval_examples)?);
                 if data.from_multiple_choice {
                     let s = set(i, src.task.as_deref(), p)?;
-                    out.bare.extend(cut(data::bare_answer_pairs(&s.examples, &s.template, job.seed)?, data.max_eval_examples));
+                    out.bare.extend(cut(
+                        data::bare_answer_pairs(&s.examples, &s.template, job.seed)?,
+                        data.max_eval_examples,
+                    ));
                 }
             }
             None => {
@@ -108,7 +111,8 @@ fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<
     let mut wins = 0usize;
     tch::no_grad(|| -> Result<()> {
         for chunk in pairs.chunks(16) {
-            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
+            let seqs: Vec<Vec<i64>> =
+                chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
             let r: Vec<f32> = Vec::try_from(&score(pm, head, &seqs, pad)?.to_device(tch::Device::Cpu))?;
             let n = chunk.len();
             wins += (0..n).filter(|&i| r[i] > r[n + i]).count();
@@ -124,11 +128,20 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let max_len = job.model.max_length;
     let data = job.data.clone().unwrap_or_default();
     let fits = |e: &Encoded| data.max_pair_tokens.is_none_or(|n| e.chosen.len().max(e.rejected.len()) <= n);
-    let (train_enc, eval_enc): (Vec<Encoded>, Vec<Encoded>) =
-        (encode(&l, &train_pairs, max_len)?.into_iter().filter(fits).collect(), encode(&l, &eval_pairs, max_len)?.into_iter().filter(fits).collect());
+    let (train_enc, eval_enc): (Vec<Encoded>, Vec<Encoded>) = (
+        encode(&l, &train_pairs, max_len)?.into_iter().filter(fits).collect(),
+        encode(&l, &eval_pairs, max_len)?.into_iter().filter(fits).collect(),
+    );
     let bare_enc = encode(&l, &bare, max_len)?;
     if let Some(n) = data.max_pair_tokens {
-        tracing::info!(max_pair_tokens = n, train = train_enc.len(), of = train_pairs.len(), eval = eval_enc.len(), of_eval = eval_pairs.len(), "pairs within the token cap");
+        tracing::info!(
+            max_pair_tokens = n,
+            train = train_enc.len(),
+            of = train_pairs.len(),
+            eval = eval_enc.len(),
+            of_eval = eval_pairs.len(),
+            "pairs within the token cap"
+        );
     }
     if train_enc.is_empty() {
         return Err(Error::InvalidArgument("data.train: no preference pairs".into()));
@@ -142,7 +155,10 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             let head = Head { weight: h.weight.set_requires_grad(true), bias: h.bias.set_requires_grad(true) };
             (peft::io::load(dir, &l.pm.base)?, head)
         }
-        None => (peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?, Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed)),
+        None => (
+            peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?,
+            Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed),
+        ),
     };
     let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
     let mut params = adapter.parameters();
@@ -169,13 +185,18 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             // This rank's pairs; their loss is a sum over the whole batch's pair count.
             let batch_pairs = idx.len() as f64;
             let chunk: Vec<&Encoded> = parallel::shard(&idx, rank, world).into_iter().map(|i| &train_enc[i]).collect();
-            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
+            let seqs: Vec<Vec<i64>> =
+                chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
             let r = score(&l.pm, &head, &seqs, pad)?;
             let n = chunk.len() as i64;
-            let margin = Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(ctx.device);
+            let margin =
+                Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(ctx.device);
             let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
             let (loss, acc) = if world > 1 {
-                (-diff.log_sigmoid().sum(Kind::Float) / batch_pairs, diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs)
+                (
+                    -diff.log_sigmoid().sum(Kind::Float) / batch_pairs,
+                    diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs,
+                )
             } else {
                 (-diff.log_sigmoid().mean(Kind::Float), diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))
             };
@@ -198,18 +219,22 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     }
     let secs = t0.elapsed().as_secs_f64();
     // Demonstrations (chosen responses) should score 0 on average.
-    let offset = if !ctx.writes() { f64::NAN } else { tch::no_grad(|| -> Result<f64> {
-        let mut sum = 0.0;
-        // (at most 512 of them, by stride: long preference sets cost minutes)
-        let demos = data::stride_subset(&train_enc.iter().collect::<Vec<_>>(), 512);
-        for chunk in demos.chunks(16) {
-            let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
-            sum += score(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
-        }
-        let mean = sum / demos.len() as f64;
-        let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
-        Ok(mean)
-    })? };
+    let offset = if !ctx.writes() {
+        f64::NAN
+    } else {
+        tch::no_grad(|| -> Result<f64> {
+            let mut sum = 0.0;
+            // (at most 512 of them, by stride: long preference sets cost minutes)
+            let demos = data::stride_subset(&train_enc.iter().collect::<Vec<_>>(), 512);
+            for chunk in demos.chunks(16) {
+                let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
+                sum += score(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
+            }
+            let mean = sum / demos.len() as f64;
+            let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
+            Ok(mean)
+        })?
+    };
     let dir: PathBuf = ctx.out.join("reward_model");
     let acc = if ctx.writes() {
         peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;

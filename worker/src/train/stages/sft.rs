@@ -3,11 +3,11 @@
 
 use rlhf_common::spec::JobSpec;
 
+use crate::error::{Error, Result};
 use crate::train::accuracy::{choice_accuracy, TaskEval};
 use crate::train::lm::{self, Sample};
 use crate::train::setup::{encode_pair, load_base, task_sets, Split};
 use crate::train::stage::{Ctx, Outcome};
-use crate::error::{Error, Result};
 use rlhf_model::peft::{self, base_parameters, PeftConfig};
 
 pub const ADAPTER: &str = "policy";
@@ -21,7 +21,8 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut samples = Vec::new();
     for set in &sets {
         for ex in &set.examples {
-            let (p, r) = encode_pair(&l.tok, &set.template.render(ex)?, set.template.answer(&ex.label)?, Some(eos), max_len)?;
+            let (p, r) =
+                encode_pair(&l.tok, &set.template.render(ex)?, set.template.answer(&ex.label)?, Some(eos), max_len)?;
             let targets = std::iter::repeat_n(0, p.len()).chain(std::iter::repeat_n(1, r.len())).collect();
             samples.push(Sample { ids: [p, r].concat(), targets });
         }
