@@ -7,5 +7,10 @@ pub mod spec;
 pub mod telemetry;
 
 pub use ids::{JobId, WorkerId};
-pub use spec::{JobKind, JobSpec, PeftMethod, SpecError};
+pub use spec::{JobFileError, JobKind, JobSpec, PeftMethod, SpecError};
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
 pub use telemetry::init_tracing;

@@ -85,6 +85,16 @@ pub struct SpecError {
     pub msg: String,
 }
 
+/// Why a job file could not be loaded: unreadable, or invalid (with the
+/// field at fault).
+#[derive(Debug, thiserror::Error)]
+pub enum JobFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: SpecError },
+}
+
 fn err<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError { field: field.into(), msg: msg.into() })
 }
@@ -556,6 +566,20 @@ pub struct StageSpec {
 }
 
 impl JobSpec {
+    /// Reads, validates and resolves a job file the way the coordinator
+    /// will see it: relative paths made absolute against the file's
+    /// directory. (`rlhfctl submit` and `rlhf-worker run` both load this way.)
+    pub fn load(path: &std::path::Path) -> Result<Self, JobFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobFileError::Read { path: path.into(), source })?;
+        let mut spec = Self::from_toml(&text).map_err(|source| JobFileError::Invalid { path: path.into(), source })?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            Some(_) | None => PathBuf::from("."),
+        };
+        spec.resolve_paths(&std::fs::canonicalize(&dir).unwrap_or(dir));
+        Ok(spec)
+    }
+
     /// Parses and validates a job file's text.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
         let spec: JobSpec = toml::from_str(text).map_err(|e| {

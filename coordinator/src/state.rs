@@ -15,13 +15,7 @@ pub enum JobState {
 
 impl JobState {
     pub fn name(&self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running { .. } => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed { .. } => "failed",
-            JobState::Cancelled { .. } => "cancelled",
-        }
+        self.to_proto().name()
     }
 
     pub fn is_terminal(&self) -> bool {

@@ -35,9 +35,7 @@ pub struct Store {
     conn: Connection,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use rlhf_common::now_ms;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;

@@ -11,8 +11,10 @@ use crate::error::Result;
 use crate::peft::{self, PeftModel};
 use crate::{Mask, WeightFiles};
 
-/// The head's file in a reward model directory (also a critic's).
-pub const HEAD_FILE: &str = "reward_head.safetensors";
+/// The head's file in a reward model directory.
+pub const REWARD_HEAD_FILE: &str = "reward_head.safetensors";
+/// A critic's value head, beside its adapter.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 /// The scalar head `r = w·h + b` on a hidden state.
 pub struct Head {
@@ -60,5 +62,5 @@ pub fn score(pm: &PeftModel, head: &Head, seqs: &[Vec<i64>], pad: i64) -> Result
 pub fn load_reward_model(dir: &Path, pm: &mut PeftModel, name: &str) -> Result<Head> {
     let adapter = peft::io::load(dir, &pm.base)?;
     pm.add(name, adapter)?;
-    Head::load(&dir.join(HEAD_FILE), pm.base.cfg.hidden_size, pm.base.device)
+    Head::load(&dir.join(REWARD_HEAD_FILE), pm.base.cfg.hidden_size, pm.base.device)
 }

@@ -9,3 +9,23 @@ pub use generated::*;
 
 /// Encoded `FileDescriptorSet` for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rlhf_descriptor");
+
+impl JobState {
+    /// The lowercase name of a state, as the coordinator stores it and
+    /// `--json` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Unspecified => "unknown",
+        }
+    }
+
+    /// Whether a job in this state will never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}

@@ -15,16 +15,16 @@ pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use rlhf_common::JobSpec;
+use rlhf_common::{now_ms, JobSpec};
 use rlhf_proto::JobState;
 use serde_json::{json, Value};
 
 use client::Client;
-use render::{job_state, state_name};
+use render::job_state;
 
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 
@@ -136,10 +136,6 @@ pub enum Cmd {
     },
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
 }
@@ -189,7 +185,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&render::job_json(&j));
             } else {
-                println!("job {} {}", j.job_id, state_name(job_state(&j)));
+                println!("job {} {}", j.job_id, job_state(&j).name());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -251,22 +247,8 @@ fn down(data_dir: &Path, grace: Duration) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads, validates and resolves a job file the way the coordinator will
-/// see it: relative paths made absolute against the file's directory.
-pub fn load_job_file(file: &Path) -> Result<JobSpec> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let mut spec = JobSpec::from_toml(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-    let parent = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        Some(_) | None => PathBuf::from("."),
-    };
-    let base = parent.canonicalize().with_context(|| format!("cannot resolve the directory of {}", file.display()))?;
-    spec.resolve_paths(&base);
-    Ok(spec)
-}
-
 async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: Option<String>) -> Result<ExitCode> {
-    let mut spec = load_job_file(file)?;
+    let mut spec = JobSpec::load(file)?;
     if let Some(d) = dtype {
         spec.override_dtype(&d).map_err(|e| anyhow!("--dtype: {e}"))?;
     }
@@ -406,30 +388,6 @@ mod tests {
         assert!(matches!(cli.command, Cmd::Up { cpu_workers: Some(2), .. }));
         let cli = Cli::try_parse_from(["rlhfctl", "submit", "x.toml", "--wait", "--request-id", "r1"]).unwrap();
         assert!(matches!(cli.command, Cmd::Submit { wait: true, request_id: Some(ref r), .. } if r == "r1"));
-    }
-
-    #[test]
-    fn job_files_are_validated_and_resolved_locally() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("jobs");
-        std::fs::create_dir_all(&sub).unwrap();
-        let good = sub.join("sft.toml");
-        std::fs::write(
-            &good,
-            "version = 1\nkind = \"sft\"\n[model]\npath = \"../model\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"train.json\"\n",
-        )
-        .unwrap();
-        let spec = load_job_file(&good).unwrap();
-        let base = sub.canonicalize().unwrap();
-        assert_eq!(spec.model.path.as_deref(), Some(base.join("../model").as_path()));
-        assert_eq!(spec.data.as_ref().and_then(|d| d.train.clone()), Some(base.join("train.json")));
-        assert!(JobSpec::from_toml(&spec.to_toml()).is_ok(), "the resolved spec round-trips");
-
-        let bad = sub.join("bad.toml");
-        std::fs::write(&bad, "version = 1\nkind = \"sft\"\nbogus = 3\n[model]\npath = \"m\"\n").unwrap();
-        let e = load_job_file(&bad).unwrap_err().to_string();
-        assert!(e.contains("bad.toml") && e.contains("bogus"), "{e}");
-        assert!(load_job_file(&sub.join("missing.toml")).unwrap_err().to_string().contains("cannot read"));
     }
 
     #[test]

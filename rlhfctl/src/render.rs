@@ -8,26 +8,6 @@ use std::fmt::Write;
 use rlhf_proto::{Job, JobEvent, JobState, Progress, Worker};
 use serde_json::{json, Map, Value};
 
-/// The lowercase name of a state, as `--json` prints it.
-pub fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Unspecified => "unknown",
-    }
-}
-
-/// Whether a job in this state will never change again.
-pub fn is_terminal(s: JobState) -> bool {
-    match s {
-        JobState::Succeeded | JobState::Failed | JobState::Cancelled => true,
-        JobState::Queued | JobState::Running | JobState::Unspecified => false,
-    }
-}
-
 /// A job's state; an unknown number (a newer coordinator) reads as `Unspecified`.
 pub fn job_state(job: &Job) -> JobState {
     JobState::try_from(job.state).unwrap_or(JobState::Unspecified)
@@ -103,7 +83,7 @@ pub fn job_json(job: &Job) -> Value {
         "id": job.job_id,
         "name": job.name,
         "kind": job.kind,
-        "state": state_name(job_state(job)),
+        "state": job_state(job).name(),
         "reason": job.reason,
         "worker": job.worker_id,
         "attempts": job.attempts,
@@ -129,7 +109,7 @@ pub fn worker_json(w: &Worker) -> Value {
 pub fn event_json(e: &JobEvent) -> Value {
     json!({
         "at_ms": e.at_ms,
-        "state": state_name(JobState::try_from(e.state).unwrap_or(JobState::Unspecified)),
+        "state": JobState::try_from(e.state).unwrap_or(JobState::Unspecified).name(),
         "message": e.message,
     })
 }
@@ -180,7 +160,7 @@ pub fn jobs_table(jobs: &[Job], workers: &HashMap<String, String>, now_ms: i64) 
                 j.job_id.clone(),
                 j.name.clone(),
                 j.kind.clone(),
-                state_name(state).to_string(),
+                state.name().to_string(),
                 worker_label(&j.worker_id, workers),
                 fmt_age(now_ms - j.created_at_ms),
                 detail,
@@ -197,7 +177,7 @@ pub fn job_detail(j: &Job, workers: &HashMap<String, String>, now_ms: i64) -> St
         ("id", j.job_id.clone()),
         ("name", j.name.clone()),
         ("kind", j.kind.clone()),
-        ("state", state_name(state).to_string()),
+        ("state", state.name().to_string()),
     ];
     if !j.reason.is_empty() {
         rows.push(("reason", j.reason.clone()));
@@ -245,7 +225,7 @@ pub fn workers_table(workers: &[Worker], now_ms: i64) -> String {
 
 /// `2026-11-26 07:30:42.123  running    message`.
 pub fn event_line(e: &JobEvent) -> String {
-    let state = state_name(JobState::try_from(e.state).unwrap_or(JobState::Unspecified));
+    let state = JobState::try_from(e.state).unwrap_or(JobState::Unspecified).name();
     format!("{}  {state:<9}  {}", fmt_utc_ms(e.at_ms), e.message).trim_end().to_string()
 }
 
@@ -354,9 +334,9 @@ mod tests {
     #[test]
     fn state_names_are_the_documented_five() {
         let all = [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
-        let names: Vec<_> = all.iter().map(|s| state_name(*s)).collect();
+        let names: Vec<_> = all.iter().map(|s| s.name()).collect();
         assert_eq!(names, ["queued", "running", "succeeded", "failed", "cancelled"]);
-        assert_eq!(all.map(is_terminal), [false, false, true, true, true]);
+        assert_eq!(all.map(JobState::is_terminal), [false, false, true, true, true]);
         let mut j = job(JobState::Running);
         j.state = 99;
         assert_eq!(job_state(&j), JobState::Unspecified);

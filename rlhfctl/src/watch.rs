@@ -13,7 +13,7 @@ use rlhf_proto::{Job, JobState};
 use tonic::Code;
 
 use super::client::Client;
-use super::render::{is_terminal, job_state, metrics_summary, progress_metrics, progress_summary, state_name};
+use super::render::{job_state, metrics_summary, progress_metrics, progress_summary};
 
 /// Where plain lines and the final line go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub async fn watch(client: &mut Client, id: &str, sink: Sink) -> Result<Job> {
                         let Some(job) = resp.job else { continue };
                         lost_since = None;
                         view.update(&job);
-                        if is_terminal(job_state(&job)) {
+                        if job_state(&job).is_terminal() {
                             view.finish(&job);
                             return Ok(job);
                         }
@@ -153,7 +153,7 @@ impl View {
         let state = job_state(job);
         let p = job.progress.as_ref().filter(|p| !p.stage.is_empty() || p.total > 0);
         let now = Shown {
-            state: state_name(state),
+            state: state.name(),
             stage: p.map(|p| p.stage.clone()).unwrap_or_default(),
             step: p.map_or(0, |p| p.step),
         };
@@ -251,9 +251,9 @@ impl View {
         }
         let line = match state {
             JobState::Failed | JobState::Cancelled if !job.reason.is_empty() => {
-                format!("job {} {}: {}", job.job_id, state_name(state), job.reason)
+                format!("job {} {}: {}", job.job_id, state.name(), job.reason)
             }
-            _ => format!("job {} {}", job.job_id, state_name(state)),
+            _ => format!("job {} {}", job.job_id, state.name()),
         };
         self.emit(&line);
     }

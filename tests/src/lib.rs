@@ -166,15 +166,9 @@ impl Drop for Cluster {
     }
 }
 
+/// The name of a proto state number ("unknown" for one this build lacks).
 pub fn state_name(s: i32) -> &'static str {
-    match JobState::try_from(s).unwrap_or(JobState::Unspecified) {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Unspecified => "unspecified",
-    }
+    JobState::try_from(s).unwrap_or(JobState::Unspecified).name()
 }
 
 /// Polls a job until `pred` holds or `timeout` passes; returns the last view.

@@ -211,7 +211,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{line}");
         }
         Command::Run { job, device, out, dtype } => {
-            let mut spec = rlhf_worker::train::run::read_job(&job)?;
+            let mut spec = rlhf_common::JobSpec::load(&job)?;
             if let Some(d) = dtype {
                 spec.override_dtype(&d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
             }

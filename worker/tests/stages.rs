@@ -184,9 +184,9 @@ fn bad_inputs_name_the_cause() {
     // A bad field in the job file: its path.
     let f = tmp.path().join("job.toml");
     std::fs::write(&f, sft_toml("f32", 5, 1, 0).replace("lr = 3e-3", "lr = -1.0")).unwrap();
-    let err = rlhf_worker::train::run::read_job(&f).unwrap_err().to_string();
+    let err = rlhf_common::JobSpec::load(&f).unwrap_err().to_string();
     assert!(err.contains("train.lr: must be positive"), "{err}");
     std::fs::write(&f, sft_toml("f32", 5, 1, 0).replace("lr = 3e-3", "learning_rate = 3e-3")).unwrap();
-    let err = rlhf_worker::train::run::read_job(&f).unwrap_err().to_string();
+    let err = rlhf_common::JobSpec::load(&f).unwrap_err().to_string();
     assert!(err.contains("unknown field `learning_rate`"), "{err}");
 }

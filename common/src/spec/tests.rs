@@ -232,3 +232,27 @@ data = { from_multiple_choice = true, sources = [{ task = "eprstmt", train = "t.
     .unwrap_or_else(|e| e.to_string());
     assert!(single.is_empty(), "{single}");
 }
+
+#[test]
+fn job_files_are_validated_and_resolved_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("jobs");
+    std::fs::create_dir_all(&sub).unwrap();
+    let good = sub.join("sft.toml");
+    std::fs::write(
+        &good,
+        "version = 1\nkind = \"sft\"\n[model]\npath = \"../model\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"train.json\"\n",
+    )
+    .unwrap();
+    let spec = JobSpec::load(&good).unwrap();
+    let base = sub.canonicalize().unwrap();
+    assert_eq!(spec.model.path.as_deref(), Some(base.join("../model").as_path()));
+    assert_eq!(spec.data.as_ref().and_then(|d| d.train.clone()), Some(base.join("train.json")));
+    assert!(JobSpec::from_toml(&spec.to_toml()).is_ok(), "the resolved spec round-trips");
+
+    let bad = sub.join("bad.toml");
+    std::fs::write(&bad, "version = 1\nkind = \"sft\"\nbogus = 3\n[model]\npath = \"m\"\n").unwrap();
+    let e = JobSpec::load(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("bogus"), "{e}");
+    assert!(JobSpec::load(&sub.join("missing.toml")).unwrap_err().to_string().contains("cannot read"));
+}

@@ -5,7 +5,6 @@
 pub mod ppo;
 pub mod sft;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, Result};
@@ -64,28 +63,10 @@ pub enum GpuUsage {
     Device(f64),
 }
 
-/// A directory under the system temp dir, removed with everything in it
-/// when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Result<Self> {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(Self(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory under the system temp dir (an unpredictable name,
+/// created 0700), removed with everything in it when dropped.
+pub fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))
 }
 
 #[cfg(test)]
@@ -103,14 +84,5 @@ mod tests {
     #[test]
     fn peak_rss_is_positive() {
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
-    }
-
-    #[test]
-    fn temp_dir_is_removed() {
-        let d = TempDir::new("rlhf-bench-test").expect("temp dir");
-        let p = d.path().to_path_buf();
-        std::fs::write(p.join("f"), b"x").expect("write");
-        drop(d);
-        assert!(!p.exists());
     }
 }

@@ -42,7 +42,7 @@ use rlhf_common::spec::PpoSpec;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::{gpu_used_mib, peak_rss_bytes, GpuUsage, TempDir};
+use super::{gpu_used_mib, peak_rss_bytes, temp_dir, GpuUsage};
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
 use crate::train::optim::AdamW;
@@ -438,7 +438,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     let plan = Plan::resolve(args)?;
     let t0 = Instant::now();
     let threads = tch::get_num_threads();
-    let work = TempDir::new("rlhf-bench-ppo")?;
+    let work = temp_dir("rlhf-bench-ppo")?;
     // What the children load: a model directory (written here for the small
     // presets, so TRL reads the very same weights), or the 7B shape made
     // in-process (TRL then gets only its config.json and random weights).

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::ppo::{private_exe, run_child};
-use super::TempDir;
+use super::temp_dir;
 use crate::error::{Error, Result};
 use crate::parallel::Single;
 use crate::train::lm::backward_lm_loss;
@@ -95,7 +95,7 @@ pub fn main(args: &SftArgs) -> Result<()> {
         println!("{row}");
         return Ok(());
     }
-    let work = TempDir::new("rlhf-bench-sft")?;
+    let work = temp_dir("rlhf-bench-sft")?;
     let exe = private_exe(work.path())?;
     let mut rows = Vec::with_capacity(args.dtypes.len());
     for d in &args.dtypes {

@@ -49,6 +49,16 @@ struct State {
     outstanding: HashMap<String, WorkerMessage>,
 }
 
+impl State {
+    /// Drops everything kept for a job that ended here (or never started).
+    fn forget(&mut self, job_id: &str) {
+        self.jobs.remove(job_id);
+        self.role_replies.remove(job_id);
+        self.ranks.remove(job_id);
+        self.outstanding.remove(job_id);
+    }
+}
+
 type Running = Arc<Mutex<State>>;
 
 fn running_ids(running: &Running) -> Vec<String> {
@@ -279,10 +289,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
             Err(e) => (false, format!("{e:#}")),
         };
         if let Ok(mut m) = running.lock() {
-            m.jobs.remove(&job_id);
-            m.role_replies.remove(&job_id);
-            m.ranks.remove(&job_id);
-            m.outstanding.remove(&job_id);
+            m.forget(&job_id);
         }
         info!(job_id = %job_id, ok, cancelled, reason = %reason, "job finished");
         let _ = events.send(WorkerMessage {
@@ -298,9 +305,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
     if let Err(e) = spawned {
         warn!(job_id = %failed_id, error = %e, "cannot start job thread");
         if let Ok(mut m) = running.lock() {
-            m.jobs.remove(&failed_id);
-            m.role_replies.remove(&failed_id);
-            m.ranks.remove(&failed_id);
+            m.forget(&failed_id);
         }
         let _ = events.send(WorkerMessage {
             msg: Some(worker_message::Msg::Result(TaskResult {

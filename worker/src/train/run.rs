@@ -210,14 +210,3 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions)
     }
     Ok(outcomes)
 }
-
-/// Reads, validates and path-resolves a job file.
-pub fn read_job(path: &Path) -> Result<JobSpec> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut job = JobSpec::from_toml(&text).map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-    let base = std::fs::canonicalize(&base).unwrap_or(base);
-    job.resolve_paths(&base);
-    Ok(job)
-}

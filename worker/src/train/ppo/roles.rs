@@ -16,7 +16,7 @@ use crate::parallel::{Collective, Single};
 use crate::train::checkpoint;
 use crate::train::optim::AdamW;
 use crate::train::setup::{load_base, Loaded};
-use rlhf_model::head::{load_reward_model, Head, HEAD_FILE};
+use rlhf_model::head::{load_reward_model, Head, REWARD_HEAD_FILE, VALUE_HEAD_FILE};
 use rlhf_model::peft::{self, PeftConfig, PeftModel};
 
 pub const POLICY: &str = "policy";
@@ -52,7 +52,7 @@ impl RoleHost {
                 let dir = path.as_deref().ok_or_else(|| Error::InvalidArgument("ppo.reward.path: required".into()))?;
                 let head = load_reward_model(dir, &mut l.pm, REWARD)?;
                 l.pm.add(CRITIC, peft::io::load(dir, &l.pm.base)?)?;
-                let v = Head::load(&dir.join(HEAD_FILE), h, device)?;
+                let v = Head::load(&dir.join(REWARD_HEAD_FILE), h, device)?;
                 (Some(head), Head { weight: v.weight.set_requires_grad(true), bias: v.bias.set_requires_grad(true) })
             }
             RewardSource::Label | RewardSource::Match { .. } => {
@@ -112,7 +112,7 @@ impl RoleHost {
     /// Writes the critic (adapter + value head) to `dir`.
     pub fn save_critic(&self, dir: &Path, base_name: &str) -> Result<()> {
         peft::io::save(self.l.pm.adapter(CRITIC)?, dir, base_name)?;
-        Ok(self.value_head.save(&dir.join(HEAD_FILE))?)
+        Ok(self.value_head.save(&dir.join(VALUE_HEAD_FILE))?)
     }
 
     /// Critic state for a checkpoint directory (adapter, head, optimiser).
@@ -123,8 +123,13 @@ impl RoleHost {
 
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
         checkpoint::restore_adapter(&dir.join(CRITIC), self.l.pm.adapter(CRITIC)?)?;
-        let head =
-            Head::load(&dir.join(CRITIC).join(HEAD_FILE), self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
+        // Checkpoints written before the value head had its own name keep it
+        // under the reward head's.
+        let mut file = dir.join(CRITIC).join(VALUE_HEAD_FILE);
+        if !file.exists() {
+            file = dir.join(CRITIC).join(REWARD_HEAD_FILE);
+        }
+        let head = Head::load(&file, self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
         tch::no_grad(|| -> Result<()> {
             self.value_head.weight.shallow_clone().f_copy_(&head.weight)?;
             self.value_head.bias.shallow_clone().f_copy_(&head.bias)?;

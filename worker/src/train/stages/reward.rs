@@ -17,7 +17,7 @@ use crate::parallel;
 use crate::train::optim::{AdamW, Schedule};
 use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
 use crate::train::stage::{Ctx, Outcome};
-use rlhf_model::head::{score, Head, HEAD_FILE};
+use rlhf_model::head::{score, Head, REWARD_HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
 pub const ADAPTER: &str = "reward";
@@ -151,7 +151,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let train = job.train.clone().unwrap_or_default();
     let (adapter, head) = match &train.init_from {
         Some(dir) => {
-            let h = Head::load(&dir.join(HEAD_FILE), l.pm.base.cfg.hidden_size, ctx.device)?;
+            let h = Head::load(&dir.join(REWARD_HEAD_FILE), l.pm.base.cfg.hidden_size, ctx.device)?;
             let head = Head { weight: h.weight.set_requires_grad(true), bias: h.bias.set_requires_grad(true) };
             (peft::io::load(dir, &l.pm.base)?, head)
         }
@@ -238,7 +238,7 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let dir: PathBuf = ctx.out.join("reward_model");
     let acc = if ctx.writes() {
         peft::io::save(l.pm.adapter(ADAPTER)?, &dir, &l.model_dir.display().to_string())?;
-        head.save(&dir.join(HEAD_FILE))?;
+        head.save(&dir.join(REWARD_HEAD_FILE))?;
         accuracy(&l.pm, &head, &eval_enc, pad)?
     } else {
         f64::NAN
