@@ -172,6 +172,10 @@ echo "paper.sh: job file $JOB"
 DIR=$OUT/cluster
 PORT=${RLHF_PAPER_PORT:-50061}
 export RLHF_COORDINATOR=http://127.0.0.1:$PORT
+# Training saturates every core here; a worker whose heartbeat thread waits
+# behind it for over the default 5 s lease would be declared lost and its job
+# requeued mid-stage. A minute of grace keeps one long run in one attempt.
+export RLHF_LEASE_MS=${RLHF_LEASE_MS:-60000}
 CTL="$RLHF_BIN/rlhfctl"
 "$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
 mkdir -p "$DIR"

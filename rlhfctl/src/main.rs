@@ -1,5 +1,5 @@
 //! `rlhfctl`: the rlhfd client CLI. Parsing and error reporting only; the
-//! commands live in `rlhf_coordinator::ctl`.
+//! commands live in the `rlhfctl` library (`src/lib.rs`).
 
 use std::process::ExitCode;
 

@@ -1,5 +1,5 @@
-//! `rlhf-worker`: offline tools now; the worker daemon (`serve`) and job
-//! runner (`run`) join with the orchestration and training-stage work.
+//! `rlhf-worker`: the worker daemon (`serve`), the one-process job runner
+//! (`run JOB.toml`), the benchmarks (`bench`) and the offline tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

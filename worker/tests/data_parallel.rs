@@ -147,7 +147,7 @@ fn check_ppo_metrics(one: &Path, two: &Path) {
 fn two_ranks_train_the_ppo_policy_and_critic_of_one_worker() {
     check(
         &ppo(),
-        &["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/reward_head.safetensors"],
+        &["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"],
     );
 }
 

@@ -165,6 +165,37 @@ fn an_interrupted_sft_resumes_from_its_checkpoint_to_the_same_adapter() {
 }
 
 #[test]
+fn an_interrupted_reward_stage_resumes_from_its_checkpoint_to_the_same_reward_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = |every: usize| {
+        reward_toml("f32").replace("max_steps = 120", "max_steps = 30") + &format!("[checkpoint]\nevery = {every}\n")
+    };
+    let whole = tmp.path().join("whole");
+    run_job(&job(&text(0)), &whole, Device::Cpu).unwrap();
+    let part = tmp.path().join("part");
+    run_job(&job(&text(10)), &part, Device::Cpu).unwrap();
+    // Pretend the process died right after the step-20 checkpoint.
+    std::fs::remove_dir_all(part.join("reward_model")).unwrap();
+    std::fs::remove_dir_all(part.join("checkpoints/step-10")).ok();
+    std::fs::remove_file(part.join("metrics.jsonl")).unwrap();
+    run_job(&job(&text(10)), &part, Device::Cpu).unwrap();
+    assert_eq!(series(&metrics(&part), "step").first().copied(), Some(21.0), "resumed at the checkpoint");
+    for file in ["adapter_model.safetensors", "reward_head.safetensors"] {
+        let read = |d: &Path| {
+            let mut t = tch::Tensor::read_safetensors(d.join("reward_model").join(file)).unwrap();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        };
+        let (a, b) = (read(&whole), read(&part));
+        assert_eq!(a.len(), b.len());
+        for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+            assert_eq!(ka, kb);
+            assert!(ta.equal(tb), "{file} {ka} differs after resume");
+        }
+    }
+}
+
+#[test]
 fn bad_inputs_name_the_cause() {
     let tmp = tempfile::tempdir().unwrap();
     // A corrupt line in a training file: file and line.

@@ -14,3 +14,4 @@ pub mod run;
 pub mod setup;
 pub mod stage;
 pub mod stages;
+pub mod supervised;

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use rlhf_common::spec::JobSpec;
 
 use crate::error::{Error, Result};
-use crate::train::lm::{self, Sample};
+use crate::train::lm::{LmObjective, Sample};
 use crate::train::setup::load_base;
 use crate::train::stage::{Ctx, Outcome};
+use crate::train::supervised::{self, Trainable};
 use rlhf_model::init::{init_model, Preset};
 use rlhf_model::peft::{self, base_parameters, Method, PeftConfig};
 use rlhf_model::save::save_model;
@@ -55,8 +56,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
     let train = job.train.clone().unwrap_or_default();
-    let mut no_eval = |_: &rlhf_model::peft::PeftModel| Ok(f64::NAN);
-    let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut no_eval)?;
+    let mut objective = LmObjective { samples: &samples, pad, recompute: train.gradient_checkpointing, eval: None };
+    let what = Trainable { adapter: ADAPTER, extra: Vec::new() };
+    let (steps, secs) = supervised::train(ctx, &l.pm, &what, &mut objective, &train, &job.checkpoint, job.seed)?;
     let dir = ctx.out.join("model");
     if ctx.writes() {
         l.pm.merge(ADAPTER)?;

@@ -1,22 +1,22 @@
 //! `reward`: base + reward adapter + a scalar head on the last token,
 //! trained with −log σ(r(x, y_c) − r(x, y_r) − m). After training the head's
 //! bias is shifted so the demonstrations (chosen responses) score 0 on
-//! average. The head is saved beside the adapter.
+//! average. The head is saved beside the adapter. The loop (checkpoints,
+//! resume, data parallel) is [`crate::train::supervised`].
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use rlhf_common::spec::JobSpec;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use crate::data::{self, PreferencePair, Shuffler};
+use crate::data::{self, PreferencePair};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::parallel;
-use crate::train::optim::{AdamW, Schedule};
 use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
 use crate::train::stage::{Ctx, Outcome};
+use crate::train::supervised::{self, Objective, Trainable};
 use rlhf_model::head::{score, Head, REWARD_HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
@@ -122,6 +122,61 @@ fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<
     Ok(wins as f64 / pairs.len() as f64)
 }
 
+/// The pairwise ranking loss −log σ(r(x, y_c) − r(x, y_r) − m) on
+/// `pairs`; held-out pairwise accuracy is the metric (`accuracy`).
+struct PairObjective<'a> {
+    pairs: &'a [Encoded],
+    held_out: &'a [Encoded],
+    head: &'a Head,
+    pad: i64,
+}
+
+impl Objective for PairObjective<'_> {
+    fn rows(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn stats(&self) -> &'static [&'static str] {
+        &["loss", "train_accuracy"]
+    }
+
+    fn backward(
+        &mut self,
+        pm: &PeftModel,
+        batch: &[usize],
+        rank: usize,
+        world: usize,
+        accum: usize,
+    ) -> Result<(Vec<f64>, usize)> {
+        let tokens = batch.iter().map(|&i| self.pairs[i].chosen.len() + self.pairs[i].rejected.len()).sum();
+        // This rank's pairs; their loss is a sum over the whole batch's pair count.
+        let batch_pairs = batch.len() as f64;
+        let chunk: Vec<&Encoded> = parallel::shard(batch, rank, world).into_iter().map(|i| &self.pairs[i]).collect();
+        let seqs: Vec<Vec<i64>> =
+            chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
+        let r = score(pm, self.head, &seqs, self.pad)?;
+        let n = chunk.len() as i64;
+        let margin =
+            Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(pm.base.device);
+        let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
+        let (loss, acc) = if world > 1 {
+            (
+                -diff.log_sigmoid().sum(Kind::Float) / batch_pairs,
+                diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs,
+            )
+        } else {
+            (-diff.log_sigmoid().mean(Kind::Float), diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))
+        };
+        (&loss / accum as f64).backward();
+        let stats = vec![loss.double_value(&[]) / accum as f64, acc.double_value(&[]) / accum as f64];
+        Ok((stats, tokens))
+    }
+
+    fn eval(&mut self, pm: &PeftModel) -> Result<Option<(&'static str, f64)>> {
+        Ok(Some(("accuracy", accuracy(pm, self.head, self.held_out, self.pad)?)))
+    }
+}
+
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut l = load_base(job, ctx.device)?;
     let Pairs { train: train_pairs, held_out: eval_pairs, bare } = pairs_of(job)?;
@@ -161,63 +216,15 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         ),
     };
     let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
-    let mut params = adapter.parameters();
-    params.extend([head.weight.shallow_clone(), head.bias.shallow_clone()]);
     l.pm.add(ADAPTER, adapter)?;
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
-    let per_step = train.batch_size * train.grad_accum;
-    let total = train.max_steps.unwrap_or(train.epochs * train_enc.len().div_ceil(per_step).max(1));
-    let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
-    let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
-    if world > 1 {
-        parallel::materialize_grads(&params);
-    }
-    let mut opt = AdamW::new(params, train.weight_decay);
-    let mut shuffler = Shuffler::new(job.seed);
-    let t0 = Instant::now();
-    for step in 0..total {
-        let ts = Instant::now();
-        let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0usize);
-        for _ in 0..train.grad_accum {
-            let idx = shuffler.next_batch(train.batch_size, train_enc.len());
-            tokens += idx.iter().map(|&i| train_enc[i].chosen.len() + train_enc[i].rejected.len()).sum::<usize>();
-            // This rank's pairs; their loss is a sum over the whole batch's pair count.
-            let batch_pairs = idx.len() as f64;
-            let chunk: Vec<&Encoded> = parallel::shard(&idx, rank, world).into_iter().map(|i| &train_enc[i]).collect();
-            let seqs: Vec<Vec<i64>> =
-                chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
-            let r = score(&l.pm, &head, &seqs, pad)?;
-            let n = chunk.len() as i64;
-            let margin =
-                Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(ctx.device);
-            let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
-            let (loss, acc) = if world > 1 {
-                (
-                    -diff.log_sigmoid().sum(Kind::Float) / batch_pairs,
-                    diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs,
-                )
-            } else {
-                (-diff.log_sigmoid().mean(Kind::Float), diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))
-            };
-            (&loss / train.grad_accum as f64).backward();
-            loss_sum += loss.double_value(&[]) / train.grad_accum as f64;
-            acc_sum += acc.double_value(&[]) / train.grad_accum as f64;
-        }
-        let lr = sched.lr(step);
-        let (grad_norm, summed) = opt.step_across(ctx.dist, &[loss_sum, acc_sum], train.max_grad_norm, lr)?;
-        let (loss_sum, acc_sum) = (summed[0], summed[1]);
-        let done = step + 1;
-        let mut rec = fields! {
-            "loss" => loss_sum, "train_accuracy" => acc_sum, "lr" => lr, "grad_norm" => grad_norm,
-            "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
-        };
-        if train.eval_due(done, total) && rank == 0 {
-            rec.insert("accuracy".into(), json!(accuracy(&l.pm, &head, &eval_enc, pad)?));
-        }
-        ctx.metrics.log(done, total, rec)?;
-    }
-    let secs = t0.elapsed().as_secs_f64();
+    let what = Trainable {
+        adapter: ADAPTER,
+        extra: vec![("head.weight", head.weight.shallow_clone()), ("head.bias", head.bias.shallow_clone())],
+    };
+    let mut objective = PairObjective { pairs: &train_enc, held_out: &eval_enc, head: &head, pad };
+    let (total, secs) = supervised::train(ctx, &l.pm, &what, &mut objective, &train, &job.checkpoint, job.seed)?;
     // Demonstrations (chosen responses) should score 0 on average.
     let offset = if !ctx.writes() {
         f64::NAN

@@ -5,9 +5,10 @@ use rlhf_common::spec::JobSpec;
 
 use crate::error::{Error, Result};
 use crate::train::accuracy::{choice_accuracy, TaskEval};
-use crate::train::lm::{self, Sample};
+use crate::train::lm::{LmObjective, Sample};
 use crate::train::setup::{encode_pair, load_base, task_sets, Split};
 use crate::train::stage::{Ctx, Outcome};
+use crate::train::supervised::{self, Trainable};
 use rlhf_model::peft::{self, base_parameters, PeftConfig};
 
 pub const ADAPTER: &str = "policy";
@@ -51,7 +52,10 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         last = sum / held_out.len() as f64;
         Ok(last)
     };
-    let (steps, secs) = lm::train(ctx, &l.pm, ADAPTER, &samples, &train, &job.checkpoint, job.seed, pad, &mut eval)?;
+    let mut objective =
+        LmObjective { samples: &samples, pad, recompute: train.gradient_checkpointing, eval: Some(&mut eval) };
+    let what = Trainable { adapter: ADAPTER, extra: Vec::new() };
+    let (steps, secs) = supervised::train(ctx, &l.pm, &what, &mut objective, &train, &job.checkpoint, job.seed)?;
     let mut final_metrics = serde_json::Map::new();
     if last.is_finite() {
         final_metrics.insert("eval_accuracy".into(), serde_json::json!(last));
