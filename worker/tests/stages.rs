@@ -196,6 +196,40 @@ fn an_interrupted_reward_stage_resumes_from_its_checkpoint_to_the_same_reward_mo
 }
 
 #[test]
+fn an_interrupted_ppo_resumes_from_its_checkpoint_to_the_same_policy_and_critic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sft = tmp.path().join("sft");
+    run_job(&job(&sft_toml("f32", 20, 1, 0)), &sft, Device::Cpu).unwrap();
+    let text = |every: usize| ppo_toml("f32", &sft.join("adapter"), 8, 3) + &format!("[checkpoint]\nevery = {every}\n");
+    let whole = tmp.path().join("whole");
+    run_job(&job(&text(0)), &whole, Device::Cpu).unwrap();
+    let part = tmp.path().join("part");
+    run_job(&job(&text(3)), &part, Device::Cpu).unwrap();
+    // Pretend the process died right after the iteration-6 checkpoint.
+    for d in ["adapter", "critic", "checkpoints/step-3"] {
+        std::fs::remove_dir_all(part.join(d)).unwrap();
+    }
+    std::fs::remove_file(part.join("metrics.jsonl")).unwrap();
+    run_job(&job(&text(3)), &part, Device::Cpu).unwrap();
+    assert_eq!(series(&metrics(&part), "step").first().copied(), Some(7.0), "resumed at the checkpoint");
+    for file in
+        ["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"]
+    {
+        let read = |d: &Path| {
+            let mut t = tch::Tensor::read_safetensors(d.join(file)).unwrap();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        };
+        let (a, b) = (read(&whole), read(&part));
+        assert_eq!(a.len(), b.len());
+        for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
+            assert_eq!(ka, kb);
+            assert!(ta.equal(tb), "{file} {ka} differs after resume");
+        }
+    }
+}
+
+#[test]
 fn bad_inputs_name_the_cause() {
     let tmp = tempfile::tempdir().unwrap();
     // A corrupt line in a training file: file and line.
