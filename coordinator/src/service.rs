@@ -40,7 +40,7 @@ fn job_proto(sched: &Handle, j: &JobRow) -> Job {
     Job {
         job_id: j.id.clone(),
         name: j.name.clone(),
-        kind: j.kind.clone(),
+        kind: rlhf_proto::JobKind::from_name(&j.kind) as i32,
         state: j.state.to_proto() as i32,
         reason: j.state.reason().to_string(),
         worker_id: j.state.worker().to_string(),

@@ -29,3 +29,26 @@ impl JobState {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 }
+
+impl JobKind {
+    /// The lowercase name a job file spells the kind with.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Pretrain => "pretrain",
+            JobKind::Sft => "sft",
+            JobKind::Reward => "reward",
+            JobKind::Ppo => "ppo",
+            JobKind::Eval => "eval",
+            JobKind::Pipeline => "pipeline",
+            JobKind::Unspecified => "unknown",
+        }
+    }
+
+    /// The kind a job file's lowercase name spells (`Unspecified` if none).
+    pub fn from_name(name: &str) -> Self {
+        [JobKind::Pretrain, JobKind::Sft, JobKind::Reward, JobKind::Ppo, JobKind::Eval, JobKind::Pipeline]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .unwrap_or(JobKind::Unspecified)
+    }
+}

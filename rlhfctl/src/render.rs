@@ -8,6 +8,11 @@ use std::fmt::Write;
 use rlhf_proto::{Job, JobEvent, JobState, Progress, Worker};
 use serde_json::{json, Map, Value};
 
+/// A job's kind name; an unknown number (a newer coordinator) reads as "unknown".
+pub fn job_kind(job: &Job) -> &'static str {
+    rlhf_proto::JobKind::try_from(job.kind).unwrap_or(rlhf_proto::JobKind::Unspecified).name()
+}
+
 /// A job's state; an unknown number (a newer coordinator) reads as `Unspecified`.
 pub fn job_state(job: &Job) -> JobState {
     JobState::try_from(job.state).unwrap_or(JobState::Unspecified)
@@ -82,7 +87,7 @@ pub fn job_json(job: &Job) -> Value {
     json!({
         "id": job.job_id,
         "name": job.name,
-        "kind": job.kind,
+        "kind": job_kind(job),
         "state": job_state(job).name(),
         "reason": job.reason,
         "worker": job.worker_id,
@@ -159,7 +164,7 @@ pub fn jobs_table(jobs: &[Job], workers: &HashMap<String, String>, now_ms: i64) 
             vec![
                 j.job_id.clone(),
                 j.name.clone(),
-                j.kind.clone(),
+                job_kind(j).to_string(),
                 state.name().to_string(),
                 worker_label(&j.worker_id, workers),
                 fmt_age(now_ms - j.created_at_ms),
@@ -176,7 +181,7 @@ pub fn job_detail(j: &Job, workers: &HashMap<String, String>, now_ms: i64) -> St
     let mut rows: Vec<(&str, String)> = vec![
         ("id", j.job_id.clone()),
         ("name", j.name.clone()),
-        ("kind", j.kind.clone()),
+        ("kind", job_kind(j).to_string()),
         ("state", state.name().to_string()),
     ];
     if !j.reason.is_empty() {
@@ -314,7 +319,7 @@ mod tests {
         Job {
             job_id: "01936f4e-0000-7000-8000-000000000001".into(),
             name: "sft".into(),
-            kind: "sft".into(),
+            kind: rlhf_proto::JobKind::Sft as i32,
             state: state as i32,
             reason: String::new(),
             worker_id: "w1".into(),

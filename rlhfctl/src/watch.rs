@@ -13,7 +13,7 @@ use rlhf_proto::{Job, JobState};
 use tonic::Code;
 
 use super::client::Client;
-use super::render::{job_state, metrics_summary, progress_metrics, progress_summary};
+use super::render::{job_kind, job_state, metrics_summary, progress_metrics, progress_summary};
 
 /// Where plain lines and the final line go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +194,7 @@ impl View {
         let progress = job.progress.as_ref().filter(|p| p.total > 0);
         match (state, progress) {
             (JobState::Running, Some(p)) => {
-                let label = if p.stage.is_empty() { job.kind.clone() } else { p.stage.clone() };
+                let label = if p.stage.is_empty() { job_kind(job).to_string() } else { p.stage.clone() };
                 if self.stage.as_ref().is_none_or(|(s, _, _)| *s != label) {
                     self.close_stage();
                     let bar = self.bar();

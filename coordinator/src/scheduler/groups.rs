@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 
 use rlhf_common::collective::sum_in_rank_order;
-use rlhf_proto::{Collective, CollectiveResult, TensorData};
+use rlhf_proto::{Collective, CollectiveOp, CollectiveResult, TensorData};
 
 struct Round {
     round: u64,
-    op: String,
+    op: i32,
     parts: Vec<Option<Collective>>,
 }
 
@@ -111,8 +111,7 @@ impl Groups {
         if let Some(last) = g.last.as_ref().filter(|l| l.round == part.round) {
             return Reply::Send(me, last.clone()); // asked again after a reconnect
         }
-        let round =
-            g.pending.get_or_insert_with(|| Round { round: part.round, op: part.op.clone(), parts: vec![None; world] });
+        let round = g.pending.get_or_insert_with(|| Round { round: part.round, op: part.op, parts: vec![None; world] });
         if part.round < round.round {
             return Reply::Wait; // a stale repeat
         }
@@ -120,7 +119,10 @@ impl Groups {
         if part.round > round.round || part.op != round.op {
             let error = format!(
                 "ranks out of step: rank {rank} sent {} round {}, another rank {} round {}",
-                part.op, part.round, round.op, round.round
+                op_name(part.op),
+                part.round,
+                op_name(round.op),
+                round.round
             );
             g.pending = None;
             return fail(everyone, &part, error);
@@ -135,13 +137,13 @@ impl Groups {
         let parts: Vec<Collective> = done.parts.into_iter().flatten().collect();
         let mut result =
             CollectiveResult { job_id: parts[0].job_id.clone(), round: done.round, ..CollectiveResult::default() };
-        match done.op.as_str() {
-            "sum" => match sum_parts(&parts) {
+        match CollectiveOp::try_from(done.op) {
+            Ok(CollectiveOp::Sum) => match sum_parts(&parts) {
                 Ok(ts) => result.tensors = ts,
                 Err(e) => result.error = e,
             },
-            "gather" => result.payloads = parts.into_iter().map(|p| p.payload).collect(),
-            other => result.error = format!("unknown collective {other:?} (expected sum or gather)"),
+            Ok(CollectiveOp::Gather) => result.payloads = parts.into_iter().map(|p| p.payload).collect(),
+            _ => result.error = format!("unknown collective op {} (expected sum or gather)", op_name(done.op)),
         }
         g.last = Some(result.clone());
         Reply::Send(everyone, result)
@@ -168,18 +170,23 @@ fn sum_parts(parts: &[Collective]) -> Result<Vec<TensorData>, String> {
         .collect()
 }
 
+fn op_name(op: i32) -> String {
+    CollectiveOp::try_from(op)
+        .map_or_else(|_| format!("op {op}"), |o| o.as_str_name().trim_start_matches("COLLECTIVE_OP_").to_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn part(rank: u32, round: u64, op: &str, v: &[f32]) -> Collective {
+    fn part(rank: u32, round: u64, op: CollectiveOp, v: &[f32]) -> Collective {
         let t = TensorData { name: "g".into(), shape: vec![v.len() as i64], f32: v.to_vec(), i64: Vec::new() };
         Collective {
             job_id: "j".into(),
             round,
             rank,
             world: 2,
-            op: op.into(),
+            op: op as i32,
             tensors: vec![t],
             payload: vec![rank as u8],
         }
@@ -196,17 +203,17 @@ mod tests {
     fn a_round_completes_when_every_rank_sent_and_repeats_on_request() {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
-        assert!(matches!(g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])), Reply::Wait));
-        let (to, r) = sent(g.contribute("a", part(0, 0, "sum", &[0.5, 0.5])));
+        assert!(matches!(g.contribute("b", part(1, 0, CollectiveOp::Sum, &[1.0, 2.0])), Reply::Wait));
+        let (to, r) = sent(g.contribute("a", part(0, 0, CollectiveOp::Sum, &[0.5, 0.5])));
         assert_eq!(
             (to, r.tensors[0].f32.clone(), r.error.as_str()),
             (vec!["a".to_string(), "b".into()], vec![1.5, 2.5], "")
         );
         // Rank 1 lost the result in a reconnect and asks again: only it gets it.
-        let (to, again) = sent(g.contribute("b", part(1, 0, "sum", &[1.0, 2.0])));
+        let (to, again) = sent(g.contribute("b", part(1, 0, CollectiveOp::Sum, &[1.0, 2.0])));
         assert_eq!((to, again), (vec!["b".to_string()], r));
-        assert!(matches!(g.contribute("a", part(0, 1, "gather", &[])), Reply::Wait));
-        let (_, r) = sent(g.contribute("b", part(1, 1, "gather", &[])));
+        assert!(matches!(g.contribute("a", part(0, 1, CollectiveOp::Gather, &[])), Reply::Wait));
+        let (_, r) = sent(g.contribute("b", part(1, 1, CollectiveOp::Gather, &[])));
         assert_eq!(r.payloads, vec![vec![0u8], vec![1u8]]);
     }
 
@@ -214,18 +221,28 @@ mod tests {
     fn strangers_mismatches_and_lost_groups_get_errors() {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
-        assert!(sent(g.contribute("c", part(1, 0, "sum", &[1.0]))).1.error.contains("rank 1 belongs to worker b"));
-        assert!(matches!(g.contribute("a", part(0, 0, "sum", &[1.0])), Reply::Wait));
-        let (to, r) = sent(g.contribute("b", part(1, 0, "gather", &[])));
+        assert!(sent(g.contribute("c", part(1, 0, CollectiveOp::Sum, &[1.0])))
+            .1
+            .error
+            .contains("rank 1 belongs to worker b"));
+        assert!(matches!(g.contribute("a", part(0, 0, CollectiveOp::Sum, &[1.0])), Reply::Wait));
+        let (to, r) = sent(g.contribute("b", part(1, 0, CollectiveOp::Gather, &[])));
         assert_eq!(to.len(), 2);
-        assert!(r.error.contains("ranks out of step"), "{}", r.error);
-        assert!(matches!(g.contribute("a", part(0, 1, "sum", &[1.0, 2.0])), Reply::Wait));
-        assert!(sent(g.contribute("b", part(1, 1, "sum", &[1.0])))
+        assert!(
+            r.error.contains("ranks out of step: rank 1 sent gather round 0, another rank sum round 0"),
+            "{}",
+            r.error
+        );
+        assert!(matches!(g.contribute("a", part(0, 1, CollectiveOp::Sum, &[1.0, 2.0])), Reply::Wait));
+        assert!(sent(g.contribute("b", part(1, 1, CollectiveOp::Sum, &[1.0])))
             .1
             .error
             .contains("rank 1 sent 1 values, rank 0 sent 2"));
         assert_eq!(g.remove("j"), vec!["a".to_string(), "b".into()]);
-        assert!(sent(g.contribute("a", part(0, 2, "sum", &[1.0]))).1.error.contains("no data-parallel group"));
+        assert!(sent(g.contribute("a", part(0, 2, CollectiveOp::Sum, &[1.0])))
+            .1
+            .error
+            .contains("no data-parallel group"));
         // After a restart, ranks are learned back from worker reports.
         assert!(g.learn("j", "b", 1, 2) && g.learn("j", "a", 0, 2) && !g.learn("j", "c", 0, 2));
         assert_eq!(g.rank_of("j", "b"), Some(1));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rlhf_common::spec::CollectiveSpec;
-use rlhf_proto::{worker_message, Collective as Part, CollectiveResult, TensorData, WorkerMessage};
+use rlhf_proto::{worker_message, Collective as Part, CollectiveOp, CollectiveResult, TensorData, WorkerMessage};
 use tch::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -40,13 +40,13 @@ impl Relay {
         Self { job_id, rank, world, round: 0, events, results, cancel, running }
     }
 
-    fn exchange(&mut self, op: &str, tensors: Vec<TensorData>, payload: Vec<u8>) -> Result<CollectiveResult> {
+    fn exchange(&mut self, op: CollectiveOp, tensors: Vec<TensorData>, payload: Vec<u8>) -> Result<CollectiveResult> {
         let part = Part {
             job_id: self.job_id.clone(),
             round: self.round,
             rank: self.rank as u32,
             world: self.world as u32,
-            op: op.into(),
+            op: op as i32,
             tensors,
             payload,
         };
@@ -89,11 +89,11 @@ impl Collective for Relay {
     }
     fn sum_f32(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
         let t = TensorData { name: "sum".into(), shape: vec![v.len() as i64], f32: v, i64: Vec::new() };
-        let mut r = self.exchange("sum", vec![t], Vec::new())?;
+        let mut r = self.exchange(CollectiveOp::Sum, vec![t], Vec::new())?;
         r.tensors.pop().map(|t| t.f32).ok_or_else(|| Error::Collective("the sum came back empty".into()))
     }
     fn gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        let r = self.exchange("gather", Vec::new(), bytes)?;
+        let r = self.exchange(CollectiveOp::Gather, Vec::new(), bytes)?;
         if r.payloads.len() != self.world {
             return Err(Error::Collective(format!("gathered {} parts for {} ranks", r.payloads.len(), self.world)));
         }

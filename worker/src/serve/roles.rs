@@ -36,7 +36,7 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
         // Built by the trainer's first call (`init`), with the resolved job.
         let mut setup: Option<(RoleHost, PpoSpec)> = None;
         for call in rx {
-            let result = if call.op == "init" {
+            let result = if call.op == ops::WireOp::Init as i32 {
                 std::panic::catch_unwind(|| build(&call.path, device))
                     .unwrap_or_else(|p| Err(format!("internal error: {}", super::panic_message(&p))))
                     .map(|s| {
@@ -78,7 +78,7 @@ fn build(spec_toml: &str, device: Device) -> Result<(RoleHost, PpoSpec), String>
 
 fn serve_one(host: &mut RoleHost, ppo: &PpoSpec, call: &RoleCall) -> Result<Vec<TensorData>, String> {
     let tensors = wire::from_wire_all(&call.tensors).map_err(|e| e.to_string())?;
-    let op = ops::decode(&call.op, call.path.clone(), tensors).map_err(|e| e.to_string())?;
+    let op = ops::decode(call.op, call.path.clone(), tensors).map_err(|e| e.to_string())?;
     let out = host.serve(op, ppo).map_err(|e| format!("{e}"))?;
     wire::to_wire_all(&out).map_err(|e| e.to_string())
 }
@@ -106,11 +106,11 @@ impl ChannelRoles {
 
 impl RemoteRoles for ChannelRoles {
     fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>> {
-        let (name, path, ts) = ops::encode(&op);
+        let (kind, path, ts) = ops::encode(&op);
         let tensors = wire::to_wire_all(&ts)?;
         self.bytes += wire::bytes(&tensors);
         self.next += 1;
-        let call = RoleCall { job_id: self.job_id.clone(), call_id: self.next, op: name, path, tensors };
+        let call = RoleCall { job_id: self.job_id.clone(), call_id: self.next, op: kind as i32, path, tensors };
         self.events
             .send(WorkerMessage { msg: Some(worker_message::Msg::RoleCall(call)) })
             .map_err(|_| Error::RoleHost("worker is shutting down".into()))?;

@@ -235,6 +235,8 @@ impl Batch {
 
 /// Role operations as named CPU tensors (what crosses the wire).
 pub mod wire {
+    pub use rlhf_proto::RoleOp as WireOp;
+
     use super::*;
 
     fn lens_tensor(b: &Batch) -> Tensor {
@@ -273,38 +275,40 @@ pub mod wire {
         })
     }
 
-    /// (op name, path argument, tensors)
-    pub fn encode(op: &RoleOp) -> (String, String, Vec<(String, Tensor)>) {
+    /// (op, path argument, tensors)
+    pub fn encode(op: &RoleOp) -> (WireOp, String, Vec<(String, Tensor)>) {
         match op {
-            RoleOp::Scores(b) => ("scores".into(), String::new(), batch_tensors(b)),
-            RoleOp::Values(b) => ("values".into(), String::new(), batch_tensors(b)),
+            RoleOp::Scores(b) => (WireOp::Scores, String::new(), batch_tensors(b)),
+            RoleOp::Values(b) => (WireOp::Values, String::new(), batch_tensors(b)),
             RoleOp::CriticStep { batch, values_old, returns } => {
                 let mut t = batch_tensors(batch);
                 t.push(("values_old".into(), values_old.to_device(tch::Device::Cpu)));
                 t.push(("returns".into(), returns.to_device(tch::Device::Cpu)));
-                ("critic_step".into(), String::new(), t)
+                (WireOp::CriticStep, String::new(), t)
             }
-            RoleOp::Init { spec_toml } => ("init".into(), spec_toml.clone(), Vec::new()),
-            RoleOp::SaveCritic { dir } => ("save_critic".into(), dir.clone(), Vec::new()),
-            RoleOp::Checkpoint { dir } => ("checkpoint".into(), dir.clone(), Vec::new()),
-            RoleOp::Restore { dir } => ("restore".into(), dir.clone(), Vec::new()),
+            RoleOp::Init { spec_toml } => (WireOp::Init, spec_toml.clone(), Vec::new()),
+            RoleOp::SaveCritic { dir } => (WireOp::SaveCritic, dir.clone(), Vec::new()),
+            RoleOp::Checkpoint { dir } => (WireOp::Checkpoint, dir.clone(), Vec::new()),
+            RoleOp::Restore { dir } => (WireOp::Restore, dir.clone(), Vec::new()),
         }
     }
 
-    pub fn decode(op: &str, path: String, mut ts: Vec<(String, Tensor)>) -> Result<RoleOp> {
-        Ok(match op {
-            "scores" => RoleOp::Scores(batch_from(&mut ts)?),
-            "values" => RoleOp::Values(batch_from(&mut ts)?),
-            "critic_step" => {
+    /// A RoleCall's `op` number, `path` and tensors as a [`RoleOp`].
+    pub fn decode(op: i32, path: String, mut ts: Vec<(String, Tensor)>) -> Result<RoleOp> {
+        let kind = WireOp::try_from(op).unwrap_or(WireOp::Unspecified);
+        Ok(match kind {
+            WireOp::Scores => RoleOp::Scores(batch_from(&mut ts)?),
+            WireOp::Values => RoleOp::Values(batch_from(&mut ts)?),
+            WireOp::CriticStep => {
                 let values_old = take(&mut ts, "values_old")?;
                 let returns = take(&mut ts, "returns")?;
                 RoleOp::CriticStep { batch: batch_from(&mut ts)?, values_old, returns }
             }
-            "init" => RoleOp::Init { spec_toml: path },
-            "save_critic" => RoleOp::SaveCritic { dir: path },
-            "checkpoint" => RoleOp::Checkpoint { dir: path },
-            "restore" => RoleOp::Restore { dir: path },
-            other => return Err(Error::InvalidArgument(format!("unknown role op {other:?}"))),
+            WireOp::Init => RoleOp::Init { spec_toml: path },
+            WireOp::SaveCritic => RoleOp::SaveCritic { dir: path },
+            WireOp::Checkpoint => RoleOp::Checkpoint { dir: path },
+            WireOp::Restore => RoleOp::Restore { dir: path },
+            WireOp::Unspecified => return Err(Error::InvalidArgument(format!("unknown role op {op}"))),
         })
     }
 }
