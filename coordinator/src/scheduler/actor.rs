@@ -6,8 +6,8 @@ use std::time::Instant;
 use rlhf_common::spec::{JobKind, JobSpec};
 use rlhf_common::JobId;
 use rlhf_proto::{
-    coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, RankJob, Register,
-    RoleReply,
+    coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, RoleReply,
+    WorkerJobs,
 };
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
@@ -203,7 +203,7 @@ impl Scheduler {
         if let Err(e) = self.store.upsert_worker(&id, &reg.name, &reg.device, reg.memory_bytes) {
             warn!(worker = %id, error = %e, "cannot record worker");
         }
-        info!(worker = %id, name = %reg.name, device = %reg.device, running = reg.running_jobs.len(), "worker registered");
+        info!(worker = %id, name = %reg.name, device = %reg.device, running = reg.jobs.as_ref().map_or(0, |j| j.running.len()), "worker registered");
         let slot = Slot {
             name: reg.name,
             device: reg.device,
@@ -216,12 +216,13 @@ impl Scheduler {
             hosting: BTreeSet::new(),
         };
         self.workers.insert(id.clone(), slot);
-        self.reconcile(&id, &reg.running_jobs, &reg.role_jobs, &reg.rank_jobs);
+        self.reconcile(&id, &reg.jobs.unwrap_or_default());
     }
 
     /// Makes the store and a worker agree on what it runs: jobs it no longer
     /// runs go back to the queue; jobs it runs that ended here are cancelled.
-    fn reconcile(&mut self, worker: &str, reported: &[String], hosted: &[String], ranks: &[RankJob]) {
+    fn reconcile(&mut self, worker: &str, jobs: &WorkerJobs) {
+        let (reported, hosted, ranks) = (&jobs.running, &jobs.roles, &jobs.ranks);
         // Data-parallel ranks here: learn those of running jobs back (after a restart).
         for r in ranks {
             let live = matches!(self.store.job(&r.job_id), Ok(Some(JobRow { state: JobState::Running { .. }, .. })));
@@ -312,9 +313,7 @@ impl Scheduler {
         slot.last_seen_ms = crate::store::now_ms();
         match msg {
             worker_message::Msg::Register(_) => {}
-            worker_message::Msg::Heartbeat(hb) => {
-                self.reconcile(worker, &hb.running_jobs, &hb.role_jobs, &hb.rank_jobs)
-            }
+            worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.jobs.unwrap_or_default()),
             worker_message::Msg::RoleCall(call) => {
                 let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(call.job_id.clone()).or_default() += bytes;

@@ -119,7 +119,7 @@ impl Handle {
 
 #[cfg(test)]
 mod tests {
-    use rlhf_proto::{coordinator_message, Heartbeat, TaskResult};
+    use rlhf_proto::{coordinator_message, Heartbeat, TaskResult, WorkerJobs};
 
     use super::*;
     use crate::state::JobState;
@@ -158,7 +158,9 @@ mod tests {
         let beat = |jobs: Vec<String>| Command::Message {
             worker: "w1".into(),
             conn: 1,
-            msg: worker_message::Msg::Heartbeat(Heartbeat { running_jobs: jobs, ..Default::default() }),
+            msg: worker_message::Msg::Heartbeat(Heartbeat {
+                jobs: Some(WorkerJobs { running: jobs, ..Default::default() }),
+            }),
         };
         // Alive past the "recently assigned" grace, then no longer running
         // the job: it is requeued and assigned again, to the same worker.

@@ -61,16 +61,16 @@ impl State {
 
 type Running = Arc<Mutex<State>>;
 
-fn running_ids(running: &Running) -> Vec<String> {
-    running.lock().map(|m| m.jobs.keys().cloned().collect()).unwrap_or_default()
-}
-
-fn role_ids(running: &Running) -> Vec<String> {
-    running.lock().map(|m| m.role_hosts.keys().cloned().collect()).unwrap_or_default()
-}
-
-fn rank_jobs(running: &Running) -> Vec<RankJob> {
-    running.lock().map(|m| m.ranks.values().map(|(r, _)| r.clone()).collect()).unwrap_or_default()
+/// What this worker runs, for Register and every Heartbeat.
+fn worker_jobs(running: &Running) -> WorkerJobs {
+    running
+        .lock()
+        .map(|m| WorkerJobs {
+            running: m.jobs.keys().cloned().collect(),
+            roles: m.role_hosts.keys().cloned().collect(),
+            ranks: m.ranks.values().map(|(r, _)| r.clone()).collect(),
+        })
+        .unwrap_or_default()
 }
 
 /// The text of a caught panic.
@@ -118,9 +118,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             name: opts.name.clone(),
             device: opts.device_name.clone(),
             memory_bytes: memory_bytes(),
-            running_jobs: running_ids(&running),
-            role_jobs: role_ids(&running),
-            rank_jobs: rank_jobs(&running),
+            jobs: Some(worker_jobs(&running)),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
         let unanswered: Vec<WorkerMessage> =
@@ -147,7 +145,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = hb.tick() => {
-                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { running_jobs: running_ids(&running), role_jobs: role_ids(&running), rank_jobs: rank_jobs(&running) })) };
+                    let m = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { jobs: Some(worker_jobs(&running)) })) };
                     if tx.send(m).await.is_err() { break; }
                 }
                 ev = events_rx.recv() => {
