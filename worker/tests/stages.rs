@@ -137,6 +137,23 @@ fn same_seed_gives_identical_metrics() {
     assert_ne!(a, run("ppo-c", &ppo_toml("f32", &sft, 3, 5)), "another seed should differ");
 }
 
+/// The safetensors file `file` holds the same tensors, bit for bit, under
+/// run directories `a` and `b`.
+fn assert_same_tensors(a: &Path, b: &Path, file: &str) {
+    let read = |d: &Path| {
+        let mut t = tch::Tensor::read_safetensors(d.join(file)).unwrap();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    let (ta, tb) = (read(a), read(b));
+    assert!(!ta.is_empty(), "{file} holds no tensors");
+    assert_eq!(ta.len(), tb.len(), "{file}");
+    for ((ka, xa), (kb, xb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(xa.equal(xb), "{file} {ka} differs after resume");
+    }
+}
+
 #[test]
 fn an_interrupted_sft_resumes_from_its_checkpoint_to_the_same_adapter() {
     let tmp = tempfile::tempdir().unwrap();
@@ -151,17 +168,7 @@ fn an_interrupted_sft_resumes_from_its_checkpoint_to_the_same_adapter() {
     run_job(&job(&sft_toml("f32", 30, 6, 10)), &part, Device::Cpu).unwrap();
     let steps: Vec<f64> = series(&metrics(&part), "step");
     assert_eq!(steps.first().copied(), Some(21.0), "resumed at the checkpoint");
-    let read = |d: &Path| {
-        let mut t = tch::Tensor::read_safetensors(d.join("adapter/adapter_model.safetensors")).unwrap();
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        t
-    };
-    let (a, b) = (read(&whole), read(&part));
-    assert_eq!(a.len(), b.len());
-    for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
-        assert_eq!(ka, kb);
-        assert!(ta.equal(tb), "{ka} differs after resume");
-    }
+    assert_same_tensors(&whole, &part, "adapter/adapter_model.safetensors");
 }
 
 #[test]
@@ -181,17 +188,7 @@ fn an_interrupted_reward_stage_resumes_from_its_checkpoint_to_the_same_reward_mo
     run_job(&job(&text(10)), &part, Device::Cpu).unwrap();
     assert_eq!(series(&metrics(&part), "step").first().copied(), Some(21.0), "resumed at the checkpoint");
     for file in ["adapter_model.safetensors", "reward_head.safetensors"] {
-        let read = |d: &Path| {
-            let mut t = tch::Tensor::read_safetensors(d.join("reward_model").join(file)).unwrap();
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            t
-        };
-        let (a, b) = (read(&whole), read(&part));
-        assert_eq!(a.len(), b.len());
-        for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
-            assert_eq!(ka, kb);
-            assert!(ta.equal(tb), "{file} {ka} differs after resume");
-        }
+        assert_same_tensors(&whole, &part, &format!("reward_model/{file}"));
     }
 }
 
@@ -215,17 +212,7 @@ fn an_interrupted_ppo_resumes_from_its_checkpoint_to_the_same_policy_and_critic(
     for file in
         ["adapter/adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/value_head.safetensors"]
     {
-        let read = |d: &Path| {
-            let mut t = tch::Tensor::read_safetensors(d.join(file)).unwrap();
-            t.sort_by(|a, b| a.0.cmp(&b.0));
-            t
-        };
-        let (a, b) = (read(&whole), read(&part));
-        assert_eq!(a.len(), b.len());
-        for ((ka, ta), (kb, tb)) in a.iter().zip(&b) {
-            assert_eq!(ka, kb);
-            assert!(ta.equal(tb), "{file} {ka} differs after resume");
-        }
+        assert_same_tensors(&whole, &part, file);
     }
 }
 
