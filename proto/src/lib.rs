@@ -31,24 +31,14 @@ impl JobState {
 }
 
 impl JobKind {
-    /// The lowercase name a job file spells the kind with.
-    pub fn name(self) -> &'static str {
-        match self {
-            JobKind::Pretrain => "pretrain",
-            JobKind::Sft => "sft",
-            JobKind::Reward => "reward",
-            JobKind::Ppo => "ppo",
-            JobKind::Eval => "eval",
-            JobKind::Pipeline => "pipeline",
-            JobKind::Unspecified => "unknown",
-        }
+    /// The lowercase name a job file spells the kind with (the proto name
+    /// without its `JOB_KIND_` prefix; "unspecified" for 0).
+    pub fn name(self) -> String {
+        self.as_str_name().trim_start_matches("JOB_KIND_").to_ascii_lowercase()
     }
 
     /// The kind a job file's lowercase name spells (`Unspecified` if none).
     pub fn from_name(name: &str) -> Self {
-        [JobKind::Pretrain, JobKind::Sft, JobKind::Reward, JobKind::Ppo, JobKind::Eval, JobKind::Pipeline]
-            .into_iter()
-            .find(|k| k.name() == name)
-            .unwrap_or(JobKind::Unspecified)
+        Self::from_str_name(&format!("JOB_KIND_{}", name.to_ascii_uppercase())).unwrap_or(Self::Unspecified)
     }
 }

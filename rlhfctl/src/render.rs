@@ -8,8 +8,8 @@ use std::fmt::Write;
 use rlhf_proto::{Job, JobEvent, JobState, Progress, Worker};
 use serde_json::{json, Map, Value};
 
-/// A job's kind name; an unknown number (a newer coordinator) reads as "unknown".
-pub fn job_kind(job: &Job) -> &'static str {
+/// A job's kind name; an unknown number (a newer coordinator) reads as "unspecified".
+pub fn job_kind(job: &Job) -> String {
     rlhf_proto::JobKind::try_from(job.kind).unwrap_or(rlhf_proto::JobKind::Unspecified).name()
 }
 
@@ -164,7 +164,7 @@ pub fn jobs_table(jobs: &[Job], workers: &HashMap<String, String>, now_ms: i64) 
             vec![
                 j.job_id.clone(),
                 j.name.clone(),
-                job_kind(j).to_string(),
+                job_kind(j),
                 state.name().to_string(),
                 worker_label(&j.worker_id, workers),
                 fmt_age(now_ms - j.created_at_ms),
@@ -181,7 +181,7 @@ pub fn job_detail(j: &Job, workers: &HashMap<String, String>, now_ms: i64) -> St
     let mut rows: Vec<(&str, String)> = vec![
         ("id", j.job_id.clone()),
         ("name", j.name.clone()),
-        ("kind", job_kind(j).to_string()),
+        ("kind", job_kind(j)),
         ("state", state.name().to_string()),
     ];
     if !j.reason.is_empty() {
@@ -353,6 +353,10 @@ mod tests {
         assert_eq!(v["state"], "running");
         assert_eq!(v["id"], "01936f4e-0000-7000-8000-000000000001");
         assert_eq!(v["kind"], "sft");
+        for k in ["pretrain", "sft", "reward", "ppo", "eval", "pipeline"] {
+            assert_eq!(rlhf_proto::JobKind::from_name(k).name(), k, "the coordinator's kind names round-trip");
+        }
+        assert_eq!(rlhf_proto::JobKind::from_name("bogus"), rlhf_proto::JobKind::Unspecified);
         assert_eq!(v["worker"], "w1");
         assert_eq!(v["attempts"], 1);
         assert_eq!(v["progress"]["step"], 20);

@@ -194,7 +194,7 @@ impl View {
         let progress = job.progress.as_ref().filter(|p| p.total > 0);
         match (state, progress) {
             (JobState::Running, Some(p)) => {
-                let label = if p.stage.is_empty() { job_kind(job).to_string() } else { p.stage.clone() };
+                let label = if p.stage.is_empty() { job_kind(job) } else { p.stage.clone() };
                 if self.stage.as_ref().is_none_or(|(s, _, _)| *s != label) {
                     self.close_stage();
                     let bar = self.bar();
