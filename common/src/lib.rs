@@ -3,10 +3,12 @@
 
 pub mod collective;
 pub mod ids;
+pub mod role;
 pub mod spec;
 pub mod telemetry;
 
 pub use ids::{JobId, WorkerId};
+pub use role::Role;
 pub use spec::{JobFileError, JobKind, JobSpec, PeftMethod, SpecError};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

@@ -370,6 +370,12 @@ pub struct PpoSpec {
     /// at max_new_tokens, e.g. the paper's one-token answers.
     #[serde(default)]
     pub score_with_eos: bool,
+    /// Batches generated ahead of the update: 0 waits for each update
+    /// (on-policy); 1 generates the next batch while the trainer updates,
+    /// one step off-policy (the PPO ratio is taken against the logged
+    /// behaviour log-probs either way).
+    #[serde(default)]
+    pub rollout_ahead: usize,
 }
 
 fn default_iterations() -> usize {
@@ -500,6 +506,9 @@ impl Default for CheckpointSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementSpec {
+    /// PPO: workers that generate the rollouts, each with a copy of the
+    /// policy adapter that the trainer refreshes after every update ("" or
+    /// "*": any idle worker). Empty: the trainer generates.
     #[serde(default)]
     pub rollout: Vec<String>,
     #[serde(default)]
@@ -518,6 +527,14 @@ pub struct PlacementSpec {
     /// else through the coordinator), `coordinator`, or `nccl`.
     #[serde(default)]
     pub collective: CollectiveSpec,
+}
+
+/// Rollout workers one job may use.
+pub const MAX_ROLLOUT_WORKERS: usize = 64;
+
+/// A placement entry that any idle worker can fill.
+pub fn is_any_worker(name: &str) -> bool {
+    name.is_empty() || name == "*"
 }
 
 impl Default for PlacementSpec {
@@ -666,6 +683,7 @@ impl JobSpec {
             return err("version", format!("must be 1, got {}", self.version));
         }
         self.validate_data_parallel()?;
+        self.validate_rollout()?;
         if self.kind == JobKind::Pipeline {
             if self.stages.is_empty() {
                 return err("stage", "a pipeline needs at least one [[stage]]");
@@ -721,6 +739,39 @@ impl JobSpec {
         self.validate_model(self.kind == JobKind::Pretrain)
     }
 
+    /// Rollout workers: only for PPO, each named worker once, none of them
+    /// the trainer or the reward/critic host.
+    fn validate_rollout(&self) -> Result<(), SpecError> {
+        let p = &self.placement;
+        if p.rollout.is_empty() {
+            return Ok(());
+        }
+        let ppo = self.kind == JobKind::Ppo || self.stages.iter().any(|s| s.kind == JobKind::Ppo);
+        if !ppo {
+            return err(
+                "placement.rollout",
+                format!("only a ppo job (or a pipeline with one) has rollouts, this job is {}", self.kind.name()),
+            );
+        }
+        if p.rollout.len() > MAX_ROLLOUT_WORKERS {
+            return err("placement.rollout", format!("at most {MAX_ROLLOUT_WORKERS} workers, got {}", p.rollout.len()));
+        }
+        let named: Vec<&str> = p.rollout.iter().map(String::as_str).filter(|n| !is_any_worker(n)).collect();
+        for (i, n) in named.iter().enumerate() {
+            if named[..i].contains(n) {
+                return err("placement.rollout", format!("worker {n:?} is listed twice"));
+            }
+            let other = [("trainer", &p.trainer), ("reward", &p.reward), ("critic", &p.critic)];
+            if let Some((role, _)) = other.iter().find(|(_, w)| w.as_deref() == Some(*n)) {
+                return err(
+                    "placement.rollout",
+                    format!("worker {n:?} is also placement.{role}; a rollout worker only generates (leave it out to generate on the trainer)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn validate_data_parallel(&self) -> Result<(), SpecError> {
         let n = self.placement.data_parallel;
         if n == 0 {
@@ -745,6 +796,12 @@ impl JobSpec {
             );
         }
         if self.kind == JobKind::Ppo {
+            if !self.placement.rollout.is_empty() {
+                return err(
+                    "placement.rollout",
+                    "a data-parallel ppo job generates on every rank; drop placement.rollout",
+                );
+            }
             if self.placement.reward.is_some() || self.placement.critic.is_some() {
                 return err(
                     "placement.critic",
@@ -934,6 +991,9 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
     }
     if p.critic_lr <= 0.0 {
         return err("ppo.critic_lr", "must be positive");
+    }
+    if p.rollout_ahead > 1 {
+        return err("ppo.rollout_ahead", format!("must be 0 or 1, got {}", p.rollout_ahead));
     }
     if let RewardSource::Model { path: None } = p.reward {
         if !in_pipeline {

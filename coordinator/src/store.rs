@@ -187,6 +187,16 @@ impl Store {
         Ok(true)
     }
 
+    /// Records an event that changes nothing (say, why a job still waits),
+    /// under the job's current state.
+    pub fn note(&mut self, id: &str, message: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO events (job_id, at_ms, state, message) SELECT id, ?2, state, ?3 FROM jobs WHERE id = ?1",
+            params![id, now_ms(), message],
+        )?;
+        Ok(())
+    }
+
     pub fn set_progress(&mut self, id: &str, progress_json: &str, metrics_json: Option<&str>) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(

@@ -42,3 +42,15 @@ impl JobKind {
         Self::from_str_name(&format!("JOB_KIND_{}", name.to_ascii_uppercase())).unwrap_or(Self::Unspecified)
     }
 }
+
+impl Role {
+    /// The lowercase name (the proto name without its `ROLE_` prefix).
+    pub fn name(self) -> String {
+        self.as_str_name().trim_start_matches("ROLE_").to_ascii_lowercase()
+    }
+
+    /// The role a lowercase name spells (`Unspecified` if none).
+    pub fn from_name(name: &str) -> Self {
+        Self::from_str_name(&format!("ROLE_{}", name.to_ascii_uppercase())).unwrap_or(Self::Unspecified)
+    }
+}

@@ -19,6 +19,10 @@ pub enum Error {
     InvalidArgument(String),
     #[error("role host: {0}")]
     RoleHost(String),
+    /// A rollout worker went away; its calls are void (the trainer
+    /// regenerates their share elsewhere).
+    #[error("rollout worker {target}: {msg}")]
+    RolloutLost { target: usize, msg: String },
     #[error(transparent)]
     Model(#[from] rlhf_model::Error),
     #[error("torch: {0}")]

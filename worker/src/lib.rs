@@ -5,9 +5,9 @@
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod offline;
 pub mod parallel;
 pub mod serve;
-pub mod tools;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use rlhf_model::Sampling;
-use rlhf_worker::tools::{self, ModelArgs, Prompt};
+use rlhf_worker::offline::{self, ModelArgs, Prompt};
 
 #[derive(Parser)]
 #[command(name = "rlhf-worker", version, about = "rlhfd worker: model tools and (later) the per-device daemon")]
@@ -44,8 +44,8 @@ impl ModelOpts {
             model: self.model.clone(),
             adapter: self.adapter.clone(),
             merge: self.merge,
-            dtype: tools::parse_dtype(&self.dtype)?,
-            device: tools::parse_device(&self.device)?,
+            dtype: offline::parse_dtype(&self.dtype)?,
+            device: offline::parse_device(&self.device)?,
         })
     }
 }
@@ -192,13 +192,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits { model, tokens, out } => {
             let args = model.resolve()?;
-            let tokens = tools::parse_tokens(&tokens)?;
-            tools::logits(&args, &tokens, &out).with_context(|| format!("logits of {}", args.model.display()))?;
+            let tokens = offline::parse_tokens(&tokens)?;
+            offline::logits(&args, &tokens, &out).with_context(|| format!("logits of {}", args.model.display()))?;
         }
         Command::Generate { model, tokens, prompt, max_new_tokens, greedy, temperature, top_p, top_k, seed } => {
             let args = model.resolve()?;
             let prompt = match (tokens, prompt) {
-                (Some(t), _) => Prompt::Tokens(tools::parse_tokens(&t)?),
+                (Some(t), _) => Prompt::Tokens(offline::parse_tokens(&t)?),
                 (None, Some(p)) => Prompt::Text(p),
                 (None, None) => anyhow::bail!("give --tokens or --prompt"),
             };
@@ -206,7 +206,7 @@ fn run(cli: Cli) -> Result<()> {
                 (true, _) | (false, None) => Sampling { seed, ..Sampling::greedy() },
                 (false, Some(t)) => Sampling { temperature: t, top_p, top_k, seed },
             };
-            let line = tools::generate_line(&args, &prompt, max_new_tokens, sampling)
+            let line = offline::generate_line(&args, &prompt, max_new_tokens, sampling)
                 .with_context(|| format!("generate with {}", args.model.display()))?;
             println!("{line}");
         }
@@ -215,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(d) = dtype {
                 spec.override_dtype(&d).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
             }
-            let device = tools::parse_device(&device)?;
+            let device = offline::parse_device(&device)?;
             let out = out.unwrap_or_else(|| {
                 PathBuf::from("runs").join(spec.name.clone().unwrap_or_else(|| spec.kind.name().into()))
             });
@@ -232,7 +232,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
         }
         Command::Serve { coordinator, device, name, heartbeat_ms } => {
-            let dev = tools::parse_device(&device)?;
+            let dev = offline::parse_device(&device)?;
             let name = name.unwrap_or_else(|| format!("{}-{}", device.replace(':', ""), std::process::id()));
             rlhf_worker::serve::serve(rlhf_worker::serve::Options {
                 coordinator,
@@ -250,11 +250,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: Bench::Decode { model, prompt_len, new_tokens, batch, runs } } => {
             let args = model.resolve()?;
-            let line = tools::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
+            let line = offline::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
             println!("{line}");
         }
         Command::Bench { what: Bench::Allreduce { device, megabytes, runs } } => {
-            let device = tools::parse_device(&device)?;
+            let device = offline::parse_device(&device)?;
             println!(
                 "{}",
                 rlhf_worker::parallel::nccl::self_check(device, megabytes, runs).context("bench allreduce")?

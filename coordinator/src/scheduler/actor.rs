@@ -3,11 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use rlhf_common::spec::{JobKind, JobSpec};
+use rlhf_common::spec::{is_any_worker, JobKind, JobSpec};
 use rlhf_common::JobId;
 use rlhf_proto::{
-    coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, RoleReply,
-    WorkerJobs,
+    coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, Role,
+    RoleCall, RoleReply, WorkerJobs,
 };
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
@@ -21,6 +21,14 @@ use crate::store::{JobRow, Store};
 /// A PPO job, or a pipeline with a PPO stage.
 fn has_ppo(spec: &JobSpec) -> bool {
     spec.kind == JobKind::Ppo || spec.stages.iter().any(|s| s.kind == JobKind::Ppo)
+}
+
+/// The workers a job is placed on.
+struct Picked {
+    trainer: String,
+    /// The reward/critic host, when not the trainer.
+    host: Option<String>,
+    rollout: Vec<String>,
 }
 
 /// What `ListWorkers` shows.
@@ -44,7 +52,7 @@ struct Slot {
     tx: Option<WorkerTx>,
     conn: u64,
     running: BTreeSet<String>,
-    /// PPO jobs whose reward/critic roles this worker hosts.
+    /// PPO jobs whose reward/critic or rollout roles this worker hosts.
     hosting: BTreeSet<String>,
 }
 
@@ -62,6 +70,10 @@ pub(super) struct Scheduler {
     started: Instant,
     /// job → the worker hosting its reward/critic roles.
     roles: BTreeMap<String, String>,
+    /// job → its rollout workers by target (None: lost).
+    rollouts: BTreeMap<String, Vec<Option<String>>>,
+    /// job → why it still waits for workers, as last posted.
+    waiting: BTreeMap<String, String>,
     /// job → role-call and collective payload bytes relayed.
     relayed: BTreeMap<String, u64>,
     /// Data-parallel jobs: the worker of each rank, the round in flight.
@@ -77,6 +89,8 @@ impl Scheduler {
             workers: BTreeMap::new(),
             started: Instant::now(),
             roles: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
+            waiting: BTreeMap::new(),
             relayed: BTreeMap::new(),
             groups: Groups::default(),
         }
@@ -129,6 +143,7 @@ impl Scheduler {
                     if slot.conn == conn {
                         slot.tx = None;
                         info!(worker = %worker, "worker stream closed; its lease runs out unless it reconnects");
+                        self.drop_rollout_worker(&worker);
                     }
                 }
             }
@@ -232,15 +247,31 @@ impl Scheduler {
         }
         // Roles hosted here: keep those of running jobs, release the rest.
         let mut hosting = BTreeSet::new();
-        for id in hosted {
+        for h in hosted {
+            let id = &h.job_id;
             let live = matches!(self.store.job(id), Ok(Some(JobRow { state: JobState::Running { .. }, .. })));
-            match self.roles.get(id) {
+            let rollout = h.roles.contains(&(Role::Rollout as i32));
+            let (placed, known) = if rollout {
+                (self.rollout_worker(id, h.target), self.rollouts.contains_key(id))
+            } else {
+                (self.roles.get(id).cloned(), self.roles.contains_key(id))
+            };
+            match placed {
                 Some(w) if w == worker && live => {
                     hosting.insert(id.clone());
                 }
-                None if live => {
+                None if live && !known => {
                     // After a coordinator restart: learn the placement back.
-                    self.roles.insert(id.clone(), worker.to_string());
+                    if rollout {
+                        let targets = self.rollouts.entry(id.clone()).or_default();
+                        let k = h.target as usize;
+                        if targets.len() <= k {
+                            targets.resize(k + 1, None);
+                        }
+                        targets[k] = Some(worker.to_string());
+                    } else {
+                        self.roles.insert(id.clone(), worker.to_string());
+                    }
                     hosting.insert(id.clone());
                 }
                 _ => {
@@ -251,7 +282,8 @@ impl Scheduler {
         // Role assignments in flight stay counted.
         if let Some(slot) = self.workers.get(worker) {
             for id in &slot.hosting {
-                if self.roles.get(id).is_some_and(|w| w == worker) {
+                let rollout_here = self.rollouts.get(id).is_some_and(|t| t.iter().flatten().any(|w| w == worker));
+                if rollout_here || self.roles.get(id).is_some_and(|w| w == worker) {
                     hosting.insert(id.clone());
                 }
             }
@@ -314,22 +346,7 @@ impl Scheduler {
         match msg {
             worker_message::Msg::Register(_) => {}
             worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.jobs.unwrap_or_default()),
-            worker_message::Msg::RoleCall(call) => {
-                let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
-                *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
-                let host = self.roles.get(&call.job_id).cloned();
-                let delivered =
-                    host.is_some_and(|h| self.send_to(&h, coordinator_message::Msg::RoleCall(call.clone())));
-                if !delivered {
-                    let reply = RoleReply {
-                        job_id: call.job_id.clone(),
-                        call_id: call.call_id,
-                        error: "the roles' worker is gone".into(),
-                        tensors: Vec::new(),
-                    };
-                    self.send_to(worker, coordinator_message::Msg::RoleReply(reply));
-                }
-            }
+            worker_message::Msg::RoleCall(call) => self.relay_call(worker, call),
             worker_message::Msg::RoleReply(reply) => {
                 let bytes = reply.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(reply.job_id.clone()).or_default() += bytes;
@@ -398,6 +415,70 @@ impl Scheduler {
         }
     }
 
+    /// Sends a trainer's role call to the worker hosting the role: the
+    /// reward/critic host, or rollout worker `target`. One that cannot be
+    /// delivered is answered at once (a gone rollout worker as `lost`).
+    fn relay_call(&mut self, trainer: &str, call: RoleCall) {
+        let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
+        *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
+        let rollout = call.role == Role::Rollout as i32;
+        let host = if rollout {
+            self.rollout_worker(&call.job_id, call.target)
+        } else {
+            self.roles.get(&call.job_id).cloned()
+        };
+        let (job_id, call_id, role, target) = (call.job_id.clone(), call.call_id, call.role, call.target);
+        let delivered = host.is_some_and(|h| self.send_to(&h, coordinator_message::Msg::RoleCall(call)));
+        if !delivered {
+            let error =
+                if rollout { format!("rollout worker {target} is gone") } else { "the roles' worker is gone".into() };
+            let reply = RoleReply { job_id, call_id, error, tensors: Vec::new(), role, target, lost: rollout };
+            self.send_to(trainer, coordinator_message::Msg::RoleReply(reply));
+        }
+    }
+
+    /// The worker that is rollout worker `target` of `job`, if it still is.
+    fn rollout_worker(&self, job: &str, target: u32) -> Option<String> {
+        self.rollouts.get(job).and_then(|t| t.get(target as usize).cloned().flatten())
+    }
+
+    /// A rollout worker went away: each job it generated for goes on
+    /// without it (its trainer hears at once and sends the worker's share
+    /// elsewhere).
+    fn drop_rollout_worker(&mut self, worker: &str) {
+        let mut lost = Vec::new();
+        for (job, targets) in self.rollouts.iter_mut() {
+            for (k, w) in targets.iter_mut().enumerate() {
+                if w.as_deref() == Some(worker) {
+                    *w = None;
+                    lost.push((job.clone(), k as u32));
+                }
+            }
+        }
+        for (job, target) in lost {
+            if let Some(slot) = self.workers.get_mut(worker) {
+                slot.hosting.remove(&job);
+            }
+            let message = format!("rollout worker {target} ({worker}) lost; its share goes to the others");
+            warn!(job_id = %job, %message);
+            if let Err(e) = self.store.note(&job, &message) {
+                warn!(job_id = %job, error = %e, "cannot record event");
+            }
+            if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) = self.store.job(&job) {
+                let notice = RoleReply {
+                    job_id: job.clone(),
+                    call_id: 0,
+                    error: message,
+                    tensors: Vec::new(),
+                    role: Role::Rollout as i32,
+                    target,
+                    lost: true,
+                };
+                self.send_to(&trainer, coordinator_message::Msg::RoleReply(notice));
+            }
+        }
+    }
+
     fn expire_leases(&mut self) {
         let now = Instant::now();
         let lost: Vec<String> = self
@@ -409,6 +490,7 @@ impl Scheduler {
         for id in lost {
             let secs = self.cfg.lease.as_secs_f64();
             warn!(worker = %id, lease_s = secs, "worker lost: no heartbeat within its lease");
+            self.drop_rollout_worker(&id);
             self.workers.remove(&id);
             self.requeue_worker_jobs(&id, &format!("worker {id} lost (no heartbeat for {secs:.1}s); requeued"));
         }
@@ -465,6 +547,13 @@ impl Scheduler {
         for w in self.groups.remove(job) {
             self.send_to(&w, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
         }
+        for w in self.rollouts.remove(job).unwrap_or_default().into_iter().flatten() {
+            self.send_to(&w, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
+            if let Some(slot) = self.workers.get_mut(&w) {
+                slot.hosting.remove(job);
+            }
+        }
+        self.waiting.remove(job);
         if let Some(host) = self.roles.remove(job) {
             self.send_to(&host, coordinator_message::Msg::Cancel(CancelTask { job_id: job.to_string() }));
             if let Some(slot) = self.workers.get_mut(&host) {
@@ -487,32 +576,17 @@ impl Scheduler {
                 self.dispatch_ranks(&job, &spec);
                 continue;
             }
-            let p = &spec.placement;
-            let mut trainer_names: Vec<String> = p.trainer.iter().cloned().collect();
-            trainer_names.extend(p.rollout.iter().cloned());
-            let role_name =
-                p.critic.clone().or_else(|| p.reward.clone()).filter(|r| has_ppo(&spec) && !trainer_names.contains(r));
-            let idle = |names: &[String], not: Option<&str>| {
-                self.workers
-                    .iter()
-                    .filter(|(id, s)| s.idle() && Some(id.as_str()) != not)
-                    .find(|(_, s)| names.is_empty() || names.contains(&s.name))
-                    .map(|(id, _)| id.clone())
-            };
-            let Some(trainer) = idle(&trainer_names, None) else { continue };
-            let host = match &role_name {
-                Some(name) => match idle(std::slice::from_ref(name), Some(&trainer)) {
-                    Some(h) => Some(h),
-                    None => continue, // wait until the roles' worker is free
-                },
-                None => None,
-            };
+            let Some(picked) = self.pick_workers(&job.id, &spec) else { continue };
+            self.waiting.remove(&job.id);
+            let Picked { trainer, host, rollout } = picked;
             let out = self.cfg.data_dir.join("jobs").join(&job.id).display().to_string();
             if let Some(h) = &host {
                 let msg = coordinator_message::Msg::AssignRoles(AssignRoles {
                     job_id: job.id.clone(),
                     spec_toml: job.spec_toml.clone(),
                     output_dir: out.clone(),
+                    roles: vec![Role::Reward as i32, Role::Critic as i32],
+                    target: 0,
                 });
                 if !self.send_to(h, msg) {
                     continue;
@@ -522,6 +596,24 @@ impl Scheduler {
                     slot.hosting.insert(job.id.clone());
                 }
             }
+            let mut targets = Vec::new();
+            for (k, w) in rollout.iter().enumerate() {
+                let msg = coordinator_message::Msg::AssignRoles(AssignRoles {
+                    job_id: job.id.clone(),
+                    spec_toml: job.spec_toml.clone(),
+                    output_dir: out.clone(),
+                    roles: vec![Role::Rollout as i32],
+                    target: k as u32,
+                });
+                let sent = self.send_to(w, msg);
+                targets.push(sent.then(|| w.clone()));
+                if let (true, Some(slot)) = (sent, self.workers.get_mut(w)) {
+                    slot.hosting.insert(job.id.clone());
+                }
+            }
+            if !rollout.is_empty() {
+                self.rollouts.insert(job.id.clone(), targets);
+            }
             let msg = coordinator_message::Msg::Assign(AssignTask {
                 job_id: job.id.clone(),
                 spec_toml: job.spec_toml.clone(),
@@ -530,25 +622,104 @@ impl Scheduler {
                 rank: 0,
                 world: 1,
                 attempt: job.attempts + 1,
+                rollout_workers: rollout.len() as u32,
             });
             if self.send_to(&trainer, msg) {
                 if let Some(slot) = self.workers.get_mut(&trainer) {
                     slot.running.insert(job.id.clone());
                 }
                 let name = |id: &str| self.workers.get(id).map(|s| s.name.clone()).unwrap_or_default();
-                let how = match &host {
-                    Some(h) => format!(
-                        "assigned to worker {} ({trainer}); reward and critic on worker {} ({h})",
-                        name(&trainer),
-                        name(h)
-                    ),
-                    None => format!("assigned to worker {} ({trainer})", name(&trainer)),
-                };
+                let mut how = format!("assigned to worker {} ({trainer})", name(&trainer));
+                if let Some(h) = &host {
+                    how += &format!("; reward and critic on worker {} ({h})", name(h));
+                }
+                if !rollout.is_empty() {
+                    let names: Vec<String> = rollout.iter().map(|w| format!("{} ({w})", name(w))).collect();
+                    how += &format!("; rollout on workers {}", names.join(", "));
+                }
                 self.move_job(&job.id, JobState::Running { worker: trainer.clone() }, &how);
             } else {
                 self.release_roles(&job.id);
             }
         }
+    }
+
+    /// The workers a job's `[placement]` asks for, all idle and distinct:
+    /// named ones by name, the others ("" or "*", or an unnamed trainer)
+    /// from any idle worker. None if they are not there yet; the job's
+    /// events then say which workers it waits for and which are connected.
+    fn pick_workers(&mut self, job: &str, spec: &JobSpec) -> Option<Picked> {
+        let p = &spec.placement;
+        let named = |n: &Option<String>| n.clone().filter(|n| !is_any_worker(n));
+        let ppo = has_ppo(spec);
+        // (role, wanted worker name or any)
+        let mut wants: Vec<(String, Option<String>)> = vec![("trainer".into(), named(&p.trainer))];
+        let role_host = p.critic.clone().or_else(|| p.reward.clone());
+        let separate_host =
+            ppo && role_host.as_ref().is_some_and(|r| is_any_worker(r) || Some(r) != p.trainer.as_ref());
+        if separate_host {
+            wants.push(("reward/critic".into(), named(&role_host)));
+        }
+        if ppo {
+            wants.extend(p.rollout.iter().enumerate().map(|(k, n)| (format!("rollout[{k}]"), named(&Some(n.clone())))));
+        }
+        let mut taken: Vec<String> = Vec::new();
+        let mut missing = Vec::new();
+        // Named workers first, so an "any" role does not take a named one.
+        let mut order: Vec<usize> = (0..wants.len()).collect();
+        order.sort_by_key(|&i| wants[i].1.is_none());
+        let mut got: Vec<Option<String>> = vec![None; wants.len()];
+        for i in order {
+            let (role, name) = &wants[i];
+            let found = self
+                .workers
+                .iter()
+                .filter(|(id, s)| s.idle() && !taken.contains(id))
+                .find(|(_, s)| name.as_ref().is_none_or(|n| &s.name == n))
+                .map(|(id, _)| id.clone());
+            match found {
+                Some(id) => {
+                    taken.push(id.clone());
+                    got[i] = Some(id);
+                }
+                None => missing.push(match name {
+                    Some(n) => format!("{role} on {n:?}"),
+                    None => format!("{role} on any idle worker"),
+                }),
+            }
+        }
+        if !missing.is_empty() {
+            self.explain_wait(job, &missing);
+            return None;
+        }
+        let mut got = got.into_iter().flatten();
+        let trainer = got.next()?;
+        let host = if separate_host { got.next() } else { None };
+        Some(Picked { trainer, host, rollout: got.collect() })
+    }
+
+    /// Posts (once per change) which workers a queued job waits for.
+    fn explain_wait(&mut self, job: &str, missing: &[String]) {
+        let connected: Vec<String> = self
+            .workers
+            .values()
+            .filter(|s| s.tx.is_some())
+            .map(|s| format!("{} ({})", s.name, if s.idle() { "idle" } else { "busy" }))
+            .collect();
+        let message = format!(
+            "waiting for workers: {}; connected: {}",
+            missing.join(", "),
+            if connected.is_empty() { "none".to_string() } else { connected.join(", ") }
+        );
+        if self.waiting.get(job) == Some(&message) {
+            return;
+        }
+        info!(job_id = %job, %message);
+        if let Err(e) = self.store.note(job, &message) {
+            warn!(job_id = %job, error = %e, "cannot record event");
+        }
+        self.publish(job);
+        self.waiting.insert(job.to_string(), message);
     }
 
     /// Starts a data-parallel job once `data_parallel` workers are idle:
@@ -573,6 +744,7 @@ impl Scheduler {
                 spec_toml: job.spec_toml.clone(),
                 output_dir: out.clone(),
                 remote_roles: false,
+                rollout_workers: 0,
                 rank: rank as u32,
                 world: n as u32,
                 attempt: job.attempts + 1,

@@ -39,6 +39,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use rlhf_common::spec::PpoSpec;
+use rlhf_common::Role;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -46,7 +47,7 @@ use super::{gpu_used_mib, peak_rss_bytes, temp_dir, GpuUsage};
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
 use crate::train::optim::AdamW;
-use crate::train::ppo::iteration::{self, PolicyState, Prompts, Rollout, Scorer};
+use crate::train::ppo::iteration::{self, Generated, PolicyState, Prompts, Rollout, Scorer};
 use crate::train::ppo::roles::critic_update;
 use crate::train::ppo::rollout::{model_scores, values, Batch};
 use rlhf_model::head::Head;
@@ -76,10 +77,6 @@ const LORA_ALPHA: f64 = 16.0;
 const LORA_TARGETS: &str = "q_proj,v_proj";
 /// Prompt ids are drawn from `[FIRST_ID, vocab)`, clear of the special tokens.
 const FIRST_ID: i64 = 3;
-
-const POLICY: &str = "policy";
-const CRITIC: &str = "critic";
-const REWARD: &str = "reward";
 
 /// The phases of one iteration, in order.
 pub const PHASES: [&str; 5] = ["generate", "reference", "reward", "values", "train"];
@@ -760,15 +757,15 @@ struct Separate {
 }
 
 impl Views {
-    fn view(&mut self, role: Option<&str>) -> Result<&PeftModel> {
+    fn view(&mut self, role: Option<Role>) -> Result<&PeftModel> {
         match self {
             Views::Shared(pm) => {
-                pm.set_active(role)?;
+                pm.set_active(role.map(Role::name))?;
                 Ok(pm)
             }
             Views::Naive(m) => Ok(match role {
-                Some(POLICY) => &m.policy,
-                Some(CRITIC) => &m.critic,
+                Some(Role::Policy) => &m.policy,
+                Some(Role::Critic) => &m.critic,
                 Some(_) => &m.reward,
                 None => &m.reference,
             }),
@@ -789,7 +786,7 @@ struct BenchRoles {
 
 impl iteration::Roles for BenchRoles {
     fn policy(&mut self) -> Result<&PeftModel> {
-        self.views.view(Some(POLICY))
+        self.views.view(Some(Role::Policy))
     }
 
     fn reference(&mut self) -> Result<&PeftModel> {
@@ -797,12 +794,12 @@ impl iteration::Roles for BenchRoles {
     }
 
     fn scores(&mut self, batch: &Batch) -> Result<Tensor> {
-        let pm = self.views.view(Some(REWARD))?;
+        let pm = self.views.view(Some(Role::Reward))?;
         tch::no_grad(|| model_scores(pm, &self.reward_head, batch))
     }
 
     fn values(&mut self, batch: &Batch) -> Result<Tensor> {
-        let pm = self.views.view(Some(CRITIC))?;
+        let pm = self.views.view(Some(Role::Critic))?;
         tch::no_grad(|| values(pm, &self.value_head, batch))
     }
 
@@ -813,7 +810,7 @@ impl iteration::Roles for BenchRoles {
         ppo: &PpoSpec,
         dist: &mut dyn Collective,
     ) -> Result<f64> {
-        let pm = self.views.view(Some(CRITIC))?;
+        let pm = self.views.view(Some(Role::Critic))?;
         let part = part.as_ref().map(|(s, v, r)| (*s, v, r));
         Ok(critic_update(pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)?.0)
     }
@@ -880,7 +877,11 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
         Some(method) => {
             let mut pm = PeftModel::new(load_base(plan)?);
             // The critic starts as a copy of the reward model: the same init.
-            for (name, s) in [(POLICY, seed), (REWARD, seed.wrapping_add(1)), (CRITIC, seed.wrapping_add(1))] {
+            for (name, s) in [
+                (Role::Policy.name(), seed),
+                (Role::Reward.name(), seed.wrapping_add(1)),
+                (Role::Critic.name(), seed.wrapping_add(1)),
+            ] {
                 pm.add(name, peft::build(adapter_config(method, s), &pm.base)?)?;
             }
             (Views::Shared(Box::new(pm)), 1)
@@ -892,10 +893,10 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
                 pm.set_active(Some(name))?;
                 Ok(pm)
             };
-            let policy = with_full(POLICY, seed)?;
+            let policy = with_full(Role::Policy.name(), seed)?;
             let reference = PeftModel::new(load_base(plan)?);
             let reward = PeftModel::new(load_base(plan)?);
-            let critic = with_full(CRITIC, seed.wrapping_add(1))?;
+            let critic = with_full(Role::Critic.name(), seed.wrapping_add(1))?;
             (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
         }
     };
@@ -903,8 +904,8 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
     let reward_head =
         Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
     let value_head = Head::new(h, plan.device, seed.wrapping_add(3));
-    let policy_params = views.view(Some(POLICY))?.adapter(POLICY)?.parameters();
-    let mut critic_params = views.view(Some(CRITIC))?.adapter(CRITIC)?.parameters();
+    let policy_params = views.view(Some(Role::Policy))?.adapter(Role::Policy.name())?.parameters();
+    let mut critic_params = views.view(Some(Role::Critic))?.adapter(Role::Critic.name())?.parameters();
     critic_params.extend([value_head.weight.shallow_clone(), value_head.bias.shallow_clone()]);
     let trainable = policy_params.iter().chain(&critic_params).map(|t| t.numel() as i64).sum();
     let state = PolicyState::new(policy_params, ppo);
@@ -945,7 +946,11 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         let rollout = Rollout { seed: plan.seed, it, eos_ids: Vec::new(), pad: plan.pad() };
         sync(plan.device);
         let ti = Instant::now();
-        let rec = iteration::run(&mut roles, &ppo, &mut state, &prompts, &Scorer::Model, &rollout, &mut Single)?;
+        let t_gen = Instant::now();
+        let gen = iteration::generate_here(&mut roles, &ppo, &prompts, &rollout)?;
+        let generated = Generated { gen, secs: t_gen.elapsed().as_secs_f64() };
+        let rec =
+            iteration::run(&mut roles, &ppo, &mut state, &prompts, &generated, &Scorer::Model, &rollout, &mut Single)?;
         let total = ti.elapsed().as_secs_f64();
         let len = rec["response_len"].as_f64().unwrap_or(f64::NAN);
         if len != plan.response_len as f64 {

@@ -40,7 +40,9 @@ struct State {
     /// Jobs running here, with their cancel flags.
     jobs: HashMap<String, Arc<AtomicBool>>,
     /// Jobs whose reward/critic roles are hosted here: calls go to the host thread.
-    role_hosts: HashMap<String, std::sync::mpsc::Sender<RoleCall>>,
+    role_hosts: HashMap<String, (u32, std::sync::mpsc::Sender<RoleCall>)>,
+    /// Jobs this worker generates rollouts for (as rollout worker `.0`).
+    rollout_hosts: HashMap<String, (u32, std::sync::mpsc::Sender<RoleCall>)>,
     /// Trainer jobs here that wait for role replies.
     role_replies: HashMap<String, std::sync::mpsc::Sender<RoleReply>>,
     /// Data-parallel jobs here: their rank, world and result channel.
@@ -67,7 +69,20 @@ fn worker_jobs(running: &Running) -> WorkerJobs {
         .lock()
         .map(|m| WorkerJobs {
             running: m.jobs.keys().cloned().collect(),
-            roles: m.role_hosts.keys().cloned().collect(),
+            roles: m
+                .role_hosts
+                .keys()
+                .map(|id| HostedRoles {
+                    job_id: id.clone(),
+                    roles: vec![Role::Reward as i32, Role::Critic as i32],
+                    target: 0,
+                })
+                .chain(m.rollout_hosts.iter().map(|(id, (target, _))| HostedRoles {
+                    job_id: id.clone(),
+                    roles: vec![Role::Rollout as i32],
+                    target: *target,
+                }))
+                .collect(),
             ranks: m.ranks.values().map(|(r, _)| r.clone()).collect(),
         })
         .unwrap_or_default()
@@ -173,12 +188,16 @@ fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mps
                 info!(job_id = %c.job_id, "cancelling");
                 flag.store(true, Ordering::Relaxed);
             }
-            if st.role_hosts.remove(&c.job_id).is_some() {
+            if st.role_hosts.remove(&c.job_id).is_some() | st.rollout_hosts.remove(&c.job_id).is_some() {
                 info!(job_id = %c.job_id, "releasing hosted roles");
             }
         }
         Some(coordinator_message::Msg::RoleCall(call)) => {
-            let host = running.lock().ok().and_then(|st| st.role_hosts.get(&call.job_id).cloned());
+            let rollout = call.role == Role::Rollout as i32;
+            let host = running.lock().ok().and_then(|st| {
+                let hosts = if rollout { &st.rollout_hosts } else { &st.role_hosts };
+                hosts.get(&call.job_id).map(|(_, tx)| tx.clone())
+            });
             match host {
                 Some(tx) => {
                     let _ = tx.send(call);
@@ -190,6 +209,11 @@ fn handle(m: CoordinatorMessage, opts: &Options, running: &Running, events: &mps
                             call_id: call.call_id,
                             error: format!("no roles hosted here for job {}", call.job_id),
                             tensors: Vec::new(),
+                            role: call.role,
+                            target: call.target,
+                            // A rollout worker that no longer has the job (it restarted):
+                            // its share goes elsewhere.
+                            lost: rollout,
                         })),
                     });
                 }
@@ -219,12 +243,12 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         }
         m.jobs.insert(a.job_id.clone(), cancel.clone());
     }
-    let remote = if a.remote_roles {
+    let remote = if a.remote_roles || a.rollout_workers > 0 {
         let (tx, rx) = std::sync::mpsc::channel();
         if let Ok(mut m) = running.lock() {
             m.role_replies.insert(a.job_id.clone(), tx);
         }
-        Some(roles::ChannelRoles::new(a.job_id.clone(), events.clone(), rx, cancel.clone()))
+        Some(roles::ChannelRoles::new(&a, events.clone(), rx, cancel.clone()))
     } else {
         None
     };

@@ -24,7 +24,7 @@ use crate::parallel::Collective;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
 use rlhf_model::peft::PeftModel;
-use rlhf_model::{generate_rows, sync, GenerateOptions, Sampling, Tokenizer};
+use rlhf_model::{generate_rows, sync, GenerateOptions, Generation, Sampling, Tokenizer};
 
 /// Where the four roles of an iteration live.
 pub trait Roles {
@@ -112,41 +112,66 @@ fn scalar(t: &Tensor) -> f64 {
     t.double_value(&[])
 }
 
-/// Runs one iteration and returns its metrics record (rewards, KL, losses,
-/// phase times `time_*`, bytes exchanged).
+/// The options every rollout of iteration `it` samples with: row r of the
+/// batch draws from stream r of the iteration's seed, wherever it runs.
+pub fn generate_options(ppo: &PpoSpec, seed: u64, eos_ids: Vec<i64>, pad: i64) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: ppo.max_new_tokens,
+        sampling: Sampling { temperature: ppo.temperature, top_p: ppo.top_p, top_k: ppo.top_k, seed },
+        eos_ids,
+        pad_id: pad,
+    }
+}
+
+impl Rollout {
+    /// The sampling seed of this iteration.
+    pub fn sampling_seed(&self) -> u64 {
+        self.seed.wrapping_mul(1_000_003).wrapping_add(self.it as u64)
+    }
+}
+
+/// Generates this rank's rows with the policy on its own base.
+pub fn generate_here(
+    roles: &mut dyn Roles,
+    ppo: &PpoSpec,
+    prompts: &Prompts<'_>,
+    rollout: &Rollout,
+) -> Result<Generation> {
+    let opts = generate_options(ppo, rollout.sampling_seed(), rollout.eos_ids.clone(), rollout.pad);
+    let pm = roles.policy()?;
+    let rows: Vec<u64> = prompts.rows.iter().map(|&r| r as u64).collect();
+    let gen = generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?;
+    sync(pm.base.device);
+    Ok(gen)
+}
+
+/// A generated rollout and the seconds it took.
+pub struct Generated {
+    pub gen: Generation,
+    pub secs: f64,
+}
+
+/// Runs one iteration on a generated rollout and returns its metrics
+/// record (rewards, KL, losses, phase times `time_*`, bytes exchanged).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     roles: &mut dyn Roles,
     ppo: &PpoSpec,
     state: &mut PolicyState,
     prompts: &Prompts<'_>,
+    generated: &Generated,
     scorer: &Scorer<'_>,
     rollout: &Rollout,
     dist: &mut dyn Collective,
 ) -> Result<Map<String, Value>> {
     let ti = Instant::now();
+    let (gen, t_gen) = (&generated.gen, generated.secs);
     let bytes_before = roles.bytes();
     let (rank, world) = (dist.rank(), dist.world());
     let b_all = prompts.global;
 
-    // 1. Rollout with the policy; every row samples from its own stream.
-    let opts = GenerateOptions {
-        max_new_tokens: ppo.max_new_tokens,
-        sampling: Sampling {
-            temperature: ppo.temperature,
-            top_p: ppo.top_p,
-            top_k: ppo.top_k,
-            seed: rollout.seed.wrapping_mul(1_000_003).wrapping_add(rollout.it as u64),
-        },
-        eos_ids: rollout.eos_ids.clone(),
-        pad_id: rollout.pad,
-    };
-    let (gen, device) = {
-        let pm = roles.policy()?;
-        let rows: Vec<u64> = prompts.rows.iter().map(|&r| r as u64).collect();
-        (generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?, pm.base.device)
-    };
-    sync(device);
-    let t_gen = ti.elapsed().as_secs_f64();
+    // 1. The rollout, generated before (here or on rollout workers).
+    let device = roles.policy()?.base.device;
     let batch = Batch::new(prompts.ids, &gen.tokens, rollout.pad, device);
     let has_eos: Vec<bool> = gen.tokens.iter().map(|r| r.last().is_some_and(|t| rollout.eos_ids.contains(t))).collect();
 
@@ -284,7 +309,7 @@ pub fn run(
         "grad_norm" => sums.grad_norm / n,
         "response_len" => response_tokens / n_rows,
         "advantage_mean" => adv_sum / mask_sum.max(1e-8),
-        "tokens_per_s" => (prompt_tokens + response_tokens) / secs,
+        "tokens_per_s" => (prompt_tokens + response_tokens) / (secs + t_gen),
         "time_generate" => t_gen,
         "time_reference" => t_ref,
         "time_reward" => t_reward,

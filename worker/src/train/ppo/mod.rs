@@ -1,11 +1,13 @@
 //! PPO: rollout, KL-penalised rewards, GAE, clipped policy and value losses.
 
 pub mod gae;
+pub mod generation;
 pub mod iteration;
 pub mod kl;
 pub mod loss;
 pub mod roles;
 pub mod rollout;
+pub mod rollout_host;
 pub mod shard;
 pub mod trainer;
 

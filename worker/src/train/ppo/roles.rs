@@ -7,9 +7,11 @@
 use std::path::Path;
 
 use rlhf_common::spec::{JobSpec, PpoSpec, RewardSource};
+use rlhf_common::Role;
 use tch::{Kind, Tensor};
 
 use super::rollout::{model_scores, values, Batch};
+use super::rollout_host::RolloutOp;
 use super::value_loss;
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
@@ -19,20 +21,28 @@ use crate::train::setup::{load_base, Loaded};
 use rlhf_model::head::{load_reward_model, Head, REWARD_HEAD_FILE, VALUE_HEAD_FILE};
 use rlhf_model::peft::{self, PeftConfig, PeftModel};
 
-pub const POLICY: &str = "policy";
-pub const CRITIC: &str = "critic";
-pub const REWARD: &str = "reward";
-
-/// A role host on another worker.
+/// A trainer's handle on its job's roles hosted by other workers: the
+/// reward/critic host, rollout workers, or both.
 pub trait RemoteRoles: Send {
-    /// Runs `op` there and returns its named tensors.
+    /// Whether reward and critic are hosted elsewhere (else they are on
+    /// the trainer's base and only rollout workers are remote).
+    fn hosts_reward_critic(&self) -> bool;
+    /// Runs `op` on the reward/critic host and returns its named tensors.
     fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>>;
+    /// Rollout workers the job was given (some may be lost since).
+    fn rollout_workers(&self) -> usize;
+    /// Sends `op` to rollout worker `target` without waiting; returns the
+    /// call to wait for.
+    fn send_rollout(&mut self, target: usize, op: &RolloutOp) -> Result<u64>;
+    /// Waits for a rollout call's tensors; [`Error::RolloutLost`] if its
+    /// worker went away.
+    fn wait_rollout(&mut self, call: u64) -> Result<Vec<(String, Tensor)>>;
     /// Payload bytes sent and received so far.
     fn bytes(&self) -> u64;
 }
 
 pub struct RoleHost {
-    pub l: Loaded,
+    pub model: Loaded,
     pub value_head: Head,
     /// Present for a model reward.
     pub reward_head: Option<Head>,
@@ -44,38 +54,38 @@ impl RoleHost {
     /// job scores with one) on it. The critic starts as a copy of the reward
     /// model (TRL's default), else fresh.
     pub fn new(job: &JobSpec, ppo: &PpoSpec, device: tch::Device) -> Result<Self> {
-        let mut l = load_base(job, device)?;
+        let mut model = load_base(job, device)?;
         let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
-        let h = l.pm.base.cfg.hidden_size;
+        let h = model.pm.base.cfg.hidden_size;
         let (reward_head, value_head) = match &ppo.reward {
             RewardSource::Model { path } => {
                 let dir = path.as_deref().ok_or_else(|| Error::InvalidArgument("ppo.reward.path: required".into()))?;
-                let head = load_reward_model(dir, &mut l.pm, REWARD)?;
-                l.pm.add(CRITIC, peft::io::load(dir, &l.pm.base)?)?;
+                let head = load_reward_model(dir, &mut model.pm, Role::Reward.name())?;
+                model.pm.add(Role::Critic.name(), peft::io::load(dir, &model.pm.base)?)?;
                 let v = Head::load(&dir.join(REWARD_HEAD_FILE), h, device)?;
                 (Some(head), Head { weight: v.weight.set_requires_grad(true), bias: v.bias.set_requires_grad(true) })
             }
             RewardSource::Label | RewardSource::Match { .. } => {
-                let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &l.pm.base)?;
-                l.pm.add(CRITIC, critic)?;
+                let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &model.pm.base)?;
+                model.pm.add(Role::Critic.name(), critic)?;
                 (None, Head::new(h, device, job.seed.wrapping_add(2)))
             }
         };
-        let mut params = l.pm.adapter(CRITIC)?.parameters();
+        let mut params = model.pm.adapter(Role::Critic.name())?.parameters();
         params.extend([value_head.weight.shallow_clone(), value_head.bias.shallow_clone()]);
-        Ok(Self { l, value_head, reward_head, critic_opt: AdamW::new(params, 0.0) })
+        Ok(Self { model, value_head, reward_head, critic_opt: AdamW::new(params, 0.0) })
     }
 
     pub fn model_scores(&mut self, batch: &Batch) -> Result<Tensor> {
         let head =
             self.reward_head.as_ref().ok_or_else(|| Error::InvalidArgument("this job has no reward model".into()))?;
-        self.l.pm.set_active(Some(REWARD))?;
-        tch::no_grad(|| model_scores(&self.l.pm, head, batch))
+        self.model.pm.set_active(Some(Role::Reward.name()))?;
+        tch::no_grad(|| model_scores(&self.model.pm, head, batch))
     }
 
     pub fn values(&mut self, batch: &Batch) -> Result<Tensor> {
-        self.l.pm.set_active(Some(CRITIC))?;
-        tch::no_grad(|| values(&self.l.pm, &self.value_head, batch))
+        self.model.pm.set_active(Some(Role::Critic.name()))?;
+        tch::no_grad(|| values(&self.model.pm, &self.value_head, batch))
     }
 
     /// One critic update on a minibatch: `vf_coef · clipped value loss`.
@@ -105,42 +115,42 @@ impl RoleHost {
         ppo: &PpoSpec,
         dist: &mut dyn Collective,
     ) -> Result<(f64, f64)> {
-        self.l.pm.set_active(Some(CRITIC))?;
-        critic_update(&self.l.pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)
+        self.model.pm.set_active(Some(Role::Critic.name()))?;
+        critic_update(&self.model.pm, &self.value_head, &mut self.critic_opt, part, share, ppo, dist)
     }
 
     /// Writes the critic (adapter + value head) to `dir`.
     pub fn save_critic(&self, dir: &Path, base_name: &str) -> Result<()> {
-        peft::io::save(self.l.pm.adapter(CRITIC)?, dir, base_name)?;
+        peft::io::save(self.model.pm.adapter(Role::Critic.name())?, dir, base_name)?;
         Ok(self.value_head.save(&dir.join(VALUE_HEAD_FILE))?)
     }
 
     /// Critic state for a checkpoint directory (adapter, head, optimiser).
     pub fn checkpoint(&self, dir: &Path) -> Result<()> {
-        self.save_critic(&dir.join(CRITIC), "")?;
-        self.critic_opt.save(&dir.join(format!("optimizer-{CRITIC}.safetensors")))
+        self.save_critic(&dir.join(Role::Critic.name()), "")?;
+        self.critic_opt.save(&dir.join(format!("optimizer-{}.safetensors", Role::Critic)))
     }
 
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::restore_adapter(&dir.join(CRITIC), self.l.pm.adapter(CRITIC)?)?;
+        checkpoint::restore_adapter(&dir.join(Role::Critic.name()), self.model.pm.adapter(Role::Critic.name())?)?;
         // Checkpoints written before the value head had its own name keep it
         // under the reward head's.
-        let mut file = dir.join(CRITIC).join(VALUE_HEAD_FILE);
+        let mut file = dir.join(Role::Critic.name()).join(VALUE_HEAD_FILE);
         if !file.exists() {
-            file = dir.join(CRITIC).join(REWARD_HEAD_FILE);
+            file = dir.join(Role::Critic.name()).join(REWARD_HEAD_FILE);
         }
-        let head = Head::load(&file, self.l.pm.base.cfg.hidden_size, self.l.pm.base.device)?;
+        let head = Head::load(&file, self.model.pm.base.cfg.hidden_size, self.model.pm.base.device)?;
         tch::no_grad(|| -> Result<()> {
             self.value_head.weight.shallow_clone().f_copy_(&head.weight)?;
             self.value_head.bias.shallow_clone().f_copy_(&head.bias)?;
             Ok(())
         })?;
-        self.critic_opt.load(&dir.join(format!("optimizer-{CRITIC}.safetensors")))
+        self.critic_opt.load(&dir.join(format!("optimizer-{}.safetensors", Role::Critic)))
     }
 
     /// Serves one remote operation.
     pub fn serve(&mut self, op: RoleOp, ppo: &PpoSpec) -> Result<Vec<(String, Tensor)>> {
-        let device = self.l.pm.base.device;
+        let device = self.model.pm.base.device;
         Ok(match op {
             RoleOp::Init { .. } => Vec::new(),
             RoleOp::Scores(b) => vec![("scores".into(), self.model_scores(&b.to(device))?)],
@@ -308,6 +318,7 @@ pub mod wire {
             WireOp::SaveCritic => RoleOp::SaveCritic { dir: path },
             WireOp::Checkpoint => RoleOp::Checkpoint { dir: path },
             WireOp::Restore => RoleOp::Restore { dir: path },
+            WireOp::Generate => return Err(Error::InvalidArgument("generate is for rollout workers".into())),
             WireOp::Unspecified => return Err(Error::InvalidArgument(format!("unknown role op {op}"))),
         })
     }

@@ -3,18 +3,23 @@
 //! (reference), and a [`RoleHost`] holding the reward adapter + head and the
 //! critic adapter + value head. Colocated, all four share one base on this
 //! device; with the roles placed on another worker, the host is remote and
-//! only token ids and per-token floats cross the wire.
+//! only token ids and per-token floats cross the wire. Rollout workers, when
+//! the job has them, generate each batch with a copy of the policy adapter
+//! ([`generation`](super::generation)).
 
 use std::path::Path;
 use std::time::Instant;
 
 use rlhf_common::spec::{JobSpec, PpoSpec, RewardSource};
+use rlhf_common::Role;
 use serde_json::json;
 use tch::Tensor;
 
+use super::generation::{Rollouts, Ticket};
 use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
-use super::roles::{RemoteRoles, RoleHost, RoleOp, CRITIC, POLICY};
+use super::roles::{RemoteRoles, RoleHost, RoleOp};
 use super::rollout::Batch;
+use super::rollout_host::RolloutOp;
 use crate::data::{Shuffler, Template};
 use crate::error::{Error, Result};
 use crate::parallel::{self, Collective};
@@ -27,26 +32,35 @@ use rlhf_model::Tokenizer;
 /// Where the trainer's roles live.
 // One per job: the size difference between the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
-enum Parts<'r> {
-    /// Every role on this worker's one base (the host carries the policy
-    /// adapter too).
-    Colocated { host: RoleHost, ppo: PpoSpec },
+pub enum Parts<'r> {
+    /// Policy, reference, reward and critic on this worker's one base (the
+    /// host carries the policy adapter too); rollout workers, if any, reached
+    /// through `rollout`.
+    Colocated { host: RoleHost, ppo: PpoSpec, rollout: Option<&'r mut (dyn RemoteRoles + 'static)> },
     /// Policy and reference on this worker's base; reward and critic on
-    /// another worker.
+    /// another worker (and rollout workers, if any, through the same handle).
     Remote { own: Loaded, remote: &'r mut (dyn RemoteRoles + 'static) },
 }
 
 impl Parts<'_> {
-    fn loaded(&self) -> &Loaded {
+    /// The handle on roles hosted elsewhere, if any.
+    pub fn remote(&mut self) -> Option<&mut (dyn RemoteRoles + 'static)> {
         match self {
-            Parts::Colocated { host, .. } => &host.l,
+            Parts::Colocated { rollout, .. } => rollout.as_deref_mut(),
+            Parts::Remote { remote, .. } => Some(&mut **remote),
+        }
+    }
+
+    pub fn loaded(&self) -> &Loaded {
+        match self {
+            Parts::Colocated { host, .. } => &host.model,
             Parts::Remote { own, .. } => own,
         }
     }
 
     fn pm_mut(&mut self) -> &mut PeftModel {
         match self {
-            Parts::Colocated { host, .. } => &mut host.l.pm,
+            Parts::Colocated { host, .. } => &mut host.model.pm,
             Parts::Remote { own, .. } => &mut own.pm,
         }
     }
@@ -54,7 +68,7 @@ impl Parts<'_> {
     /// Runs `op` on the reward/critic host, wherever it is.
     fn call(&mut self, op: RoleOp) -> Result<Vec<(String, Tensor)>> {
         match self {
-            Parts::Colocated { host, ppo } => host.serve(op, ppo),
+            Parts::Colocated { host, ppo, .. } => host.serve(op, ppo),
             Parts::Remote { remote, .. } => remote.call(op),
         }
     }
@@ -72,7 +86,7 @@ impl Parts<'_> {
 impl Roles for Parts<'_> {
     fn policy(&mut self) -> Result<&PeftModel> {
         let pm = self.pm_mut();
-        pm.set_active(Some(POLICY))?;
+        pm.set_active(Some(Role::Policy.name()))?;
         Ok(pm)
     }
 
@@ -122,7 +136,7 @@ impl Roles for Parts<'_> {
 
     fn bytes(&self) -> u64 {
         match self {
-            Parts::Colocated { .. } => 0,
+            Parts::Colocated { rollout, .. } => rollout.as_ref().map_or(0, |r| r.bytes()),
             Parts::Remote { remote, .. } => remote.bytes(),
         }
     }
@@ -161,19 +175,38 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     let mut parts = match remote {
         Some(_) if world > 1 => {
             return Err(Error::InvalidArgument(
-                "placement: a data-parallel ppo job keeps reward and critic on every rank".into(),
+                "placement: a data-parallel ppo job keeps reward, critic and rollout on every rank".into(),
             ));
         }
         Some(remote) => {
-            remote.call(RoleOp::Init { spec_toml: job.to_toml() })?;
-            Parts::Remote { own: load_base(job, ctx.device)?, remote }
+            // Every rollout worker loads the base at once; a lost one is
+            // skipped when the first batch is shared out.
+            let init = RolloutOp::Init { spec_toml: job.to_toml() };
+            let calls: Vec<u64> =
+                (0..remote.rollout_workers()).map(|t| remote.send_rollout(t, &init)).collect::<Result<_>>()?;
+            for call in calls {
+                match remote.wait_rollout(call) {
+                    Ok(_) | Err(Error::RolloutLost { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if remote.hosts_reward_critic() {
+                remote.call(RoleOp::Init { spec_toml: job.to_toml() })?;
+                Parts::Remote { own: load_base(job, ctx.device)?, remote }
+            } else {
+                Parts::Colocated {
+                    host: RoleHost::new(job, &ppo, ctx.device)?,
+                    ppo: ppo.clone(),
+                    rollout: Some(remote),
+                }
+            }
         }
-        None => Parts::Colocated { host: RoleHost::new(job, &ppo, ctx.device)?, ppo: ppo.clone() },
+        None => Parts::Colocated { host: RoleHost::new(job, &ppo, ctx.device)?, ppo: ppo.clone(), rollout: None },
     };
     {
         let pm = parts.pm_mut();
         let policy = peft::build(PeftConfig::from_spec(peft_spec, job.seed), &pm.base)?;
-        pm.add(POLICY, policy)?;
+        pm.add(Role::Policy.name(), policy)?;
     }
     let max_prompt = job.model.max_length.saturating_sub(ppo.max_new_tokens).max(1);
     // Every source's prompts, each with its template and gold label.
@@ -193,7 +226,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         return Err(Error::InvalidArgument("data.train: no prompts".into()));
     }
 
-    let policy_params = parts.loaded().pm.adapter(POLICY)?.parameters();
+    let policy_params = parts.loaded().pm.adapter(Role::Policy.name())?.parameters();
     let trainable = policy_params.iter().map(|t| t.numel() as i64).sum::<i64>();
     if world > 1 {
         parallel::materialize_grads(&policy_params);
@@ -205,8 +238,8 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     let mut shuffler = Shuffler::new(job.seed);
     let mut start = 0;
     if let Some((step, dir)) = checkpoint::latest(ctx.out) {
-        checkpoint::restore_adapter(&dir.join(POLICY), parts.loaded().pm.adapter(POLICY)?)?;
-        state.opt.load(&dir.join(format!("optimizer-{POLICY}.safetensors")))?;
+        checkpoint::restore_adapter(&dir.join(Role::Policy.name()), parts.loaded().pm.adapter(Role::Policy.name())?)?;
+        state.opt.load(&dir.join(format!("optimizer-{}.safetensors", Role::Policy)))?;
         parts.call(RoleOp::Restore { dir: dir.display().to_string() })?;
         let st = checkpoint::read_state(&dir)?;
         let bad = |e: serde_json::Error| Error::Data { path: dir.join("state.json"), msg: e.to_string() };
@@ -217,28 +250,59 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     }
 
     let (pad, eos_ids) = (parts.loaded().pad(), parts.loaded().tok.eos_ids.clone());
+    // Iteration `it`'s batch: the global batch's indices and this rank's
+    // rows of it (every world-th).
+    let plan = |shuffler: &mut Shuffler, it: usize| {
+        let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
+        let rows = parallel::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
+        let ids: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
+        let rollout = Rollout { seed: job.seed, it, eos_ids: eos_ids.clone(), pad };
+        Planned { idx, rows, ids, rollout }
+    };
+    let mut rollouts = Rollouts::new(&mut parts);
+    // With rollout_ahead: the next batch, generating while this one trains,
+    // and the shuffler as it was before drawing it (what a checkpoint keeps).
+    let mut ahead: Option<(Planned, Ticket, Shuffler)> = None;
     let t0 = Instant::now();
     let mut last = serde_json::Map::new();
     for it in start..ppo.iterations {
-        // The global batch; this rank rolls out every world-th row of it.
-        let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
-        let rows = parallel::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
-        let batch_prompts: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
+        let bytes_before = parts.bytes();
+        let (p, ticket) = match ahead.take() {
+            Some((p, ticket, _)) => (p, ticket),
+            None => {
+                let p = plan(&mut shuffler, it);
+                let ticket = rollouts.start(&mut parts, &ppo, &p.prompts(), &p.rollout)?;
+                (p, ticket)
+            }
+        };
+        let generated = rollouts.finish(&mut parts, &ppo, ticket, &p.rollout)?;
+        if ppo.rollout_ahead > 0 && it + 1 < ppo.iterations {
+            let before = shuffler.clone();
+            let next = plan(&mut shuffler, it + 1);
+            let ticket = rollouts.start(&mut parts, &ppo, &next.prompts(), &next.rollout)?;
+            ahead = Some((next, ticket, before));
+        }
         let batch_gold: Vec<(&Template, &str)> =
-            rows.iter().map(|&r| (&sets[gold[idx[r]].0].template, gold[idx[r]].1.as_str())).collect();
+            p.rows.iter().map(|&r| (&sets[gold[p.idx[r]].0].template, gold[p.idx[r]].1.as_str())).collect();
         let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, responses, &batch_gold);
         let scorer = match &ppo.reward {
             RewardSource::Model { .. } => Scorer::Model,
             _ => Scorer::Rule(&rule),
         };
-        let batch = Prompts { ids: &batch_prompts, rows: &rows, global: idx.len() };
-        let rollout = Rollout { seed: job.seed, it, eos_ids: eos_ids.clone(), pad };
-        let rec = iteration::run(&mut parts, &ppo, &mut state, &batch, &scorer, &rollout, ctx.dist)?;
+        let mut rec =
+            iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?;
+        rec.insert("bytes_exchanged".into(), json!(parts.bytes() - bytes_before));
+        if rollouts.live() > 0 || parts.remote().is_some_and(|r| r.rollout_workers() > 0) {
+            rec.insert("bytes_adapter_sync".into(), json!(rollouts.take_adapter_bytes()));
+            rec.insert("rollout_workers".into(), json!(rollouts.live()));
+        }
         last = rec.clone();
         ctx.metrics.log(it + 1, ppo.iterations, rec)?;
         let done = it + 1;
         if job.checkpoint.every > 0 && done % job.checkpoint.every == 0 && done < ppo.iterations && rank == 0 {
-            let st = json!({ "step": done, "shuffler": shuffler, "kl_controller": state.kl });
+            // A batch generated ahead is not kept: a resume draws it again.
+            let kept = ahead.as_ref().map_or(&shuffler, |(_, _, before)| before);
+            let st = json!({ "step": done, "shuffler": kept, "kl_controller": state.kl });
             save_checkpoint(&mut parts, ctx.out, done, &state, st, job.checkpoint.keep)?;
         }
     }
@@ -246,8 +310,8 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     let dir = ctx.out.join("adapter");
     if ctx.writes() {
         let base_name = parts.loaded().model_dir.display().to_string();
-        peft::io::save(parts.loaded().pm.adapter(POLICY)?, &dir, &base_name)?;
-        parts.call(RoleOp::SaveCritic { dir: ctx.out.join(CRITIC).display().to_string() })?;
+        peft::io::save(parts.loaded().pm.adapter(Role::Policy.name())?, &dir, &base_name)?;
+        parts.call(RoleOp::SaveCritic { dir: ctx.out.join(Role::Critic.name()).display().to_string() })?;
     }
     Ok(Outcome {
         stage: job.name.clone().unwrap_or_else(|| "ppo".into()),
@@ -263,6 +327,22 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     })
 }
 
+/// One iteration's batch on this rank.
+struct Planned {
+    /// Indices into the prompts of the global batch.
+    idx: Vec<usize>,
+    /// This rank's rows of it, and their prompt ids.
+    rows: Vec<usize>,
+    ids: Vec<Vec<i64>>,
+    rollout: Rollout,
+}
+
+impl Planned {
+    fn prompts(&self) -> Prompts<'_> {
+        Prompts { ids: &self.ids, rows: &self.rows, global: self.idx.len() }
+    }
+}
+
 /// Policy adapter and optimizer, then the critic's state wherever it lives.
 fn save_checkpoint(
     parts: &mut Parts<'_>,
@@ -275,18 +355,18 @@ fn save_checkpoint(
     match parts {
         Parts::Colocated { host, .. } => {
             let ck = Checkpoint {
-                adapters: vec![(POLICY, host.l.pm.adapter(POLICY)?)],
+                adapters: vec![(Role::Policy.name(), host.model.pm.adapter(Role::Policy.name())?)],
                 tensors: Vec::new(),
-                optimizers: vec![(POLICY, &state.opt)],
+                optimizers: vec![(Role::Policy.name(), &state.opt)],
                 state: st,
             };
             checkpoint::save_with(out, step, "", &ck, keep, &mut |dir: &Path| host.checkpoint(dir)).map(|_| ())
         }
         Parts::Remote { own, remote } => {
             let ck = Checkpoint {
-                adapters: vec![(POLICY, own.pm.adapter(POLICY)?)],
+                adapters: vec![(Role::Policy.name(), own.pm.adapter(Role::Policy.name())?)],
                 tensors: Vec::new(),
-                optimizers: vec![(POLICY, &state.opt)],
+                optimizers: vec![(Role::Policy.name(), &state.opt)],
                 state: st,
             };
             checkpoint::save_with(out, step, "", &ck, keep, &mut |dir: &Path| {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rlhf_common::spec::JobSpec;
+use rlhf_common::Role;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
@@ -20,7 +21,7 @@ use crate::train::supervised::{self, Objective, Trainable};
 use rlhf_model::head::{score, Head, REWARD_HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
-pub const ADAPTER: &str = "reward";
+pub const ADAPTER: &str = Role::Reward.name();
 
 struct Encoded {
     chosen: Vec<i64>,

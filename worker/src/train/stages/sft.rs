@@ -2,6 +2,7 @@
 //! prompt; the loss covers response tokens only.
 
 use rlhf_common::spec::JobSpec;
+use rlhf_common::Role;
 
 use crate::error::{Error, Result};
 use crate::train::accuracy::{choice_accuracy, TaskEval};
@@ -11,7 +12,7 @@ use crate::train::stage::{Ctx, Outcome};
 use crate::train::supervised::{self, Trainable};
 use rlhf_model::peft::{self, base_parameters, PeftConfig};
 
-pub const ADAPTER: &str = "policy";
+pub const ADAPTER: &str = Role::Policy.name();
 
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut l = load_base(job, ctx.device)?;
