@@ -55,7 +55,7 @@ def main():
     worst, ok = 0.0, True
     for task, items in by_task.items():
         ours = theirs = 0
-        lp_diff = 0.0
+        lp_diff = lp_rel = 0.0
         for i in range(0, len(items), args.batch):
             chunk = items[i : i + args.batch]
             width = max(len(r["example"]["prompt_ids"]) for r in chunk)
@@ -72,7 +72,9 @@ def main():
             for j, r in enumerate(chunk):
                 ex = r["example"]
                 opt = logp[j, ex["option_ids"]]
-                lp_diff = max(lp_diff, (opt - torch.tensor(ex["option_logprobs"])).abs().max().item())
+                mine = torch.tensor(ex["option_logprobs"])
+                lp_diff = max(lp_diff, (opt - mine).abs().max().item())
+                lp_rel = max(lp_rel, ((opt - mine).abs() / (1 + opt.abs())).max().item())
                 ours += ex["choice"] == ex["gold"]
                 theirs += int(opt.argmax()) == ex["gold_option"]
         n = len(items)
@@ -81,7 +83,8 @@ def main():
         worst = max(worst, diff)
         ok &= diff <= args.max_diff_points
         print(json.dumps({"task": task, "n": n, "rlhfd_choice": a_ours, "transformers_choice": a_theirs,
-                          "diff_points": diff, "max_option_logprob_diff": lp_diff}))
+                          "diff_points": diff, "max_option_logprob_diff": lp_diff,
+                          "max_option_logprob_rel_diff": lp_rel}))
     print(json.dumps({"model": args.name, "tasks": len(by_task), "worst_diff_points": worst, "ok": ok}))
     sys.exit(0 if ok else 1)
 

@@ -125,6 +125,16 @@ pub fn plan_workers(cpu_workers: Option<usize>, gpus: usize) -> Vec<(String, Str
     }
 }
 
+/// Torch threads for each of `workers` CPU workers: the cores shared out
+/// (at least one each), unless `RLHF_THREADS` says otherwise.
+fn cpu_threads(workers: usize) -> Option<usize> {
+    if workers == 0 || std::env::var_os("RLHF_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / workers).max(1))
+}
+
 /// A daemon binary: next to this executable, else on `$PATH`.
 pub fn find_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate rlhfctl's own executable")?;
@@ -359,8 +369,9 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
 
+        let threads = cpu_threads(plan.iter().filter(|(_, d)| d == "cpu").count());
         for (name, device) in &plan {
-            let args = vec![
+            let mut args = vec![
                 "serve".to_string(),
                 "--coordinator".to_string(),
                 url.clone(),
@@ -369,6 +380,9 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
                 "--name".to_string(),
                 name.clone(),
             ];
+            if let (Some(n), "cpu") = (threads, device.as_str()) {
+                args.extend(["--threads".to_string(), n.to_string()]);
+            }
             started.push(spawn(name, device, &worker, &args, &data_dir)?);
         }
         cluster.processes = started.iter().map(|s| s.proc.clone()).collect();

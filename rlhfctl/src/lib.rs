@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rlhf_common::spec::is_any_worker;
 use rlhf_common::{now_ms, JobSpec};
 use rlhf_proto::JobState;
 use serde_json::{json, Value};
@@ -265,18 +266,57 @@ async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: O
         eprintln!("request id {request_id:?} already submitted: job {}", r.job_id);
     }
     println!("{}", r.job_id);
-    let ranks = spec.placement.data_parallel;
-    if ranks > 1 {
-        let alive = c.workers().await.map(|w| w.iter().filter(|w| w.alive).count()).unwrap_or(0);
-        if alive < ranks {
-            eprintln!("note: placement.data_parallel = {ranks} waits for {ranks} idle workers; {alive} connected");
-        }
+    let alive: Vec<String> =
+        c.workers().await.unwrap_or_default().into_iter().filter(|w| w.alive).map(|w| w.name).collect();
+    for w in placement_warnings(&spec, &alive) {
+        eprintln!("warning: {w}");
     }
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
     let job = watch::watch(&mut c, &r.job_id, watch::Sink::Stderr).await?;
     Ok(exit_for(job_state(&job)))
+}
+
+/// What keeps a job's `[placement]` from being met by the workers connected
+/// now (by name): it would sit queued until they come.
+pub fn placement_warnings(spec: &JobSpec, alive: &[String]) -> Vec<String> {
+    let p = &spec.placement;
+    let connected = if alive.is_empty() { "none".to_string() } else { alive.join(", ") };
+    let mut out = Vec::new();
+    let ranks = p.data_parallel;
+    if ranks > 1 && alive.len() < ranks {
+        out.push(format!(
+            "placement.data_parallel = {ranks} waits for {ranks} idle workers; {} connected ({connected})",
+            alive.len()
+        ));
+    }
+    let mut wanted: Vec<(String, &str)> = Vec::new();
+    for (field, name) in [("trainer", &p.trainer), ("reward", &p.reward), ("critic", &p.critic)] {
+        if let Some(n) = name.as_deref().filter(|n| !is_any_worker(n)) {
+            wanted.push((format!("placement.{field}"), n));
+        }
+    }
+    for (k, n) in p.rollout.iter().enumerate().filter(|(_, n)| !is_any_worker(n)) {
+        wanted.push((format!("placement.rollout[{k}]"), n));
+    }
+    for (field, name) in wanted {
+        if !alive.iter().any(|a| a == name) {
+            out.push(format!(
+                "{field} names worker {name:?}, which is not connected (connected: {connected}); the job waits for it"
+            ));
+        }
+    }
+    let needed = 1
+        + usize::from(p.critic.as_ref().or(p.reward.as_ref()).is_some_and(|r| Some(r) != p.trainer.as_ref()))
+        + p.rollout.len();
+    if needed > 1 && alive.len() < needed {
+        out.push(format!(
+            "the placement needs {needed} workers at once (trainer, reward/critic, rollout); {} connected",
+            alive.len()
+        ));
+    }
+    out
 }
 
 async fn list(url: &str, json: bool) -> Result<ExitCode> {
@@ -395,5 +435,23 @@ mod tests {
         assert_eq!(exit_for(JobState::Succeeded), ExitCode::SUCCESS);
         assert_eq!(exit_for(JobState::Failed), ExitCode::from(1));
         assert_eq!(exit_for(JobState::Cancelled), ExitCode::from(1));
+    }
+
+    #[test]
+    fn placement_that_cannot_be_met_is_named() {
+        let spec = |placement: &str| {
+            JobSpec::from_toml(&format!(
+                "version = 1\nkind = \"ppo\"\n[model]\npath = \"m\"\n[peft]\nmethod = \"lora\"\n\
+                 [data]\ntask = \"eprstmt\"\ntrain = \"t.json\"\n[ppo]\nreward = {{ kind = \"label\" }}\n\
+                 [placement]\n{placement}"
+            ))
+            .unwrap()
+        };
+        let alive = ["worker-a".to_string(), "worker-b".to_string()];
+        let w = placement_warnings(&spec("trainer = \"cpu-0\"\nrollout = [\"worker-b\", \"*\"]\n"), &alive);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("placement.trainer names worker \"cpu-0\"") && w[0].contains("worker-a, worker-b"));
+        assert!(w[1].contains("needs 3 workers"), "{w:?}");
+        assert!(placement_warnings(&spec("trainer = \"worker-a\"\nrollout = [\"*\"]\n"), &alive).is_empty());
     }
 }

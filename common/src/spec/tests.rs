@@ -256,3 +256,38 @@ fn job_files_are_validated_and_resolved_locally() {
     assert!(e.contains("bad.toml") && e.contains("bogus"), "{e}");
     assert!(JobSpec::load(&sub.join("missing.toml")).unwrap_err().to_string().contains("cannot read"));
 }
+
+#[test]
+fn rollout_placement_parses_and_names_bad_fields() {
+    let with = |placement: &str| format!("{PPO}\n[placement]\n{placement}\n");
+    let spec = JobSpec::from_toml(&with("trainer = \"a\"\nrollout = [\"b\", \"*\", \"\"]")).unwrap();
+    assert_eq!(spec.placement.rollout, ["b", "*", ""]);
+    assert!(is_any_worker("*") && is_any_worker("") && !is_any_worker("b"));
+    let ahead = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nrollout_ahead = 1")).unwrap();
+    assert_eq!(ahead.ppo.unwrap().rollout_ahead, 1);
+    let cases = [
+        (with("trainer = \"a\"\nrollout = [\"a\"]"), "placement.rollout: worker \"a\" is also placement.trainer"),
+        (with("rollout = [\"b\", \"b\"]"), "placement.rollout: worker \"b\" is listed twice"),
+        (with("rollout = [\"b\"]\ndata_parallel = 2"), "placement.rollout: a data-parallel ppo job generates"),
+        (PPO.replace("iterations = 5", "iterations = 5\nrollout_ahead = 2"), "ppo.rollout_ahead: must be 0 or 1"),
+    ];
+    for (text, want) in cases {
+        let e = JobSpec::from_toml(&text).unwrap_err().to_string();
+        assert!(e.starts_with(want), "got {e:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn the_shipped_job_files_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut n = 0;
+    for dir in ["examples", "deploy/placement"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "toml") {
+                JobSpec::load(&e.path()).unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 8, "{n} job files");
+}

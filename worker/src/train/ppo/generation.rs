@@ -11,14 +11,21 @@ use std::ops::Range;
 use std::time::Instant;
 
 use rlhf_common::spec::PpoSpec;
-use rlhf_common::Role;
 use tch::Tensor;
 
-use super::iteration::{generate_here, Generated, Prompts, Rollout};
+use super::iteration::{generate_here, Generated, Prompts, Roles, Rollout};
+use super::roles::RemoteRoles;
 use super::rollout_host::{wire, GenerateRequest, RolloutOp};
-use super::trainer::Parts;
 use crate::error::{Error, Result};
+use rlhf_model::peft::Adapter;
 use rlhf_model::Generation;
+
+/// What a trainer offers the rollout: its roles (to generate here), the
+/// policy adapter (to send) and its handle on rollout workers, if any.
+pub trait Trainer: Roles {
+    fn remote(&mut self) -> Option<&mut (dyn RemoteRoles + 'static)>;
+    fn policy_adapter(&self) -> Result<&dyn Adapter>;
+}
 
 /// A batch on its way.
 pub enum Ticket {
@@ -27,7 +34,8 @@ pub enum Ticket {
         /// The whole batch, with the adapter tensors it was sent with.
         req: GenerateRequest,
         shares: Vec<Share>,
-        t0: Instant,
+        /// Seconds the trainer spent sending it.
+        sending: f64,
     },
 }
 
@@ -56,7 +64,7 @@ fn tensor_bytes(ts: &[(String, Tensor)]) -> u64 {
 }
 
 impl Rollouts {
-    pub fn new(parts: &mut Parts<'_>) -> Self {
+    pub fn new<P: Trainer>(parts: &mut P) -> Self {
         let n = parts.remote().map_or(0, |r| r.rollout_workers());
         Self { alive: vec![true; n], adapter_bytes: 0 }
     }
@@ -73,9 +81,9 @@ impl Rollouts {
 
     /// Starts generating `prompts`: on the rollout workers (returns once
     /// every share is sent) or, with none alive, here (returns when done).
-    pub fn start(
+    pub fn start<P: Trainer>(
         &mut self,
-        parts: &mut Parts<'_>,
+        parts: &mut P,
         ppo: &PpoSpec,
         prompts: &Prompts<'_>,
         rollout: &Rollout,
@@ -87,7 +95,7 @@ impl Rollouts {
             return Ok(Ticket::Here(Generated { gen, secs: t0.elapsed().as_secs_f64() }));
         }
         let t0 = Instant::now();
-        let adapter = wire::adapter_tensors(parts.loaded().pm.adapter(Role::Policy.name())?);
+        let adapter = wire::adapter_tensors(parts.policy_adapter()?);
         let req = GenerateRequest {
             prompts: prompts.ids.to_vec(),
             rows: prompts.rows.iter().map(|&r| r as u64).collect(),
@@ -98,14 +106,14 @@ impl Rollouts {
         for (rows, &target) in split(req.prompts.len(), live.len()).into_iter().zip(&live) {
             shares.push(self.send(parts, target, &req, rows)?);
         }
-        Ok(Ticket::Remote { req, shares, t0 })
+        Ok(Ticket::Remote { req, shares, sending: t0.elapsed().as_secs_f64() })
     }
 
     /// Sends rows `rows` of `req` to `target`, or, if it is lost, to the
     /// next live rollout worker; with none left, the share is the trainer's.
-    fn send(
+    fn send<P: Trainer>(
         &mut self,
-        parts: &mut Parts<'_>,
+        parts: &mut P,
         target: usize,
         req: &GenerateRequest,
         rows: Range<usize>,
@@ -136,18 +144,21 @@ impl Rollouts {
         }
     }
 
-    /// Waits for a batch; a lost worker's share is generated again.
-    pub fn finish(
+    /// Waits for a batch; a lost worker's share is generated again. Its
+    /// `secs` are the trainer's: sending plus waiting (a batch generated
+    /// ahead costs only what was left of it).
+    pub fn finish<P: Trainer>(
         &mut self,
-        parts: &mut Parts<'_>,
+        parts: &mut P,
         ppo: &PpoSpec,
         ticket: Ticket,
         rollout: &Rollout,
     ) -> Result<Generated> {
-        let (req, shares, t0) = match ticket {
+        let (req, shares, sending) = match ticket {
             Ticket::Here(g) => return Ok(g),
-            Ticket::Remote { req, shares, t0 } => (req, shares, t0),
+            Ticket::Remote { req, shares, sending } => (req, shares, sending),
         };
+        let t0 = Instant::now();
         let n = req.prompts.len();
         let mut gen = Generation { tokens: vec![Vec::new(); n], logprobs: vec![Vec::new(); n] };
         let mut queue: VecDeque<Share> = shares.into();
@@ -190,7 +201,7 @@ impl Rollouts {
                 gen.logprobs[k] = l;
             }
         }
-        Ok(Generated { gen, secs: t0.elapsed().as_secs_f64() })
+        Ok(Generated { gen, secs: sending + t0.elapsed().as_secs_f64() })
     }
 }
 

@@ -15,7 +15,7 @@ use rlhf_common::Role;
 use serde_json::json;
 use tch::Tensor;
 
-use super::generation::{Rollouts, Ticket};
+use super::generation::{Rollouts, Ticket, Trainer};
 use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
 use super::roles::{RemoteRoles, RoleHost, RoleOp};
 use super::rollout::Batch;
@@ -26,13 +26,13 @@ use crate::parallel::{self, Collective};
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::setup::{load_base, task_sets, Loaded, Split};
 use crate::train::stage::{Ctx, Outcome};
-use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
+use rlhf_model::peft::{self, base_parameters, Adapter, PeftConfig, PeftModel};
 use rlhf_model::Tokenizer;
 
 /// Where the trainer's roles live.
 // One per job: the size difference between the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
-pub enum Parts<'r> {
+enum Parts<'r> {
     /// Policy, reference, reward and critic on this worker's one base (the
     /// host carries the policy adapter too); rollout workers, if any, reached
     /// through `rollout`.
@@ -42,16 +42,21 @@ pub enum Parts<'r> {
     Remote { own: Loaded, remote: &'r mut (dyn RemoteRoles + 'static) },
 }
 
-impl Parts<'_> {
-    /// The handle on roles hosted elsewhere, if any.
-    pub fn remote(&mut self) -> Option<&mut (dyn RemoteRoles + 'static)> {
+impl Trainer for Parts<'_> {
+    fn remote(&mut self) -> Option<&mut (dyn RemoteRoles + 'static)> {
         match self {
             Parts::Colocated { rollout, .. } => rollout.as_deref_mut(),
             Parts::Remote { remote, .. } => Some(&mut **remote),
         }
     }
 
-    pub fn loaded(&self) -> &Loaded {
+    fn policy_adapter(&self) -> Result<&dyn Adapter> {
+        Ok(self.loaded().pm.adapter(Role::Policy.name())?)
+    }
+}
+
+impl Parts<'_> {
+    fn loaded(&self) -> &Loaded {
         match self {
             Parts::Colocated { host, .. } => &host.model,
             Parts::Remote { own, .. } => own,
