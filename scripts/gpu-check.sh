@@ -7,7 +7,8 @@
 #   3. greedy decode tokens/s vs transformers on the GPU (tiny-llama);
 #   4. NCCL through cudarc's run-time loading: a one-rank all-reduce on the GPU;
 #   5. data parallel on the GPU: 2 workers sharing cuda:0 run one SFT job (auto
-#      picks the coordinator relay: NCCL needs a GPU per rank);
+#      picks the coordinator relay: NCCL needs a GPU per rank); then a PPO job
+#      with rollout on one of them and the trainer on the other (5b);
 #   6. bench ppo --preset small on cuda:0 in bf16: lora against the real TRL
 #      PPOTrainer (when the machine's python3 can import trl 1.12.0; carry its
 #      wheels, or the step says it is skipped);
@@ -57,6 +58,34 @@ trap 'kill $DP_PIDS 2>/dev/null || true' EXIT
 sleep 4
 dp_job=$(timeout 120 "$BIN/rlhfctl" submit --wait examples/sft-data-parallel.toml | tail -n 1)
 "$BIN/rlhfctl" logs "$dp_job" | grep -v '^{'
+echo "== 5b. rollout on its own worker: trainer gpu0-0, rollout gpu0-1 (both cuda:0), tiny PPO"
+F=$PWD/worker/tests/fixtures
+cat >"$DP_DIR/ppo-rollout.toml" <<TOML
+version = 1
+kind = "ppo"
+seed = 5
+[model]
+path = "$F/tiny-llama"
+[peft]
+method = "lora"
+r = 8
+target_modules = ["all-linear"]
+[data]
+task = "eprstmt"
+train = "$F/fewclue/eprstmt/train.json"
+[ppo]
+iterations = 10
+rollout_batch = 16
+minibatch = 8
+max_new_tokens = 8
+reward = { kind = "label" }
+[placement]
+trainer = "gpu0-0"
+rollout = ["gpu0-1"]
+TOML
+ppo_job=$(timeout 120 "$BIN/rlhfctl" submit --wait "$DP_DIR/ppo-rollout.toml" | tail -n 1)
+"$BIN/rlhfctl" logs "$ppo_job" | grep -v '^{'
+"$PY" scripts/ppo_traffic.py "$DP_DIR/data/jobs/$ppo_job"
 kill $DP_PIDS 2>/dev/null || true
 echo "== 6. bench ppo --preset small on cuda:0 (bf16): lora vs the real TRL"
 ppo_configs=lora
