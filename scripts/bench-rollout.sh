@@ -32,9 +32,11 @@ trap cleanup EXIT
 pids+=($!)
 for w in "cpu-0 2" "cpu-1 1" "cpu-2 1"; do
   set -- $w
-  RLHF_QUIET=1 "$RLHF_BIN/rlhf-worker" --threads "$2" serve --coordinator "$URL" --device cpu --name "$1" >"$DIR/$1.log" 2>&1 &
+  RLHF_QUIET=1 "$RLHF_BIN/rlhf-worker" --threads "$2" serve --coordinator "$URL" --device cpu --name "$1" \
+    --token-file "$DIR/data/worker.token" >"$DIR/$1.log" 2>&1 &
   pids+=($!)
 done
+export RLHF_DATA_DIR=$DIR/data   # rlhfctl reads the admin token there
 CTL="$RLHF_BIN/rlhfctl --coordinator $URL"
 for _ in $(seq 100); do
   [ "$($CTL workers --json 2>/dev/null | grep -c '"alive": true')" = 3 ] && break

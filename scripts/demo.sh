@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 DIR=${RLHF_DEMO_DIR:-runs/demo-cluster}
 PORT=${RLHF_DEMO_PORT:-50051}
 export RLHF_COORDINATOR=http://127.0.0.1:$PORT
+export RLHF_DATA_DIR=$DIR   # where rlhfctl finds the cluster's admin token
 CTL="$RLHF_BIN/rlhfctl"
 "$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
 rm -rf "$DIR"

@@ -49,10 +49,11 @@ echo "== 4. NCCL all-reduce on cuda:0 (one-rank group; data parallel over severa
 "$BIN/rlhf-worker" bench allreduce --device cuda:0 --megabytes 18 --runs 20 | tail -n 1
 echo "== 5. data parallel: a coordinator and 2 workers on cuda:0, examples/sft-data-parallel.toml"
 DP_DIR=$(mktemp -d); DP_PORT=50077
-export RLHF_COORDINATOR=http://127.0.0.1:$DP_PORT
+export RLHF_COORDINATOR=http://127.0.0.1:$DP_PORT RLHF_DATA_DIR=$DP_DIR/data
 "$BIN/rlhf-coordinator" --listen 127.0.0.1:$DP_PORT --data-dir "$DP_DIR/data" 2>"$DP_DIR/coordinator.log" & DP_PIDS=$!
 for i in 0 1; do
-  RLHF_QUIET=1 "$BIN/rlhf-worker" serve --device cuda:0 --name "gpu0-$i" 2>"$DP_DIR/worker-$i.log" & DP_PIDS="$DP_PIDS $!"
+  RLHF_QUIET=1 "$BIN/rlhf-worker" serve --device cuda:0 --name "gpu0-$i" --token-file "$DP_DIR/data/worker.token" \
+    2>"$DP_DIR/worker-$i.log" & DP_PIDS="$DP_PIDS $!"
 done
 trap 'kill $DP_PIDS 2>/dev/null || true' EXIT
 sleep 4

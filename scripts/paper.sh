@@ -172,6 +172,7 @@ echo "paper.sh: job file $JOB"
 DIR=$OUT/cluster
 PORT=${RLHF_PAPER_PORT:-50061}
 export RLHF_COORDINATOR=http://127.0.0.1:$PORT
+export RLHF_DATA_DIR=$DIR   # where rlhfctl finds the cluster's admin token
 # Training saturates every core here; a worker whose heartbeat thread waits
 # behind it for over the default 5 s lease would be declared lost and its job
 # requeued mid-stage. A minute of grace keeps one long run in one attempt.

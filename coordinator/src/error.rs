@@ -11,6 +11,8 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("coordinator is shutting down")]
     Unavailable,
 }
@@ -28,6 +30,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Store(_) => tonic::Code::Internal,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Unavailable => tonic::Code::Unavailable,
         };
         tonic::Status::new(code, e.to_string())

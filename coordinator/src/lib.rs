@@ -3,6 +3,7 @@
 //! workers, holds their leases, and serves `rlhf.v1.JobService` to clients
 //! and `rlhf.v1.WorkerService` to workers.
 
+pub mod auth;
 pub mod error;
 pub mod scheduler;
 pub mod server;

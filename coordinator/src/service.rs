@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth;
 use crate::scheduler::{Command, Handle};
 use crate::state::JobState as State;
 use crate::store::JobRow;
@@ -57,9 +58,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let owner = auth::caller(&req)?.name;
         let r = req.into_inner();
         let rid = (!r.request_id.is_empty()).then_some(r.request_id);
-        let (job, created) = self.sched.submit(r.spec_toml, rid).await?;
+        let (job, created) = self.sched.submit(r.spec_toml, rid, owner).await?;
         Ok(Response::new(SubmitJobResponse { job_id: job.id, created }))
     }
 
@@ -113,7 +115,8 @@ impl JobService for Jobs {
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        let j = self.sched.cancel(req.into_inner().job_id).await?;
+        let by = auth::caller(&req)?;
+        let j = self.sched.cancel(req.into_inner().job_id, by).await?;
         Ok(Response::new(CancelJobResponse { job: Some(job_proto(&self.sched, &j)) }))
     }
 

@@ -22,6 +22,8 @@ pub struct JobRow {
     pub updated_ms: i64,
     /// The latest progress record (JSON), if any.
     pub progress: String,
+    /// The client that submitted it.
+    pub owner: String,
 }
 
 #[derive(Clone, Debug)]
@@ -39,7 +41,7 @@ pub use rlhf_common::now_ms;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
+PRAGMA synchronous = FULL;
 PRAGMA busy_timeout = 5000;
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
-    progress TEXT NOT NULL DEFAULT ''
+    progress TEXT NOT NULL DEFAULT '',
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -95,6 +98,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         created_ms: r.get("created_ms")?,
         updated_ms: r.get("updated_ms")?,
         progress: r.get("progress")?,
+        owner: r.get("owner")?,
     })
 }
 
@@ -102,6 +106,14 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA)?;
+        // Stores made before jobs had owners.
+        let has_owner: bool =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'owner'", [], |r| {
+                r.get::<_, i64>(0)
+            })? > 0;
+        if !has_owner {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")?;
+        }
         Ok(Self { conn })
     }
 
@@ -121,6 +133,7 @@ impl Store {
         name: &str,
         kind: &str,
         spec_toml: &str,
+        owner: &str,
     ) -> Result<(JobRow, bool)> {
         let tx = self.conn.transaction()?;
         if let Some(rid) = request_id {
@@ -132,8 +145,8 @@ impl Store {
         }
         let now = now_ms();
         tx.execute(
-            "INSERT INTO jobs (id, request_id, name, kind, spec_toml, state, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?6)",
-            params![id, request_id, name, kind, spec_toml, now],
+            "INSERT INTO jobs (id, request_id, name, kind, spec_toml, state, created_ms, updated_ms, owner) VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?6, ?7)",
+            params![id, request_id, name, kind, spec_toml, now, owner],
         )?;
         tx.execute(
             "INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, 'queued', 'submitted')",
@@ -244,9 +257,9 @@ mod tests {
         let db = dir.path().join("state.db");
         {
             let mut s = Store::open(&db).unwrap();
-            let (j, created) = s.insert_job("j1", Some("req"), "n", "sft", "x").unwrap();
+            let (j, created) = s.insert_job("j1", Some("req"), "n", "sft", "x", "alice").unwrap();
             assert!(created && j.state == JobState::Queued);
-            let (again, created) = s.insert_job("j2", Some("req"), "n", "sft", "x").unwrap();
+            let (again, created) = s.insert_job("j2", Some("req"), "n", "sft", "x", "alice").unwrap();
             assert!(!created && again.id == "j1", "one request id, one job");
             let run = JobState::Running { worker: "w1".into() };
             assert!(s.transition("j1", &run, "assigned").unwrap());

@@ -7,6 +7,8 @@ mod generated {
 
 pub use generated::*;
 
+pub mod auth;
+
 /// Encoded `FileDescriptorSet` for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rlhf_descriptor");
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use rlhf_common::JobId;
+use rlhf_proto::auth::{Bearer, JobClient};
 use rlhf_proto::job_service_client::JobServiceClient;
 use rlhf_proto::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 pub struct Client {
-    inner: JobServiceClient<Channel>,
+    inner: JobClient,
     url: String,
 }
 
@@ -40,9 +41,15 @@ pub fn status_message(url: &str, s: &Status) -> String {
             "cannot reach the coordinator at {url}: {} (is it running? `rlhfctl up` starts a local one)",
             if s.message().is_empty() { chain(s) } else { s.message().to_string() }
         ),
-        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
-            s.message().to_string()
-        }
+        Code::Unauthenticated => format!(
+            "the coordinator at {url} refused the call: {} (or point RLHF_DATA_DIR at its data dir)",
+            s.message()
+        ),
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::PermissionDenied => s.message().to_string(),
         code => format!("{} ({code:?})", s.message()),
     }
 }
@@ -61,7 +68,11 @@ impl Client {
                 chain(&e)
             )
         })?;
-        Ok(Self { inner: JobServiceClient::new(channel), url: url.to_string() })
+        let bearer = match crate::local::client_token()? {
+            Some(t) => Bearer::new(&t).map_err(|e| anyhow!("token: {e}"))?,
+            None => Bearer::none(),
+        };
+        Ok(Self { inner: JobServiceClient::with_interceptor(channel, bearer), url: url.to_string() })
     }
 
     pub fn url(&self) -> &str {

@@ -48,18 +48,7 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
-/// The data directory when `--data-dir` and `$RLHF_DATA_DIR` are unset:
-/// `$XDG_DATA_HOME/rlhfd`, else `~/.local/share/rlhfd`, else `./rlhfd-data`.
-pub fn default_data_dir() -> PathBuf {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(x) = nonempty("XDG_DATA_HOME") {
-        return x.join("rlhfd");
-    }
-    if let Some(h) = nonempty("HOME") {
-        return h.join(".local/share/rlhfd");
-    }
-    PathBuf::from("rlhfd-data")
-}
+pub use crate::local::default_data_dir;
 
 /// The address a coordinator URL points at, for `up` to listen on when no
 /// `--listen` is given (`http://localhost:50051` → `127.0.0.1:50051`).
@@ -353,6 +342,12 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
         let deadline = Instant::now() + opts.timeout;
         let mut client = loop {
             started[0].check_alive()?;
+            // The coordinator writes its admin token on start; this process uses it.
+            if crate::local::TOKEN.get().is_none() && std::env::var_os("RLHF_TOKEN").is_none() {
+                if let Ok(t) = std::fs::read_to_string(data_dir.join("admin.token")) {
+                    let _ = crate::local::TOKEN.set(t.trim().to_string());
+                }
+            }
             if let Ok(mut c) = Client::connect(&url).await {
                 if c.workers().await.is_ok() {
                     break c;
@@ -379,6 +374,8 @@ pub async fn up(opts: UpOptions) -> Result<ClusterFile> {
                 device.clone(),
                 "--name".to_string(),
                 name.clone(),
+                "--token-file".to_string(),
+                data_dir.join("worker.token").display().to_string(),
             ];
             if let (Some(n), "cpu") = (threads, device.as_str()) {
                 args.extend(["--threads".to_string(), n.to_string()]);

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod local;
 pub mod plot;
 pub mod render;
 pub mod watch;
@@ -40,6 +41,10 @@ pub struct Cli {
     /// The coordinator's gRPC address.
     #[arg(long, global = true, env = "RLHF_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    /// Client token (default: RLHF_TOKEN_FILE, else the local cluster's
+    /// <data-dir>/admin.token).
+    #[arg(long, global = true, env = "RLHF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -154,6 +159,9 @@ fn exit_for(state: JobState) -> ExitCode {
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let url = cli.coordinator;
+    if let Some(t) = cli.token.filter(|t| !t.is_empty()) {
+        let _ = local::TOKEN.set(t);
+    }
     match cli.command {
         Cmd::Up { cpu_workers, data_dir, listen, timeout } => {
             let listen = listen
@@ -228,6 +236,15 @@ async fn up(opts: cluster::UpOptions) -> Result<ExitCode> {
         format!(" (set RLHF_COORDINATOR={})", c.coordinator_url)
     };
     println!("data dir {}; stop with `rlhfctl down --data-dir {}`{flag}", c.data_dir.display(), c.data_dir.display());
+    if c.data_dir != cluster::default_data_dir()
+        && std::env::var_os("RLHF_DATA_DIR").is_none_or(|d| c.data_dir != Path::new(&d))
+    {
+        println!(
+            "clients need its token: export RLHF_DATA_DIR={} (or RLHF_TOKEN=$(cat {}/admin.token))",
+            c.data_dir.display(),
+            c.data_dir.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rlhf_proto::auth::{Bearer, JobClient};
 use rlhf_proto::job_service_client::JobServiceClient;
 use rlhf_proto::*;
-use tonic::transport::Channel;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
@@ -55,6 +55,8 @@ pub struct Cluster {
     pub coordinator: Option<Child>,
     pub workers: Vec<Child>,
     pub lease_ms: u64,
+    /// Extra coordinator flags.
+    pub coordinator_args: Vec<String>,
 }
 
 impl Cluster {
@@ -68,8 +70,16 @@ impl Cluster {
 
     /// Starts a coordinator (lease `lease_ms`) and `workers` CPU workers.
     pub fn start(workers: usize, lease_ms: u64) -> Self {
+        Self::start_with(workers, lease_ms, |_| Vec::new())
+    }
+
+    /// [`start`](Self::start) with extra coordinator flags, made from the
+    /// cluster's temp dir.
+    pub fn start_with(workers: usize, lease_ms: u64, args: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut c = Cluster { dir, port: free_port(), coordinator: None, workers: Vec::new(), lease_ms };
+        let coordinator_args = args(dir.path());
+        let mut c =
+            Cluster { dir, port: free_port(), coordinator: None, workers: Vec::new(), lease_ms, coordinator_args };
         c.start_coordinator();
         for i in 0..workers {
             c.add_worker(&format!("cpu-{i}"));
@@ -91,6 +101,7 @@ impl Cluster {
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--data-dir"])
             .arg(self.data_dir())
             .args(["--lease-ms", &self.lease_ms.to_string()])
+            .args(&self.coordinator_args)
             .stdout(self.log("coordinator"))
             .stderr(self.log("coordinator"))
             .spawn()
@@ -101,6 +112,8 @@ impl Cluster {
     pub fn add_worker(&mut self, name: &str) {
         let child = command(bin("rlhf-worker"))
             .args(["serve", "--coordinator", &self.url(), "--device", "cpu", "--name", name, "--heartbeat-ms", "200"])
+            .arg("--token-file")
+            .arg(self.data_dir().join("worker.token"))
             .env("RLHF_QUIET", "1")
             .env("RLHF_THREADS", "1")
             .stdout(self.log(name))
@@ -129,16 +142,30 @@ impl Cluster {
         out
     }
 
-    /// A connected client, retrying until the coordinator answers.
-    pub async fn client(&self) -> JobServiceClient<Channel> {
+    /// The admin token the coordinator made in its data dir.
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir().join("admin.token")).ok().map(|t| t.trim().to_string())
+    }
+
+    /// A connected client with the admin token, retrying until the
+    /// coordinator answers.
+    pub async fn client(&self) -> JobClient {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(c) = JobServiceClient::connect(self.url()).await {
-                return c;
+            if let Some(token) = self.admin_token() {
+                if let Ok(c) = self.client_with(Bearer::new(&token).expect("token")).await {
+                    return c;
+                }
             }
             assert!(Instant::now() < deadline, "coordinator did not come up:\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A client presenting `bearer` (no retry).
+    pub async fn client_with(&self, bearer: Bearer) -> Result<JobClient, tonic::transport::Error> {
+        let ch = tonic::transport::Endpoint::from_shared(self.url()).expect("url").connect().await?;
+        Ok(JobServiceClient::with_interceptor(ch, bearer))
     }
 
     /// Waits until `n` live workers are registered.
@@ -172,12 +199,7 @@ pub fn state_name(s: i32) -> &'static str {
 }
 
 /// Polls a job until `pred` holds or `timeout` passes; returns the last view.
-pub async fn wait_job(
-    c: &mut JobServiceClient<Channel>,
-    id: &str,
-    timeout: Duration,
-    pred: impl Fn(&Job) -> bool,
-) -> Job {
+pub async fn wait_job(c: &mut JobClient, id: &str, timeout: Duration, pred: impl Fn(&Job) -> bool) -> Job {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(r) = c.get_job(GetJobRequest { job_id: id.to_string() }).await {

@@ -6,14 +6,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rlhf_proto::job_service_client::JobServiceClient;
+use rlhf_proto::auth::JobClient;
 use rlhf_proto::*;
 use rlhf_tests::*;
-use tonic::transport::Channel;
 
 const DP: &str = "[placement]\ndata_parallel = 2\ncollective = \"coordinator\"\n";
 
-async fn submit(c: &mut JobServiceClient<Channel>, spec: String) -> String {
+async fn submit(c: &mut JobClient, spec: String) -> String {
     c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id
 }
 
@@ -68,7 +67,7 @@ async fn two_workers_train_the_adapter_of_one() {
 }
 
 /// The workers running a rank of `job`: rank 0 first.
-async fn ranks(c: &mut JobServiceClient<Channel>, job: &Job) -> Vec<String> {
+async fn ranks(c: &mut JobClient, job: &Job) -> Vec<String> {
     let workers = c.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers;
     let mut r: Vec<&Worker> = workers.iter().filter(|w| w.alive && w.running_jobs.contains(&job.job_id)).collect();
     r.sort_by_key(|w| w.worker_id != job.worker_id);

@@ -1,7 +1,8 @@
-//! grpcurl, with no .proto files, against a real coordinator: reflection
-//! lists the services, health answers, a job is submitted with `-d`, and a
-//! bad job is InvalidArgument naming the field. scripts/test.sh installs
-//! grpcurl and sets RLHF_GRPCURL.
+//! grpcurl, with no .proto files, against a real coordinator: without the
+//! token every call is Unauthenticated; with `-H 'authorization: Bearer …'`
+//! reflection lists the services, health answers, a job is submitted with
+//! `-d`, and a bad job is InvalidArgument naming the field. scripts/test.sh
+//! installs grpcurl and sets RLHF_GRPCURL.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,9 +17,10 @@ fn grpcurl() -> PathBuf {
     p
 }
 
-fn call(addr: &str, args: &[&str]) -> (bool, String) {
+fn call(addr: &str, header: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(grpcurl())
         .arg("-plaintext")
+        .args(["-H", header])
         .args(args.iter().take(args.len() - 1))
         .arg(addr)
         .arg(args[args.len() - 1])
@@ -27,23 +29,48 @@ fn call(addr: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The proto sources, for calls that cannot use reflection (it needs the token too).
+fn proto_dir() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto").display().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_submits_and_gets_named_errors() {
     let cl = Cluster::start(1, 3000);
     cl.wait_workers(1).await;
     let addr = format!("127.0.0.1:{}", cl.port);
-    let out = Command::new(grpcurl()).args(["-plaintext", &addr, "list"]).output().unwrap();
+    let h = format!("authorization: Bearer {}", cl.admin_token().unwrap());
+    let body = serde_json::json!({ "spec_toml": sft_job(5, 0) }).to_string();
+    for bad in ["authorization: Bearer not-the-token", "x-nothing: 1"] {
+        let (ok, out) = call(
+            &addr,
+            bad,
+            &[
+                "-d",
+                &body,
+                "-use-reflection=false",
+                "-proto",
+                "rlhf/v1/jobs.proto",
+                "-import-path",
+                &proto_dir(),
+                "rlhf.v1.JobService/SubmitJob",
+            ],
+        );
+        assert!(!ok && out.contains("Unauthenticated"), "{bad}: {out}");
+    }
+    let out = Command::new(grpcurl()).args(["-plaintext", "-H", &h, &addr, "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&out.stdout);
     for svc in ["rlhf.v1.JobService", "rlhf.v1.WorkerService", "grpc.health.v1.Health"] {
         assert!(list.contains(svc), "{list}");
     }
-    let (ok, health) = call(&addr, &["grpc.health.v1.Health/Check"]);
+    let (ok, health) = call(&addr, &h, &["grpc.health.v1.Health/Check"]);
     assert!(ok && health.contains("SERVING"), "{health}");
     let body = serde_json::json!({ "spec_toml": sft_job(5, 0), "request_id": "grpcurl-1" }).to_string();
-    let (ok, sub) = call(&addr, &["-d", &body, "rlhf.v1.JobService/SubmitJob"]);
+    let (ok, sub) = call(&addr, &h, &["-d", &body, "rlhf.v1.JobService/SubmitJob"]);
     assert!(ok && sub.contains("jobId"), "{sub}");
     let (ok, err) = call(
         &addr,
+        &h,
         &[
             "-d",
             r#"{"spec_toml": "version = 1\nkind = \"sft\"\n[model]\npath = \"m\"\ndtype = \"f64\"\n"}"#,
@@ -51,6 +78,6 @@ async fn grpcurl_lists_submits_and_gets_named_errors() {
         ],
     );
     assert!(!ok && err.contains("InvalidArgument"), "{err}");
-    let (_, jobs) = call(&addr, &["rlhf.v1.JobService/ListJobs"]);
+    let (_, jobs) = call(&addr, &h, &["rlhf.v1.JobService/ListJobs"]);
     assert!(jobs.contains("grpcurl") || jobs.contains("sft-e2e"), "{jobs}");
 }

@@ -5,8 +5,16 @@ use std::process::Command;
 
 use rlhf_tests::*;
 
-fn ctl(url: &str, args: &[&str]) -> std::process::Output {
-    Command::new(bin("rlhfctl")).args(args).env("RLHF_COORDINATOR", url).output().expect("run rlhfctl")
+/// rlhfctl with the cluster's data dir in RLHF_DATA_DIR (where it finds the
+/// admin token), as `rlhfctl up` tells a user to set.
+fn ctl(url: &str, data: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("rlhfctl"))
+        .args(args)
+        .env("RLHF_COORDINATOR", url)
+        .env("RLHF_DATA_DIR", data)
+        .env_remove("RLHF_TOKEN")
+        .output()
+        .expect("run rlhfctl")
 }
 
 #[test]
@@ -16,30 +24,30 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let d = data.to_str().unwrap();
-    let up = ctl(&url, &["up", "--cpu-workers", "1", "--data-dir", d, "--listen", &format!("127.0.0.1:{port}")]);
+    let up = ctl(&url, &data, &["up", "--cpu-workers", "1", "--data-dir", d, "--listen", &format!("127.0.0.1:{port}")]);
     assert!(up.status.success(), "up: {}", String::from_utf8_lossy(&up.stderr));
     let run = || -> Result<(), String> {
         let job_file = dir.path().join("sft.toml");
         std::fs::write(&job_file, sft_job(10, 0)).unwrap();
-        let sub = ctl(&url, &["submit", job_file.to_str().unwrap(), "--wait"]);
+        let sub = ctl(&url, &data, &["submit", job_file.to_str().unwrap(), "--wait"]);
         let stdout = String::from_utf8_lossy(&sub.stdout).to_string();
         if !sub.status.success() {
             return Err(format!("submit: {}", String::from_utf8_lossy(&sub.stderr)));
         }
         let id = stdout.lines().last().unwrap_or_default().trim().to_string();
-        let st = ctl(&url, &["status", &id, "--json"]);
+        let st = ctl(&url, &data, &["status", &id, "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&st.stdout).map_err(|e| format!("status json: {e}"))?;
         if v["state"] != "succeeded" {
             return Err(format!("state {v}"));
         }
         let out = dir.path().join("report");
-        let rep = ctl(&url, &["report", &id, "--out", out.to_str().unwrap()]);
+        let rep = ctl(&url, &data, &["report", &id, "--out", out.to_str().unwrap()]);
         if !rep.status.success() || !out.join("loss.png").exists() {
             return Err(format!("report: {}", String::from_utf8_lossy(&rep.stderr)));
         }
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, sft_job(10, 0).replace("lr = 3e-3", "lr = -3e-3")).unwrap();
-        let b = ctl(&url, &["submit", bad.to_str().unwrap()]);
+        let b = ctl(&url, &data, &["submit", bad.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&b.stderr).to_string();
         if b.status.code() != Some(1) || !err.contains("train.lr") {
             return Err(format!("bad file: {err}"));
@@ -47,7 +55,7 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
         Ok(())
     };
     let result = run();
-    let down = ctl(&url, &["down", "--data-dir", d]);
+    let down = ctl(&url, &data, &["down", "--data-dir", d]);
     assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
     if let Err(e) = result {
         let logs = std::fs::read_dir(data.join("logs"))

@@ -59,7 +59,7 @@ fn max_tensor_diff(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> f64 {
     worst
 }
 
-async fn run(c: &mut rlhf_proto::job_service_client::JobServiceClient<tonic::transport::Channel>, spec: String) -> Job {
+async fn run(c: &mut rlhf_proto::auth::JobClient, spec: String) -> Job {
     let id = c
         .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
         .await

@@ -115,6 +115,10 @@ enum Command {
         /// Heartbeat interval.
         #[arg(long, env = "RLHF_HEARTBEAT_MS", default_value_t = 1000)]
         heartbeat_ms: u64,
+        /// The worker token: a file holding it (the coordinator's
+        /// <data-dir>/worker.token), read at every connect.
+        #[arg(long, env = "RLHF_WORKER_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Make a small LLaMA model directory with a tokenizer trained on a corpus.
     InitModel {
@@ -231,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
                 .collect();
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
         }
-        Command::Serve { coordinator, device, name, heartbeat_ms } => {
+        Command::Serve { coordinator, device, name, heartbeat_ms, token_file } => {
             let dev = offline::parse_device(&device)?;
             let name = name.unwrap_or_else(|| format!("{}-{}", device.replace(':', ""), std::process::id()));
             rlhf_worker::serve::serve(rlhf_worker::serve::Options {
@@ -240,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
                 device_name: device,
                 name,
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(50)),
+                token_file,
             })?;
         }
         Command::InitModel { preset, corpus, out, seed } => {

@@ -22,7 +22,11 @@ struct Cli {
     /// A worker with no heartbeat for this long is lost and its jobs requeued.
     #[arg(long, env = "RLHF_LEASE_MS")]
     lease_ms: Option<u64>,
-    /// Optional TOML file with listen / data_dir / lease_ms.
+    /// Named client tokens: a TOML file of `name = "token"` lines (the admin
+    /// token is <data-dir>/admin.token, made on first start).
+    #[arg(long, env = "RLHF_CLIENT_TOKENS")]
+    client_tokens: Option<PathBuf>,
+    /// Optional TOML file with listen / data_dir / lease_ms / client_tokens.
     #[arg(long, env = "RLHF_CONFIG")]
     config: Option<PathBuf>,
 }
@@ -33,6 +37,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     lease_ms: Option<u64>,
+    client_tokens: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             .build()
             .and_then(|c| c.try_deserialize())
             .with_context(|| format!("config file {}", p.display()))?,
-        None => FileConfig { listen: None, data_dir: None, lease_ms: None },
+        None => FileConfig { listen: None, data_dir: None, lease_ms: None, client_tokens: None },
     };
     let listen = cli.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
     let data_dir = cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("rlhfd-data"));
@@ -60,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        serve(listen, Options { data_dir, lease }, None, shutdown).await
+        let client_tokens = cli.client_tokens.or(file.client_tokens);
+        serve(listen, Options { data_dir, lease, client_tokens }, None, shutdown).await
     })
 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::groups::{Groups, Reply};
 use super::{Command, Config, WorkerTx};
+use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::state::JobState;
 use crate::store::{JobRow, Store};
@@ -104,8 +105,8 @@ impl Scheduler {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { spec_toml, request_id, reply } => {
-                let r = self.submit(&spec_toml, request_id.as_deref());
+            Command::Submit { spec_toml, request_id, owner, reply } => {
+                let r = self.submit(&spec_toml, request_id.as_deref(), &owner);
                 let _ = reply.send(r);
                 self.dispatch();
             }
@@ -115,8 +116,8 @@ impl Scheduler {
             Command::List { reply } => {
                 let _ = reply.send(self.store.jobs());
             }
-            Command::Cancel { id, reply } => {
-                let _ = reply.send(self.cancel(&id));
+            Command::Cancel { id, by, reply } => {
+                let _ = reply.send(self.cancel(&id, &by));
                 self.dispatch();
             }
             Command::Workers { reply } => {
@@ -171,12 +172,18 @@ impl Scheduler {
         }
     }
 
-    fn submit(&mut self, spec_toml: &str, request_id: Option<&str>) -> Result<(JobRow, bool)> {
+    fn submit(&mut self, spec_toml: &str, request_id: Option<&str>, owner: &str) -> Result<(JobRow, bool)> {
         let spec = JobSpec::from_toml(spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let id = JobId::new().to_string();
         let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
-        let (row, created) =
-            self.store.insert_job(&id, request_id.filter(|r| !r.is_empty()), &name, spec.kind.name(), spec_toml)?;
+        let (row, created) = self.store.insert_job(
+            &id,
+            request_id.filter(|r| !r.is_empty()),
+            &name,
+            spec.kind.name(),
+            spec_toml,
+            owner,
+        )?;
         if created {
             info!(job_id = %row.id, kind = %row.kind, "job submitted");
             self.publish(&row.id);
@@ -184,8 +191,14 @@ impl Scheduler {
         Ok((row, created))
     }
 
-    fn cancel(&mut self, id: &str) -> Result<JobRow> {
+    fn cancel(&mut self, id: &str, by: &Identity) -> Result<JobRow> {
         let job = self.store.job(id)?.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        if !by.may_act_on(&job.owner) {
+            return Err(Error::PermissionDenied(format!(
+                "job {id} was submitted by {:?}; only that client or the admin may cancel it",
+                job.owner
+            )));
+        }
         match &job.state {
             JobState::Cancelled { .. } => {}
             JobState::Succeeded | JobState::Failed { .. } => {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rlhf_proto::{worker_message, CoordinatorMessage, Register};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::store::{EventRow, JobRow, Store};
 
@@ -22,15 +23,45 @@ pub use actor::WorkerInfo;
 pub type WorkerTx = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
 pub(crate) enum Command {
-    Submit { spec_toml: String, request_id: Option<String>, reply: oneshot::Sender<Result<(JobRow, bool)>> },
-    Get { id: String, reply: oneshot::Sender<Result<JobRow>> },
-    List { reply: oneshot::Sender<Result<Vec<JobRow>>> },
-    Cancel { id: String, reply: oneshot::Sender<Result<JobRow>> },
-    Workers { reply: oneshot::Sender<Vec<WorkerInfo>> },
-    Logs { id: String, reply: oneshot::Sender<Result<(Vec<EventRow>, Vec<String>)>> },
-    Connected { reg: Register, tx: WorkerTx, conn: u64 },
-    Message { worker: String, conn: u64, msg: worker_message::Msg },
-    Disconnected { worker: String, conn: u64 },
+    Submit {
+        spec_toml: String,
+        request_id: Option<String>,
+        owner: String,
+        reply: oneshot::Sender<Result<(JobRow, bool)>>,
+    },
+    Get {
+        id: String,
+        reply: oneshot::Sender<Result<JobRow>>,
+    },
+    List {
+        reply: oneshot::Sender<Result<Vec<JobRow>>>,
+    },
+    Cancel {
+        id: String,
+        by: Identity,
+        reply: oneshot::Sender<Result<JobRow>>,
+    },
+    Workers {
+        reply: oneshot::Sender<Vec<WorkerInfo>>,
+    },
+    Logs {
+        id: String,
+        reply: oneshot::Sender<Result<(Vec<EventRow>, Vec<String>)>>,
+    },
+    Connected {
+        reg: Register,
+        tx: WorkerTx,
+        conn: u64,
+    },
+    Message {
+        worker: String,
+        conn: u64,
+        msg: worker_message::Msg,
+    },
+    Disconnected {
+        worker: String,
+        conn: u64,
+    },
     Tick,
 }
 
@@ -79,8 +110,8 @@ impl Handle {
         rx.await.map_err(|_| Error::Unavailable)
     }
 
-    pub async fn submit(&self, spec_toml: String, request_id: Option<String>) -> Result<(JobRow, bool)> {
-        self.ask(|reply| Command::Submit { spec_toml, request_id, reply }).await?
+    pub async fn submit(&self, spec_toml: String, request_id: Option<String>, owner: String) -> Result<(JobRow, bool)> {
+        self.ask(|reply| Command::Submit { spec_toml, request_id, owner, reply }).await?
     }
 
     pub async fn get(&self, id: String) -> Result<JobRow> {
@@ -91,8 +122,8 @@ impl Handle {
         self.ask(|reply| Command::List { reply }).await?
     }
 
-    pub async fn cancel(&self, id: String) -> Result<JobRow> {
-        self.ask(|reply| Command::Cancel { id, reply }).await?
+    pub async fn cancel(&self, id: String, by: Identity) -> Result<JobRow> {
+        self.ask(|reply| Command::Cancel { id, by, reply }).await?
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
@@ -153,7 +184,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let reg = Register { worker_id: "w1".into(), name: "cpu-0".into(), device: "cpu".into(), ..Default::default() };
         h.send(Command::Connected { reg, tx, conn: 1 }).await;
-        let (job, _) = h.submit(SPEC.into(), None).await.unwrap();
+        let (job, _) = h.submit(SPEC.into(), None, "admin".into()).await.unwrap();
         assert_eq!(assigned(&mut rx).await, (job.id.clone(), 1));
         let beat = |jobs: Vec<String>| Command::Message {
             worker: "w1".into(),

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rlhf_common::spec::JobSpec;
+use rlhf_proto::auth::Bearer;
 use rlhf_proto::worker_service_client::WorkerServiceClient;
 use rlhf_proto::*;
 use tch::Device;
@@ -28,6 +29,21 @@ pub struct Options {
     pub device_name: String,
     pub name: String,
     pub heartbeat: Duration,
+    /// Where the worker token is (else `RLHF_WORKER_TOKEN`).
+    pub token_file: Option<PathBuf>,
+}
+
+/// The worker token, read afresh at every connect (the coordinator makes
+/// the file on its first start, maybe after this worker started).
+fn worker_token(opts: &Options) -> anyhow::Result<Bearer> {
+    let token = match &opts.token_file {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?,
+        None => std::env::var("RLHF_WORKER_TOKEN").unwrap_or_default(),
+    };
+    if token.trim().is_empty() {
+        return Ok(Bearer::none());
+    }
+    Bearer::new(&token).map_err(|e| anyhow::anyhow!("worker token: {e}"))
 }
 
 mod collective;
@@ -118,9 +134,20 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
     let mut pending: Option<WorkerMessage> = None;
     info!(worker = %worker_id, name = %opts.name, device = %opts.device_name, "worker starting");
     loop {
-        let mut client = match WorkerServiceClient::connect(opts.coordinator.clone()).await {
+        let bearer = match worker_token(&opts) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "no worker token yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let channel = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())?.connect().await;
+        let mut client = match channel {
             // Data-parallel parts carry whole adapter gradients (see the coordinator's MAX_MESSAGE).
-            Ok(c) => c.max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30),
+            Ok(ch) => WorkerServiceClient::with_interceptor(ch, bearer)
+                .max_decoding_message_size(1 << 30)
+                .max_encoding_message_size(1 << 30),
             Err(e) => {
                 warn!(coordinator = %opts.coordinator, error = %e, "cannot reach coordinator; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
