@@ -62,3 +62,10 @@ mod tests {
         assert!("not-a-uuid".parse::<WorkerId>().is_err());
     }
 }
+
+/// `n` random bytes from the kernel, as hex (tokens, session keys).
+pub fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

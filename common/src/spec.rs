@@ -95,6 +95,16 @@ pub enum JobFileError {
     Invalid { path: PathBuf, source: SpecError },
 }
 
+/// Job and stage names become directory names: `[A-Za-z0-9_.-]{1,64}`,
+/// not `.` or `..`.
+pub fn check_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
+        return err(field, format!("{name:?}: a name is 1 to 64 of A-Z a-z 0-9 _ . - (it names a directory)"));
+    }
+    Ok(())
+}
+
 fn err<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError { field: field.into(), msg: msg.into() })
 }
@@ -527,6 +537,14 @@ pub struct PlacementSpec {
     /// else through the coordinator), `coordinator`, or `nccl`.
     #[serde(default)]
     pub collective: CollectiveSpec,
+    /// Runs of the job the coordinator starts before it gives up (a worker
+    /// lost mid-run, or one that dies of the job, costs one).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    3
 }
 
 /// Rollout workers one job may use.
@@ -546,6 +564,7 @@ impl Default for PlacementSpec {
             trainer: None,
             data_parallel: 1,
             collective: CollectiveSpec::Auto,
+            max_attempts: default_attempts(),
         }
     }
 }
@@ -615,40 +634,80 @@ impl JobSpec {
     /// Makes every relative path in the job absolute against `base` (the
     /// job file's directory), so the resolved spec runs from anywhere.
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
-        let fix = |p: &mut PathBuf| {
+        self.visit_paths(&mut |_, p| {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
-        };
+        });
+    }
+
+    /// Calls `f` with every path the job reads, and its field.
+    fn visit_paths(&mut self, f: &mut dyn FnMut(&str, &mut PathBuf)) {
         if let Some(p) = &mut self.model.path {
-            fix(p);
+            f("model.path", p);
         }
         if let Some(init) = &mut self.model.init {
-            fix(&mut init.corpus);
+            f("model.init.corpus", &mut init.corpus);
         }
-        self.model.merge_adapters.iter_mut().for_each(fix);
-        let fix_sections = |data: &mut Option<DataSpec>,
+        for (i, p) in self.model.merge_adapters.iter_mut().enumerate() {
+            f(&format!("model.merge_adapters[{i}]"), p);
+        }
+        let mut sections = |at: &str,
+                            data: &mut Option<DataSpec>,
                             train: &mut Option<TrainSpec>,
                             ppo: &mut Option<PpoSpec>,
                             eval: &mut Option<EvalSpec>| {
             if let Some(p) = train.as_mut().and_then(|t| t.init_from.as_mut()) {
-                fix(p);
+                f(&format!("{at}train.init_from"), p);
             }
             if let Some(d) = data {
-                d.resolve_paths(&fix);
+                d.visit_paths(&format!("{at}data"), f);
             }
             if let Some(PpoSpec { reward: RewardSource::Model { path: Some(p) }, .. }) = ppo {
-                fix(p);
+                f(&format!("{at}ppo.reward.path"), p);
             }
             if let Some(e) = eval {
-                e.tasks.iter_mut().for_each(|t| fix(&mut t.path));
-                e.adapters.values_mut().flatten().for_each(fix);
+                for (i, t) in e.tasks.iter_mut().enumerate() {
+                    f(&format!("{at}eval.tasks[{i}].path"), &mut t.path);
+                }
+                for (name, ps) in e.adapters.iter_mut() {
+                    for p in ps.iter_mut() {
+                        f(&format!("{at}eval.adapters.{name}"), p);
+                    }
+                }
             }
         };
-        fix_sections(&mut self.data, &mut self.train, &mut self.ppo, &mut self.eval);
-        for st in &mut self.stages {
-            fix_sections(&mut st.data, &mut st.train, &mut st.ppo, &mut st.eval);
+        sections("", &mut self.data, &mut self.train, &mut self.ppo, &mut self.eval);
+        for (i, st) in self.stages.iter_mut().enumerate() {
+            sections(&format!("stage[{i}]."), &mut st.data, &mut st.train, &mut st.ppo, &mut st.eval);
         }
+    }
+
+    /// For a job that arrives over the network (whose relative paths would
+    /// resolve against some worker's working directory): every path must be
+    /// absolute, without `..`, and, when `allowed` names roots, under one.
+    pub fn check_paths(&self, allowed: &[PathBuf]) -> Result<(), SpecError> {
+        let mut bad = None;
+        self.clone().visit_paths(&mut |field, p| {
+            if bad.is_some() {
+                return;
+            }
+            let why = if p.is_relative() {
+                Some(format!(
+                    "{} is relative; send absolute paths (rlhfctl submit makes them absolute against the job file)",
+                    p.display()
+                ))
+            } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+                Some(format!("{} contains `..`", p.display()))
+            } else if !allowed.is_empty() && !allowed.iter().any(|root| p.starts_with(root)) {
+                let roots: Vec<String> = allowed.iter().map(|r| r.display().to_string()).collect();
+                Some(format!("{} is outside the readable roots ({})", p.display(), roots.join(", ")))
+            } else {
+                None
+            };
+            bad = why.map(|msg| SpecError { field: field.to_string(), msg });
+        });
+        bad.map_or(Ok(()), Err)
     }
 
     /// Overrides `model.dtype` (`--dtype` of `rlhf-worker run` and
@@ -682,6 +741,12 @@ impl JobSpec {
         if self.version != 1 {
             return err("version", format!("must be 1, got {}", self.version));
         }
+        if let Some(name) = &self.name {
+            check_name("name", name)?;
+        }
+        if self.placement.max_attempts == 0 {
+            return err("placement.max_attempts", "must be at least 1");
+        }
         self.validate_data_parallel()?;
         self.validate_rollout()?;
         if self.kind == JobKind::Pipeline {
@@ -691,6 +756,7 @@ impl JobSpec {
             let mut seen = std::collections::BTreeSet::new();
             for (i, st) in self.stages.iter().enumerate() {
                 let at = format!("stage[{i}]");
+                check_name(&format!("{at}.name"), &st.name)?;
                 if !seen.insert(st.name.as_str()) {
                     return err(format!("{at}.name"), format!("duplicate stage name {:?}", st.name));
                 }
@@ -755,6 +821,12 @@ impl JobSpec {
         }
         if p.rollout.len() > MAX_ROLLOUT_WORKERS {
             return err("placement.rollout", format!("at most {MAX_ROLLOUT_WORKERS} workers, got {}", p.rollout.len()));
+        }
+        if self.peft.as_ref().is_some_and(|p| p.method == PeftMethod::Full) {
+            return err(
+                "placement.rollout",
+                "rollout workers are sent the policy adapter every iteration; with peft.method = \"full\" that is the whole model (generate on the trainer instead)",
+            );
         }
         let named: Vec<&str> = p.rollout.iter().map(String::as_str).filter(|n| !is_any_worker(n)).collect();
         for (i, n) in named.iter().enumerate() {

@@ -38,13 +38,6 @@ pub struct Tokens {
     clients: BTreeMap<String, String>,
 }
 
-/// 256 random bits as hex.
-fn fresh_token() -> std::io::Result<String> {
-    let mut buf = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Reads `path`, or creates it (mode 0600) with a fresh token.
 fn token_file(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
@@ -53,7 +46,7 @@ fn token_file(path: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => anyhow::bail!("{}: {e}", path.display()),
         Err(_) => {}
     }
-    let token = fresh_token()?;
+    let token = rlhf_common::ids::random_hex(32)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -16,15 +16,18 @@ use crate::auth::{self, Tokens};
 use crate::scheduler::{Config, Handle};
 use crate::service::{Jobs, Workers};
 
-/// Largest worker message: a data-parallel part carries a whole adapter's
-/// gradients (tens of MB for LoRA on a 0.5B model), above tonic's 4 MiB default.
-pub const MAX_MESSAGE: usize = 1 << 30;
+/// Largest worker message (64 MiB): above tonic's 4 MiB default for
+/// data-parallel sums, which workers send in rounds of 32 MiB, and for a
+/// rollout batch with the policy adapter's tensors.
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 pub struct Options {
     pub data_dir: PathBuf,
     pub lease: Duration,
     /// Named client tokens (TOML `name = "token"`), besides the admin's.
     pub client_tokens: Option<PathBuf>,
+    /// Roots job files may read models and data from (empty: anywhere).
+    pub allow_read: Vec<PathBuf>,
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
@@ -35,8 +38,9 @@ pub async fn serve(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&opts.data_dir)?;
     let tokens = Arc::new(Tokens::load(&opts.data_dir, opts.client_tokens.as_deref())?);
-    let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease })?;
+    let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease, allow_read: opts.allow_read })?;
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "coordinator listening");
@@ -56,8 +60,21 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     // Small gRPC replies must not wait for delayed ACKs (Nagle).
     let incoming = TcpListenerStream::new(listener).map(|s| s.and_then(|s| s.set_nodelay(true).map(|_| s)));
+    // A scheduler that died (a panic) stops the server: health must not say
+    // SERVING for a coordinator that places nothing; a supervisor restarts it.
+    let (died_tx, mut died_rx) = tokio::sync::oneshot::channel();
+    let watch = sched.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = watch.stopped() => {
+                let _ = died_tx.send(());
+            }
+        }
+    };
     // Health stays open (probes send no headers); everything else needs a token.
     tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(256)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, auth::clients(tokens.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, auth::clients(tokens.clone())))
@@ -70,5 +87,31 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    if died_rx.try_recv().is_ok() {
+        anyhow::bail!("the scheduler stopped (see the log above); exiting");
+    }
     Ok(())
+}
+
+/// Takes an exclusive lock on the data dir for this process's life: a
+/// second coordinator on the same dir would dispatch the same jobs.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let path = dir.join("coordinator.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "{} is in use by another coordinator (lock {}); stop it or pick another --data-dir",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(f)
 }

@@ -1,7 +1,8 @@
 //! gRPC handlers: decode → scheduler → encode, no logic.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use rlhf_proto::job_service_server::JobService;
 use rlhf_proto::worker_service_server::WorkerService;
@@ -23,11 +24,18 @@ pub struct Jobs {
 pub struct Workers {
     pub sched: Handle,
     next_conn: AtomicU64,
+    /// Open worker sessions.
+    sessions: Arc<AtomicUsize>,
 }
+
+/// A worker must register this soon after opening its session.
+const REGISTER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Worker sessions open at once (far above any cluster's workers).
+const MAX_WORKER_SESSIONS: usize = 4096;
 
 impl Workers {
     pub fn new(sched: Handle) -> Self {
-        Self { sched, next_conn: AtomicU64::new(1) }
+        Self { sched, next_conn: AtomicU64::new(1), sessions: Arc::default() }
     }
 }
 
@@ -161,7 +169,13 @@ impl WorkerService for Workers {
 
     async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound.next().await.ok_or_else(|| Status::invalid_argument("empty worker stream"))??;
+        if self.sessions.load(Ordering::Relaxed) >= MAX_WORKER_SESSIONS {
+            return Err(Status::resource_exhausted(format!("{MAX_WORKER_SESSIONS} worker sessions already open")));
+        }
+        let first = tokio::time::timeout(REGISTER_DEADLINE, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register within 10 s of opening the session"))?
+            .ok_or_else(|| Status::invalid_argument("empty worker stream"))??;
         let Some(worker_message::Msg::Register(reg)) = first.msg else {
             return Err(Status::invalid_argument("the first worker message must be register"));
         };
@@ -171,8 +185,15 @@ impl WorkerService for Workers {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let worker = reg.worker_id.clone();
         let (tx, rx) = mpsc::channel(64);
-        self.sched.send(Command::Connected { reg, tx, conn }).await;
+        let (accepted, verdict) = tokio::sync::oneshot::channel();
+        self.sched.send(Command::Connected { reg, tx, conn, accepted }).await;
+        verdict
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?
+            .map_err(Status::already_exists)?;
         let sched = self.sched.clone();
+        let sessions = self.sessions.clone();
+        sessions.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             while let Some(Ok(m)) = inbound.next().await {
                 if let Some(msg) = m.msg {
@@ -180,6 +201,7 @@ impl WorkerService for Workers {
                 }
             }
             sched.send(Command::Disconnected { worker, conn }).await;
+            sessions.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -71,12 +71,19 @@ impl DataSpec {
         }
     }
 
-    pub(super) fn resolve_paths(&mut self, fix: &dyn Fn(&mut PathBuf)) {
-        self.train.as_mut().map(fix);
-        self.eval.as_mut().map(fix);
-        for s in &mut self.sources {
-            fix(&mut s.train);
-            s.eval.as_mut().map(fix);
+    /// Calls `f` with each path and its field (under `at`).
+    pub(super) fn visit_paths(&mut self, at: &str, f: &mut dyn FnMut(&str, &mut PathBuf)) {
+        if let Some(p) = &mut self.train {
+            f(&format!("{at}.train"), p);
+        }
+        if let Some(p) = &mut self.eval {
+            f(&format!("{at}.eval"), p);
+        }
+        for (i, s) in self.sources.iter_mut().enumerate() {
+            f(&format!("{at}.sources[{i}].train"), &mut s.train);
+            if let Some(p) = &mut s.eval {
+                f(&format!("{at}.sources[{i}].eval"), p);
+            }
         }
     }
 

@@ -291,3 +291,35 @@ fn the_shipped_job_files_are_valid() {
     }
     assert!(n >= 8, "{n} job files");
 }
+
+#[test]
+fn names_that_would_leave_the_job_dir_are_refused() {
+    for bad in ["../../other-job", "a/b", "..", "", "x y", &"n".repeat(65)] {
+        let text = PPO.replace("seed = 3", &format!("seed = 3\nname = {bad:?}"));
+        let e = JobSpec::from_toml(&text).unwrap_err();
+        assert_eq!(e.field, "name", "{bad:?}: {e}");
+    }
+    assert!(JobSpec::from_toml(&PPO.replace("seed = 3", "seed = 3\nname = \"ppo-v1.2_final\"")).is_ok());
+    let pipeline =
+        "version = 1\nkind = \"pipeline\"\n[model]\npath = \"/m\"\n[[stage]]\nname = \"../x\"\nkind = \"eval\"\n\
+                    eval = { tasks = [{ task = \"eprstmt\", path = \"/d.json\" }] }\n";
+    assert_eq!(JobSpec::from_toml(pipeline).unwrap_err().field, "stage[0].name");
+}
+
+#[test]
+fn network_jobs_need_absolute_paths_under_the_allowed_roots() {
+    let spec = JobSpec::from_toml(PPO).unwrap();
+    let e = spec.check_paths(&[]).unwrap_err();
+    assert_eq!(e.field, "model.path");
+    assert!(e.msg.contains("relative"), "{e}");
+    let mut abs = spec.clone();
+    abs.resolve_paths(std::path::Path::new("/data/jobs"));
+    abs.check_paths(&[]).unwrap();
+    abs.check_paths(&[PathBuf::from("/data")]).unwrap();
+    let e = abs.check_paths(&[PathBuf::from("/models")]).unwrap_err();
+    assert!(e.field == "model.path" && e.msg.contains("outside the readable roots (/models)"), "{e}");
+    let dotted = JobSpec::from_toml(&PPO.replace("models/tiny", "/data/../etc")).unwrap();
+    let mut dotted = dotted;
+    dotted.resolve_paths(std::path::Path::new("/data"));
+    assert!(dotted.check_paths(&[]).unwrap_err().msg.contains("`..`"));
+}

@@ -26,6 +26,10 @@ struct Cli {
     /// token is <data-dir>/admin.token, made on first start).
     #[arg(long, env = "RLHF_CLIENT_TOKENS")]
     client_tokens: Option<PathBuf>,
+    /// A directory job files may read models and data from (repeat for
+    /// more; default: anywhere the workers can read).
+    #[arg(long = "allow-read", value_name = "DIR")]
+    allow_read: Vec<PathBuf>,
     /// Optional TOML file with listen / data_dir / lease_ms / client_tokens.
     #[arg(long, env = "RLHF_CONFIG")]
     config: Option<PathBuf>,
@@ -38,6 +42,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     lease_ms: Option<u64>,
     client_tokens: Option<PathBuf>,
+    #[serde(default)]
+    allow_read: Vec<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +55,9 @@ fn main() -> anyhow::Result<()> {
             .build()
             .and_then(|c| c.try_deserialize())
             .with_context(|| format!("config file {}", p.display()))?,
-        None => FileConfig { listen: None, data_dir: None, lease_ms: None, client_tokens: None },
+        None => {
+            FileConfig { listen: None, data_dir: None, lease_ms: None, client_tokens: None, allow_read: Vec::new() }
+        }
     };
     let listen = cli.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
     let data_dir = cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("rlhfd-data"));
@@ -66,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
         };
         let client_tokens = cli.client_tokens.or(file.client_tokens);
-        serve(listen, Options { data_dir, lease, client_tokens }, None, shutdown).await
+        let allow_read = if cli.allow_read.is_empty() { file.allow_read } else { cli.allow_read };
+        serve(listen, Options { data_dir, lease, client_tokens, allow_read }, None, shutdown).await
     })
 }

@@ -1,7 +1,7 @@
 //! The scheduler's state and its reactions to commands.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rlhf_common::spec::{is_any_worker, JobKind, JobSpec};
 use rlhf_common::JobId;
@@ -18,6 +18,12 @@ use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::state::JobState;
 use crate::store::{JobRow, Store};
+
+/// Longest wait before a requeued job is placed again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Largest job file accepted.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
 /// A PPO job, or a pipeline with a PPO stage.
 fn has_ppo(spec: &JobSpec) -> bool {
@@ -55,6 +61,8 @@ struct Slot {
     running: BTreeSet<String>,
     /// PPO jobs whose reward/critic or rollout roles this worker hosts.
     hosting: BTreeSet<String>,
+    /// The worker process's secret (see `Register.session_key`).
+    session_key: String,
 }
 
 impl Slot {
@@ -75,6 +83,8 @@ pub(super) struct Scheduler {
     rollouts: BTreeMap<String, Vec<Option<String>>>,
     /// job → why it still waits for workers, as last posted.
     waiting: BTreeMap<String, String>,
+    /// Requeued jobs → when they may be placed again.
+    backoff: BTreeMap<String, Instant>,
     /// job → role-call and collective payload bytes relayed.
     relayed: BTreeMap<String, u64>,
     /// Data-parallel jobs: the worker of each rank, the round in flight.
@@ -92,6 +102,7 @@ impl Scheduler {
             roles: BTreeMap::new(),
             rollouts: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            backoff: BTreeMap::new(),
             relayed: BTreeMap::new(),
             groups: Groups::default(),
         }
@@ -131,8 +142,9 @@ impl Scheduler {
                     .and_then(|_| Ok((self.store.events(&id)?, self.store.metrics(&id)?)));
                 let _ = reply.send(r);
             }
-            Command::Connected { reg, tx, conn } => {
-                self.connected(reg, tx, conn);
+            Command::Connected { reg, tx, conn, accepted } => {
+                let r = self.connected(reg, tx, conn);
+                let _ = accepted.send(r);
                 self.dispatch();
             }
             Command::Message { worker, conn, msg } => {
@@ -161,19 +173,52 @@ impl Scheduler {
         }
     }
 
-    fn move_job(&mut self, id: &str, next: JobState, message: &str) {
+    /// Moves a job; a requeue past its `placement.max_attempts` fails it
+    /// with the last cause instead, and a requeue waits a backoff (1 s,
+    /// 2 s, 4 s … up to 30 s) before the job is placed again.
+    fn move_job(&mut self, id: &str, next: JobState, message: &str) -> bool {
+        let (next, message) = match (&next, self.store.job(id)) {
+            (JobState::Queued, Ok(Some(job))) if job.attempts > 0 => {
+                let max = JobSpec::from_toml(&job.spec_toml).map_or(1, |s| s.placement.max_attempts);
+                if job.attempts >= max {
+                    let reason =
+                        format!("gave up after {} attempts (placement.max_attempts); last: {message}", job.attempts);
+                    (JobState::Failed { reason: reason.clone() }, reason)
+                } else {
+                    let wait = Duration::from_secs(1 << (job.attempts - 1).min(5)).min(MAX_BACKOFF);
+                    self.backoff.insert(id.to_string(), Instant::now() + wait);
+                    (next, format!("{message}; attempt {} of {max} after {}s", job.attempts + 1, wait.as_secs()))
+                }
+            }
+            _ => (next, message.to_string()),
+        };
+        let message = message.as_str();
+        if next.is_terminal() {
+            self.backoff.remove(id);
+        }
         match self.store.transition(id, &next, message) {
             Ok(true) => {
                 info!(job_id = %id, state = next.name(), message, "job state");
                 self.publish(id);
+                true
             }
-            Ok(false) => {}
-            Err(e) => warn!(job_id = %id, error = %e, "transition refused"),
+            Ok(false) => true,
+            Err(e) => {
+                warn!(job_id = %id, error = %e, "transition refused");
+                false
+            }
         }
     }
 
     fn submit(&mut self, spec_toml: &str, request_id: Option<&str>, owner: &str) -> Result<(JobRow, bool)> {
+        if spec_toml.len() > MAX_SPEC_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "spec_toml: {} bytes, more than the {MAX_SPEC_BYTES} a job file may have",
+                spec_toml.len()
+            )));
+        }
         let spec = JobSpec::from_toml(spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        spec.check_paths(&self.cfg.allow_read).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let id = JobId::new().to_string();
         let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
         let (row, created) = self.store.insert_job(
@@ -205,7 +250,7 @@ impl Scheduler {
                 return Err(Error::FailedPrecondition(format!("job {id} already {}", job.state.name())));
             }
             JobState::Queued => {
-                self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, "cancelled while queued")
+                self.move_job(id, JobState::Cancelled { reason: "cancelled by user".into() }, "cancelled while queued");
             }
             JobState::Running { worker } => {
                 let worker = worker.clone();
@@ -226,8 +271,20 @@ impl Scheduler {
         tx.try_send(Ok(CoordinatorMessage { msg: Some(msg) })).is_ok()
     }
 
-    fn connected(&mut self, reg: Register, tx: WorkerTx, conn: u64) {
+    /// A worker session opened. A session claiming the id of a connected
+    /// worker must present that worker's session key (its own reconnect);
+    /// anything else is another process stealing its identity.
+    fn connected(&mut self, reg: Register, tx: WorkerTx, conn: u64) -> std::result::Result<(), String> {
         let id = reg.worker_id.clone();
+        if reg.session_key.len() < 16 {
+            return Err("register.session_key: at least 16 characters".into());
+        }
+        if let Some(old) = self.workers.get(&id) {
+            if old.session_key != reg.session_key {
+                warn!(worker = %id, name = %reg.name, "refused a session claiming a connected worker's id");
+                return Err(format!("worker id {id} belongs to another connected worker"));
+            }
+        }
         if let Err(e) = self.store.upsert_worker(&id, &reg.name, &reg.device, reg.memory_bytes) {
             warn!(worker = %id, error = %e, "cannot record worker");
         }
@@ -242,9 +299,11 @@ impl Scheduler {
             conn,
             running: BTreeSet::new(),
             hosting: BTreeSet::new(),
+            session_key: reg.session_key,
         };
         self.workers.insert(id.clone(), slot);
         self.reconcile(&id, &reg.jobs.unwrap_or_default());
+        Ok(())
     }
 
     /// Makes the store and a worker agree on what it runs: jobs it no longer
@@ -252,11 +311,19 @@ impl Scheduler {
     fn reconcile(&mut self, worker: &str, jobs: &WorkerJobs) {
         let (reported, hosted, ranks) = (&jobs.running, &jobs.roles, &jobs.ranks);
         // Data-parallel ranks here: learn those of running jobs back (after a restart).
+        // A rank counts only for a running job whose spec has that world: a
+        // peer's claim of a huge world must not size anything.
         for r in ranks {
-            let live = matches!(self.store.job(&r.job_id), Ok(Some(JobRow { state: JobState::Running { .. }, .. })));
-            if live {
-                self.groups.learn(&r.job_id, worker, r.rank as usize, r.world as usize);
+            let Ok(Some(job)) = self.store.job(&r.job_id) else { continue };
+            let world = JobSpec::from_toml(&job.spec_toml).map_or(0, |s| s.placement.data_parallel);
+            if !matches!(job.state, JobState::Running { .. }) {
+                continue;
             }
+            if r.world as usize != world || r.rank >= r.world {
+                warn!(job_id = %r.job_id, worker = %worker, rank = r.rank, world = r.world, spec_world = world, "ignoring a rank report that does not fit the job");
+                continue;
+            }
+            self.groups.learn(&r.job_id, worker, r.rank as usize, world);
         }
         // Roles hosted here: keep those of running jobs, release the rest.
         let mut hosting = BTreeSet::new();
@@ -359,8 +426,25 @@ impl Scheduler {
         match msg {
             worker_message::Msg::Register(_) => {}
             worker_message::Msg::Heartbeat(hb) => self.reconcile(worker, &hb.jobs.unwrap_or_default()),
-            worker_message::Msg::RoleCall(call) => self.relay_call(worker, call),
+            worker_message::Msg::RoleCall(call) => {
+                // Only the job's trainer calls its roles.
+                if !self.runs(worker, &call.job_id) {
+                    warn!(job_id = %call.job_id, worker = %worker, "refused a role call from a worker that is not the job's trainer");
+                    return;
+                }
+                self.relay_call(worker, call)
+            }
             worker_message::Msg::RoleReply(reply) => {
+                // Only the worker hosting that role of the job answers for it.
+                let host = if reply.role == Role::Rollout as i32 {
+                    self.rollout_worker(&reply.job_id, reply.target)
+                } else {
+                    self.roles.get(&reply.job_id).cloned()
+                };
+                if host.as_deref() != Some(worker) {
+                    warn!(job_id = %reply.job_id, worker = %worker, "refused a role reply from a worker that does not host the role");
+                    return;
+                }
                 let bytes = reply.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(reply.job_id.clone()).or_default() += bytes;
                 if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) =
@@ -381,6 +465,13 @@ impl Scheduler {
             }
             worker_message::Msg::Progress(p) => {
                 let Some(progress) = p.progress else { return };
+                // Only the job's trainer (or its rank 0) of the current attempt reports progress.
+                let current = self.store.job(&p.job_id).ok().flatten().map(|j| j.attempts);
+                let stale = p.attempt != 0 && current.is_some_and(|a| a != p.attempt);
+                if !self.runs(worker, &p.job_id) || stale {
+                    warn!(job_id = %p.job_id, worker = %worker, attempt = p.attempt, "refused progress from a worker that does not run the job's current attempt");
+                    return;
+                }
                 let json = serde_json::json!({ "stage": progress.stage, "step": progress.step, "total": progress.total, "metrics_json": progress.metrics_json }).to_string();
                 let metrics = (!progress.metrics_json.is_empty()).then_some(progress.metrics_json.as_str());
                 if let Err(e) = self.store.set_progress(&p.job_id, &json, metrics) {
@@ -447,6 +538,17 @@ impl Scheduler {
                 if rollout { format!("rollout worker {target} is gone") } else { "the roles' worker is gone".into() };
             let reply = RoleReply { job_id, call_id, error, tensors: Vec::new(), role, target, lost: rollout };
             self.send_to(trainer, coordinator_message::Msg::RoleReply(reply));
+        }
+    }
+
+    /// Whether `worker` runs `job` now: as its trainer, or as rank 0 of a
+    /// data-parallel job.
+    fn runs(&self, worker: &str, job: &str) -> bool {
+        match self.store.job(job) {
+            Ok(Some(JobRow { state: JobState::Running { worker: w }, .. })) => {
+                w == worker || self.groups.rank_of(job, worker) == Some(0)
+            }
+            _ => false,
         }
     }
 
@@ -583,7 +685,12 @@ impl Scheduler {
             return;
         }
         let queued: Vec<JobRow> = self.store.jobs_in("queued").unwrap_or_default();
+        let now = Instant::now();
+        self.backoff.retain(|_, until| *until > now);
         for job in queued {
+            if self.backoff.contains_key(&job.id) {
+                continue;
+            }
             let Ok(spec) = JobSpec::from_toml(&job.spec_toml) else { continue };
             if spec.placement.data_parallel > 1 {
                 self.dispatch_ranks(&job, &spec);
@@ -637,21 +744,28 @@ impl Scheduler {
                 attempt: job.attempts + 1,
                 rollout_workers: rollout.len() as u32,
             });
+            let name = |id: &str| self.workers.get(id).map(|s| s.name.clone()).unwrap_or_default();
+            let mut how = format!("assigned to worker {} ({trainer})", name(&trainer));
+            if let Some(h) = &host {
+                how += &format!("; reward and critic on worker {} ({h})", name(h));
+            }
+            if !rollout.is_empty() {
+                let names: Vec<String> = rollout.iter().map(|w| format!("{} ({w})", name(w))).collect();
+                how += &format!("; rollout on workers {}", names.join(", "));
+            }
+            // Running is committed before the worker hears of it: a crash in
+            // between leaves a running job that reconcile requeues, never a
+            // worker running a job the store calls queued.
+            if !self.move_job(&job.id, JobState::Running { worker: trainer.clone() }, &how) {
+                self.release_roles(&job.id);
+                continue;
+            }
             if self.send_to(&trainer, msg) {
                 if let Some(slot) = self.workers.get_mut(&trainer) {
                     slot.running.insert(job.id.clone());
                 }
-                let name = |id: &str| self.workers.get(id).map(|s| s.name.clone()).unwrap_or_default();
-                let mut how = format!("assigned to worker {} ({trainer})", name(&trainer));
-                if let Some(h) = &host {
-                    how += &format!("; reward and critic on worker {} ({h})", name(h));
-                }
-                if !rollout.is_empty() {
-                    let names: Vec<String> = rollout.iter().map(|w| format!("{} ({w})", name(w))).collect();
-                    how += &format!("; rollout on workers {}", names.join(", "));
-                }
-                self.move_job(&job.id, JobState::Running { worker: trainer.clone() }, &how);
             } else {
+                self.move_job(&job.id, JobState::Queued, &format!("worker {trainer} could not be reached; requeued"));
                 self.release_roles(&job.id);
             }
         }
@@ -751,6 +865,16 @@ impl Scheduler {
         }
         idle.truncate(n);
         let out = self.cfg.data_dir.join("jobs").join(&job.id).display().to_string();
+        let ranks: Vec<String> = idle
+            .iter()
+            .enumerate()
+            .map(|(r, id)| format!("rank {r} on worker {} ({id})", self.workers[id].name))
+            .collect();
+        // Running is committed before any rank hears of it.
+        let how = format!("data parallel: {}", ranks.join(", "));
+        if !self.move_job(&job.id, JobState::Running { worker: idle[0].clone() }, &how) {
+            return;
+        }
         for (rank, w) in idle.iter().enumerate() {
             let msg = coordinator_message::Msg::Assign(AssignTask {
                 job_id: job.id.clone(),
@@ -766,6 +890,11 @@ impl Scheduler {
                 for sent in &idle[..rank] {
                     self.send_to(sent, coordinator_message::Msg::Cancel(CancelTask { job_id: job.id.clone() }));
                 }
+                self.move_job(
+                    &job.id,
+                    JobState::Queued,
+                    &format!("rank {rank}'s worker {w} could not be reached; requeued"),
+                );
                 return;
             }
             if let Some(slot) = self.workers.get_mut(w) {
@@ -773,16 +902,6 @@ impl Scheduler {
             }
         }
         self.groups.create(&job.id, &idle);
-        let ranks: Vec<String> = idle
-            .iter()
-            .enumerate()
-            .map(|(r, id)| format!("rank {r} on worker {} ({id})", self.workers[id].name))
-            .collect();
-        self.move_job(
-            &job.id,
-            JobState::Running { worker: idle[0].clone() },
-            &format!("data parallel: {}", ranks.join(", ")),
-        );
     }
 
     fn worker_infos(&self) -> Vec<WorkerInfo> {

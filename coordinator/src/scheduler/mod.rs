@@ -52,6 +52,8 @@ pub(crate) enum Command {
         reg: Register,
         tx: WorkerTx,
         conn: u64,
+        /// Err: the session is refused, with why.
+        accepted: oneshot::Sender<std::result::Result<(), String>>,
     },
     Message {
         worker: String,
@@ -70,6 +72,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A worker with no heartbeat for this long is lost.
     pub lease: Duration,
+    /// Roots that job files may read from (empty: anywhere).
+    pub allow_read: Vec<PathBuf>,
 }
 
 /// The way into the scheduler actor.
@@ -138,6 +142,11 @@ impl Handle {
         self.updates.subscribe()
     }
 
+    /// Resolves when the scheduler actor has stopped (it panicked).
+    pub async fn stopped(&self) {
+        self.tx.closed().await
+    }
+
     pub(crate) async fn send(&self, cmd: Command) {
         let _ = self.tx.send(cmd).await;
     }
@@ -180,10 +189,18 @@ mod tests {
     async fn a_late_result_of_an_earlier_attempt_does_not_end_the_current_one() {
         let tmp = tempfile::tempdir().unwrap();
         let lease = Duration::from_millis(200);
-        let h = Handle::spawn(Config { data_dir: tmp.path().to_path_buf(), lease }).unwrap();
+        let h = Handle::spawn(Config { data_dir: tmp.path().to_path_buf(), lease, allow_read: Vec::new() }).unwrap();
         let (tx, mut rx) = mpsc::channel(64);
-        let reg = Register { worker_id: "w1".into(), name: "cpu-0".into(), device: "cpu".into(), ..Default::default() };
-        h.send(Command::Connected { reg, tx, conn: 1 }).await;
+        let reg = Register {
+            worker_id: "w1".into(),
+            name: "cpu-0".into(),
+            device: "cpu".into(),
+            session_key: "0123456789abcdef".into(),
+            ..Default::default()
+        };
+        let (accepted, verdict) = oneshot::channel();
+        h.send(Command::Connected { reg, tx, conn: 1, accepted }).await;
+        verdict.await.unwrap().unwrap();
         let (job, _) = h.submit(SPEC.into(), None, "admin".into()).await.unwrap();
         assert_eq!(assigned(&mut rx).await, (job.id.clone(), 1));
         let beat = |jobs: Vec<String>| Command::Message {
@@ -201,9 +218,14 @@ mod tests {
         }
         // (The first beat requeues it; the slot counts the stale assignment
         // until the next beat frees the worker for the new one.)
-        h.send(beat(Vec::new())).await;
-        h.send(beat(Vec::new())).await;
-        assert_eq!(assigned(&mut rx).await, (job.id.clone(), 2));
+        // Heartbeats go on through the requeue's backoff.
+        let again = loop {
+            h.send(beat(Vec::new())).await;
+            if let Ok(a) = tokio::time::timeout(Duration::from_millis(50), assigned(&mut rx)).await {
+                break a;
+            }
+        };
+        assert_eq!(again, (job.id.clone(), 2));
         let result = |attempt: u32, ok: bool| Command::Message {
             worker: "w1".into(),
             conn: 1,

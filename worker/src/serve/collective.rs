@@ -17,6 +17,10 @@ use super::Running;
 use crate::error::{Error, Result};
 use crate::parallel::{nccl, Collective};
 
+/// Values per coordinator-relayed sum round: 8 Mi f32 = 32 MiB, half the
+/// coordinator's message bound.
+pub const SUM_CHUNK: usize = 8 << 20;
+
 pub(super) struct Relay {
     job_id: String,
     rank: usize,
@@ -87,10 +91,22 @@ impl Collective for Relay {
     fn world(&self) -> usize {
         self.world
     }
+    /// In rounds of at most [`SUM_CHUNK`] values, so that no message nears
+    /// the coordinator's size bound (a full fine-tune's gradients are GBs).
     fn sum_f32(&mut self, v: Vec<f32>) -> Result<Vec<f32>> {
-        let t = TensorData { name: "sum".into(), shape: vec![v.len() as i64], f32: v, i64: Vec::new() };
-        let mut r = self.exchange(CollectiveOp::Sum, vec![t], Vec::new())?;
-        r.tensors.pop().map(|t| t.f32).ok_or_else(|| Error::Collective("the sum came back empty".into()))
+        let mut out = Vec::with_capacity(v.len());
+        for chunk in v.chunks(SUM_CHUNK).map(<[f32]>::to_vec).chain(v.is_empty().then(Vec::new)) {
+            let n = chunk.len();
+            let t = TensorData { name: "sum".into(), shape: vec![n as i64], f32: chunk, i64: Vec::new() };
+            let mut r = self.exchange(CollectiveOp::Sum, vec![t], Vec::new())?;
+            let part =
+                r.tensors.pop().map(|t| t.f32).ok_or_else(|| Error::Collective("the sum came back empty".into()))?;
+            if part.len() != n {
+                return Err(Error::Collective(format!("a sum chunk came back with {} of {n} values", part.len())));
+            }
+            out.extend(part);
+        }
+        Ok(out)
     }
     fn gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let r = self.exchange(CollectiveOp::Gather, Vec::new(), bytes)?;

@@ -128,6 +128,8 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
 
 async fn session_loop(opts: Options) -> anyhow::Result<()> {
     let worker_id = rlhf_common::WorkerId::new().to_string();
+    // Proves on every reconnect that this is the process that holds `worker_id`.
+    let session_key = rlhf_common::ids::random_hex(32)?;
     let running: Running = Arc::default();
     // Job threads report here; messages wait while the coordinator is away.
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<WorkerMessage>();
@@ -146,8 +148,8 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
         let mut client = match channel {
             // Data-parallel parts carry whole adapter gradients (see the coordinator's MAX_MESSAGE).
             Ok(ch) => WorkerServiceClient::with_interceptor(ch, bearer)
-                .max_decoding_message_size(1 << 30)
-                .max_encoding_message_size(1 << 30),
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
             Err(e) => {
                 warn!(coordinator = %opts.coordinator, error = %e, "cannot reach coordinator; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -161,6 +163,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             device: opts.device_name.clone(),
             memory_bytes: memory_bytes(),
             jobs: Some(worker_jobs(&running)),
+            session_key: session_key.clone(),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
         let unanswered: Vec<WorkerMessage> =
@@ -311,6 +314,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
                 msg: Some(worker_message::Msg::Progress(TaskProgress {
                     job_id: progress_id.clone(),
                     progress: Some(p),
+                    attempt,
                 })),
             });
         };
