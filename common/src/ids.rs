@@ -49,6 +49,13 @@ uuid_id!(
     WorkerId
 );
 
+/// `n` random bytes from the kernel, as hex (tokens, session keys).
+pub fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,11 +68,4 @@ mod tests {
         assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
         assert!("not-a-uuid".parse::<WorkerId>().is_err());
     }
-}
-
-/// `n` random bytes from the kernel, as hex (tokens, session keys).
-pub fn random_hex(n: usize) -> std::io::Result<String> {
-    let mut buf = vec![0u8; n];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
