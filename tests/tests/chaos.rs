@@ -105,3 +105,150 @@ async fn two_hundred_concurrent_clients_with_and_without_a_token() {
         assert!(secs < 10.0);
     }
 }
+
+/// A raw worker session: Register first, then whatever the test sends.
+async fn session(
+    cl: &Cluster,
+    reg: Register,
+) -> Result<(tokio::sync::mpsc::Sender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>), tonic::Status> {
+    let token = std::fs::read_to_string(cl.data_dir().join("worker.token")).unwrap();
+    let mut w = worker_client(cl, Bearer::new(&token).unwrap()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(reg)) }).await.unwrap();
+    let inbound = w.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+fn register(id: &str, key: &str) -> Register {
+    Register { worker_id: id.into(), name: format!("{id}-name"), device: "cpu".into(), session_key: key.into(), ..Default::default() }
+}
+
+/// Submits a long SFT job and waits until it runs.
+async fn running_job(c: &mut rlhf_proto::auth::JobClient) -> Job {
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_job(c, &id, std::time::Duration::from_secs(60), |j| state_name(j.state) == "running").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_worker_messages_and_a_stolen_identity_are_refused() {
+    let cl = Cluster::start(1, 3000);
+    cl.wait_workers(1).await;
+    let mut c = cl.client().await;
+    let job = running_job(&mut c).await;
+    let owner = job.worker_id.clone();
+
+    // Another process claiming the running worker's id: refused.
+    let e = session(&cl, register(&owner, "a-different-secret-key")).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+
+    // A worker of its own (authenticated) forges the job's result and progress.
+    let (tx, _inbound) = session(&cl, register("forger", "forger-session-key-0123")).await.unwrap();
+    let forged_progress = TaskProgress {
+        job_id: job.job_id.clone(),
+        progress: Some(Progress { stage: "sft".into(), step: 999_999, total: 999_999, metrics_json: "{}".into() }),
+        attempt: job.attempts,
+    };
+    let forged_result =
+        TaskResult { job_id: job.job_id.clone(), ok: true, reason: String::new(), cancelled: false, attempt: job.attempts };
+    for msg in [worker_message::Msg::Progress(forged_progress), worker_message::Msg::Result(forged_result)] {
+        tx.send(WorkerMessage { msg: Some(msg) }).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let now = c.get_job(GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(state_name(now.state), "running", "{now:?}");
+    assert!(now.progress.as_ref().is_none_or(|p| p.step < 999_999), "{now:?}");
+    assert_eq!(now.worker_id, owner);
+    c.cancel_job(CancelJobRequest { job_id: job.job_id }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_world_and_an_oversized_message_leave_the_coordinator_up() {
+    let cl = Cluster::start(1, 3000);
+    cl.wait_workers(1).await;
+    let mut c = cl.client().await;
+    let job = running_job(&mut c).await;
+    // Claims rank 0 of a world of 4 billion for the running job (today's
+    // coordinator would allocate ~100 GB for it).
+    let mut reg = register("claimer", "claimer-session-key-0123");
+    reg.jobs = Some(WorkerJobs {
+        ranks: vec![RankJob { job_id: job.job_id.clone(), rank: 0, world: u32::MAX }],
+        ..Default::default()
+    });
+    let (tx, _inbound) = session(&cl, reg).await.unwrap();
+    // And a 65 MiB collective part.
+    let big = Collective { job_id: job.job_id.clone(), payload: vec![7u8; 65 << 20], ..Default::default() };
+    let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Collective(big)) }).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let now = c.get_job(GetJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(state_name(now.state), "running", "{now:?}");
+    // A 2 MiB job file is refused with its size.
+    let big_spec = format!("{}\n# {}\n", sft_job(5, 0), "x".repeat(2 << 20));
+    let e = c.submit_job(SubmitJobRequest { spec_toml: big_spec, request_id: String::new() }).await.unwrap_err();
+    assert!(matches!(e.code(), Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted), "{e}");
+    c.cancel_job(CancelJobRequest { job_id: job.job_id }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_escape_and_relative_paths_are_refused_with_the_field() {
+    let cl = Cluster::start(0, 3000);
+    let mut c = cl.client().await;
+    let cases = [
+        (sft_job(5, 0).replace("name = \"sft-e2e\"", "name = \"../../other-job\""), "name:"),
+        (sft_job(5, 0).replace(&fixtures().join("tiny-llama").display().to_string(), "tiny-llama"), "model.path:"),
+    ];
+    for (spec, field) in cases {
+        let e = c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().starts_with(field), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_losing_its_worker_fails_after_max_attempts() {
+    let mut cl = Cluster::start(3, 1500);
+    cl.wait_workers(3).await;
+    let mut c = cl.client().await;
+    let spec = format!("{}\n[placement]\nmax_attempts = 2\n", sft_job(100_000, 0));
+    let id = c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let mut killed = 0;
+    let job = loop {
+        let j = wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| {
+            is_terminal(j) || (state_name(j.state) == "running" && j.attempts > killed)
+        })
+        .await;
+        if is_terminal(&j) {
+            break j;
+        }
+        // The job "crashes" its worker: kill -9 that worker.
+        let workers = c.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        let name = workers.iter().find(|w| w.worker_id == j.worker_id).unwrap().name.clone();
+        let k: usize = name.trim_start_matches("cpu-").parse().unwrap();
+        cl.workers[k].kill().unwrap();
+        cl.workers[k].wait().unwrap();
+        killed += 1;
+        assert!(killed <= 2, "a third attempt started: {j:?}");
+    };
+    assert_eq!(state_name(job.state), "failed", "{job:?}");
+    assert!(job.reason.contains("gave up after 2 attempts"), "{}", job.reason);
+    assert_eq!(killed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_on_the_same_data_dir_exits() {
+    let cl = Cluster::start(0, 3000);
+    let _ = cl.client().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = std::process::Command::new(bin("rlhf-coordinator"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(cl.data_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("in use by another coordinator"), "{err}");
+}
