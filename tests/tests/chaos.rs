@@ -120,7 +120,13 @@ async fn session(
 }
 
 fn register(id: &str, key: &str) -> Register {
-    Register { worker_id: id.into(), name: format!("{id}-name"), device: "cpu".into(), session_key: key.into(), ..Default::default() }
+    Register {
+        worker_id: id.into(),
+        name: format!("{id}-name"),
+        device: "cpu".into(),
+        session_key: key.into(),
+        ..Default::default()
+    }
 }
 
 /// Submits a long SFT job and waits until it runs.
@@ -153,8 +159,13 @@ async fn forged_worker_messages_and_a_stolen_identity_are_refused() {
         progress: Some(Progress { stage: "sft".into(), step: 999_999, total: 999_999, metrics_json: "{}".into() }),
         attempt: job.attempts,
     };
-    let forged_result =
-        TaskResult { job_id: job.job_id.clone(), ok: true, reason: String::new(), cancelled: false, attempt: job.attempts };
+    let forged_result = TaskResult {
+        job_id: job.job_id.clone(),
+        ok: true,
+        reason: String::new(),
+        cancelled: false,
+        attempt: job.attempts,
+    };
     for msg in [worker_message::Msg::Progress(forged_progress), worker_message::Msg::Result(forged_result)] {
         tx.send(WorkerMessage { msg: Some(msg) }).await.unwrap();
     }
@@ -214,7 +225,12 @@ async fn a_job_that_keeps_losing_its_worker_fails_after_max_attempts() {
     cl.wait_workers(3).await;
     let mut c = cl.client().await;
     let spec = format!("{}\n[placement]\nmax_attempts = 2\n", sft_job(100_000, 0));
-    let id = c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let mut killed = 0;
     let job = loop {
         let j = wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| {

@@ -242,3 +242,24 @@ fn bad_inputs_name_the_cause() {
     let err = rlhf_common::JobSpec::load(&f).unwrap_err().to_string();
     assert!(err.contains("unknown field `learning_rate`"), "{err}");
 }
+
+#[test]
+fn a_torn_checkpoint_falls_back_to_the_one_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    run_job(&job(&sft_toml("f32", 30, 6, 0)), &whole, Device::Cpu).unwrap();
+    let part = tmp.path().join("part");
+    run_job(&job(&sft_toml("f32", 30, 6, 10)), &part, Device::Cpu).unwrap();
+    // The process died while the step-20 checkpoint's adapter was being
+    // written out: its file is torn (the rename had happened, the data had not
+    // reached the disk).
+    std::fs::remove_dir_all(part.join("adapter")).unwrap();
+    std::fs::remove_file(part.join("metrics.jsonl")).unwrap();
+    let torn = part.join("checkpoints/step-20/policy/adapter_model.safetensors");
+    let bytes = std::fs::read(&torn).unwrap();
+    std::fs::write(&torn, &bytes[..bytes.len() / 2]).unwrap();
+    run_job(&job(&sft_toml("f32", 30, 6, 10)), &part, Device::Cpu).unwrap();
+    let steps: Vec<f64> = series(&metrics(&part), "step");
+    assert_eq!(steps.first().copied(), Some(11.0), "resumed at step 10, the last good checkpoint");
+    assert_same_tensors(&whole, &part, "adapter/adapter_model.safetensors");
+}
