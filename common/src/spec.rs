@@ -619,7 +619,11 @@ impl JobSpec {
     /// Parses and validates a job file's text.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
         let spec: JobSpec = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
+            // Some TOML syntax errors carry no message of their own.
+            let msg = match e.message().trim() {
+                "" => "invalid TOML here".to_string(),
+                m => m.to_string(),
+            };
             let field = e.span().map(|s| locate(text, s.start)).unwrap_or_else(|| "job".into());
             SpecError { field, msg }
         })?;

@@ -5,6 +5,8 @@
 //! reconciles what workers say they run with what the store says.
 
 mod actor;
+#[cfg(test)]
+mod fuzz;
 mod groups;
 
 use std::path::PathBuf;

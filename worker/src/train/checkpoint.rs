@@ -86,7 +86,7 @@ fn list(out: &Path) -> Vec<(usize, PathBuf)> {
 /// written before manifests existed counts when it has its state.json).
 pub fn latest(out: &Path) -> Option<(usize, PathBuf)> {
     let mut all = list(out);
-    all.sort_by(|a, b| b.0.cmp(&a.0));
+    all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     all.into_iter().find(|(step, p)| match verify(p) {
         Ok(()) => true,
         Err(e) => {
