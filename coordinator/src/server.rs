@@ -28,6 +28,8 @@ pub struct Options {
     pub client_tokens: Option<PathBuf>,
     /// Roots job files may read models and data from (empty: anywhere).
     pub allow_read: Vec<PathBuf>,
+    /// TLS: the server's certificate chain and key (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
@@ -38,6 +40,12 @@ pub async fn serve(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    if opts.tls.is_none() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {addr}: beyond loopback the coordinator serves only TLS; give --tls-cert and --tls-key \
+             (or listen on 127.0.0.1)"
+        );
+    }
     let _lock = lock_data_dir(&opts.data_dir)?;
     let tokens = Arc::new(Tokens::load(&opts.data_dir, opts.client_tokens.as_deref())?);
     let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease, allow_read: opts.allow_read })?;
@@ -73,7 +81,14 @@ pub async fn serve(
         }
     };
     // Health stays open (probes send no headers); everything else needs a token.
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("TLS {}: {e}", p.display()));
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        tracing::info!(cert = %cert.display(), "serving TLS");
+    }
+    builder
         .concurrency_limit_per_connection(256)
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, auth::clients(tokens.clone())))

@@ -8,6 +8,7 @@ mod generated {
 pub use generated::*;
 
 pub mod auth;
+pub mod connect;
 
 /// Encoded `FileDescriptorSet` for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("rlhf_descriptor");

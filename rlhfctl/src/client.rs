@@ -59,8 +59,11 @@ impl Client {
     /// A URL without a scheme (`10.0.0.5:50051`, as grpcurl takes it) means `http://`.
     pub async fn connect(url: &str) -> Result<Self> {
         let url = &normalize_url(url);
-        let ep = Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)"))?
+        let ca = crate::local::tls_ca();
+        Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("invalid coordinator URL {url:?} (expected e.g. http://127.0.0.1:50051)"))?;
+        let ep = rlhf_proto::connect::endpoint(url, ca.as_deref())
+            .map_err(|e| anyhow!(e))?
             .connect_timeout(Duration::from_secs(5));
         let channel = ep.connect().await.map_err(|e| {
             anyhow!(

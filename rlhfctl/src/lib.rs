@@ -45,6 +45,9 @@ pub struct Cli {
     /// <data-dir>/admin.token).
     #[arg(long, global = true, env = "RLHF_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) an https:// coordinator's certificate chains to.
+    #[arg(long, global = true, env = "RLHF_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -161,6 +164,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let url = cli.coordinator;
     if let Some(t) = cli.token.filter(|t| !t.is_empty()) {
         let _ = local::TOKEN.set(t);
+    }
+    if let Some(ca) = cli.tls_ca {
+        let _ = local::TLS_CA.set(ca);
     }
     match cli.command {
         Cmd::Up { cpu_workers, data_dir, listen, timeout } => {

@@ -18,6 +18,15 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from("rlhfd-data")
 }
 
+/// The CA given with `--tls-ca` (set once by `run`).
+pub static TLS_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The CA that an `https://` coordinator's certificate must chain to:
+/// `--tls-ca` or `RLHF_TLS_CA`.
+pub fn tls_ca() -> Option<PathBuf> {
+    TLS_CA.get().cloned().or_else(|| std::env::var_os("RLHF_TLS_CA").filter(|v| !v.is_empty()).map(PathBuf::from))
+}
+
 /// The token given with `--token` (set once by `run`).
 pub static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 

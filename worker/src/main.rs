@@ -119,6 +119,9 @@ enum Command {
         /// <data-dir>/worker.token), read at every connect.
         #[arg(long, env = "RLHF_WORKER_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// CA certificate (PEM) an https:// coordinator's certificate chains to.
+        #[arg(long, env = "RLHF_TLS_CA")]
+        tls_ca: Option<PathBuf>,
     },
     /// Make a small LLaMA model directory with a tokenizer trained on a corpus.
     InitModel {
@@ -235,7 +238,7 @@ fn run(cli: Cli) -> Result<()> {
                 .collect();
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
         }
-        Command::Serve { coordinator, device, name, heartbeat_ms, token_file } => {
+        Command::Serve { coordinator, device, name, heartbeat_ms, token_file, tls_ca } => {
             let dev = offline::parse_device(&device)?;
             let name = name.unwrap_or_else(|| format!("{}-{}", device.replace(':', ""), std::process::id()));
             rlhf_worker::serve::serve(rlhf_worker::serve::Options {
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
                 name,
                 heartbeat: std::time::Duration::from_millis(heartbeat_ms.max(50)),
                 token_file,
+                tls_ca,
             })?;
         }
         Command::InitModel { preset, corpus, out, seed } => {

@@ -26,6 +26,12 @@ struct Cli {
     /// token is <data-dir>/admin.token, made on first start).
     #[arg(long, env = "RLHF_CLIENT_TOKENS")]
     client_tokens: Option<PathBuf>,
+    /// TLS certificate chain (PEM); needed to listen beyond loopback.
+    #[arg(long, env = "RLHF_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "RLHF_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// A directory job files may read models and data from (repeat for
     /// more; default: anywhere the workers can read).
     #[arg(long = "allow-read", value_name = "DIR")]
@@ -75,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         };
         let client_tokens = cli.client_tokens.or(file.client_tokens);
         let allow_read = if cli.allow_read.is_empty() { file.allow_read } else { cli.allow_read };
-        serve(listen, Options { data_dir, lease, client_tokens, allow_read }, None, shutdown).await
+        let tls = cli.tls_cert.zip(cli.tls_key);
+        serve(listen, Options { data_dir, lease, client_tokens, allow_read, tls }, None, shutdown).await
     })
 }

@@ -31,6 +31,8 @@ pub struct Options {
     pub heartbeat: Duration,
     /// Where the worker token is (else `RLHF_WORKER_TOKEN`).
     pub token_file: Option<PathBuf>,
+    /// The CA an `https://` coordinator's certificate chains to.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// The worker token, read afresh at every connect (the coordinator makes
@@ -144,7 +146,7 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let channel = tonic::transport::Endpoint::from_shared(opts.coordinator.clone())?.connect().await;
+        let channel = rlhf_proto::connect::connect(&opts.coordinator, opts.tls_ca.as_deref()).await;
         let mut client = match channel {
             // Data-parallel parts carry whole adapter gradients (see the coordinator's MAX_MESSAGE).
             Ok(ch) => WorkerServiceClient::with_interceptor(ch, bearer)
