@@ -268,3 +268,39 @@ async fn a_second_coordinator_on_the_same_data_dir_exits() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("in use by another coordinator"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ppo_job_survives_its_trainer_and_the_coordinator_killed_with_remote_roles() {
+    let mut cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let f = fixtures();
+    let p = |s: &str| f.join(s).display().to_string();
+    let spec = format!(
+        "version = 1\nkind = \"ppo\"\nseed = 4\n[model]\npath = \"{}\"\nmax_length = 128\n[peft]\nmethod = \"lora\"\nr = 4\n\
+         [data]\ntask = \"eprstmt\"\ntrain = \"{}\"\n[ppo]\niterations = 150\nrollout_batch = 8\nminibatch = 4\n\
+         max_new_tokens = 3\nreward = {{ kind = \"label\" }}\n[checkpoint]\nevery = 10\n\
+         [placement]\ntrainer = \"cpu-0\"\nreward = \"cpu-1\"\ncritic = \"cpu-1\"\n",
+        p("tiny-llama"),
+        p("fewclue/eprstmt/train.json")
+    );
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 15))
+        .await;
+    // kill -9 the trainer, then within the lease the coordinator, and restart both.
+    cl.workers[0].kill().unwrap();
+    cl.workers[0].wait().unwrap();
+    cl.kill_coordinator();
+    cl.start_coordinator();
+    cl.add_worker("cpu-0");
+    let mut c = cl.client().await;
+    let job = wait_job(&mut c, &id, std::time::Duration::from_secs(120), is_terminal).await;
+    assert_eq!(state_name(job.state), "succeeded", "{job:?}\n{}", cl.logs());
+    let m = read_metrics(std::path::Path::new(&job.output_dir));
+    assert_eq!(m.last().unwrap()["step"].as_u64(), Some(150));
+}

@@ -200,6 +200,11 @@ impl Scheduler {
             Ok(true) => {
                 info!(job_id = %id, state = next.name(), message, "job state");
                 self.publish(id);
+                // A job that stops running frees every worker that helped it
+                // (role hosts, rollout workers, other ranks), whatever stopped it.
+                if !matches!(next, JobState::Running { .. }) {
+                    self.release_roles(id);
+                }
                 true
             }
             Ok(false) => true,
@@ -831,7 +836,19 @@ impl Scheduler {
             .workers
             .values()
             .filter(|s| s.tx.is_some())
-            .map(|s| format!("{} ({})", s.name, if s.idle() { "idle" } else { "busy" }))
+            .map(|s| {
+                let busy: Vec<String> = s
+                    .running
+                    .iter()
+                    .map(|j| format!("runs {j}"))
+                    .chain(s.hosting.iter().map(|j| format!("hosts roles of {j}")))
+                    .collect();
+                if busy.is_empty() {
+                    format!("{} (idle)", s.name)
+                } else {
+                    format!("{} (busy: {})", s.name, busy.join(", "))
+                }
+            })
             .collect();
         let message = format!(
             "waiting for workers: {}; connected: {}",
