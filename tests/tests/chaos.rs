@@ -165,6 +165,7 @@ async fn forged_worker_messages_and_a_stolen_identity_are_refused() {
         reason: String::new(),
         cancelled: false,
         attempt: job.attempts,
+        retry: false,
     };
     for msg in [worker_message::Msg::Progress(forged_progress), worker_message::Msg::Result(forged_result)] {
         tx.send(WorkerMessage { msg: Some(msg) }).await.unwrap();
@@ -269,21 +270,53 @@ async fn a_second_coordinator_on_the_same_data_dir_exits() {
     assert!(err.contains("in use by another coordinator"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ppo_job_survives_its_trainer_and_the_coordinator_killed_with_remote_roles() {
-    let mut cl = Cluster::start(2, 3000);
-    cl.wait_workers(2).await;
-    let mut c = cl.client().await;
+/// 150 PPO iterations, reward and critic on cpu-1, checkpoints every 10.
+fn ppo_with_remote_roles() -> String {
     let f = fixtures();
     let p = |s: &str| f.join(s).display().to_string();
-    let spec = format!(
+    format!(
         "version = 1\nkind = \"ppo\"\nseed = 4\n[model]\npath = \"{}\"\nmax_length = 128\n[peft]\nmethod = \"lora\"\nr = 4\n\
          [data]\ntask = \"eprstmt\"\ntrain = \"{}\"\n[ppo]\niterations = 150\nrollout_batch = 8\nminibatch = 4\n\
          max_new_tokens = 3\nreward = {{ kind = \"label\" }}\n[checkpoint]\nevery = 10\n\
          [placement]\ntrainer = \"cpu-0\"\nreward = \"cpu-1\"\ncritic = \"cpu-1\"\n",
         p("tiny-llama"),
         p("fewclue/eprstmt/train.json")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ppo_job_whose_role_host_dies_is_requeued_and_finishes() {
+    let mut cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: ppo_with_remote_roles(), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 15))
+        .await;
+    cl.workers[1].kill().unwrap();
+    cl.workers[1].wait().unwrap();
+    cl.add_worker("cpu-1");
+    let job = wait_job(&mut c, &id, std::time::Duration::from_secs(120), is_terminal).await;
+    assert_eq!(state_name(job.state), "succeeded", "{job:?}\n{}", cl.logs());
+    assert!(job.attempts >= 2, "{job:?}");
+    let logs = c.get_job_logs(GetJobLogsRequest { job_id: id }).await.unwrap().into_inner();
+    assert!(
+        logs.events.iter().any(|e| e.state == JobState::Queued as i32 && e.message.contains("requeued")),
+        "{:?}",
+        logs.events
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ppo_job_survives_its_trainer_and_the_coordinator_killed_with_remote_roles() {
+    let mut cl = Cluster::start(2, 3000);
+    cl.wait_workers(2).await;
+    let mut c = cl.client().await;
+    let spec = ppo_with_remote_roles();
     let id = c
         .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
         .await

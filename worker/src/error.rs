@@ -32,6 +32,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether the failure is the cluster's rather than the job's, so that
+    /// running the job again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::RoleHost(_) | Error::RolloutLost { .. } | Error::Collective(_))
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -509,6 +509,13 @@ impl Scheduler {
                     JobState::Succeeded
                 } else if r.cancelled {
                     JobState::Cancelled { reason: r.reason.clone() }
+                } else if r.retry {
+                    // The cluster failed the job (a role host lost, a call
+                    // timed out): run it again, from its checkpoint.
+                    self.relayed.remove(&r.job_id);
+                    let why = format!("failed for a reason outside the job ({}); requeued", r.reason);
+                    self.move_job(&r.job_id, JobState::Queued, &why);
+                    return;
                 } else {
                     JobState::Failed { reason: r.reason.clone() }
                 };

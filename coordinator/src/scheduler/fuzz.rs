@@ -139,6 +139,7 @@ fn random_message(rng: &mut impl Rng, job: &str) -> WorkerMessage {
             reason: "r".into(),
             cancelled: r.gen(),
             attempt: r.gen_range(0..3),
+            retry: r.gen(),
         }),
         3 => worker_message::Msg::RoleCall(RoleCall {
             job_id: id,

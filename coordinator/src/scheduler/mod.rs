@@ -237,6 +237,7 @@ mod tests {
                 cancelled: !ok,
                 reason: "r".into(),
                 attempt,
+                retry: false,
             }),
         };
         h.send(result(1, false)).await;

@@ -67,6 +67,9 @@ struct State {
     ranks: HashMap<String, (RankJob, std::sync::mpsc::Sender<CollectiveResult>)>,
     /// Each rank's unanswered collective part, sent again after a reconnect.
     outstanding: HashMap<String, WorkerMessage>,
+    /// Each trainer's unanswered role calls, sent again after a reconnect
+    /// (a host answers a repeated call from its cache, never runs it twice).
+    calls: HashMap<(String, u64), WorkerMessage>,
 }
 
 impl State {
@@ -76,6 +79,7 @@ impl State {
         self.role_replies.remove(job_id);
         self.ranks.remove(job_id);
         self.outstanding.remove(job_id);
+        self.calls.retain(|(job, _), _| job != job_id);
     }
 }
 
@@ -168,8 +172,10 @@ async fn session_loop(opts: Options) -> anyhow::Result<()> {
             session_key: session_key.clone(),
         };
         let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await;
-        let unanswered: Vec<WorkerMessage> =
-            running.lock().map(|m| m.outstanding.values().cloned().collect()).unwrap_or_default();
+        let unanswered: Vec<WorkerMessage> = running
+            .lock()
+            .map(|m| m.outstanding.values().chain(m.calls.values()).cloned().collect())
+            .unwrap_or_default();
         for m in unanswered {
             let _ = tx.send(m).await;
         }
@@ -280,7 +286,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
         if let Ok(mut m) = running.lock() {
             m.role_replies.insert(a.job_id.clone(), tx);
         }
-        Some(roles::ChannelRoles::new(&a, events.clone(), rx, cancel.clone()))
+        Some(roles::ChannelRoles::new(&a, events.clone(), rx, cancel.clone(), running.clone()))
     } else {
         None
     };
@@ -343,6 +349,11 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
             Ok(_) => (true, String::new()),
             Err(e) => (false, format!("{e:#}")),
         };
+        let retry = result
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<crate::error::Error>())
+            .is_some_and(crate::error::Error::is_retryable);
         if let Ok(mut m) = running.lock() {
             m.forget(&job_id);
         }
@@ -354,6 +365,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
                 reason,
                 cancelled: cancelled && !ok,
                 attempt,
+                retry: retry && !cancelled,
             })),
         });
     });
@@ -369,6 +381,7 @@ fn start_job(a: AssignTask, device: Device, running: &Running, events: &mpsc::Un
                 reason: format!("cannot start job thread: {e}"),
                 cancelled: false,
                 attempt,
+                retry: true,
             })),
         });
     }

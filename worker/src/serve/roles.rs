@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rlhf_common::spec::{JobSpec, PpoSpec};
 use rlhf_proto::*;
@@ -96,11 +96,22 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
     }
 }
 
-/// Serves calls until the sender is dropped (the roles are released).
+/// Replies a host keeps for calls a trainer may send again.
+const REPLAYABLE: usize = 16;
+
+/// Serves calls until the sender is dropped (the roles are released). A
+/// call seen before (a trainer resends its unanswered calls after a
+/// reconnect) gets its first reply again; it never runs twice (a critic
+/// step twice would train twice).
 fn serve_calls<H: Host>(rx: Receiver<RoleCall>, device: Device, events: &UnboundedSender<WorkerMessage>) {
     let mut host: Option<H> = None;
+    let mut served: std::collections::VecDeque<RoleReply> = std::collections::VecDeque::new();
     let caught = |p: Box<dyn std::any::Any + Send>| format!("internal error: {}", super::panic_message(&p));
     for call in rx {
+        if let Some(r) = served.iter().find(|r| r.call_id == call.call_id) {
+            let _ = events.send(WorkerMessage { msg: Some(worker_message::Msg::RoleReply(r.clone())) });
+            continue;
+        }
         let result = if call.op == ops::WireOp::Init as i32 {
             std::panic::catch_unwind(|| H::build(&call.path, device)).unwrap_or_else(|p| Err(caught(p))).map(|h| {
                 host = Some(h);
@@ -126,6 +137,10 @@ fn serve_calls<H: Host>(rx: Receiver<RoleCall>, device: Device, events: &Unbound
             target: call.target,
             lost: false,
         };
+        served.push_back(reply.clone());
+        if served.len() > REPLAYABLE {
+            served.pop_front();
+        }
         let _ = events.send(WorkerMessage { msg: Some(worker_message::Msg::RoleReply(reply)) });
     }
 }
@@ -147,6 +162,18 @@ pub(super) struct ChannelRoles {
     early: HashMap<u64, RoleReply>,
     /// Rollout workers reported lost.
     lost: BTreeSet<u32>,
+    /// Where unanswered calls are kept for a resend after a reconnect.
+    running: Running,
+    /// Calls in flight → when they were sent.
+    sent_at: HashMap<u64, Instant>,
+}
+
+/// How long a trainer waits for one role call (`RLHF_ROLE_CALL_TIMEOUT_S`,
+/// default 900 s: a rollout share of a large batch on a slow device takes
+/// minutes). Past it the job fails as retryable and is requeued.
+fn call_deadline() -> Duration {
+    let secs = std::env::var("RLHF_ROLE_CALL_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(900u64);
+    Duration::from_secs(secs)
 }
 
 impl ChannelRoles {
@@ -155,6 +182,7 @@ impl ChannelRoles {
         events: UnboundedSender<WorkerMessage>,
         replies: Receiver<RoleReply>,
         cancel: Arc<AtomicBool>,
+        running: Running,
     ) -> Self {
         Self {
             job_id: a.job_id.clone(),
@@ -168,6 +196,16 @@ impl ChannelRoles {
             pending: HashMap::new(),
             early: HashMap::new(),
             lost: BTreeSet::new(),
+            running,
+            sent_at: HashMap::new(),
+        }
+    }
+
+    /// The call is answered (or abandoned): no resend, no deadline.
+    fn settled(&mut self, call: u64) {
+        self.sent_at.remove(&call);
+        if let Ok(mut st) = self.running.lock() {
+            st.calls.remove(&(self.job_id.clone(), call));
         }
     }
 
@@ -191,15 +229,31 @@ impl ChannelRoles {
             role: role as i32,
             target,
         };
-        self.events
-            .send(WorkerMessage { msg: Some(worker_message::Msg::RoleCall(call)) })
-            .map_err(|_| Error::RoleHost("worker is shutting down".into()))?;
+        let msg = WorkerMessage { msg: Some(worker_message::Msg::RoleCall(call)) };
+        if let Ok(mut st) = self.running.lock() {
+            st.calls.insert((self.job_id.clone(), self.next), msg.clone());
+        }
+        self.sent_at.insert(self.next, Instant::now());
+        self.events.send(msg).map_err(|_| Error::RoleHost("worker is shutting down".into()))?;
         Ok(self.next)
     }
 
     /// Waits for the reply to `call`.
     fn wait(&mut self, call: u64) -> Result<Vec<(String, Tensor)>> {
+        let r = self.wait_inner(call);
+        self.settled(call);
+        r
+    }
+
+    fn wait_inner(&mut self, call: u64) -> Result<Vec<(String, Tensor)>> {
+        let deadline = call_deadline();
         loop {
+            if self.sent_at.get(&call).is_some_and(|t| t.elapsed() > deadline) {
+                return Err(Error::RoleHost(format!(
+                    "no reply to role call {call} within {}s (RLHF_ROLE_CALL_TIMEOUT_S)",
+                    deadline.as_secs()
+                )));
+            }
             if let Some(&target) = self.pending.get(&call) {
                 if self.lost.contains(&target) {
                     self.pending.remove(&call);
