@@ -541,6 +541,10 @@ pub struct PlacementSpec {
     /// lost mid-run, or one that dies of the job, costs one).
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Fail the job if it has not finished this many seconds after it was
+    /// submitted (none: no deadline).
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
 }
 
 fn default_attempts() -> u32 {
@@ -565,6 +569,7 @@ impl Default for PlacementSpec {
             data_parallel: 1,
             collective: CollectiveSpec::Auto,
             max_attempts: default_attempts(),
+            deadline_s: None,
         }
     }
 }

@@ -148,8 +148,10 @@ impl JobService for Jobs {
     }
 
     async fn get_job_logs(&self, req: Request<GetJobLogsRequest>) -> Result<Response<GetJobLogsResponse>, Status> {
-        let id = req.into_inner().job_id;
-        let (events, metrics) = self.sched.logs(id.clone()).await?;
+        let r = req.into_inner();
+        let id = r.job_id;
+        let limit = if r.metrics_limit == 0 { 10_000 } else { r.metrics_limit.min(10_000) };
+        let (events, metrics, total) = self.sched.logs(id.clone(), r.metrics_offset, limit).await?;
         let events = events
             .into_iter()
             .map(|e| JobEvent {
@@ -159,7 +161,12 @@ impl JobService for Jobs {
             })
             .collect();
         let report = tokio::fs::read_to_string(self.sched.job_dir(&id).join("report.md")).await.unwrap_or_default();
-        Ok(Response::new(GetJobLogsResponse { events, metrics_json: metrics, report_markdown: report }))
+        Ok(Response::new(GetJobLogsResponse {
+            events,
+            metrics_json: metrics,
+            report_markdown: report,
+            metrics_total: total,
+        }))
     }
 }
 

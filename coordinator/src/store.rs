@@ -39,6 +39,9 @@ pub struct Store {
 
 pub use rlhf_common::now_ms;
 
+/// Metrics records the store keeps per job (metrics.jsonl has them all).
+pub const METRICS_KEPT: i64 = 100_000;
+
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
@@ -218,6 +221,14 @@ impl Store {
         )?;
         if let Some(m) = metrics_json {
             tx.execute("INSERT INTO metrics (job_id, json) VALUES (?1, ?2)", params![id, m])?;
+            // Retention: the newest METRICS_KEPT records of a job.
+            let seq = tx.last_insert_rowid();
+            if seq % 1000 == 0 {
+                tx.execute(
+                    "DELETE FROM metrics WHERE job_id = ?1 AND seq <= (SELECT seq FROM metrics WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                    params![id, METRICS_KEPT],
+                )?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -231,10 +242,16 @@ impl Store {
         Ok(rows)
     }
 
-    pub fn metrics(&self, id: &str) -> Result<Vec<String>> {
-        let mut st = self.conn.prepare("SELECT json FROM metrics WHERE job_id = ?1 ORDER BY seq")?;
-        let rows = st.query_map(params![id], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
-        Ok(rows)
+    /// A page of a job's metrics records (oldest first) and how many it has.
+    pub fn metrics(&self, id: &str, offset: u64, limit: u32) -> Result<(Vec<String>, u64)> {
+        let mut st =
+            self.conn.prepare_cached("SELECT json FROM metrics WHERE job_id = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3")?;
+        let rows = st
+            .query_map(params![id, limit, offset as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        let total: i64 =
+            self.conn.query_row("SELECT COUNT(*) FROM metrics WHERE job_id = ?1", params![id], |r| r.get(0))?;
+        Ok((rows, total as u64))
     }
 
     pub fn upsert_worker(&mut self, id: &str, name: &str, device: &str, memory: u64) -> Result<()> {
@@ -267,13 +284,15 @@ mod tests {
             assert!(s.transition("j1", &JobState::Succeeded, "done").unwrap());
             assert!(matches!(s.transition("j1", &JobState::Queued, "x"), Err(Error::FailedPrecondition(_))));
             s.set_progress("j1", "{}", Some("{\"step\":1}")).unwrap();
+            s.set_progress("j1", "{}", Some("{\"step\":2}")).unwrap();
         }
         let s = Store::open(&db).unwrap();
         let j = s.job("j1").unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.attempts, 1);
         assert_eq!(s.events("j1").unwrap().len(), 3);
-        assert_eq!(s.metrics("j1").unwrap(), vec!["{\"step\":1}".to_string()]);
+        assert_eq!(s.metrics("j1", 0, 10).unwrap(), (vec!["{\"step\":1}".to_string(), "{\"step\":2}".into()], 2));
+        assert_eq!(s.metrics("j1", 1, 10).unwrap(), (vec!["{\"step\":2}".to_string()], 2), "a page");
         assert_eq!(s.jobs().unwrap().len(), 1);
     }
 }

@@ -118,9 +118,29 @@ impl Client {
         self.workers().await.unwrap_or_default().into_iter().map(|w| (w.worker_id, w.name)).collect()
     }
 
-    pub async fn logs(&mut self, job_id: &str) -> Result<GetJobLogsResponse> {
-        let r = self.inner.get_job_logs(GetJobLogsRequest { job_id: job_id.to_string() }).await;
-        Ok(r.map_err(|s| self.error(s))?.into_inner())
+    /// A job's events, report and metrics records: the last `tail` of them,
+    /// or all (fetched a page at a time).
+    pub async fn logs(&mut self, job_id: &str, tail: Option<u64>) -> Result<GetJobLogsResponse> {
+        let page =
+            |offset: u64| GetJobLogsRequest { job_id: job_id.to_string(), metrics_offset: offset, metrics_limit: 0 };
+        let r = self.inner.get_job_logs(page(0)).await;
+        let mut all = r.map_err(|s| self.error(s))?.into_inner();
+        let total = all.metrics_total;
+        let from = tail.map_or(0, |t| total.saturating_sub(t));
+        if from > 0 {
+            all.metrics_json.clear();
+        }
+        let mut next = if from > 0 { from } else { all.metrics_json.len() as u64 };
+        while next < total {
+            let r = self.inner.get_job_logs(page(next)).await;
+            let more = r.map_err(|s| self.error(s))?.into_inner().metrics_json;
+            if more.is_empty() {
+                break;
+            }
+            next += more.len() as u64;
+            all.metrics_json.extend(more);
+        }
+        Ok(all)
     }
 
     pub async fn watch(&mut self, job_id: &str) -> Result<tonic::Streaming<WatchJobResponse>, Status> {

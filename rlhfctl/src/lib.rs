@@ -133,6 +133,9 @@ pub enum Cmd {
         job: String,
         #[arg(long)]
         json: bool,
+        /// Only the last N metrics records (fetched in pages either way).
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
     },
     /// Print a job's report and draw reward, KL and loss curves as PNG files.
     Report {
@@ -216,7 +219,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Logs { job, json } => logs(&url, &job, json).await,
+        Cmd::Logs { job, json, tail } => logs(&url, &job, json, tail).await,
         Cmd::Report { job, out, json } => report(&url, &job, out, json).await,
     }
 }
@@ -369,10 +372,10 @@ async fn status_one(url: &str, job: &str, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn logs(url: &str, job: &str, json: bool) -> Result<ExitCode> {
+async fn logs(url: &str, job: &str, json: bool, tail: Option<u64>) -> Result<ExitCode> {
     let mut c = Client::connect(url).await?;
     let id = c.resolve(job).await?;
-    let l = c.logs(&id).await?;
+    let l = c.logs(&id, tail).await?;
     if json {
         let metrics: Vec<Value> =
             l.metrics_json.iter().map(|m| serde_json::from_str(m).unwrap_or(Value::String(m.clone()))).collect();
@@ -396,7 +399,7 @@ async fn logs(url: &str, job: &str, json: bool) -> Result<ExitCode> {
 async fn report(url: &str, job: &str, out: Option<PathBuf>, json: bool) -> Result<ExitCode> {
     let mut c = Client::connect(url).await?;
     let id = c.resolve(job).await?;
-    let l = c.logs(&id).await?;
+    let l = c.logs(&id, None).await?;
     let dir = out.unwrap_or_else(|| PathBuf::from(format!("report-{id}")));
     let (plots, skipped) = plot::write_plots(&l.metrics_json, &dir)?;
     let report_path = (!l.report_markdown.is_empty()).then(|| dir.join("report.md"));

@@ -303,7 +303,7 @@ async fn a_ppo_job_whose_role_host_dies_is_requeued_and_finishes() {
     let job = wait_job(&mut c, &id, std::time::Duration::from_secs(120), is_terminal).await;
     assert_eq!(state_name(job.state), "succeeded", "{job:?}\n{}", cl.logs());
     assert!(job.attempts >= 2, "{job:?}");
-    let logs = c.get_job_logs(GetJobLogsRequest { job_id: id }).await.unwrap().into_inner();
+    let logs = c.get_job_logs(GetJobLogsRequest { job_id: id, ..Default::default() }).await.unwrap().into_inner();
     assert!(
         logs.events.iter().any(|e| e.state == JobState::Queued as i32 && e.message.contains("requeued")),
         "{:?}",
@@ -336,4 +336,30 @@ async fn a_ppo_job_survives_its_trainer_and_the_coordinator_killed_with_remote_r
     assert_eq!(state_name(job.state), "succeeded", "{job:?}\n{}", cl.logs());
     let m = read_metrics(std::path::Path::new(&job.output_dir));
     assert_eq!(m.last().unwrap()["step"].as_u64(), Some(150));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_fails_and_frees_its_worker() {
+    let cl = Cluster::start(1, 3000);
+    cl.wait_workers(1).await;
+    let mut c = cl.client().await;
+    let spec = format!("{}\n[placement]\ndeadline_s = 2\n", sft_job(100_000, 0));
+    let id = c
+        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let job = wait_job(&mut c, &id, std::time::Duration::from_secs(30), is_terminal).await;
+    assert_eq!(state_name(job.state), "failed", "{job:?}");
+    assert!(job.reason.contains("deadline_s = 2"), "{}", job.reason);
+    // The worker is free for the next job.
+    let next = c
+        .submit_job(SubmitJobRequest { spec_toml: sft_job(5, 0), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let next = wait_job(&mut c, &next, std::time::Duration::from_secs(60), is_terminal).await;
+    assert_eq!(state_name(next.state), "succeeded", "{next:?}");
 }

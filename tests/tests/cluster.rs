@@ -24,7 +24,11 @@ async fn submit_runs_a_job_and_duplicate_request_ids_give_one_job() {
     assert_eq!(state_name(j.state), "succeeded", "{j:?}\n{}", cl.logs());
     let out = std::path::PathBuf::from(&j.output_dir);
     assert!(out.join("adapter/adapter_model.safetensors").exists());
-    let logs = c.get_job_logs(GetJobLogsRequest { job_id: a.job_id.clone() }).await.unwrap().into_inner();
+    let logs = c
+        .get_job_logs(GetJobLogsRequest { job_id: a.job_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(logs.metrics_json.len(), 20, "every step's metrics reach the coordinator");
     let states: Vec<&str> = logs.events.iter().map(|e| state_name(e.state)).collect();
     assert_eq!(states, ["queued", "running", "succeeded"]);
@@ -236,7 +240,11 @@ async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
     let split = run(job_with(&ppo, "[placement]\ntrainer = \"cpu-0\"\ncritic = \"cpu-1\"\nreward = \"cpu-1\"\n")).await;
     assert_eq!(state_name(split.state), "succeeded", "{split:?}\n{}", cl.logs());
 
-    let logs = c.get_job_logs(GetJobLogsRequest { job_id: split.job_id.clone() }).await.unwrap().into_inner();
+    let logs = c
+        .get_job_logs(GetJobLogsRequest { job_id: split.job_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(logs.events.iter().any(|e| e.message.contains("reward and critic on worker cpu-1")), "{:?}", logs.events);
     let strip = |dir: &str| {
         read_metrics(std::path::Path::new(dir))

@@ -57,7 +57,11 @@ async fn two_workers_train_the_adapter_of_one() {
     let (l1, l2) = (losses(&one.output_dir), losses(&two.output_dir));
     assert_eq!(l1.len(), 30);
     assert!(l1.iter().zip(&l2).all(|(a, b)| (a - b).abs() < 1e-5), "{l1:?}\n{l2:?}");
-    let logs = c.get_job_logs(GetJobLogsRequest { job_id: two.job_id.clone() }).await.unwrap().into_inner();
+    let logs = c
+        .get_job_logs(GetJobLogsRequest { job_id: two.job_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(logs.events.iter().any(|e| e.message.contains("data parallel: rank 0 on worker")), "{:?}", logs.events);
     let relayed = logs.events.iter().find_map(|e| e.message.split("; ").nth(1).map(String::from)).unwrap_or_default();
     eprintln!("data parallel: {relayed}");

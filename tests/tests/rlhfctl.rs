@@ -40,6 +40,16 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
         if v["state"] != "succeeded" {
             return Err(format!("state {v}"));
         }
+        // Logs come in pages; --tail keeps the last records.
+        let all = ctl(&url, &data, &["logs", &id, "--json"]);
+        let tail = ctl(&url, &data, &["logs", &id, "--json", "--tail", "2"]);
+        let count = |o: &std::process::Output| {
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).map(|v| v["metrics"].as_array().map_or(0, Vec::len))
+        };
+        match (count(&all), count(&tail)) {
+            (Ok(n), Ok(2)) if n > 2 => {}
+            other => return Err(format!("logs pages: {other:?}")),
+        }
         let out = dir.path().join("report");
         let rep = ctl(&url, &data, &["report", &id, "--out", out.to_str().unwrap()]);
         if !rep.status.success() || !out.join("loss.png").exists() {

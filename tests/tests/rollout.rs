@@ -112,7 +112,11 @@ async fn rollout_workers_give_the_colocated_run_for_every_peft_method() {
         let placement = "[placement]\ntrainer = \"cpu-0\"\nrollout = [\"cpu-1\", \"cpu-2\"]\n";
         let split = run(&mut c, ppo_job(method, 5, 3, placement)).await;
         assert_eq!(state_name(split.state), "succeeded", "{split:?}\n{}", cl.logs());
-        let logs = c.get_job_logs(GetJobLogsRequest { job_id: split.job_id.clone() }).await.unwrap().into_inner();
+        let logs = c
+            .get_job_logs(GetJobLogsRequest { job_id: split.job_id.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(
             logs.events.iter().any(|e| e.message.contains("rollout on workers cpu-1") && e.message.contains("cpu-2")),
             "{:?}",
@@ -188,7 +192,8 @@ async fn async_rollout_learns_and_a_killed_rollout_worker_is_replaced() {
     victim.wait().unwrap();
     let job = wait_job(&mut c, &id, Duration::from_secs(240), is_terminal).await;
     assert_eq!(state_name(job.state), "succeeded", "{job:?}\n{}", cl.logs());
-    let logs = c.get_job_logs(GetJobLogsRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    let logs =
+        c.get_job_logs(GetJobLogsRequest { job_id: id.clone(), ..Default::default() }).await.unwrap().into_inner();
     assert!(
         logs.events.iter().any(|e| e.message.contains("rollout worker 1") && e.message.contains("lost")),
         "{:?}",
@@ -215,7 +220,8 @@ async fn a_job_waiting_for_absent_workers_says_which() {
         .job_id;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let logs = c.get_job_logs(GetJobLogsRequest { job_id: id.clone() }).await.unwrap().into_inner();
+        let logs =
+            c.get_job_logs(GetJobLogsRequest { job_id: id.clone(), ..Default::default() }).await.unwrap().into_inner();
         if let Some(e) = logs.events.iter().find(|e| e.message.contains("waiting for workers")) {
             assert!(e.message.contains("rollout[0] on \"gpu-7\""), "{}", e.message);
             assert!(e.message.contains("connected: cpu-0 (idle)"), "{}", e.message);

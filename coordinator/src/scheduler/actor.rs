@@ -89,10 +89,17 @@ pub(super) struct Scheduler {
     relayed: BTreeMap<String, u64>,
     /// Data-parallel jobs: the worker of each rank, the round in flight.
     groups: Groups,
+    /// This actor's own inbox (for work it hands off and takes back).
+    me: mpsc::Sender<Command>,
 }
 
 impl Scheduler {
-    pub(super) fn new(store: Store, cfg: Config, updates: broadcast::Sender<JobRow>) -> Self {
+    pub(super) fn new(
+        store: Store,
+        cfg: Config,
+        updates: broadcast::Sender<JobRow>,
+        me: mpsc::Sender<Command>,
+    ) -> Self {
         Self {
             store,
             cfg,
@@ -105,6 +112,7 @@ impl Scheduler {
             backoff: BTreeMap::new(),
             relayed: BTreeMap::new(),
             groups: Groups::default(),
+            me,
         }
     }
 
@@ -134,12 +142,12 @@ impl Scheduler {
             Command::Workers { reply } => {
                 let _ = reply.send(self.worker_infos());
             }
-            Command::Logs { id, reply } => {
-                let r = self
-                    .store
-                    .job(&id)
-                    .and_then(|j| j.ok_or(Error::NotFound(format!("job {id}"))))
-                    .and_then(|_| Ok((self.store.events(&id)?, self.store.metrics(&id)?)));
+            Command::Logs { id, page: (offset, limit), reply } => {
+                let r =
+                    self.store.job(&id).and_then(|j| j.ok_or(Error::NotFound(format!("job {id}")))).and_then(|_| {
+                        let (metrics, total) = self.store.metrics(&id, offset, limit)?;
+                        Ok((self.store.events(&id)?, metrics, total))
+                    });
                 let _ = reply.send(r);
             }
             Command::Connected { reg, tx, conn, accepted } => {
@@ -160,8 +168,13 @@ impl Scheduler {
                     }
                 }
             }
+            Command::Summed { result } => {
+                let to = self.groups.finish(&result);
+                self.send_result(to, result);
+            }
             Command::Tick => {
                 self.expire_leases();
+                self.enforce_deadlines();
                 self.dispatch();
             }
         }
@@ -462,9 +475,17 @@ impl Scheduler {
                 let bytes =
                     part.tensors.iter().map(|t| t.f32.len() as u64 * 4).sum::<u64>() + part.payload.len() as u64;
                 *self.relayed.entry(part.job_id.clone()).or_default() += bytes;
-                if let Reply::Send(to, result) = self.groups.contribute(worker, part) {
-                    for w in to {
-                        self.send_to(&w, coordinator_message::Msg::CollectiveResult(result.clone()));
+                match self.groups.contribute(worker, part) {
+                    Reply::Wait => {}
+                    Reply::Send(to, result) => self.send_result(to, result),
+                    Reply::Sum(parts) => {
+                        // Megabytes of gradients: summed on a blocking thread,
+                        // the result comes back as Command::Summed.
+                        let me = self.me.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let result = super::groups::sum_round(&parts[0].job_id, parts[0].round, &parts);
+                            let _ = me.blocking_send(Command::Summed { result });
+                        });
                     }
                 }
             }
@@ -603,6 +624,36 @@ impl Scheduler {
                 };
                 self.send_to(&trainer, coordinator_message::Msg::RoleReply(notice));
             }
+        }
+    }
+
+    fn send_result(&mut self, to: Vec<String>, result: rlhf_proto::CollectiveResult) {
+        for w in to {
+            self.send_to(&w, coordinator_message::Msg::CollectiveResult(result.clone()));
+        }
+    }
+
+    /// Fails queued and running jobs past their `placement.deadline_s`.
+    fn enforce_deadlines(&mut self) {
+        let now = crate::store::now_ms();
+        let mut late = Vec::new();
+        for state in ["queued", "running"] {
+            for j in self.store.jobs_in(state).unwrap_or_default() {
+                let Ok(spec) = JobSpec::from_toml(&j.spec_toml) else { continue };
+                if let Some(d) = spec.placement.deadline_s {
+                    if now - j.created_ms > (d as i64).saturating_mul(1000) {
+                        late.push((j, d));
+                    }
+                }
+            }
+        }
+        for (j, d) in late {
+            if let JobState::Running { worker } = &j.state {
+                let worker = worker.clone();
+                self.send_to(&worker, coordinator_message::Msg::Cancel(CancelTask { job_id: j.id.clone() }));
+            }
+            let reason = format!("not finished within placement.deadline_s = {d} s of its submission");
+            self.move_job(&j.id, JobState::Failed { reason: reason.clone() }, &reason);
         }
     }
 

@@ -2,7 +2,9 @@
 //! collective round in flight. Every rank sends its part of a round; when
 //! all have, the coordinator sums (or gathers) them in rank order and sends
 //! the result to every rank. The last result is kept, so a rank that lost
-//! it in a reconnect asks again and gets it.
+//! it in a reconnect asks again and gets it. A sum (megabytes of
+//! gradients) is computed off the scheduler's task: [`Reply::Sum`] hands
+//! the parts out and [`Groups::finish`] takes the result back.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,8 @@ struct Group {
     members: Vec<Option<String>>,
     pending: Option<Round>,
     last: Option<CollectiveResult>,
+    /// The round being summed off the scheduler's task.
+    summing: Option<u64>,
 }
 
 /// What to do with a part.
@@ -28,6 +32,18 @@ pub(super) enum Reply {
     Wait,
     /// Send `result` to these workers.
     Send(Vec<String>, CollectiveResult),
+    /// Sum these parts (in rank order, elsewhere), then [`Groups::finish`].
+    Sum(Vec<Collective>),
+}
+
+/// Sums a round's parts in rank order (the work [`Reply::Sum`] hands out).
+pub(super) fn sum_round(job: &str, round: u64, parts: &[Collective]) -> CollectiveResult {
+    let mut result = CollectiveResult { job_id: job.to_string(), round, ..CollectiveResult::default() };
+    match sum_parts(parts) {
+        Ok(ts) => result.tensors = ts,
+        Err(e) => result.error = e,
+    }
+    result
 }
 
 #[derive(Default)]
@@ -39,7 +55,7 @@ impl Groups {
     /// A new group: `workers[r]` runs rank r.
     pub(super) fn create(&mut self, job: &str, workers: &[String]) {
         let members = workers.iter().cloned().map(Some).collect();
-        self.by_job.insert(job.to_string(), Group { members, pending: None, last: None });
+        self.by_job.insert(job.to_string(), Group { members, pending: None, last: None, summing: None });
     }
 
     /// Learns a rank back from a worker's report (after a coordinator
@@ -52,6 +68,7 @@ impl Groups {
             members: vec![None; world],
             pending: None,
             last: None,
+            summing: None,
         });
         match g.members.get_mut(rank) {
             Some(slot @ None) => {
@@ -74,6 +91,19 @@ impl Groups {
             .filter(|(_, g)| g.members.iter().any(|m| m.as_deref() == Some(worker)))
             .map(|(j, _)| j.clone())
             .collect()
+    }
+
+    /// A sum handed out by [`Reply::Sum`] is done: keep it as the last
+    /// result and return the workers to send it to (none if the group is
+    /// gone or moved on meanwhile).
+    pub(super) fn finish(&mut self, result: &CollectiveResult) -> Vec<String> {
+        let Some(g) = self.by_job.get_mut(&result.job_id) else { return Vec::new() };
+        if g.summing != Some(result.round) {
+            return Vec::new();
+        }
+        g.summing = None;
+        g.last = Some(result.clone());
+        g.members.iter().flatten().cloned().collect()
     }
 
     /// Forgets a job's group; returns its workers.
@@ -111,6 +141,9 @@ impl Groups {
         if let Some(last) = g.last.as_ref().filter(|l| l.round == part.round) {
             return Reply::Send(me, last.clone()); // asked again after a reconnect
         }
+        if g.summing == Some(part.round) {
+            return Reply::Wait; // a repeat while its round is being summed
+        }
         let round = g.pending.get_or_insert_with(|| Round { round: part.round, op: part.op, parts: vec![None; world] });
         if part.round < round.round {
             return Reply::Wait; // a stale repeat
@@ -138,10 +171,10 @@ impl Groups {
         let mut result =
             CollectiveResult { job_id: parts[0].job_id.clone(), round: done.round, ..CollectiveResult::default() };
         match CollectiveOp::try_from(done.op) {
-            Ok(CollectiveOp::Sum) => match sum_parts(&parts) {
-                Ok(ts) => result.tensors = ts,
-                Err(e) => result.error = e,
-            },
+            Ok(CollectiveOp::Sum) => {
+                g.summing = Some(done.round);
+                return Reply::Sum(parts);
+            }
             Ok(CollectiveOp::Gather) => result.payloads = parts.into_iter().map(|p| p.payload).collect(),
             _ => result.error = format!("unknown collective op {} (expected sum or gather)", op_name(done.op)),
         }
@@ -192,9 +225,15 @@ mod tests {
         }
     }
 
-    fn sent(r: Reply) -> (Vec<String>, CollectiveResult) {
-        match r {
+    /// What `worker`'s part makes the coordinator send (a sum done here,
+    /// as the scheduler does it off its task).
+    fn sent(g: &mut Groups, worker: &str, part: Collective) -> (Vec<String>, CollectiveResult) {
+        match g.contribute(worker, part) {
             Reply::Send(to, res) => (to, res),
+            Reply::Sum(parts) => {
+                let res = sum_round(&parts[0].job_id, parts[0].round, &parts);
+                (g.finish(&res), res)
+            }
             Reply::Wait => panic!("expected a result"),
         }
     }
@@ -204,16 +243,16 @@ mod tests {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
         assert!(matches!(g.contribute("b", part(1, 0, CollectiveOp::Sum, &[1.0, 2.0])), Reply::Wait));
-        let (to, r) = sent(g.contribute("a", part(0, 0, CollectiveOp::Sum, &[0.5, 0.5])));
+        let (to, r) = sent(&mut g, "a", part(0, 0, CollectiveOp::Sum, &[0.5, 0.5]));
         assert_eq!(
             (to, r.tensors[0].f32.clone(), r.error.as_str()),
             (vec!["a".to_string(), "b".into()], vec![1.5, 2.5], "")
         );
         // Rank 1 lost the result in a reconnect and asks again: only it gets it.
-        let (to, again) = sent(g.contribute("b", part(1, 0, CollectiveOp::Sum, &[1.0, 2.0])));
+        let (to, again) = sent(&mut g, "b", part(1, 0, CollectiveOp::Sum, &[1.0, 2.0]));
         assert_eq!((to, again), (vec!["b".to_string()], r));
         assert!(matches!(g.contribute("a", part(0, 1, CollectiveOp::Gather, &[])), Reply::Wait));
-        let (_, r) = sent(g.contribute("b", part(1, 1, CollectiveOp::Gather, &[])));
+        let (_, r) = sent(&mut g, "b", part(1, 1, CollectiveOp::Gather, &[]));
         assert_eq!(r.payloads, vec![vec![0u8], vec![1u8]]);
     }
 
@@ -221,12 +260,12 @@ mod tests {
     fn strangers_mismatches_and_lost_groups_get_errors() {
         let mut g = Groups::default();
         g.create("j", &["a".into(), "b".into()]);
-        assert!(sent(g.contribute("c", part(1, 0, CollectiveOp::Sum, &[1.0])))
+        assert!(sent(&mut g, "c", part(1, 0, CollectiveOp::Sum, &[1.0]))
             .1
             .error
             .contains("rank 1 belongs to worker b"));
         assert!(matches!(g.contribute("a", part(0, 0, CollectiveOp::Sum, &[1.0])), Reply::Wait));
-        let (to, r) = sent(g.contribute("b", part(1, 0, CollectiveOp::Gather, &[])));
+        let (to, r) = sent(&mut g, "b", part(1, 0, CollectiveOp::Gather, &[]));
         assert_eq!(to.len(), 2);
         assert!(
             r.error.contains("ranks out of step: rank 1 sent gather round 0, another rank sum round 0"),
@@ -234,15 +273,12 @@ mod tests {
             r.error
         );
         assert!(matches!(g.contribute("a", part(0, 1, CollectiveOp::Sum, &[1.0, 2.0])), Reply::Wait));
-        assert!(sent(g.contribute("b", part(1, 1, CollectiveOp::Sum, &[1.0])))
+        assert!(sent(&mut g, "b", part(1, 1, CollectiveOp::Sum, &[1.0]))
             .1
             .error
             .contains("rank 1 sent 1 values, rank 0 sent 2"));
         assert_eq!(g.remove("j"), vec!["a".to_string(), "b".into()]);
-        assert!(sent(g.contribute("a", part(0, 2, CollectiveOp::Sum, &[1.0])))
-            .1
-            .error
-            .contains("no data-parallel group"));
+        assert!(sent(&mut g, "a", part(0, 2, CollectiveOp::Sum, &[1.0])).1.error.contains("no data-parallel group"));
         // After a restart, ranks are learned back from worker reports.
         assert!(g.learn("j", "b", 1, 2) && g.learn("j", "a", 0, 2) && !g.learn("j", "c", 0, 2));
         assert_eq!(g.rank_of("j", "b"), Some(1));

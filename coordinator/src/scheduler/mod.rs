@@ -21,6 +21,9 @@ use crate::store::{EventRow, JobRow, Store};
 
 pub use actor::WorkerInfo;
 
+/// A job's events, a page of its metrics records, and how many it has.
+pub type Logs = (Vec<EventRow>, Vec<String>, u64);
+
 /// Outbound channel of one worker connection.
 pub type WorkerTx = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
 
@@ -48,7 +51,9 @@ pub(crate) enum Command {
     },
     Logs {
         id: String,
-        reply: oneshot::Sender<Result<(Vec<EventRow>, Vec<String>)>>,
+        /// The page of metrics records: offset, limit.
+        page: (u64, u32),
+        reply: oneshot::Sender<Result<Logs>>,
     },
     Connected {
         reg: Register,
@@ -65,6 +70,10 @@ pub(crate) enum Command {
     Disconnected {
         worker: String,
         conn: u64,
+    },
+    /// A data-parallel sum computed off the actor's task.
+    Summed {
+        result: rlhf_proto::CollectiveResult,
     },
     Tick,
 }
@@ -96,7 +105,7 @@ impl Handle {
         let (updates, _) = broadcast::channel(1024);
         let data_dir = cfg.data_dir.clone();
         let tick_every = (cfg.lease / 4).max(Duration::from_millis(50));
-        tokio::spawn(actor::Scheduler::new(store, cfg, updates.clone()).run(rx));
+        tokio::spawn(actor::Scheduler::new(store, cfg, updates.clone(), tx.clone()).run(rx));
         let ticker = tx.clone();
         tokio::spawn(async move {
             let mut iv = tokio::time::interval(tick_every);
@@ -136,8 +145,9 @@ impl Handle {
         self.ask(|reply| Command::Workers { reply }).await
     }
 
-    pub async fn logs(&self, id: String) -> Result<(Vec<EventRow>, Vec<String>)> {
-        self.ask(|reply| Command::Logs { id, reply }).await?
+    /// Events, a page of metrics records, and how many records there are.
+    pub async fn logs(&self, id: String, offset: u64, limit: u32) -> Result<Logs> {
+        self.ask(|reply| Command::Logs { id, page: (offset, limit), reply }).await?
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<JobRow> {
