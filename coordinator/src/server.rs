@@ -47,6 +47,10 @@ pub async fn serve(
         );
     }
     let _lock = lock_data_dir(&opts.data_dir)?;
+    // Job dirs sent to workers are absolute, whatever the working directories.
+    let mut opts = opts;
+    opts.data_dir = std::fs::canonicalize(&opts.data_dir)
+        .map_err(|e| anyhow::anyhow!("--data-dir {}: {e}", opts.data_dir.display()))?;
     let tokens = Arc::new(Tokens::load(&opts.data_dir, opts.client_tokens.as_deref())?);
     let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease, allow_read: opts.allow_read })?;
     let listener = TcpListener::bind(addr).await?;

@@ -6,6 +6,7 @@
 //! calls.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -81,9 +82,9 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
     let spawned = std::thread::Builder::new().name(format!("roles-{}", a.job_id)).spawn(move || {
         info!(job_id = %a.job_id, "hosting {what}");
         if rollout {
-            serve_calls::<RolloutHost>(rx, device, &events);
+            serve_calls::<RolloutHost>(rx, device, &events, Path::new(&a.output_dir));
         } else {
-            serve_calls::<(RoleHost, PpoSpec)>(rx, device, &events);
+            serve_calls::<(RoleHost, PpoSpec)>(rx, device, &events, Path::new(&a.output_dir));
         }
         if let Ok(mut st) = running.lock() {
             let hosts = if rollout { &mut st.rollout_hosts } else { &mut st.role_hosts };
@@ -103,7 +104,28 @@ const REPLAYABLE: usize = 16;
 /// call seen before (a trainer resends its unanswered calls after a
 /// reconnect) gets its first reply again; it never runs twice (a critic
 /// step twice would train twice).
-fn serve_calls<H: Host>(rx: Receiver<RoleCall>, device: Device, events: &UnboundedSender<WorkerMessage>) {
+/// Ops whose `path` is a directory the host writes or reads: it must lie
+/// inside the job's output dir.
+fn check_dir(call: &RoleCall, job_dir: &Path) -> Result<(), String> {
+    let dir_ops = [ops::WireOp::SaveCritic as i32, ops::WireOp::Checkpoint as i32, ops::WireOp::Restore as i32];
+    if !dir_ops.contains(&call.op) {
+        return Ok(());
+    }
+    let p = Path::new(&call.path);
+    let inside = p.starts_with(job_dir) && !p.components().any(|c| c == std::path::Component::ParentDir);
+    if inside {
+        Ok(())
+    } else {
+        Err(format!("role call path {:?} is outside the job's directory {}", call.path, job_dir.display()))
+    }
+}
+
+fn serve_calls<H: Host>(
+    rx: Receiver<RoleCall>,
+    device: Device,
+    events: &UnboundedSender<WorkerMessage>,
+    job_dir: &Path,
+) {
     let mut host: Option<H> = None;
     let mut served: std::collections::VecDeque<RoleReply> = std::collections::VecDeque::new();
     let caught = |p: Box<dyn std::any::Any + Send>| format!("internal error: {}", super::panic_message(&p));
@@ -112,7 +134,10 @@ fn serve_calls<H: Host>(rx: Receiver<RoleCall>, device: Device, events: &Unbound
             let _ = events.send(WorkerMessage { msg: Some(worker_message::Msg::RoleReply(r.clone())) });
             continue;
         }
-        let result = if call.op == ops::WireOp::Init as i32 {
+        let result = if let Err(e) = check_dir(&call, job_dir) {
+            warn!(job_id = %call.job_id, "{e}");
+            Err(e)
+        } else if call.op == ops::WireOp::Init as i32 {
             std::panic::catch_unwind(|| H::build(&call.path, device)).unwrap_or_else(|p| Err(caught(p))).map(|h| {
                 host = Some(h);
                 Vec::new()
@@ -335,5 +360,25 @@ impl RemoteRoles for ChannelRoles {
 
     fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_calls_may_only_name_dirs_inside_the_job() {
+        let call = |op: ops::WireOp, path: &str| RoleCall { op: op as i32, path: path.into(), ..Default::default() };
+        let job = Path::new("/data/jobs/j1");
+        assert!(check_dir(&call(ops::WireOp::Checkpoint, "/data/jobs/j1/checkpoints/.tmp-step-3"), job).is_ok());
+        assert!(check_dir(&call(ops::WireOp::SaveCritic, "/data/jobs/j1/stages/ppo/critic"), job).is_ok());
+        for bad in ["/etc", "/data/jobs/j2/critic", "/data/jobs/j1/../j2", "relative"] {
+            for op in [ops::WireOp::Checkpoint, ops::WireOp::Restore, ops::WireOp::SaveCritic] {
+                assert!(check_dir(&call(op, bad), job).unwrap_err().contains("outside the job's directory"), "{bad}");
+            }
+        }
+        // Init carries TOML, not a directory.
+        assert!(check_dir(&call(ops::WireOp::Init, "version = 1"), job).is_ok());
     }
 }
