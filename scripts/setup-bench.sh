@@ -2,13 +2,14 @@
 # Idempotent: the Python packages of the TRL baseline of `rlhf-worker bench ppo`
 # (scripts/bench/ppo_trl.py) in $RLHF_VENV (default $RLHF_CACHE/venv, as test.sh
 # uses): torch, transformers, peft, trl and trl's dependencies, all pinned, so
-# installing them changes no version that scripts/setup.sh or the tests rely on.
+# installing them changes no version that scripts/setup.sh or the tests rely on;
+# and tensorboard, whose EventAccumulator reads back our event files in a test.
 # Installs only when the pinned trl stack is not importable already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh --cache
 
-PINS=(torch==2.11.0 transformers==5.24.0 peft==0.21.2 trl==1.12.0 accelerate==1.16.0 datasets==5.2.0)
+PINS=(torch==2.11.0 transformers==5.24.0 peft==0.21.2 trl==1.12.0 accelerate==1.16.0 datasets==5.2.0 tensorboard==2.20.0)
 
 check() {
   "$RLHF_PY" - "${PINS[@]}" <<'PY' 2>/dev/null

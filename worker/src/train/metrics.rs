@@ -1,5 +1,6 @@
-//! `metrics.jsonl` (one JSON object per step) and progress output: a
-//! redrawn bar on a terminal, plain lines otherwise.
+//! `metrics.jsonl` (one JSON object per step), the same scalars as
+//! TensorBoard events beside it (tag `<stage>/<key>`), and progress output:
+//! a redrawn bar on a terminal, plain lines otherwise.
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
@@ -10,6 +11,7 @@ use std::time::Instant;
 
 use serde_json::{Map, Value};
 
+use super::tfevents::EventWriter;
 use crate::error::{Error, Result};
 
 pub struct Metrics {
@@ -21,6 +23,8 @@ pub struct Metrics {
     tags: Map<String, Value>,
     quiet: bool,
     observer: Observer,
+    /// TensorBoard events (None if the file could not be made).
+    events: Option<EventWriter>,
 }
 
 /// Called with every record: `(step, total, record)`.
@@ -47,6 +51,16 @@ impl Metrics {
             tags: Map::new(),
             quiet: std::env::var_os("RLHF_QUIET").is_some(),
             observer: Observer::default(),
+            // The job's own records only (not a data-parallel rank's copy).
+            events: path.parent().filter(|_| path.ends_with("metrics.jsonl")).and_then(
+                |dir| match EventWriter::create(dir) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no TensorBoard events for this run");
+                        None
+                    }
+                },
+            ),
         })
     }
 
@@ -66,6 +80,16 @@ impl Metrics {
         rec.extend(fields);
         let line = Value::Object(rec.clone()).to_string();
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
+        if let Some(w) = &mut self.events {
+            let stage = rec.get("stage").and_then(Value::as_str).unwrap_or_default();
+            let scalars: Vec<(String, f32)> = rec
+                .iter()
+                .filter(|(k, _)| k.as_str() != "step")
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k, x as f32)))
+                .map(|(k, x)| (if stage.is_empty() { k.clone() } else { format!("{stage}/{k}") }, x))
+                .collect();
+            w.scalars(step as i64, &scalars)?;
+        }
         if !self.quiet {
             self.progress(step, total, &rec);
         }

@@ -15,3 +15,4 @@ pub mod setup;
 pub mod stage;
 pub mod stages;
 pub mod supervised;
+pub mod tfevents;
