@@ -23,6 +23,17 @@ if [ ! -x "$RLHF_GRPCURL" ]; then
   rm -rf "$tmp"
 fi
 
+# openssl (the TLS test makes its CA) and the Prometheus server (the
+# /metrics test has the real one scrape the coordinator), from Debian.
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v prometheus >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test: installing ${missing[*]} from Debian" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get install -y -q "${missing[@]}" >&2 || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${missing[@]}" >&2; }
+fi
+
 # Lint: formatting, clippy with warnings as errors, no import circle.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy >&2

@@ -13,6 +13,7 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{self, Tokens};
+use crate::http::GrpcStats;
 use crate::scheduler::{Config, Handle};
 use crate::service::{Jobs, Workers};
 
@@ -30,6 +31,8 @@ pub struct Options {
     pub allow_read: Vec<PathBuf>,
     /// TLS: the server's certificate chain and key (PEM).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where to serve HTTP (`/metrics`), if anywhere.
+    pub http: Option<SocketAddr>,
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
@@ -54,6 +57,12 @@ pub async fn serve(
     let tokens = Arc::new(Tokens::load(&opts.data_dir, opts.client_tokens.as_deref())?);
     let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease, allow_read: opts.allow_read })?;
     let listener = TcpListener::bind(addr).await?;
+    let grpc = Arc::new(GrpcStats::default());
+    if let Some(h) = opts.http {
+        let l = crate::http::bind(h).await?;
+        tracing::info!(addr = %l.local_addr()?, "serving /metrics");
+        tokio::spawn(crate::http::serve(l, sched.clone(), tokens.clone(), grpc.clone()));
+    }
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "coordinator listening");
     if let Some(b) = bound {
@@ -97,9 +106,12 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, auth::clients(tokens.clone())))
         .add_service(InterceptedService::new(reflection_v1alpha, auth::clients(tokens.clone())))
-        .add_service(JobServiceServer::with_interceptor(Jobs { sched: sched.clone() }, auth::clients(tokens.clone())))
+        .add_service(JobServiceServer::with_interceptor(
+            Jobs { sched: sched.clone(), grpc: grpc.clone() },
+            auth::clients(tokens.clone()),
+        ))
         .add_service(InterceptedService::new(
-            WorkerServiceServer::new(Workers::new(sched))
+            WorkerServiceServer::new(Workers::new(sched, grpc))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             auth::workers(tokens),

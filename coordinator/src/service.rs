@@ -13,16 +13,19 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
+use crate::http::GrpcStats;
 use crate::scheduler::{Command, Handle};
 use crate::state::JobState as State;
 use crate::store::JobRow;
 
 pub struct Jobs {
     pub sched: Handle,
+    pub grpc: Arc<GrpcStats>,
 }
 
 pub struct Workers {
     pub sched: Handle,
+    pub grpc: Arc<GrpcStats>,
     next_conn: AtomicU64,
     /// Open worker sessions.
     sessions: Arc<AtomicUsize>,
@@ -34,8 +37,8 @@ const REGISTER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10
 const MAX_WORKER_SESSIONS: usize = 4096;
 
 impl Workers {
-    pub fn new(sched: Handle) -> Self {
-        Self { sched, next_conn: AtomicU64::new(1), sessions: Arc::default() }
+    pub fn new(sched: Handle, grpc: Arc<GrpcStats>) -> Self {
+        Self { sched, grpc, next_conn: AtomicU64::new(1), sessions: Arc::default() }
     }
 }
 
@@ -66,6 +69,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let _t = self.grpc.timer("SubmitJob");
         let owner = auth::caller(&req)?.name;
         let r = req.into_inner();
         let rid = (!r.request_id.is_empty()).then_some(r.request_id);
@@ -74,11 +78,13 @@ impl JobService for Jobs {
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
+        let _t = self.grpc.timer("GetJob");
         let j = self.sched.get(req.into_inner().job_id).await?;
         Ok(Response::new(GetJobResponse { job: Some(job_proto(&self.sched, &j)) }))
     }
 
     async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let _t = self.grpc.timer("ListJobs");
         let jobs = self.sched.list().await?.iter().map(|j| job_proto(&self.sched, j)).collect();
         Ok(Response::new(ListJobsResponse { jobs }))
     }
@@ -86,6 +92,7 @@ impl JobService for Jobs {
     type WatchJobStream = BoxStream<WatchJobResponse>;
 
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let _t = self.grpc.timer("WatchJob");
         let id = req.into_inner().job_id;
         let mut updates = self.sched.subscribe();
         let first = self.sched.get(id.clone()).await?;
@@ -123,12 +130,14 @@ impl JobService for Jobs {
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let _t = self.grpc.timer("CancelJob");
         let by = auth::caller(&req)?;
         let j = self.sched.cancel(req.into_inner().job_id, by).await?;
         Ok(Response::new(CancelJobResponse { job: Some(job_proto(&self.sched, &j)) }))
     }
 
     async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        let _t = self.grpc.timer("ListWorkers");
         let workers = self
             .sched
             .workers()
@@ -148,6 +157,7 @@ impl JobService for Jobs {
     }
 
     async fn get_job_logs(&self, req: Request<GetJobLogsRequest>) -> Result<Response<GetJobLogsResponse>, Status> {
+        let _t = self.grpc.timer("GetJobLogs");
         let r = req.into_inner();
         let id = r.job_id;
         let limit = if r.metrics_limit == 0 { 10_000 } else { r.metrics_limit.min(10_000) };
@@ -175,6 +185,7 @@ impl WorkerService for Workers {
     type SessionStream = BoxStream<CoordinatorMessage>;
 
     async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let _t = self.grpc.timer("Session");
         let mut inbound = req.into_inner();
         if self.sessions.load(Ordering::Relaxed) >= MAX_WORKER_SESSIONS {
             return Err(Status::resource_exhausted(format!("{MAX_WORKER_SESSIONS} worker sessions already open")));

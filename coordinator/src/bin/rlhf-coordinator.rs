@@ -26,6 +26,9 @@ struct Cli {
     /// token is <data-dir>/admin.token, made on first start).
     #[arg(long, env = "RLHF_CLIENT_TOKENS")]
     client_tokens: Option<PathBuf>,
+    /// Serve HTTP here: `/metrics` (Prometheus text, behind a client token).
+    #[arg(long, env = "RLHF_HTTP")]
+    http: Option<SocketAddr>,
     /// TLS certificate chain (PEM); needed to listen beyond loopback.
     #[arg(long, env = "RLHF_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         let client_tokens = cli.client_tokens.or(file.client_tokens);
         let allow_read = if cli.allow_read.is_empty() { file.allow_read } else { cli.allow_read };
         let tls = cli.tls_cert.zip(cli.tls_key);
-        serve(listen, Options { data_dir, lease, client_tokens, allow_read, tls }, None, shutdown).await
+        let http = cli.http;
+        serve(listen, Options { data_dir, lease, client_tokens, allow_read, tls, http }, None, shutdown).await
     })
 }

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
 use super::groups::{Groups, Reply};
-use super::{Command, Config, WorkerTx};
+use super::{Command, Config, RunningJob, Stats, WorkerTx};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::state::JobState;
@@ -91,6 +91,10 @@ pub(super) struct Scheduler {
     groups: Groups,
     /// This actor's own inbox (for work it hands off and takes back).
     me: mpsc::Sender<Command>,
+    /// Payload bytes relayed since start (role calls and collectives).
+    relayed_total: u64,
+    /// Running job → (last step, when, steps per second) from its progress.
+    rates: BTreeMap<String, (u64, Instant, f64)>,
 }
 
 impl Scheduler {
@@ -113,6 +117,8 @@ impl Scheduler {
             relayed: BTreeMap::new(),
             groups: Groups::default(),
             me,
+            relayed_total: 0,
+            rates: BTreeMap::new(),
         }
     }
 
@@ -167,6 +173,9 @@ impl Scheduler {
                         self.drop_rollout_worker(&worker);
                     }
                 }
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats());
             }
             Command::Summed { result } => {
                 let to = self.groups.finish(&result);
@@ -465,6 +474,7 @@ impl Scheduler {
                 }
                 let bytes = reply.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
                 *self.relayed.entry(reply.job_id.clone()).or_default() += bytes;
+                self.relayed_total += bytes;
                 if let Ok(Some(JobRow { state: JobState::Running { worker: trainer }, .. })) =
                     self.store.job(&reply.job_id)
                 {
@@ -475,6 +485,7 @@ impl Scheduler {
                 let bytes =
                     part.tensors.iter().map(|t| t.f32.len() as u64 * 4).sum::<u64>() + part.payload.len() as u64;
                 *self.relayed.entry(part.job_id.clone()).or_default() += bytes;
+                self.relayed_total += bytes;
                 match self.groups.contribute(worker, part) {
                     Reply::Wait => {}
                     Reply::Send(to, result) => self.send_result(to, result),
@@ -500,6 +511,15 @@ impl Scheduler {
                 }
                 let json = serde_json::json!({ "stage": progress.stage, "step": progress.step, "total": progress.total, "metrics_json": progress.metrics_json }).to_string();
                 let metrics = (!progress.metrics_json.is_empty()).then_some(progress.metrics_json.as_str());
+                let now = Instant::now();
+                let rate = match self.rates.get(&p.job_id) {
+                    Some((step, at, rate)) if progress.step > *step => {
+                        (progress.step - step) as f64 / now.duration_since(*at).as_secs_f64().max(1e-3)
+                    }
+                    Some((_, _, rate)) => *rate,
+                    None => 0.0,
+                };
+                self.rates.insert(p.job_id.clone(), (progress.step, now, rate));
                 if let Err(e) = self.store.set_progress(&p.job_id, &json, metrics) {
                     warn!(job_id = %p.job_id, error = %e, "cannot record progress");
                 }
@@ -558,6 +578,7 @@ impl Scheduler {
     fn relay_call(&mut self, trainer: &str, call: RoleCall) {
         let bytes = call.tensors.iter().map(|t| (t.f32.len() * 4 + t.i64.len() * 8) as u64).sum::<u64>();
         *self.relayed.entry(call.job_id.clone()).or_default() += bytes;
+        self.relayed_total += bytes;
         let rollout = call.role == Role::Rollout as i32;
         let host = if rollout {
             self.rollout_worker(&call.job_id, call.target)
@@ -624,6 +645,56 @@ impl Scheduler {
                 };
                 self.send_to(&trainer, coordinator_message::Msg::RoleReply(notice));
             }
+        }
+    }
+
+    /// What `/metrics` shows.
+    fn stats(&mut self) -> Stats {
+        let now_ms = crate::store::now_ms();
+        let jobs = self.store.jobs().unwrap_or_default();
+        let mut by_state: BTreeMap<String, u64> =
+            ["queued", "running", "succeeded", "failed", "cancelled"].iter().map(|s| (s.to_string(), 0)).collect();
+        for j in &jobs {
+            *by_state.entry(j.state.name().to_string()).or_default() += 1;
+        }
+        let oldest_queued_s = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Queued))
+            .map(|j| (now_ms - j.created_ms) as f64 / 1000.0)
+            .fold(0.0, f64::max);
+        let running_ids: BTreeSet<&str> =
+            jobs.iter().filter(|j| matches!(j.state, JobState::Running { .. })).map(|j| j.id.as_str()).collect();
+        self.rates.retain(|id, _| running_ids.contains(id.as_str()));
+        let running = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Running { .. }))
+            .map(|j| {
+                let p: serde_json::Value = serde_json::from_str(&j.progress).unwrap_or_default();
+                let m: serde_json::Value =
+                    serde_json::from_str(p["metrics_json"].as_str().unwrap_or("{}")).unwrap_or_default();
+                RunningJob {
+                    id: j.id.clone(),
+                    name: j.name.clone(),
+                    step: p["step"].as_u64().unwrap_or(0),
+                    reward_mean: m["reward_mean"].as_f64(),
+                    kl: m["kl"].as_f64(),
+                    steps_per_s: self.rates.get(&j.id).map_or(0.0, |r| r.2),
+                }
+            })
+            .collect();
+        let lease = self.cfg.lease;
+        let now = Instant::now();
+        Stats {
+            jobs_by_state: by_state.into_iter().collect(),
+            workers_alive: self
+                .workers
+                .values()
+                .filter(|s| s.tx.is_some() && now.duration_since(s.last_seen) <= lease)
+                .count() as u64,
+            workers_total: self.workers.len() as u64,
+            oldest_queued_s,
+            running,
+            relayed_bytes_total: self.relayed_total,
         }
     }
 

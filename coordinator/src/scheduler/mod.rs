@@ -21,6 +21,28 @@ use crate::store::{EventRow, JobRow, Store};
 
 pub use actor::WorkerInfo;
 
+/// A snapshot for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub jobs_by_state: Vec<(String, u64)>,
+    pub workers_alive: u64,
+    pub workers_total: u64,
+    /// How long the oldest queued job has waited (0: none queued).
+    pub oldest_queued_s: f64,
+    pub running: Vec<RunningJob>,
+    pub relayed_bytes_total: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunningJob {
+    pub id: String,
+    pub name: String,
+    pub step: u64,
+    pub reward_mean: Option<f64>,
+    pub kl: Option<f64>,
+    pub steps_per_s: f64,
+}
+
 /// A job's events, a page of its metrics records, and how many it has.
 pub type Logs = (Vec<EventRow>, Vec<String>, u64);
 
@@ -70,6 +92,9 @@ pub(crate) enum Command {
     Disconnected {
         worker: String,
         conn: u64,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
     },
     /// A data-parallel sum computed off the actor's task.
     Summed {
@@ -148,6 +173,10 @@ impl Handle {
     /// Events, a page of metrics records, and how many records there are.
     pub async fn logs(&self, id: String, offset: u64, limit: u32) -> Result<Logs> {
         self.ask(|reply| Command::Logs { id, page: (offset, limit), reply }).await?
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        self.ask(|reply| Command::Stats { reply }).await
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<JobRow> {
