@@ -23,11 +23,13 @@ if [ ! -x "$RLHF_GRPCURL" ]; then
   rm -rf "$tmp"
 fi
 
-# openssl (the TLS test makes its CA) and the Prometheus server (the
-# /metrics test has the real one scrape the coordinator), from Debian.
+# openssl (the TLS test makes its CA), the Prometheus server (the /metrics
+# test has the real one scrape the coordinator) and Chromium (the dashboard
+# test looks at the pages headless), from Debian.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]} from Debian" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -4,6 +4,7 @@
 //! and `rlhf.v1.WorkerService` to workers.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod http;
 pub mod scheduler;
