@@ -95,6 +95,24 @@ pub enum JobFileError {
     Invalid { path: PathBuf, source: SpecError },
 }
 
+/// `a/b/../c` as `a/c` (lexically: `..` drops the component before it).
+fn normalize(p: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// Job and stage names become directory names: `[A-Za-z0-9_.-]{1,64}`,
 /// not `.` or `..`.
 pub fn check_name(field: &str, name: &str) -> Result<(), SpecError> {
@@ -645,7 +663,7 @@ impl JobSpec {
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
         self.visit_paths(&mut |_, p| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         });
     }

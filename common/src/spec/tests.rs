@@ -246,7 +246,7 @@ fn job_files_are_validated_and_resolved_locally() {
     .unwrap();
     let spec = JobSpec::load(&good).unwrap();
     let base = sub.canonicalize().unwrap();
-    assert_eq!(spec.model.path.as_deref(), Some(base.join("../model").as_path()));
+    assert_eq!(spec.model.path.as_deref(), Some(base.parent().unwrap().join("model").as_path()));
     assert_eq!(spec.data.as_ref().and_then(|d| d.train.clone()), Some(base.join("train.json")));
     assert!(JobSpec::from_toml(&spec.to_toml()).is_ok(), "the resolved spec round-trips");
 
@@ -322,4 +322,12 @@ fn network_jobs_need_absolute_paths_under_the_allowed_roots() {
     let mut dotted = dotted;
     dotted.resolve_paths(std::path::Path::new("/data"));
     assert!(dotted.check_paths(&[]).unwrap_err().msg.contains("`..`"));
+}
+
+#[test]
+fn resolved_paths_have_no_dot_dot() {
+    let mut spec = JobSpec::from_toml(&PPO.replace("models/tiny", "../shared/models/tiny")).unwrap();
+    spec.resolve_paths(std::path::Path::new("/work/main/examples"));
+    assert_eq!(spec.model.path.as_deref(), Some(std::path::Path::new("/work/main/shared/models/tiny")));
+    spec.check_paths(&[]).unwrap();
 }
