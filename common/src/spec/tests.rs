@@ -284,7 +284,9 @@ fn the_shipped_job_files_are_valid() {
     for dir in ["examples", "deploy/placement"] {
         for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
             if e.path().extension().is_some_and(|x| x == "toml") {
-                JobSpec::load(&e.path()).unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                let spec = JobSpec::load(&e.path()).unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                // What the coordinator checks of a submitted job.
+                spec.check_paths(&[]).unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
                 n += 1;
             }
         }
