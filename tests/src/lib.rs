@@ -260,3 +260,12 @@ pub fn read_metrics(dir: &Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// Submits a job file's text; returns the job id.
+pub async fn submit_spec(c: &mut JobClient, spec: String) -> String {
+    c.submit_job(rlhf_proto::SubmitJobRequest { spec_toml: spec, request_id: String::new() })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id
+}

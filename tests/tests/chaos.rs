@@ -72,12 +72,7 @@ async fn calls_without_the_right_token_are_refused_and_only_the_owner_cancels() 
 async fn two_hundred_concurrent_clients_with_and_without_a_token() {
     let cl = Cluster::start(0, 3000);
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(5, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, sft_job(5, 0)).await;
     let token = cl.admin_token().unwrap();
     for with_token in [true, false] {
         let t = Instant::now();
@@ -131,12 +126,7 @@ fn register(id: &str, key: &str) -> Register {
 
 /// Submits a long SFT job and waits until it runs.
 async fn running_job(c: &mut rlhf_proto::auth::JobClient) -> Job {
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(c, sft_job(100_000, 0)).await;
     wait_job(c, &id, std::time::Duration::from_secs(60), |j| state_name(j.state) == "running").await
 }
 
@@ -226,12 +216,7 @@ async fn a_job_that_keeps_losing_its_worker_fails_after_max_attempts() {
     cl.wait_workers(3).await;
     let mut c = cl.client().await;
     let spec = format!("{}\n[placement]\nmax_attempts = 2\n", sft_job(100_000, 0));
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, spec).await;
     let mut killed = 0;
     let job = loop {
         let j = wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| {
@@ -289,12 +274,7 @@ async fn a_ppo_job_whose_role_host_dies_is_requeued_and_finishes() {
     let mut cl = Cluster::start(2, 3000);
     cl.wait_workers(2).await;
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: ppo_with_remote_roles(), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, ppo_with_remote_roles()).await;
     wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 15))
         .await;
     cl.workers[1].kill().unwrap();
@@ -317,12 +297,7 @@ async fn a_ppo_job_survives_its_trainer_and_the_coordinator_killed_with_remote_r
     cl.wait_workers(2).await;
     let mut c = cl.client().await;
     let spec = ppo_with_remote_roles();
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, spec).await;
     wait_job(&mut c, &id, std::time::Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 15))
         .await;
     // kill -9 the trainer, then within the lease the coordinator, and restart both.
@@ -344,22 +319,12 @@ async fn a_job_past_its_deadline_fails_and_frees_its_worker() {
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
     let spec = format!("{}\n[placement]\ndeadline_s = 2\n", sft_job(100_000, 0));
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, spec).await;
     let job = wait_job(&mut c, &id, std::time::Duration::from_secs(30), is_terminal).await;
     assert_eq!(state_name(job.state), "failed", "{job:?}");
     assert!(job.reason.contains("deadline_s = 2"), "{}", job.reason);
     // The worker is free for the next job.
-    let next = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(5, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let next = submit_spec(&mut c, sft_job(5, 0)).await;
     let next = wait_job(&mut c, &next, std::time::Duration::from_secs(60), is_terminal).await;
     assert_eq!(state_name(next.state), "succeeded", "{next:?}");
 }

@@ -50,12 +50,7 @@ async fn bad_jobs_are_refused_or_fail_with_the_cause() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let missing = sft_job(5, 0).replace(&fixtures().join("tiny-llama").display().to_string(), "/nonexistent/model-dir");
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: missing, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, missing).await;
     let j = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
     assert_eq!(state_name(j.state), "failed");
     assert!(j.reason.contains("/nonexistent/model-dir"), "{}", j.reason);
@@ -68,12 +63,7 @@ async fn cancel_stops_a_running_job_within_seconds() {
     let cl = Cluster::start(1, 3000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, sft_job(100_000, 0)).await;
     wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 3)).await;
     let t = Instant::now();
     let j = c.cancel_job(CancelJobRequest { job_id: id.clone() }).await.unwrap().into_inner().job.unwrap();
@@ -99,12 +89,7 @@ async fn a_job_survives_its_worker_being_killed() {
     let mut cl = Cluster::start(2, 1500);
     cl.wait_workers(2).await;
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(240, 20), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, sft_job(240, 20)).await;
     let j = wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 45)).await;
     let victim = j.worker_id.clone();
     let workers = c.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers;
@@ -135,18 +120,8 @@ async fn jobs_survive_the_coordinator_being_killed_and_restarted() {
     let mut cl = Cluster::start(1, 2000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let running = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(200, 20), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let queued = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(10, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let running = submit_spec(&mut c, sft_job(200, 20)).await;
+    let queued = submit_spec(&mut c, sft_job(10, 0)).await;
     wait_job(&mut c, &running, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 10)).await;
     cl.kill_coordinator();
     let down = Instant::now();
@@ -167,12 +142,7 @@ async fn two_hundred_concurrent_status_calls_are_all_answered() {
     let cl = Cluster::start(1, 3000);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(100_000, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, sft_job(100_000, 0)).await;
     wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 2)).await;
     let t = Instant::now();
     let calls = (0..200).map(|_| {
@@ -207,12 +177,7 @@ async fn ppo_with_roles_on_another_worker_matches_the_colocated_run() {
     let run = |spec: String| {
         let mut c = c.clone();
         async move {
-            let id = c
-                .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-                .await
-                .unwrap()
-                .into_inner()
-                .job_id;
+            let id = submit_spec(&mut c, spec).await;
             wait_job(&mut c, &id, Duration::from_secs(180), is_terminal).await
         }
     };

@@ -6,7 +6,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use rlhf_proto::*;
 use rlhf_tests::*;
 
 fn chromium(args: &[&str]) -> String {
@@ -38,12 +37,7 @@ async fn chromium_shows_a_running_job_with_its_curves() {
         p("tiny-llama"),
         p("fewclue/eprstmt/train.json")
     );
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, spec).await;
     wait_job(&mut c, &id, Duration::from_secs(60), |j| j.progress.as_ref().is_some_and(|p| p.step >= 8)).await;
 
     let base = format!("http://127.0.0.1:{http}");

@@ -13,7 +13,7 @@ use rlhf_tests::*;
 const DP: &str = "[placement]\ndata_parallel = 2\ncollective = \"coordinator\"\n";
 
 async fn submit(c: &mut JobClient, spec: String) -> String {
-    c.submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() }).await.unwrap().into_inner().job_id
+    submit_spec(c, spec).await
 }
 
 /// Largest |a - b| over the f32 tensors of two adapter directories.

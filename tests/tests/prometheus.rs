@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rlhf_proto::*;
 use rlhf_tests::*;
 
 fn port() -> u16 {
@@ -32,12 +31,7 @@ async fn prometheus_scrapes_the_job_states() {
     let cl = Cluster::start_with(1, 3000, |_| vec!["--http".into(), format!("127.0.0.1:{http}")]);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(5, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, sft_job(5, 0)).await;
     let job = wait_job(&mut c, &id, Duration::from_secs(60), is_terminal).await;
     assert_eq!(state_name(job.state), "succeeded");
 

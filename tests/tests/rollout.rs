@@ -60,12 +60,7 @@ fn max_tensor_diff(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> f64 {
 }
 
 async fn run(c: &mut rlhf_proto::auth::JobClient, spec: String) -> Job {
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(c, spec).await;
     wait_job(c, &id, Duration::from_secs(240), is_terminal).await
 }
 
@@ -212,12 +207,7 @@ async fn a_job_waiting_for_absent_workers_says_which() {
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
     let spec = ppo_job("lora", 1, 1, "[placement]\ntrainer = \"cpu-0\"\nrollout = [\"gpu-7\"]\n");
-    let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec, request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit_spec(&mut c, spec).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let logs =

@@ -177,12 +177,7 @@ async fn a_tls_coordinator_serves_workers_and_clients_with_the_ca_and_tokens() {
     let tls_s = two_hundred_get_jobs(&url, Some(&ca), &token, &job).await;
     let cl = Cluster::start(0, 3000);
     let mut c = cl.client().await;
-    let plain_job = c
-        .submit_job(SubmitJobRequest { spec_toml: sft_job(5, 0), request_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let plain_job = submit_spec(&mut c, sft_job(5, 0)).await;
     let plain_s = two_hundred_get_jobs(&cl.url(), None, &cl.admin_token().unwrap(), &plain_job).await;
     eprintln!("200 concurrent clients (connect + GetJob): TLS + token {tls_s:.3} s, plain + token {plain_s:.3} s");
     assert!(tls_s < 20.0);
