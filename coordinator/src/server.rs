@@ -33,6 +33,8 @@ pub struct Options {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where to serve HTTP (`/metrics`), if anywhere.
     pub http: Option<SocketAddr>,
+    /// Fail jobs whose placement the connected workers can never meet.
+    pub fail_unplaceable: bool,
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound
@@ -55,7 +57,12 @@ pub async fn serve(
     opts.data_dir = std::fs::canonicalize(&opts.data_dir)
         .map_err(|e| anyhow::anyhow!("--data-dir {}: {e}", opts.data_dir.display()))?;
     let tokens = Arc::new(Tokens::load(&opts.data_dir, opts.client_tokens.as_deref())?);
-    let sched = Handle::spawn(Config { data_dir: opts.data_dir, lease: opts.lease, allow_read: opts.allow_read })?;
+    let sched = Handle::spawn(Config {
+        data_dir: opts.data_dir,
+        lease: opts.lease,
+        allow_read: opts.allow_read,
+        fail_unplaceable: opts.fail_unplaceable,
+    })?;
     let listener = TcpListener::bind(addr).await?;
     let grpc = Arc::new(GrpcStats::default());
     if let Some(h) = opts.http {

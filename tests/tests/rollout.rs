@@ -223,3 +223,23 @@ async fn a_job_waiting_for_absent_workers_says_which() {
     let job = c.get_job(GetJobRequest { job_id: id }).await.unwrap().into_inner().job.unwrap();
     assert_eq!(state_name(job.state), "queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_batch_allocation_an_unmeetable_placement_fails_at_once() {
+    let cl = Cluster::start_with(1, 3000, |_| vec!["--fail-unplaceable".into()]);
+    cl.wait_workers(1).await;
+    let mut c = cl.client().await;
+    let spec = ppo_job("lora", 1, 1, "[placement]\ntrainer = \"cpu-0\"\nrollout = [\"gpu-7\"]\n");
+    let id = submit_spec(&mut c, spec).await;
+    let job = wait_job(&mut c, &id, Duration::from_secs(10), is_terminal).await;
+    assert_eq!(state_name(job.state), "failed", "{job:?}");
+    assert!(
+        job.reason.contains("absent: rollout[0] on \"gpu-7\"") && job.reason.contains("connected: cpu-0"),
+        "{}",
+        job.reason
+    );
+    // A placement the cluster can meet still runs.
+    let ok = submit_spec(&mut c, ppo_job("lora", 1, 1, "[placement]\ntrainer = \"cpu-0\"\n")).await;
+    let ok = wait_job(&mut c, &ok, Duration::from_secs(60), is_terminal).await;
+    assert_eq!(state_name(ok.state), "succeeded", "{ok:?}");
+}

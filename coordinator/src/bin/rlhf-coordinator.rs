@@ -26,7 +26,11 @@ struct Cli {
     /// token is <data-dir>/admin.token, made on first start).
     #[arg(long, env = "RLHF_CLIENT_TOKENS")]
     client_tokens: Option<PathBuf>,
-    /// Serve HTTP here: `/metrics` (Prometheus text, behind a client token).
+    /// Fail a job at once when the connected workers can never meet its
+    /// placement (for a batch allocation, whose workers are all there).
+    #[arg(long, env = "RLHF_FAIL_UNPLACEABLE")]
+    fail_unplaceable: bool,
+    /// Serve HTTP here: the dashboard and `/metrics` (Prometheus text).
     #[arg(long, env = "RLHF_HTTP")]
     http: Option<SocketAddr>,
     /// TLS certificate chain (PEM); needed to listen beyond loopback.
@@ -85,7 +89,8 @@ fn main() -> anyhow::Result<()> {
         let client_tokens = cli.client_tokens.or(file.client_tokens);
         let allow_read = if cli.allow_read.is_empty() { file.allow_read } else { cli.allow_read };
         let tls = cli.tls_cert.zip(cli.tls_key);
-        let http = cli.http;
-        serve(listen, Options { data_dir, lease, client_tokens, allow_read, tls, http }, None, shutdown).await
+        let (http, fail_unplaceable) = (cli.http, cli.fail_unplaceable);
+        let opts = Options { data_dir, lease, client_tokens, allow_read, tls, http, fail_unplaceable };
+        serve(listen, opts, None, shutdown).await
     })
 }

@@ -950,6 +950,26 @@ impl Scheduler {
             }
         }
         if !missing.is_empty() {
+            // Under a batch system the cluster is what the allocation holds:
+            // a worker that is not connected will not come, nor more workers.
+            let connected = |n: &str| self.workers.values().any(|s| s.tx.is_some() && s.name == n);
+            let absent: Vec<String> = wants
+                .iter()
+                .filter_map(|(role, n)| n.as_ref().filter(|n| !connected(n)).map(|n| format!("{role} on {n:?}")))
+                .collect();
+            let too_few = wants.len() > self.workers.values().filter(|s| s.tx.is_some()).count();
+            if self.cfg.fail_unplaceable && (!absent.is_empty() || too_few) {
+                let names: Vec<String> =
+                    self.workers.values().filter(|s| s.tx.is_some()).map(|s| s.name.clone()).collect();
+                let reason = format!(
+                    "placement cannot be met by this cluster (--fail-unplaceable): it needs {} workers ({}); connected: {}",
+                    wants.len(),
+                    if absent.is_empty() { "too few workers".to_string() } else { format!("absent: {}", absent.join(", ")) },
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                );
+                self.move_job(job, JobState::Failed { reason: reason.clone() }, &reason);
+                return None;
+            }
             self.explain_wait(job, &missing);
             return None;
         }

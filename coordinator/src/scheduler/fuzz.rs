@@ -180,6 +180,7 @@ async fn worker_messages_never_stop_the_scheduler() {
         data_dir: tmp.path().to_path_buf(),
         lease: Duration::from_secs(60),
         allow_read: Vec::new(),
+        fail_unplaceable: false,
     })
     .unwrap();
     let spec = "version = 1\nkind = \"sft\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"/t.json\"\n[placement]\ndata_parallel = 2\n";

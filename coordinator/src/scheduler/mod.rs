@@ -110,6 +110,9 @@ pub struct Config {
     pub lease: Duration,
     /// Roots that job files may read from (empty: anywhere).
     pub allow_read: Vec<PathBuf>,
+    /// Fail a job whose placement the connected workers can never meet
+    /// (a batch allocation's cluster does not grow) instead of queueing it.
+    pub fail_unplaceable: bool,
 }
 
 /// The way into the scheduler actor.
@@ -230,7 +233,13 @@ mod tests {
     async fn a_late_result_of_an_earlier_attempt_does_not_end_the_current_one() {
         let tmp = tempfile::tempdir().unwrap();
         let lease = Duration::from_millis(200);
-        let h = Handle::spawn(Config { data_dir: tmp.path().to_path_buf(), lease, allow_read: Vec::new() }).unwrap();
+        let h = Handle::spawn(Config {
+            data_dir: tmp.path().to_path_buf(),
+            lease,
+            allow_read: Vec::new(),
+            fail_unplaceable: false,
+        })
+        .unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let reg = Register {
             worker_id: "w1".into(),
