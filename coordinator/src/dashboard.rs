@@ -32,7 +32,9 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer <token>` header (the HTTP side's
+/// twin of `rlhf_proto::auth::bearer_token`).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, t) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(t.trim())

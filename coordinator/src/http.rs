@@ -141,13 +141,7 @@ fn render(stats: &Stats, grpc: &BTreeMap<&'static str, (u64, f64)>) -> Result<St
 }
 
 async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> axum::response::Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim());
-    if token.and_then(|t| ctx.tokens.client(t)).is_none() {
+    if crate::dashboard::bearer(&headers).and_then(|t| ctx.tokens.client(t)).is_none() {
         return (StatusCode::UNAUTHORIZED, "a client token is required: Authorization: Bearer <token>\n")
             .into_response();
     }

@@ -297,7 +297,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         let mut rec =
             iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?;
         rec.insert("bytes_exchanged".into(), json!(parts.bytes() - bytes_before));
-        if rollouts.live() > 0 || parts.remote().is_some_and(|r| r.rollout_workers() > 0) {
+        if parts.remote().is_some_and(|r| r.rollout_workers() > 0) {
             rec.insert("bytes_adapter_sync".into(), json!(rollouts.take_adapter_bytes()));
             rec.insert("rollout_workers".into(), json!(rollouts.live()));
         }
