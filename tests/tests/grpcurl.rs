@@ -31,7 +31,10 @@ fn call(addr: &str, header: &str, args: &[&str]) -> (bool, String) {
 
 /// The proto sources, for calls that cannot use reflection (it needs the token too).
 fn proto_dir() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto").display().to_string()
+    std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
+        .join("../proto")
+        .display()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,10 @@ use tch::{Device, Kind, Tensor};
 /// in `kind`; returns its report.
 fn check(name: &str, kind: Kind, dtype: &str, tol: f64) -> String {
     let python = std::env::var("RLHF_PY").unwrap_or_else(|_| "python3".into());
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_peft_interop.py");
+    let script = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"),
+    )
+    .join("../scripts/check_peft_interop.py");
     let base = Model::load(&fixtures().join(name), kind, Device::Cpu).unwrap();
     let mut pm = PeftModel::new(base);
     let cfg = PeftConfig {

@@ -18,7 +18,9 @@ struct Ref(HashMap<String, Tensor>);
 
 impl Ref {
     fn load() -> Self {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ppo_reference.safetensors");
+        let path =
+            PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
+                .join("tests/fixtures/ppo_reference.safetensors");
         let tensors = Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Ref(tensors.into_iter().collect())
     }

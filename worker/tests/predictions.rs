@@ -86,7 +86,10 @@ path = "fewclue/bustm/dev.json"
     }
 
     let python = std::env::var("RLHF_PY").unwrap_or_else(|_| "python3".into());
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/crosscheck_predictions.py");
+    let script = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"),
+    )
+    .join("../scripts/crosscheck_predictions.py");
     for (name, adapters) in [("base", vec![]), ("lora", vec!["--adapter".to_string(), adapter.display().to_string()])] {
         let out = Command::new(&python)
             .arg(&script)

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
+        .join("../examples")
 }
 
 #[test]

@@ -21,7 +21,10 @@ fn tensorboard_reads_back_every_scalar_of_a_run() {
         .collect();
     assert_eq!(events.len(), 1, "one event file beside metrics.jsonl");
     let python = std::env::var("RLHF_PY").unwrap_or_else(|_| "python3".into());
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tensorboard_readback.py");
+    let script = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"),
+    )
+    .join("../scripts/tensorboard_readback.py");
     let out = Command::new(&python).arg(&script).arg(tmp.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));

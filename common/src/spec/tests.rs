@@ -279,7 +279,10 @@ fn rollout_placement_parses_and_names_bad_fields() {
 
 #[test]
 fn the_shipped_job_files_are_valid() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"),
+    )
+    .join("..");
     let mut n = 0;
     for dir in ["examples", "deploy/placement"] {
         for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {

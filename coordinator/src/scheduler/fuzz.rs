@@ -20,7 +20,10 @@ fn budget() -> Duration {
 }
 
 fn seeds() -> Vec<String> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"),
+    )
+    .join("..");
     let mut out = Vec::new();
     for dir in ["examples", "deploy/placement"] {
         for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {

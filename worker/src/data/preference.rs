@@ -215,7 +215,9 @@ mod tests {
     use crate::data::template::default_template;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
+            .join("tests/fixtures/data")
+            .join(name)
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {

@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 pub const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
+        .join("tests/fixtures")
 }
 
 pub fn load(name: &str) -> Model {
