@@ -25,13 +25,16 @@ fi
 
 # openssl (the TLS test makes its CA), the Prometheus server (the /metrics
 # test has the real one scrape the coordinator), Chromium (the dashboard
-# test looks at the pages headless) and systemd-analyze (the units are
-# verified), from Debian.
+# test looks at the pages headless), systemd-analyze (the units are
+# verified) and Slurm with munge (rlhfd.sbatch runs on a private one), from
+# Debian.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v slurmctld >/dev/null || missing+=(slurm-wlm)
+command -v munged >/dev/null || missing+=(munge)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]} from Debian" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

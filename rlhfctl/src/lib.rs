@@ -10,6 +10,7 @@
 pub mod client;
 pub mod cluster;
 pub mod local;
+pub mod placement;
 pub mod plot;
 pub mod render;
 pub mod watch;
@@ -20,7 +21,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use rlhf_common::spec::is_any_worker;
 use rlhf_common::{now_ms, JobSpec};
 use rlhf_proto::JobState;
 use serde_json::{json, Value};
@@ -103,6 +103,11 @@ pub enum Cmd {
         /// f32, bf16 or f16: overrides the job's model.dtype.
         #[arg(long)]
         dtype: Option<String>,
+        /// Fit the job's [placement] to the workers connected now (names
+        /// that are absent become any worker; roles beyond the workers fold
+        /// onto the trainer); prints what changed. For batch allocations.
+        #[arg(long)]
+        fit_placement: bool,
     },
     /// The job table, or one job in detail.
     Status {
@@ -185,8 +190,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
         }
         Cmd::Down { data_dir, grace } => down(&data_dir.resolve(), Duration::from_secs(grace)),
-        Cmd::Submit { file, wait, request_id, dtype } => {
-            submit(&url, &file, wait, request_id.unwrap_or_default(), dtype).await
+        Cmd::Submit { file, wait, request_id, dtype, fit_placement } => {
+            let how = SubmitOpts { wait, request_id: request_id.unwrap_or_default(), dtype, fit_placement };
+            submit(&url, &file, how).await
         }
         Cmd::Status { job: Some(job), json } => status_one(&url, &job, json).await,
         Cmd::Status { job: None, json } | Cmd::List { json } => list(&url, json).await,
@@ -274,16 +280,34 @@ fn down(data_dir: &Path, grace: Duration) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: Option<String>) -> Result<ExitCode> {
+struct SubmitOpts {
+    wait: bool,
+    request_id: String,
+    dtype: Option<String>,
+    fit_placement: bool,
+}
+
+async fn submit(url: &str, file: &Path, opts: SubmitOpts) -> Result<ExitCode> {
+    let SubmitOpts { wait, request_id, dtype, fit_placement } = opts;
     let mut spec = JobSpec::load(file)?;
     if let Some(d) = dtype {
         spec.override_dtype(&d).map_err(|e| anyhow!("--dtype: {e}"))?;
+    }
+    let mut c = Client::connect(url).await?;
+    let alive: Vec<String> = match c.workers().await {
+        Ok(workers) => workers.into_iter().filter(|w| w.alive).map(|w| w.name).collect(),
+        Err(e) if fit_placement => return Err(e.context("--fit-placement: listing the workers")),
+        Err(_) => Vec::new(),
+    };
+    if fit_placement {
+        for note in placement::fit_placement(&mut spec.placement, &alive) {
+            eprintln!("fitted: {note}");
+        }
     }
     let text = spec.to_toml();
     if text.is_empty() {
         bail!("{}: the job could not be written back as TOML", file.display());
     }
-    let mut c = Client::connect(url).await?;
     let r = c.submit(text, request_id.clone()).await?;
     let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
     if r.created {
@@ -292,9 +316,7 @@ async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: O
         eprintln!("request id {request_id:?} already submitted: job {}", r.job_id);
     }
     println!("{}", r.job_id);
-    let alive: Vec<String> =
-        c.workers().await.unwrap_or_default().into_iter().filter(|w| w.alive).map(|w| w.name).collect();
-    for w in placement_warnings(&spec, &alive) {
+    for w in placement::placement_warnings(&spec, &alive) {
         eprintln!("warning: {w}");
     }
     if !wait {
@@ -302,47 +324,6 @@ async fn submit(url: &str, file: &Path, wait: bool, request_id: String, dtype: O
     }
     let job = watch::watch(&mut c, &r.job_id, watch::Sink::Stderr).await?;
     Ok(exit_for(job_state(&job)))
-}
-
-/// What keeps a job's `[placement]` from being met by the workers connected
-/// now (by name): it would sit queued until they come.
-pub fn placement_warnings(spec: &JobSpec, alive: &[String]) -> Vec<String> {
-    let p = &spec.placement;
-    let connected = if alive.is_empty() { "none".to_string() } else { alive.join(", ") };
-    let mut out = Vec::new();
-    let ranks = p.data_parallel;
-    if ranks > 1 && alive.len() < ranks {
-        out.push(format!(
-            "placement.data_parallel = {ranks} waits for {ranks} idle workers; {} connected ({connected})",
-            alive.len()
-        ));
-    }
-    let mut wanted: Vec<(String, &str)> = Vec::new();
-    for (field, name) in [("trainer", &p.trainer), ("reward", &p.reward), ("critic", &p.critic)] {
-        if let Some(n) = name.as_deref().filter(|n| !is_any_worker(n)) {
-            wanted.push((format!("placement.{field}"), n));
-        }
-    }
-    for (k, n) in p.rollout.iter().enumerate().filter(|(_, n)| !is_any_worker(n)) {
-        wanted.push((format!("placement.rollout[{k}]"), n));
-    }
-    for (field, name) in wanted {
-        if !alive.iter().any(|a| a == name) {
-            out.push(format!(
-                "{field} names worker {name:?}, which is not connected (connected: {connected}); the job waits for it"
-            ));
-        }
-    }
-    let needed = 1
-        + usize::from(p.critic.as_ref().or(p.reward.as_ref()).is_some_and(|r| Some(r) != p.trainer.as_ref()))
-        + p.rollout.len();
-    if needed > 1 && alive.len() < needed {
-        out.push(format!(
-            "the placement needs {needed} workers at once (trainer, reward/critic, rollout); {} connected",
-            alive.len()
-        ));
-    }
-    out
 }
 
 async fn list(url: &str, json: bool) -> Result<ExitCode> {
@@ -461,23 +442,5 @@ mod tests {
         assert_eq!(exit_for(JobState::Succeeded), ExitCode::SUCCESS);
         assert_eq!(exit_for(JobState::Failed), ExitCode::from(1));
         assert_eq!(exit_for(JobState::Cancelled), ExitCode::from(1));
-    }
-
-    #[test]
-    fn placement_that_cannot_be_met_is_named() {
-        let spec = |placement: &str| {
-            JobSpec::from_toml(&format!(
-                "version = 1\nkind = \"ppo\"\n[model]\npath = \"m\"\n[peft]\nmethod = \"lora\"\n\
-                 [data]\ntask = \"eprstmt\"\ntrain = \"t.json\"\n[ppo]\nreward = {{ kind = \"label\" }}\n\
-                 [placement]\n{placement}"
-            ))
-            .unwrap()
-        };
-        let alive = ["worker-a".to_string(), "worker-b".to_string()];
-        let w = placement_warnings(&spec("trainer = \"cpu-0\"\nrollout = [\"worker-b\", \"*\"]\n"), &alive);
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("placement.trainer names worker \"cpu-0\"") && w[0].contains("worker-a, worker-b"));
-        assert!(w[1].contains("needs 3 workers"), "{w:?}");
-        assert!(placement_warnings(&spec("trainer = \"worker-a\"\nrollout = [\"*\"]\n"), &alive).is_empty());
     }
 }
