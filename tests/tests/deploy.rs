@@ -35,3 +35,132 @@ fn the_systemd_units_verify() {
         assert!(verify(tmp.path(), "bogus.service").contains("Unknown key 'BogusKey'"), "{file}");
     }
 }
+
+/// A tool of the venv `RLHF_PY` belongs to (scripts/setup-bench.sh installs
+/// hadolint and kubernetes-validate there; scripts/test.sh runs it).
+fn venv_tool(name: &str) -> std::path::PathBuf {
+    let py = std::env::var("RLHF_PY").expect("RLHF_PY (scripts/test.sh sets it)");
+    let tool = std::path::Path::new(&py).parent().unwrap().join(name);
+    assert!(tool.exists(), "{} missing: run scripts/setup-bench.sh", tool.display());
+    tool
+}
+
+fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{}: {e}", cmd.display()));
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The Containerfile: hadolint finds nothing (and does find a planted
+/// fault); every file it copies from the repo exists; every path it copies
+/// out of the build stage exists after scripts/setup.sh, mapped to this
+/// machine's venv and target dir; and every library the binaries load
+/// comes from what it copies or from Debian's libc6, libstdc++6 and
+/// libgcc-s1, which its bookworm-slim runtime has.
+#[test]
+fn the_container_recipe_lints_and_copies_what_the_build_makes() {
+    let root = workspace_root();
+    let file = root.join("deploy/container/Containerfile");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let hadolint = venv_tool("hadolint");
+    let (ok, out) = run(&hadolint, &[file.to_str().unwrap()]);
+    assert!(ok && out.trim().is_empty(), "hadolint: {out}");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("Containerfile");
+    std::fs::write(&bad, format!("{text}RUN cd /tmp && ls\n")).unwrap();
+    let (ok, out) = run(&hadolint, &[bad.to_str().unwrap()]);
+    assert!(!ok && out.contains("DL3003"), "a planted `cd` was not reported: {out}");
+
+    // /opt/rlhfd/venv and /opt/rlhfd/target in the image are this build's
+    // venv and cargo target dir.
+    let venv =
+        std::path::PathBuf::from(std::env::var("RLHF_PY").unwrap()).parent().unwrap().parent().unwrap().to_path_buf();
+    let target = bin("rlhf-worker").parent().unwrap().parent().unwrap().to_path_buf();
+    let local = |p: &str| {
+        let p = p.trim_end_matches('/');
+        if let Some(rest) = p.strip_prefix("/opt/rlhfd/venv") {
+            Some(std::path::PathBuf::from(format!("{}{rest}", venv.display())))
+        } else {
+            p.strip_prefix("/opt/rlhfd/target")
+                .map(|rest| std::path::PathBuf::from(format!("{}{rest}", target.display())))
+        }
+    };
+    let (mut from_repo, mut from_build) = (0, 0);
+    for line in text.lines().filter(|l| l.starts_with("COPY ")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let build = words[0] == "--from=build";
+        let srcs = &words[usize::from(build)..words.len() - 1];
+        for src in srcs {
+            if !build {
+                assert!(root.join(src).exists(), "COPY {src}: not in the repo");
+                from_repo += 1;
+            } else if src.starts_with("/opt/rlhfd/nccl") {
+                // Made by the build stage's RUN: a link to the wheel's NCCL.
+                let link = text.split_whitespace().skip_while(|w| *w != "-s").nth(1).unwrap();
+                assert!(local(link).unwrap().exists(), "{link}: no NCCL in the venv");
+            } else {
+                let p = local(src).unwrap_or_else(|| panic!("COPY --from=build {src}: not under /opt/rlhfd"));
+                assert!(p.exists(), "COPY --from=build {src}: {} does not exist after setup", p.display());
+                from_build += 1;
+            }
+        }
+    }
+    assert!(from_repo >= 8 && from_build >= 5, "{from_repo} repo paths, {from_build} build paths");
+
+    let copied =
+        [venv.join("lib/python3.11/site-packages/torch/lib"), venv.join("lib/python3.11/site-packages/nvidia")];
+    for b in ["rlhf-coordinator", "rlhf-worker", "rlhfctl"] {
+        let out = Command::new("ldd").arg(bin(b)).env_remove("LD_LIBRARY_PATH").output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in out.lines().filter(|l| l.contains("=>")) {
+            let path = line.split("=>").nth(1).unwrap().split_whitespace().next().unwrap_or("not");
+            assert!(path.starts_with('/'), "{b}: {line}");
+            let canon = std::fs::canonicalize(path).unwrap();
+            if copied.iter().any(|c| canon.starts_with(std::fs::canonicalize(c).unwrap())) {
+                continue;
+            }
+            // Debian's /lib is /usr/lib (merged /usr); dpkg knows one of the two.
+            let usr = format!("/usr{path}");
+            let (found, owner) = run(std::path::Path::new("dpkg"), &["-S", path]);
+            let owner = if found { owner } else { run(std::path::Path::new("dpkg"), &["-S", &usr]).1 };
+            let package = owner.split(':').next().unwrap_or("").to_string();
+            assert!(["libc6", "libstdc++6", "libgcc-s1"].contains(&package.as_str()), "{b} loads {path} from {owner}");
+        }
+    }
+}
+
+/// The Kubernetes manifest against the API schemas of Kubernetes 1.33
+/// (kubernetes-validate, strict: unknown fields fail), which also fails a
+/// planted unknown field; and it runs the image the Containerfile makes:
+/// its commands are binaries the image has.
+#[test]
+fn the_kubernetes_manifest_validates_and_runs_the_image_we_build() {
+    let root = workspace_root();
+    let file = root.join("deploy/k8s/rlhfd.yaml");
+    let tool = venv_tool("kubernetes-validate");
+    let (ok, out) = run(&tool, &["-k", "1.33.0", "--strict", file.to_str().unwrap()]);
+    assert!(ok, "kubernetes-validate: {out}");
+    for kind in ["namespace", "persistentvolumeclaim", "deployment", "service", "statefulset"] {
+        assert!(out.contains(&format!("passed for resource {kind}/")), "{kind}: {out}");
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("rlhfd.yaml");
+    std::fs::write(&bad, text.replace("replicas: 1 ", "replica: 1 ")).unwrap();
+    let (ok, out) = run(&tool, &["-k", "1.33.0", "--strict", bad.to_str().unwrap()]);
+    assert!(!ok && out.contains("replica"), "a planted unknown field passed: {out}");
+
+    let recipe = std::fs::read_to_string(root.join("deploy/container/Containerfile")).unwrap();
+    let build = std::fs::read_to_string(root.join("deploy/container/build.sh")).unwrap();
+    assert!(text.contains("image: rlhfd:0.1.0") && build.contains("tag=${1:-rlhfd:0.1.0}"));
+    let mut commands = 0;
+    for line in text.lines().filter(|l| l.trim_start().starts_with("command:")) {
+        let path = line.split('"').nth(1).unwrap();
+        let name = path.strip_prefix("/usr/local/bin/").unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            recipe.lines().any(|l| l.starts_with("COPY --from=build") && l.contains(&format!("/{name} "))),
+            "{name}"
+        );
+        commands += 1;
+    }
+    assert_eq!(commands, 2);
+}
