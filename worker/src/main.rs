@@ -10,7 +10,11 @@ use rlhf_model::Sampling;
 use rlhf_worker::offline::{self, ModelArgs, Prompt};
 
 #[derive(Parser)]
-#[command(name = "rlhf-worker", version, about = "rlhfd worker: the per-device daemon (serve) and model tools (run, bench, ...)")]
+#[command(
+    name = "rlhf-worker",
+    version,
+    about = "rlhfd worker: the per-device daemon (serve) and model tools (run, bench, ...)"
+)]
 struct Cli {
     /// Intra-op threads for torch (default: torch's choice).
     #[arg(long, global = true, env = "RLHF_THREADS")]
