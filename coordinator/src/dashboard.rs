@@ -10,15 +10,18 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Form, Path, State};
+use axum::extract::{ConnectInfo, Form, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
 use serde_json::Value;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
-use crate::auth::{Identity, Tokens};
+use crate::auth::Tokens;
 use crate::scheduler::Handle;
 use crate::state::JobState;
 
@@ -40,12 +43,29 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(t.trim())
 }
 
+/// The dashboard's routes: the pages behind [`readers_only`], and the
+/// cancel form, which checks its own token.
+pub fn routes(dash: Dash) -> Router {
+    let pages = Router::new()
+        .route("/", get(index))
+        .route("/jobs/{id}", get(job))
+        .route("/jobs/{id}/curves", get(job_curves))
+        .route("/jobs/{id}/events", get(job_events))
+        .route_layer(middleware::from_fn_with_state(dash.clone(), readers_only));
+    pages.route("/jobs/{id}/cancel", post(cancel)).with_state(dash)
+}
+
 /// Who reads: a token's client, or anyone on loopback (read-only).
-fn reader(d: &Dash, headers: &HeaderMap, peer: SocketAddr) -> Result<Option<Identity>, Box<Response>> {
-    match bearer(headers).and_then(|t| d.tokens.client(t)) {
-        Some(id) => Ok(Some(id)),
-        None if peer.ip().is_loopback() => Ok(None),
-        None => Err(Box::new((StatusCode::UNAUTHORIZED, "a client token is required off loopback\n").into_response())),
+async fn readers_only(
+    State(d): State<Dash>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if peer.ip().is_loopback() || bearer(req.headers()).and_then(|t| d.tokens.client(t)).is_some() {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "a client token is required off loopback\n").into_response()
     }
 }
 
@@ -68,10 +88,7 @@ fn progress_of(progress: &str) -> (String, u64, u64) {
     (p["stage"].as_str().unwrap_or("").to_string(), p["step"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0))
 }
 
-pub async fn index(State(d): State<Dash>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
-    if let Err(r) = reader(&d, &headers, peer) {
-        return *r;
-    }
+async fn index(State(d): State<Dash>) -> Response {
     let (Ok(jobs), Ok(workers)) = (d.sched.list().await, d.sched.workers().await) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is not answering\n").into_response();
     };
@@ -173,15 +190,7 @@ fn predictions(job_dir: &std::path::Path) -> String {
     out
 }
 
-pub async fn job(
-    State(d): State<Dash>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = reader(&d, &headers, peer) {
-        return *r;
-    }
+async fn job(State(d): State<Dash>, Path(id): Path<String>) -> Response {
     let (Ok(j), Ok((events, metrics, _))) = (d.sched.get(id.clone()).await, d.sched.logs(id.clone(), 0, 100_000).await)
     else {
         return (StatusCode::NOT_FOUND, format!("no job {id}\n")).into_response();
@@ -227,15 +236,7 @@ pub async fn job(
     page(&format!("job {} ({})", j.name, id), &b, &script).into_response()
 }
 
-pub async fn job_curves(
-    State(d): State<Dash>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = reader(&d, &headers, peer) {
-        return *r;
-    }
+async fn job_curves(State(d): State<Dash>, Path(id): Path<String>) -> Response {
     match d.sched.logs(id.clone(), 0, 100_000).await {
         Ok((_, metrics, _)) => Html(curves(&metrics)).into_response(),
         Err(_) => (StatusCode::NOT_FOUND, format!("no job {id}\n")).into_response(),
@@ -243,15 +244,7 @@ pub async fn job_curves(
 }
 
 /// Server-sent events: one per change of the job, until it ends.
-pub async fn job_events(
-    State(d): State<Dash>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = reader(&d, &headers, peer) {
-        return *r;
-    }
+async fn job_events(State(d): State<Dash>, Path(id): Path<String>) -> Response {
     let updates = BroadcastStream::new(d.sched.subscribe());
     let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
         Box::pin(updates.filter_map(move |u| u.ok().filter(|j| j.id == id)).map(|j| {
@@ -268,7 +261,7 @@ pub struct CancelForm {
     token: String,
 }
 
-pub async fn cancel(
+async fn cancel(
     State(d): State<Dash>,
     headers: HeaderMap,
     Path(id): Path<String>,

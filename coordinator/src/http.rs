@@ -162,14 +162,10 @@ pub async fn serve(
     grpc: Arc<GrpcStats>,
 ) -> std::io::Result<()> {
     let dash = crate::dashboard::Dash { sched: sched.clone(), tokens: tokens.clone() };
-    let pages = Router::new()
-        .route("/", get(crate::dashboard::index))
-        .route("/jobs/{id}", get(crate::dashboard::job))
-        .route("/jobs/{id}/curves", get(crate::dashboard::job_curves))
-        .route("/jobs/{id}/events", get(crate::dashboard::job_events))
-        .route("/jobs/{id}/cancel", axum::routing::post(crate::dashboard::cancel))
-        .with_state(dash);
-    let app = Router::new().route("/metrics", get(metrics)).with_state(Ctx { sched, tokens, grpc }).merge(pages);
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Ctx { sched, tokens, grpc })
+        .merge(crate::dashboard::routes(dash));
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
 }
 

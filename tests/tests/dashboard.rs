@@ -1,7 +1,8 @@
 //! The dashboard as a person sees it, through headless Chromium (Debian's,
 //! installed by scripts/test.sh): while a PPO job runs, the index lists it
 //! as running and the job page draws curves with several points; a
-//! screenshot is saved (its path is printed); cancelling needs a token.
+//! screenshot is saved (its path is printed); cancelling needs a token,
+//! and so does reading from anywhere but loopback.
 
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +19,26 @@ fn chromium(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// This machine's address off loopback (the one a route out would use).
+fn outside_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("192.0.2.1:9").expect("a route off loopback");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+    ip
+}
+
+/// The status line of `GET path` to `addr`, with the bearer `token`.
+fn status_line(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: rlhfd\r\nConnection: close\r\n{auth}\r\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim().to_string()
+}
+
 fn port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -25,7 +46,7 @@ fn port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_a_running_job_with_its_curves() {
     let http = port();
-    let cl = Cluster::start_with(1, 3000, |_| vec!["--http".into(), format!("127.0.0.1:{http}")]);
+    let cl = Cluster::start_with(1, 3000, |_| vec!["--http".into(), format!("0.0.0.0:{http}")]);
     cl.wait_workers(1).await;
     let mut c = cl.client().await;
     let f = fixtures();
@@ -62,6 +83,14 @@ async fn chromium_shows_a_running_job_with_its_curves() {
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
     eprintln!("dashboard screenshot: {}", shot.display());
+
+    // Off loopback, reading needs a client token.
+    let outside = std::net::SocketAddr::new(outside_ip(), http);
+    for path in ["/".to_string(), format!("/jobs/{id}"), format!("/jobs/{id}/curves")] {
+        assert_eq!(status_line(outside, &path, None), "HTTP/1.1 401 Unauthorized", "{path}");
+        assert_eq!(status_line(outside, &path, Some("wrong-token")), "HTTP/1.1 401 Unauthorized", "{path}");
+        assert_eq!(status_line(outside, &path, cl.admin_token().as_deref()), "HTTP/1.1 200 OK", "{path}");
+    }
 
     // Cancelling without a token is refused, with it done.
     let post = |token: &str| {
