@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# A private single-node Slurm on this machine, to run deploy/slurm/rlhfd.sbatch
-# under the real engine: its own munged (own key and socket), slurmctld and
-# slurmd, with config, spool, state and logs under DIR and their own ports.
-# Nothing system-wide is touched; `down` stops all three.
+# A private Slurm on this machine, to run deploy/slurm/rlhfd.sbatch under
+# the real engine: its own munged (own key and socket), slurmctld and one
+# slurmd per node, with config, spool, state and logs under DIR and their
+# own ports. Nothing system-wide is touched; `down` stops them all.
 #
-#   scripts/slurm-local.sh up DIR [CPUS]    # prints: export SLURM_CONF=DIR/slurm.conf
+#   scripts/slurm-local.sh up DIR [CPUS] [NODES]   # prints: export SLURM_CONF=DIR/slurm.conf
 #   SLURM_CONF=DIR/slurm.conf sbatch ...; squeue; sacct -c
 #   scripts/slurm-local.sh down DIR        # cancels its jobs, stops the daemons
 #
 # Needs root and Debian's slurm-wlm + munge (installed when missing, through
 # apt-get; exit 3 when they are missing and apt-get is not there).
-# One partition "rlhfd" with one node of CPUS CPUs (default 4: the node's
-# CPU count is taken from the config, so tasks may outnumber the cores);
+# One partition "rlhfd" with NODES nodes (default 1) of CPUS CPUs each
+# (default 4: the count is taken from the config, so tasks may outnumber
+# the cores). One node is named after this host; several are node1 …
+# nodeN, each its own slurmd with its own port and spool on this machine
+# (steps spread over them as over separate hosts; they share the kernel);
 # proctrack/linuxproc, task/none, no accounting daemon: `sacct -c` reads the
 # job completion log.
 set -euo pipefail
 
-cmd=${1:?usage: slurm-local.sh up|down DIR [CPUS]}
-dir=${2:?usage: slurm-local.sh up|down DIR [CPUS]}
+cmd=${1:?usage: slurm-local.sh up|down DIR [CPUS] [NODES]}
+dir=${2:?usage: slurm-local.sh up|down DIR [CPUS] [NODES]}
 cpus=${3:-4}
+nodes=${4:-1}
 
 stop_pidfile() {   # SIGTERM the pid in $1, wait up to 10 s, then SIGKILL
   [[ -f $1 ]] || return 0
@@ -40,7 +44,7 @@ if [[ $cmd == down ]]; then
       sleep 0.1
     done
   fi
-  stop_pidfile "$dir/slurmd.pid"
+  for pidfile in "$dir"/slurmd-*.pid; do stop_pidfile "$pidfile"; done
   stop_pidfile "$dir/slurmctld.pid"
   stop_pidfile "$dir/munge/munged.pid"
   exit 0
@@ -59,7 +63,7 @@ fi
 
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-mkdir -p "$dir/munge" "$dir/state" "$dir/spool" "$dir/out"
+mkdir -p "$dir/munge" "$dir/state" "$dir/spool"
 chmod 700 "$dir/munge"
 
 # munge: its own key and socket, so the machine's munged (if any) is untouched.
@@ -70,23 +74,24 @@ munged --socket="$dir/munge/munge.socket" --key-file="$key" --pid-file="$dir/mun
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 host=$(hostname -s)
+names=("$host")
+((nodes == 1)) || names=($(seq -f 'node%g' 1 "$nodes"))
 cat >"$dir/slurm.conf" <<EOF
 # Written by scripts/slurm-local.sh: a private single-node Slurm.
 ClusterName=rlhfd-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$(free_port)
-SlurmdPort=$(free_port)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket=$dir/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -99,20 +104,23 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.log
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=4096 State=UNKNOWN
-PartitionName=rlhfd Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
+for name in "${names[@]}"; do
+  echo "NodeName=$name NodeHostname=$host NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$cpus RealMemory=4096 State=UNKNOWN"
+done >>"$dir/slurm.conf"
+nodelist=$(IFS=,; echo "${names[*]}")
+echo "PartitionName=rlhfd Nodes=$nodelist Default=YES MaxTime=INFINITE State=UP" >>"$dir/slurm.conf"
 export SLURM_CONF=$dir/slurm.conf
 slurmctld -f "$SLURM_CONF"
-slurmd -f "$SLURM_CONF" -N "$host"
+for name in "${names[@]}"; do slurmd -f "$SLURM_CONF" -N "$name"; done
 for _ in $(seq 300); do
-  if sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then
+  if [[ $(sinfo -h -N -o '%T' 2>/dev/null | grep -cx idle) == "$nodes" ]]; then
     echo "export SLURM_CONF=$SLURM_CONF"
     exit 0
   fi
   sleep 0.2
 done
-echo "slurm-local.sh: the node did not come up idle within 60 s; logs in $dir" >&2
+echo "slurm-local.sh: the nodes did not come up idle within 60 s; logs in $dir" >&2
 sinfo >&2 || true
-tail -n 20 "$dir/slurmctld.log" "$dir/slurmd.log" >&2 || true
+tail -n 20 "$dir"/slurm*.log >&2 || true
 exit 1

@@ -1,13 +1,16 @@
 //! deploy/slurm/rlhfd.sbatch under a real Slurm: scripts/slurm-local.sh
-//! starts a private single-node one (Debian's slurm-wlm + munge, installed
-//! when missing; its own config, spool and ports under a temp dir), and
-//!  1. `sbatch --ntasks=3` runs examples/pipeline.toml to success: the
-//!     coordinator and two CPU workers as tasks of two steps, the job's
-//!     [placement] (written for 4 workers) fitted to the 2, the report in
-//!     the output file, COMPLETED in `sacct -c`, and no process left;
-//!  2. with RLHF_PLACEMENT=exact and TLS between the tasks (RLHF_TLS=1, as
-//!     with several nodes), the same job fails at once with the reason,
-//!     and the Slurm job FAILED, instead of waiting out the allocation.
+//! starts a private one with two nodes (Debian's slurm-wlm + munge,
+//! installed when missing; a slurmd per node, each with its own port and
+//! spool, on this machine; config and state under a temp dir), and
+//!  1. `sbatch --nodes=2 --ntasks=3` runs examples/pipeline.toml to success:
+//!     the coordinator a task on the first node, two CPU workers a step over
+//!     both, connected over TLS with a CA the script made (as with several
+//!     hosts); the job's [placement] (written for 4 workers) fitted to the
+//!     2, the report in the output file, COMPLETED in `sacct -c`, and no
+//!     process left;
+//!  2. on one node (loopback) with RLHF_PLACEMENT=exact, the same job fails
+//!     at once with the reason, and the Slurm job FAILED, instead of waiting
+//!     out the allocation.
 //!
 //! It skips, saying so, only where Slurm is missing and apt-get is not there.
 
@@ -27,8 +30,7 @@ impl Slurm {
     fn up(dir: &Path) -> Option<Self> {
         let out = Command::new(workspace_root().join("scripts/slurm-local.sh"))
             .arg("up")
-            .arg(dir)
-            .arg("8")
+            .args([dir.as_os_str(), "4".as_ref(), "2".as_ref()])
             .output()
             .expect("scripts/slurm-local.sh");
         if out.status.code() == Some(3) {
@@ -115,19 +117,23 @@ fn rlhfd_sbatch_runs_the_pipeline_under_slurm_and_fails_fast_when_placement_cann
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let out_file = |id: &str| std::fs::read_to_string(work.join(format!("rlhfd-{id}.out"))).unwrap_or_default();
-    let cpu3 = ["--gres=none", "--ntasks=3", "--cpus-per-task=1", "--output=rlhfd-%j.out"];
+    let tasks =
+        |nodes: &'static str| ["--gres=none", nodes, "--ntasks=3", "--cpus-per-task=1", "--output=rlhfd-%j.out"];
 
-    // 1. The pipeline, fitted to the allocation's two workers.
+    // 1. The pipeline on two nodes, fitted to the allocation's two workers.
     let t = Instant::now();
-    let id = slurm.sbatch(&work, &[], &cpu3);
+    let id = slurm.sbatch(&work, &[], &tasks("--nodes=2"));
     let squeue = slurm.wait(&id, Duration::from_secs(600));
     let took = t.elapsed();
     let out = out_file(&id);
     let sacct = slurm.sacct(&id);
     eprintln!("--- squeue while it ran\n{squeue}--- sacct -c\n{sacct}\n--- rlhfd-{id}.out\n{out}--- {took:.1?}");
-    assert!(squeue.contains("rlhfd-co") && squeue.contains("rlhfd-wo"), "{squeue}");
+    let step = |name: &str| squeue.lines().find(|l| l.contains(name)).unwrap_or_default().to_string();
+    assert!(step("rlhfd-co").ends_with(" node1"), "{squeue}");
+    assert!(step("rlhfd-wo").ends_with(" node[1-2]"), "the workers' step is not on both nodes: {squeue}");
     assert!(sacct.contains("COMPLETED"), "{sacct}\n{out}");
     assert!(out.contains("no GPU allocated; 2 CPU workers"), "{out}");
+    assert!(out.contains("coordinator at https://"), "several nodes, yet no TLS: {out}");
     for name in ["cpu-0", "cpu-1"] {
         assert!(out.lines().any(|l| l.contains(name) && l.contains(" yes ")), "{name} not alive: {out}");
     }
@@ -135,25 +141,24 @@ fn rlhfd_sbatch_runs_the_pipeline_under_slurm_and_fails_fast_when_placement_cann
     assert!(out.contains("the trainer generates"), "{out}");
     assert!(out.contains("succeeded") && out.contains("## Accuracy, choice mode"), "{out}");
     let data_dir = work.join(format!("rlhfd-{id}"));
-    assert!(data_dir.join("logs/cpu-1.log").exists());
+    let coord = std::fs::read_to_string(data_dir.join("logs/coordinator.log")).unwrap();
+    assert!(coord.contains("0.0.0.0"), "not listening beyond loopback: {coord}");
     let cpu1 = std::fs::read_to_string(data_dir.join("logs/cpu-1.log")).unwrap();
     assert!(cpu1.contains("hosting reward and critic roles"), "{cpu1}");
     let left = processes_naming(&data_dir);
     assert!(left.is_empty(), "left running: {left:?}");
 
-    // 2. Placement as written, over TLS: fails at once with the reason.
+    // 2. One node, placement as written: fails at once with the reason.
     let t = Instant::now();
-    let id = slurm.sbatch(&work, &[("RLHF_PLACEMENT", "exact"), ("RLHF_TLS", "1")], &cpu3);
+    let id = slurm.sbatch(&work, &[("RLHF_PLACEMENT", "exact")], &tasks("--nodes=1"));
     slurm.wait(&id, Duration::from_secs(120));
     let took = t.elapsed();
     let out = out_file(&id);
     let sacct = slurm.sacct(&id);
     eprintln!("--- sacct -c\n{sacct}\n--- rlhfd-{id}.out\n{out}--- {took:.1?}");
     assert!(sacct.contains("FAILED"), "{sacct}\n{out}");
+    assert!(out.contains("coordinator at http://127.0.0.1:"), "{out}");
     assert!(out.contains("placement cannot be met by this cluster"), "{out}");
     assert!(out.contains("rollout[0] on \"cpu-2\""), "{out}");
-    let coord = std::fs::read_to_string(work.join(format!("rlhfd-{id}/logs/coordinator.log"))).unwrap();
-    assert!(coord.contains("0.0.0.0"), "not listening beyond loopback: {coord}");
-    assert!(out.contains("https://"), "{out}");
     assert!(took < Duration::from_secs(60), "failing took {took:?}");
 }
