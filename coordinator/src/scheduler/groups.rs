@@ -2,7 +2,11 @@
 //! collective round in flight. Every rank sends its part of a round; when
 //! all have, the coordinator sums (or gathers) them in rank order and sends
 //! the result to every rank. The last result is kept, so a rank that lost
-//! it in a reconnect asks again and gets it. A sum (megabytes of
+//! it in a reconnect asks again and gets it. A restarted coordinator has no
+//! last result: when some ranks got round N's result before the restart and
+//! sent round N+1, while others still wait for N, it keeps the N+1 parts
+//! aside, asks those ranks for their N parts again (they keep them), and
+//! sums N once more. A sum (megabytes of
 //! gradients) is computed off the scheduler's task: [`Reply::Sum`] hands
 //! the parts out and [`Groups::finish`] takes the result back.
 
@@ -21,6 +25,9 @@ struct Group {
     /// Worker id of each rank (None until known again after a restart).
     members: Vec<Option<String>>,
     pending: Option<Round>,
+    /// Parts of the round after `pending`, from ranks that had its result
+    /// before a coordinator restart (see the module doc).
+    next: Option<Round>,
     last: Option<CollectiveResult>,
     /// The round being summed off the scheduler's task.
     summing: Option<u64>,
@@ -55,7 +62,7 @@ impl Groups {
     /// A new group: `workers[r]` runs rank r.
     pub(super) fn create(&mut self, job: &str, workers: &[String]) {
         let members = workers.iter().cloned().map(Some).collect();
-        self.by_job.insert(job.to_string(), Group { members, pending: None, last: None, summing: None });
+        self.by_job.insert(job.to_string(), Group { members, pending: None, next: None, last: None, summing: None });
     }
 
     /// Learns a rank back from a worker's report (after a coordinator
@@ -67,6 +74,7 @@ impl Groups {
         let g = self.by_job.entry(job.to_string()).or_insert_with(|| Group {
             members: vec![None; world],
             pending: None,
+            next: None,
             last: None,
             summing: None,
         });
@@ -116,13 +124,7 @@ impl Groups {
         let fail = |to: Vec<String>, part: &Collective, error: String| {
             Reply::Send(
                 to,
-                CollectiveResult {
-                    job_id: part.job_id.clone(),
-                    round: part.round,
-                    error,
-                    tensors: Vec::new(),
-                    payloads: Vec::new(),
-                },
+                CollectiveResult { job_id: part.job_id.clone(), round: part.round, error, ..Default::default() },
             )
         };
         let me = vec![worker.to_string()];
@@ -144,11 +146,40 @@ impl Groups {
         if g.summing == Some(part.round) {
             return Reply::Wait; // a repeat while its round is being summed
         }
-        let round = g.pending.get_or_insert_with(|| Round { round: part.round, op: part.op, parts: vec![None; world] });
+        let job_id = part.job_id.clone();
+        let ask_again = |to: Vec<String>, round: u64| {
+            let ask = CollectiveResult { job_id: job_id.clone(), round, resend_part: true, ..Default::default() };
+            Reply::Send(to, ask)
+        };
+        let new_round = |part: &Collective| Round { round: part.round, op: part.op, parts: vec![None; world] };
+        if g.pending.as_ref().is_some_and(|r| part.round + 1 == r.round) {
+            // After a restart: this rank missed the result the pending
+            // round's ranks got. Redo its round with their parts again.
+            let ahead = g.pending.take().unwrap();
+            let to = ahead.parts.iter().flatten().filter_map(|p| g.members[p.rank as usize].clone()).collect();
+            g.next = Some(ahead);
+            let mut again = new_round(&part);
+            let n = again.round;
+            again.parts[rank] = Some(part);
+            g.pending = Some(again);
+            return ask_again(to, n);
+        }
+        let round = g.pending.get_or_insert_with(|| new_round(&part));
         if part.round < round.round {
             return Reply::Wait; // a stale repeat
         }
+        if part.round == round.round + 1 && round.parts[rank].is_none() {
+            // After a restart: this rank got the pending round's result
+            // before it. Keep its part for later and ask for the one before.
+            let n = round.round;
+            let next = g.next.get_or_insert_with(|| new_round(&part));
+            if next.round == part.round && next.op == part.op {
+                next.parts[rank] = Some(part);
+                return ask_again(me, n);
+            }
+        }
         let everyone: Vec<String> = g.members.iter().flatten().cloned().collect();
+        let Some(round) = g.pending.as_mut() else { return Reply::Wait };
         if part.round > round.round || part.op != round.op {
             let error = format!(
                 "ranks out of step: rank {rank} sent {} round {}, another rank {} round {}",
@@ -158,6 +189,7 @@ impl Groups {
                 round.round
             );
             g.pending = None;
+            g.next = None;
             return fail(everyone, &part, error);
         }
         round.parts[rank] = Some(part);
@@ -167,6 +199,7 @@ impl Groups {
         let Some(done) = g.pending.take() else {
             return Reply::Wait;
         };
+        g.pending = g.next.take();
         let parts: Vec<Collective> = done.parts.into_iter().flatten().collect();
         let mut result =
             CollectiveResult { job_id: parts[0].job_id.clone(), round: done.round, ..CollectiveResult::default() };
@@ -254,6 +287,33 @@ mod tests {
         assert!(matches!(g.contribute("a", part(0, 1, CollectiveOp::Gather, &[])), Reply::Wait));
         let (_, r) = sent(&mut g, "b", part(1, 1, CollectiveOp::Gather, &[]));
         assert_eq!(r.payloads, vec![vec![0u8], vec![1u8]]);
+    }
+
+    /// A coordinator restarted after sending round 5's result to rank 1
+    /// only: rank 0 sends round 5 again, rank 1 round 6, in either order.
+    /// Rank 1 is asked for its round-5 part, round 5 is summed again for
+    /// both, and round 6 completes with the part kept aside.
+    #[test]
+    fn a_round_some_ranks_missed_in_a_restart_is_summed_again() {
+        for behind_first in [true, false] {
+            let mut g = Groups::default();
+            assert!(g.learn("j", "a", 0, 2) && g.learn("j", "b", 1, 2));
+            let behind = || part(0, 5, CollectiveOp::Sum, &[1.0]);
+            let ahead = || part(1, 6, CollectiveOp::Sum, &[20.0]);
+            let ask = if behind_first {
+                assert!(matches!(g.contribute("a", behind()), Reply::Wait));
+                sent(&mut g, "b", ahead())
+            } else {
+                assert!(matches!(g.contribute("b", ahead()), Reply::Wait));
+                sent(&mut g, "a", behind())
+            };
+            assert_eq!(ask.0, vec!["b".to_string()]);
+            assert!(ask.1.resend_part && ask.1.round == 5, "{:?}", ask.1);
+            let (to, r5) = sent(&mut g, "b", part(1, 5, CollectiveOp::Sum, &[2.0]));
+            assert_eq!((to, r5.round, r5.tensors[0].f32.clone()), (vec!["a".to_string(), "b".into()], 5, vec![3.0]));
+            let (to, r6) = sent(&mut g, "a", part(0, 6, CollectiveOp::Sum, &[10.0]));
+            assert_eq!((to.len(), r6.round, r6.tensors[0].f32.clone(), r6.resend_part), (2, 6, vec![30.0], false));
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A data-parallel rank's collectives through the coordinator: each call
 //! sends this rank's part and waits for the summed (or gathered) result.
 //! The last unanswered part stays in the daemon's state and is sent again
-//! after a reconnect, so a restarted coordinator completes the round.
+//! after a reconnect, so a restarted coordinator completes the round; the
+//! part before it is kept too, for a coordinator that restarted after only
+//! some ranks got that round's result (it asks for the part again).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -26,6 +28,8 @@ pub(super) struct Relay {
     rank: usize,
     world: usize,
     round: u64,
+    /// This rank's part of the round before `round`.
+    previous: Option<WorkerMessage>,
     events: UnboundedSender<WorkerMessage>,
     results: Receiver<CollectiveResult>,
     cancel: Arc<AtomicBool>,
@@ -41,7 +45,7 @@ impl Relay {
         cancel: Arc<AtomicBool>,
         running: Running,
     ) -> Self {
-        Self { job_id, rank, world, round: 0, events, results, cancel, running }
+        Self { job_id, rank, world, round: 0, previous: None, events, results, cancel, running }
     }
 
     fn exchange(&mut self, op: CollectiveOp, tensors: Vec<TensorData>, payload: Vec<u8>) -> Result<CollectiveResult> {
@@ -58,9 +62,14 @@ impl Relay {
         if let Ok(mut st) = self.running.lock() {
             st.outstanding.insert(self.job_id.clone(), msg.clone());
         }
-        self.events.send(msg).map_err(|_| Error::Collective("worker is shutting down".into()))?;
+        self.events.send(msg.clone()).map_err(|_| Error::Collective("worker is shutting down".into()))?;
         let r = loop {
             match self.results.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) if r.resend_part => {
+                    if let Some(p) = self.previous.as_ref().filter(|_| r.round + 1 == self.round) {
+                        let _ = self.events.send(p.clone());
+                    }
+                }
                 Ok(r) if r.round == self.round => break r,
                 Ok(_) => continue, // a repeated result of an earlier round
                 Err(RecvTimeoutError::Timeout) => {
@@ -77,6 +86,7 @@ impl Relay {
             st.outstanding.remove(&self.job_id);
         }
         self.round += 1;
+        self.previous = Some(msg);
         if !r.error.is_empty() {
             return Err(Error::Collective(r.error));
         }
@@ -141,5 +151,42 @@ pub(super) fn connect(relay: Relay, how: CollectiveSpec, device: Device) -> Resu
         }
         (_, true, None) => Ok(Box::new(nccl::NcclRank::init(Box::new(relay), device)?)),
         _ => Ok(Box::new(relay)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn sum_result(round: u64, v: f32) -> CollectiveResult {
+        let t = TensorData { name: "sum".into(), shape: vec![1], f32: vec![v], i64: Vec::new() };
+        CollectiveResult { job_id: "j".into(), round, tensors: vec![t], ..Default::default() }
+    }
+
+    /// A restarted coordinator asks for the part of the round before the
+    /// current one: the relay sends it again and goes on waiting for the
+    /// current round's result (ignoring the earlier round's repeat).
+    #[test]
+    fn a_request_for_the_previous_part_sends_it_again() {
+        let (events, mut sent) = tokio::sync::mpsc::unbounded_channel();
+        let (results, rx) = std::sync::mpsc::channel();
+        let running = Arc::new(Mutex::new(super::super::State::default()));
+        let mut relay = Relay::new("j".into(), (1, 2), events, rx, Arc::new(AtomicBool::new(false)), running);
+        results.send(sum_result(0, 3.0)).unwrap();
+        assert_eq!(relay.sum_f32(vec![2.0]).unwrap(), vec![3.0]);
+        let ask = CollectiveResult { job_id: "j".into(), round: 0, resend_part: true, ..Default::default() };
+        results.send(ask).unwrap();
+        results.send(sum_result(0, 3.0)).unwrap();
+        results.send(sum_result(1, 30.0)).unwrap();
+        assert_eq!(relay.sum_f32(vec![20.0]).unwrap(), vec![30.0]);
+        let parts: Vec<(u64, f32)> = std::iter::from_fn(|| sent.try_recv().ok())
+            .map(|m| match m.msg {
+                Some(worker_message::Msg::Collective(p)) => (p.round, p.tensors[0].f32[0]),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(parts, vec![(0, 2.0), (1, 20.0), (0, 2.0)]);
     }
 }
