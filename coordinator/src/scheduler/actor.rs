@@ -1,6 +1,7 @@
 //! The scheduler's state and its reactions to commands.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rlhf_common::spec::{is_any_worker, JobKind, JobSpec};
@@ -95,6 +96,9 @@ pub(super) struct Scheduler {
     relayed_total: u64,
     /// Running job → (last step, when, steps per second) from its progress.
     rates: BTreeMap<String, (u64, Instant, f64)>,
+    /// Queued and running jobs → their parsed spec (a spec never changes;
+    /// placing a long queue on every message must not parse it again).
+    specs: HashMap<String, Arc<JobSpec>>,
 }
 
 impl Scheduler {
@@ -119,6 +123,7 @@ impl Scheduler {
             me,
             relayed_total: 0,
             rates: BTreeMap::new(),
+            specs: HashMap::new(),
         }
     }
 
@@ -201,7 +206,7 @@ impl Scheduler {
     fn move_job(&mut self, id: &str, next: JobState, message: &str) -> bool {
         let (next, message) = match (&next, self.store.job(id)) {
             (JobState::Queued, Ok(Some(job))) if job.attempts > 0 => {
-                let max = JobSpec::from_toml(&job.spec_toml).map_or(1, |s| s.placement.max_attempts);
+                let max = self.spec_of(&job).map_or(1, |s| s.placement.max_attempts);
                 if job.attempts >= max {
                     let reason =
                         format!("gave up after {} attempts (placement.max_attempts); last: {message}", job.attempts);
@@ -217,6 +222,7 @@ impl Scheduler {
         let message = message.as_str();
         if next.is_terminal() {
             self.backoff.remove(id);
+            self.specs.remove(id);
         }
         match self.store.transition(id, &next, message) {
             Ok(true) => {
@@ -235,6 +241,17 @@ impl Scheduler {
                 false
             }
         }
+    }
+
+    /// `job`'s parsed spec, from the cache (None: it does not parse, which
+    /// a stored spec only does after a format change).
+    fn spec_of(&mut self, job: &JobRow) -> Option<Arc<JobSpec>> {
+        if let Some(s) = self.specs.get(&job.id) {
+            return Some(s.clone());
+        }
+        let spec = Arc::new(JobSpec::from_toml(&job.spec_toml).ok()?);
+        self.specs.insert(job.id.clone(), spec.clone());
+        Some(spec)
     }
 
     fn submit(&mut self, spec_toml: &str, request_id: Option<&str>, owner: &str) -> Result<(JobRow, bool)> {
@@ -342,7 +359,7 @@ impl Scheduler {
         // peer's claim of a huge world must not size anything.
         for r in ranks {
             let Ok(Some(job)) = self.store.job(&r.job_id) else { continue };
-            let world = JobSpec::from_toml(&job.spec_toml).map_or(0, |s| s.placement.data_parallel);
+            let world = self.spec_of(&job).map_or(0, |s| s.placement.data_parallel);
             if !matches!(job.state, JobState::Running { .. }) {
                 continue;
             }
@@ -710,7 +727,7 @@ impl Scheduler {
         let mut late = Vec::new();
         for state in ["queued", "running"] {
             for j in self.store.jobs_in(state).unwrap_or_default() {
-                let Ok(spec) = JobSpec::from_toml(&j.spec_toml) else { continue };
+                let Some(spec) = self.spec_of(&j) else { continue };
                 if let Some(d) = spec.placement.deadline_s {
                     if now - j.created_ms > (d as i64).saturating_mul(1000) {
                         late.push((j, d));
@@ -825,7 +842,7 @@ impl Scheduler {
             if self.backoff.contains_key(&job.id) {
                 continue;
             }
-            let Ok(spec) = JobSpec::from_toml(&job.spec_toml) else { continue };
+            let Some(spec) = self.spec_of(&job) else { continue };
             if spec.placement.data_parallel > 1 {
                 self.dispatch_ranks(&job, &spec);
                 continue;

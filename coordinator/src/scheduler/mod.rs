@@ -226,6 +226,63 @@ mod tests {
         }
     }
 
+    /// A long queue that no worker can take (each job wants an absent
+    /// trainer) while a worker is idle: every message makes the actor try
+    /// to place the queue again. Each spec is parsed once, not on every
+    /// message, so a message costs less than parsing the queue once did.
+    #[tokio::test]
+    async fn a_long_unplaceable_queue_keeps_each_message_cheap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            data_dir: tmp.path().to_path_buf(),
+            lease: Duration::from_secs(60),
+            allow_read: Vec::new(),
+            fail_unplaceable: false,
+        };
+        let h = Handle::spawn(cfg).unwrap();
+        let (tx, _rx) = mpsc::channel(64);
+        let reg = Register {
+            worker_id: "w1".into(),
+            name: "cpu-0".into(),
+            device: "cpu".into(),
+            session_key: "0123456789abcdef".into(),
+            ..Default::default()
+        };
+        let (accepted, verdict) = oneshot::channel();
+        h.send(Command::Connected { reg, tx, conn: 1, accepted }).await;
+        verdict.await.unwrap().unwrap();
+        let spec = format!("{SPEC}[placement]\ntrainer = \"gpu-9\"\n");
+        let queue = 300;
+        for _ in 0..queue {
+            h.submit(spec.clone(), None, "admin".into()).await.unwrap();
+        }
+        let beat = || Command::Message {
+            worker: "w1".into(),
+            conn: 1,
+            msg: worker_message::Msg::Heartbeat(Heartbeat { jobs: Some(WorkerJobs::default()) }),
+        };
+        let n = 100;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            h.send(beat()).await;
+        }
+        h.list().await.unwrap(); // behind every heartbeat in the actor's inbox
+        let per_message = t.elapsed() / n;
+        // As long a span as the messages took, so that both see the same
+        // contention from other tests.
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            for _ in 0..queue {
+                rlhf_common::JobSpec::from_toml(&spec).unwrap();
+            }
+        }
+        let parse_queue = t.elapsed() / n;
+        eprintln!("{queue} queued: {per_message:?} per heartbeat; parsing the queue once: {parse_queue:?}");
+        assert!(per_message < parse_queue, "{per_message:?} per message, {parse_queue:?} to parse the queue");
+        let queued = h.list().await.unwrap().iter().filter(|j| matches!(j.state, JobState::Queued)).count();
+        assert_eq!(queued, queue);
+    }
+
     /// A job requeued and assigned again to the same worker: the result of
     /// its first attempt (a cancelled run that reports late) must not end
     /// the second one; the second attempt's result does.
