@@ -164,3 +164,110 @@ fn the_kubernetes_manifest_validates_and_runs_the_image_we_build() {
     }
     assert_eq!(commands, 2);
 }
+
+/// The containers of the manifest's Deployment and StatefulSet, as JSON:
+/// kind, command, args, env values, and the kind of each probe.
+fn manifest_containers(file: &std::path::Path) -> Vec<serde_json::Value> {
+    let py = std::env::var("RLHF_PY").expect("RLHF_PY (scripts/test.sh sets it)");
+    let script = "import json, sys, yaml\n\
+        out = []\n\
+        for d in yaml.safe_load_all(open(sys.argv[1])):\n\
+        \x20   if d and d['kind'] in ('Deployment', 'StatefulSet'):\n\
+        \x20       for c in d['spec']['template']['spec']['containers']:\n\
+        \x20           probes = {k: sorted(set(c[k]) & {'grpc', 'tcpSocket', 'httpGet', 'exec'}) for k in ('readinessProbe', 'livenessProbe') if k in c}\n\
+        \x20           env = {e['name']: e.get('value') for e in c.get('env', [])}\n\
+        \x20           out.append({'kind': d['kind'], 'command': c['command'], 'args': c.get('args', []), 'env': env, 'probes': probes})\n\
+        print(json.dumps(out))\n";
+    let out = Command::new(py).args(["-c", script]).arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The manifest's own command lines, with only its cluster names mapped to
+/// this machine (the volume and secret paths to temp dirs, the Service to
+/// localhost, `$(POD_NAME)` to rlhf-worker-0, cuda:0 to cpu): the
+/// coordinator starts with TLS on the data volume, the worker reaches it
+/// with the secret's CA and the volume's worker.token and registers under
+/// its pod name, and the port the probes check takes connections. The
+/// probes are TCP: the kubelet's gRPC probe speaks plain text, which this
+/// TLS port does not answer (tests/tests/tls.rs).
+#[test]
+fn the_kubernetes_manifest_command_lines_start_a_working_cluster() {
+    let file = workspace_root().join("deploy/k8s/rlhfd.yaml");
+    let containers = manifest_containers(&file);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    tls_certificates(d);
+    let data = d.join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let map = |arg: &str| {
+        arg.replace("/var/lib/rlhfd", &data.display().to_string())
+            .replace("/etc/rlhfd-tls/tls.crt", &d.join("server.pem").display().to_string())
+            .replace("/etc/rlhfd-tls/tls.key", &d.join("server.key").display().to_string())
+            .replace("/etc/rlhfd-tls/ca.crt", &d.join("ca.pem").display().to_string())
+            .replace("0.0.0.0:50051", &format!("0.0.0.0:{port}"))
+            .replace("https://rlhf-coordinator.rlhfd.svc:50051", &format!("https://localhost:{port}"))
+            .replace("$(POD_NAME)", "rlhf-worker-0")
+            .replace("cuda:0", "cpu")
+    };
+    let mut children = Vec::new();
+    for kind in ["Deployment", "StatefulSet"] {
+        let c = containers.iter().find(|c| c["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+        for probe in c["probes"].as_object().unwrap().values() {
+            assert_eq!(probe, &serde_json::json!(["tcpSocket"]), "{kind}: {c}");
+        }
+        let args: Vec<String> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+        let mapped: Vec<String> = args.iter().map(|a| map(a)).collect();
+        let changed = args.iter().zip(&mapped).filter(|(a, m)| a != m).count();
+        assert!(changed >= 3, "{kind}: the manifest's paths and addresses changed? {args:?}");
+        let exe = c["command"][0].as_str().unwrap().strip_prefix("/usr/local/bin/").unwrap();
+        let mut cmd = Command::new(bin(exe));
+        cmd.args(&mapped).env("POD_NAME", "rlhf-worker-0").env("RLHF_QUIET", "1");
+        for (k, v) in c["env"].as_object().unwrap() {
+            if let Some(v) = v.as_str() {
+                cmd.env(k, v);
+            }
+        }
+        let log = std::fs::File::create(d.join(format!("{kind}.log"))).unwrap();
+        children.push(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
+        if kind == "Deployment" {
+            // The worker reads worker.token, which the coordinator writes on start.
+            let t = std::time::Instant::now();
+            while !data.join("worker.token").exists() {
+                assert!(t.elapsed() < std::time::Duration::from_secs(30), "no worker.token");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+    let logs = || {
+        ["Deployment", "StatefulSet"]
+            .map(|k| std::fs::read_to_string(d.join(format!("{k}.log"))).unwrap_or_default())
+            .join("\n")
+    };
+    let t = std::time::Instant::now();
+    let registered = loop {
+        let out = Command::new(bin("rlhfctl"))
+            .args(["workers", "--json"])
+            .env("RLHF_COORDINATOR", format!("https://localhost:{port}"))
+            .env("RLHF_TLS_CA", d.join("ca.pem"))
+            .env("RLHF_DATA_DIR", &data)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("\"rlhf-worker-0\"") && text.contains("\"alive\": true") {
+            break true;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // What the tcpSocket probes do.
+    let probe = std::net::TcpStream::connect(("127.0.0.1", port));
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(registered, "the worker did not register under its pod name:\n{}", logs());
+    assert!(probe.is_ok(), "the probed port takes no connection: {probe:?}");
+}
