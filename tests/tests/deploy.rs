@@ -183,91 +183,178 @@ fn manifest_containers(file: &std::path::Path) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// The manifest's own command lines, with only its cluster names mapped to
-/// this machine (the volume and secret paths to temp dirs, the Service to
-/// localhost, `$(POD_NAME)` to rlhf-worker-0, cuda:0 to cpu): the
-/// coordinator starts with TLS on the data volume, the worker reaches it
-/// with the secret's CA and the volume's worker.token and registers under
-/// its pod name, and the port the probes check takes connections. The
-/// probes are TCP: the kubelet's gRPC probe speaks plain text, which this
-/// TLS port does not answer (tests/tests/tls.rs).
+/// A coordinator and a worker started from a deploy file's own command
+/// lines, with its paths and addresses mapped to this machine.
+struct Local {
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    port: u16,
+    children: Vec<std::process::Child>,
+}
+
+impl Local {
+    /// Temp dirs, an openssl CA and a localhost certificate, a free port.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        tls_certificates(dir.path());
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Local { dir, data, port, children: Vec::new() }
+    }
+
+    /// `arg` with each `(from, to)` of the file's names replaced; `to` may
+    /// say `{data}`, `{dir}` or `{port}`.
+    fn map(&self, arg: &str, names: &[(&str, &str)]) -> String {
+        names.iter().fold(arg.to_string(), |a, (from, to)| {
+            let to = to
+                .replace("{data}", &self.data.display().to_string())
+                .replace("{dir}", &self.dir.path().display().to_string())
+                .replace("{port}", &self.port.to_string());
+            a.replace(from, &to)
+        })
+    }
+
+    /// Starts `exe` (a path under /usr/local/bin in the file) with `args`
+    /// and `env`, logging to `<dir>/<log>.log`; for the coordinator, waits
+    /// until it has written worker.token.
+    fn start(&mut self, exe: &str, args: &[String], env: &[(String, String)], log: &str) {
+        let name = exe.strip_prefix("/usr/local/bin/").unwrap_or_else(|| panic!("{exe}"));
+        let file = std::fs::File::create(self.dir.path().join(format!("{log}.log"))).unwrap();
+        let child = Command::new(bin(name))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RLHF_QUIET", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        if name == "rlhf-coordinator" {
+            let t = std::time::Instant::now();
+            while !self.data.join("worker.token").exists() {
+                assert!(t.elapsed() < std::time::Duration::from_secs(30), "no worker.token:\n{}", self.logs());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        let logs = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"));
+        logs.map(|e| format!("--- {}\n{}", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Whether a worker named `name` is alive within 30 s, as rlhfctl sees
+    /// it over TLS (`https://localhost:<port>`, the CA, the admin token).
+    fn registered(&self, name: &str) -> bool {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(30) {
+            let out = Command::new(bin("rlhfctl"))
+                .args(["workers", "--json"])
+                .env("RLHF_COORDINATOR", format!("https://localhost:{}", self.port))
+                .env("RLHF_TLS_CA", self.dir.path().join("ca.pem"))
+                .env("RLHF_DATA_DIR", &self.data)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains(&format!("\"{name}\"")) && text.contains("\"alive\": true") {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        false
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The manifest's own command lines and env, with only its cluster names
+/// mapped to this machine (the volume and secret paths to temp dirs, the
+/// Service to localhost, `$(POD_NAME)` to rlhf-worker-0, cuda:0 to cpu):
+/// the coordinator starts with TLS on the data volume, the worker reaches
+/// it with the secret's CA and the volume's worker.token and registers
+/// under its pod name, and the port the probes check takes connections.
+/// The probes are TCP: the kubelet's gRPC probe speaks plain text, which
+/// this TLS port does not answer (tests/tests/tls.rs).
 #[test]
 fn the_kubernetes_manifest_command_lines_start_a_working_cluster() {
-    let file = workspace_root().join("deploy/k8s/rlhfd.yaml");
-    let containers = manifest_containers(&file);
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    tls_certificates(d);
-    let data = d.join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let map = |arg: &str| {
-        arg.replace("/var/lib/rlhfd", &data.display().to_string())
-            .replace("/etc/rlhfd-tls/tls.crt", &d.join("server.pem").display().to_string())
-            .replace("/etc/rlhfd-tls/tls.key", &d.join("server.key").display().to_string())
-            .replace("/etc/rlhfd-tls/ca.crt", &d.join("ca.pem").display().to_string())
-            .replace("0.0.0.0:50051", &format!("0.0.0.0:{port}"))
-            .replace("https://rlhf-coordinator.rlhfd.svc:50051", &format!("https://localhost:{port}"))
-            .replace("$(POD_NAME)", "rlhf-worker-0")
-            .replace("cuda:0", "cpu")
-    };
-    let mut children = Vec::new();
+    let containers = manifest_containers(&workspace_root().join("deploy/k8s/rlhfd.yaml"));
+    let names = [
+        ("/var/lib/rlhfd", "{data}"),
+        ("/etc/rlhfd-tls/tls.crt", "{dir}/server.pem"),
+        ("/etc/rlhfd-tls/tls.key", "{dir}/server.key"),
+        ("/etc/rlhfd-tls/ca.crt", "{dir}/ca.pem"),
+        ("0.0.0.0:50051", "0.0.0.0:{port}"),
+        ("https://rlhf-coordinator.rlhfd.svc:50051", "https://localhost:{port}"),
+        ("$(POD_NAME)", "rlhf-worker-0"),
+        ("cuda:0", "cpu"),
+    ];
+    let mut local = Local::new();
     for kind in ["Deployment", "StatefulSet"] {
         let c = containers.iter().find(|c| c["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
         for probe in c["probes"].as_object().unwrap().values() {
             assert_eq!(probe, &serde_json::json!(["tcpSocket"]), "{kind}: {c}");
         }
-        let args: Vec<String> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
-        let mapped: Vec<String> = args.iter().map(|a| map(a)).collect();
-        let changed = args.iter().zip(&mapped).filter(|(a, m)| a != m).count();
+        let args: Vec<String> =
+            c["args"].as_array().unwrap().iter().map(|a| local.map(a.as_str().unwrap(), &names)).collect();
+        let changed =
+            c["args"].as_array().unwrap().iter().zip(&args).filter(|(a, m)| a.as_str() != Some(m.as_str())).count();
         assert!(changed >= 3, "{kind}: the manifest's paths and addresses changed? {args:?}");
-        let exe = c["command"][0].as_str().unwrap().strip_prefix("/usr/local/bin/").unwrap();
-        let mut cmd = Command::new(bin(exe));
-        cmd.args(&mapped).env("POD_NAME", "rlhf-worker-0").env("RLHF_QUIET", "1");
+        let mut env: Vec<(String, String)> = vec![("POD_NAME".into(), "rlhf-worker-0".into())];
         for (k, v) in c["env"].as_object().unwrap() {
-            if let Some(v) = v.as_str() {
-                cmd.env(k, v);
-            }
+            env.extend(v.as_str().map(|v| (k.clone(), v.to_string())));
         }
-        let log = std::fs::File::create(d.join(format!("{kind}.log"))).unwrap();
-        children.push(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap());
-        if kind == "Deployment" {
-            // The worker reads worker.token, which the coordinator writes on start.
-            let t = std::time::Instant::now();
-            while !data.join("worker.token").exists() {
-                assert!(t.elapsed() < std::time::Duration::from_secs(30), "no worker.token");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
+        local.start(c["command"][0].as_str().unwrap(), &args, &env, kind);
     }
-    let logs = || {
-        ["Deployment", "StatefulSet"]
-            .map(|k| std::fs::read_to_string(d.join(format!("{k}.log"))).unwrap_or_default())
-            .join("\n")
-    };
-    let t = std::time::Instant::now();
-    let registered = loop {
-        let out = Command::new(bin("rlhfctl"))
-            .args(["workers", "--json"])
-            .env("RLHF_COORDINATOR", format!("https://localhost:{port}"))
-            .env("RLHF_TLS_CA", d.join("ca.pem"))
-            .env("RLHF_DATA_DIR", &data)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("\"rlhf-worker-0\"") && text.contains("\"alive\": true") {
-            break true;
-        }
-        if t.elapsed() > std::time::Duration::from_secs(30) {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    assert!(local.registered("rlhf-worker-0"), "the worker did not register under its pod name:\n{}", local.logs());
     // What the tcpSocket probes do.
-    let probe = std::net::TcpStream::connect(("127.0.0.1", port));
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", local.port)).is_ok());
+}
+
+/// The systemd units' own ExecStart and Environment lines (variables and
+/// %i / %H expanded as systemd does), with only their paths mapped to this
+/// machine and cuda:0 to cpu: the coordinator unit serves TLS on every
+/// interface, and the worker unit's defaults reach it and register.
+#[test]
+fn the_systemd_units_command_lines_start_a_working_cluster() {
+    let names = [
+        ("/var/lib/rlhfd", "{data}"),
+        ("/etc/rlhfd/tls.crt", "{dir}/server.pem"),
+        ("/etc/rlhfd/tls.key", "{dir}/server.key"),
+        ("/etc/rlhfd/ca.crt", "{dir}/ca.pem"),
+        ("0.0.0.0:50051", "0.0.0.0:{port}"),
+        ("localhost:50051", "localhost:{port}"),
+        ("cuda:0", "cpu"),
+    ];
+    let mut local = Local::new();
+    for unit in ["rlhf-coordinator.service", "rlhf-worker@.service"] {
+        let text = std::fs::read_to_string(workspace_root().join("deploy/systemd").join(unit)).unwrap();
+        let spec = |s: &str| s.replace("%i", "0").replace("%H", "node");
+        let mut env: Vec<(String, String)> = Vec::new();
+        for line in text.lines().filter_map(|l| l.strip_prefix("Environment=")) {
+            let (k, v) = line.split_once('=').unwrap();
+            env.push((k.to_string(), local.map(&spec(v), &names)));
+        }
+        let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+        let words: Vec<String> = exec
+            .split_whitespace()
+            .map(|w| {
+                let w = env.iter().fold(spec(w), |w, (k, v)| w.replace(&format!("${{{k}}}"), v));
+                assert!(!w.contains("${"), "{unit}: {w} is not set in the unit");
+                local.map(&w, &names)
+            })
+            .collect();
+        local.start(&words[0], &words[1..], &env, unit);
     }
-    assert!(registered, "the worker did not register under its pod name:\n{}", logs());
-    assert!(probe.is_ok(), "the probed port takes no connection: {probe:?}");
+    assert!(local.registered("node-gpu0"), "the worker unit did not reach the coordinator unit:\n{}", local.logs());
 }

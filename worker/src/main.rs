@@ -289,6 +289,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    rlhf_common::unset_empty_rlhf_env();
     rlhf_common::init_tracing();
     // Torch reports some malformed inputs by panicking: say so and exit 1.
     std::panic::set_hook(Box::new(|info| {

@@ -60,6 +60,7 @@ struct FileConfig {
 }
 
 fn main() -> anyhow::Result<()> {
+    rlhf_common::unset_empty_rlhf_env();
     rlhf_common::init_tracing();
     let cli = Cli::parse();
     let file: FileConfig = match &cli.config {
