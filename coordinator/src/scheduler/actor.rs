@@ -275,6 +275,7 @@ impl Scheduler {
         )?;
         if created {
             info!(job_id = %row.id, kind = %row.kind, "job submitted");
+            self.specs.insert(row.id.clone(), Arc::new(spec));
             self.publish(&row.id);
         }
         Ok((row, created))

@@ -210,6 +210,28 @@ mod tests {
 
     const SPEC: &str = "version = 1\nkind = \"sft\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\ntrain = \"/t.json\"\n";
 
+    /// A scheduler on `dir` with lease `lease`, and worker "w1" (cpu-0)
+    /// connected: the handle and what the worker is sent.
+    async fn with_worker(
+        dir: &std::path::Path,
+        lease: Duration,
+    ) -> (Handle, mpsc::Receiver<std::result::Result<CoordinatorMessage, tonic::Status>>) {
+        let cfg = Config { data_dir: dir.to_path_buf(), lease, allow_read: Vec::new(), fail_unplaceable: false };
+        let h = Handle::spawn(cfg).unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let reg = Register {
+            worker_id: "w1".into(),
+            name: "cpu-0".into(),
+            device: "cpu".into(),
+            session_key: "0123456789abcdef".into(),
+            ..Default::default()
+        };
+        let (accepted, verdict) = oneshot::channel();
+        h.send(Command::Connected { reg, tx, conn: 1, accepted }).await;
+        verdict.await.unwrap().unwrap();
+        (h, rx)
+    }
+
     /// The next assignment sent to the worker: (job id, attempt).
     async fn assigned(
         rx: &mut mpsc::Receiver<std::result::Result<CoordinatorMessage, tonic::Status>>,
@@ -233,24 +255,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_unplaceable_queue_keeps_each_message_cheap() {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = Config {
-            data_dir: tmp.path().to_path_buf(),
-            lease: Duration::from_secs(60),
-            allow_read: Vec::new(),
-            fail_unplaceable: false,
-        };
-        let h = Handle::spawn(cfg).unwrap();
-        let (tx, _rx) = mpsc::channel(64);
-        let reg = Register {
-            worker_id: "w1".into(),
-            name: "cpu-0".into(),
-            device: "cpu".into(),
-            session_key: "0123456789abcdef".into(),
-            ..Default::default()
-        };
-        let (accepted, verdict) = oneshot::channel();
-        h.send(Command::Connected { reg, tx, conn: 1, accepted }).await;
-        verdict.await.unwrap().unwrap();
+        let (h, _rx) = with_worker(tmp.path(), Duration::from_secs(60)).await;
         let spec = format!("{SPEC}[placement]\ntrainer = \"gpu-9\"\n");
         let queue = 300;
         for _ in 0..queue {
@@ -289,25 +294,7 @@ mod tests {
     #[tokio::test]
     async fn a_late_result_of_an_earlier_attempt_does_not_end_the_current_one() {
         let tmp = tempfile::tempdir().unwrap();
-        let lease = Duration::from_millis(200);
-        let h = Handle::spawn(Config {
-            data_dir: tmp.path().to_path_buf(),
-            lease,
-            allow_read: Vec::new(),
-            fail_unplaceable: false,
-        })
-        .unwrap();
-        let (tx, mut rx) = mpsc::channel(64);
-        let reg = Register {
-            worker_id: "w1".into(),
-            name: "cpu-0".into(),
-            device: "cpu".into(),
-            session_key: "0123456789abcdef".into(),
-            ..Default::default()
-        };
-        let (accepted, verdict) = oneshot::channel();
-        h.send(Command::Connected { reg, tx, conn: 1, accepted }).await;
-        verdict.await.unwrap().unwrap();
+        let (h, mut rx) = with_worker(tmp.path(), Duration::from_millis(200)).await;
         let (job, _) = h.submit(SPEC.into(), None, "admin".into()).await.unwrap();
         assert_eq!(assigned(&mut rx).await, (job.id.clone(), 1));
         let beat = |jobs: Vec<String>| Command::Message {
