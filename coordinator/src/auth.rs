@@ -38,7 +38,10 @@ pub struct Tokens {
     clients: BTreeMap<String, String>,
 }
 
-/// Reads `path`, or creates it (mode 0600) with a fresh token.
+/// Reads `path`, or creates it (mode 0600) with a fresh token. Written
+/// to a temp file and renamed into place, so a client or worker polling
+/// for it never reads it half-written. (The data dir's lock keeps other
+/// coordinators out.)
 fn token_file(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
@@ -47,14 +50,20 @@ fn token_file(path: &Path) -> anyhow::Result<String> {
         Err(_) => {}
     }
     let token = rlhf_common::ids::random_hex(32)?;
+    let tmp = path.with_extension("token.tmp");
+    let _ = std::fs::remove_file(&tmp); // left by a crash mid-write
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
     writeln!(f, "{token}")?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(token)
 }
 
