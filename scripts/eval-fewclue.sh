@@ -16,7 +16,7 @@ DATA=$(cd .. && pwd)/shared/data/fewclue
 mkdir -p "$OUT"
 JOB="$OUT/eval-fewclue.toml"
 {
-  printf 'version = 1\nkind = "eval"\nname = "FewCLUE test_public, %s examples per task"\nseed = 1\n' "$N"
+  printf 'version = 1\nkind = "eval"\nname = "eval-fewclue-%s"\nseed = 1\n' "$N"
   printf '[model]\npath = "%s"\nmax_length = 2048\n' "$MODEL"
   printf '[eval]\nmodes = ["choice", "generate"]\nmax_new_tokens = 1\ntemperature = 0.1\ntop_p = 0.9\nnum_beams = 1\nbatch_size = 8\nmax_examples = %s\n' "$N"
   for t in eprstmt tnews ocnli bustm; do

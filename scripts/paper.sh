@@ -15,7 +15,10 @@
 # (Tables 3–5, curves) and a cross-check of base and the LoRA SFT model with
 # transformers + peft.
 #
-# Usage: scripts/paper.sh [--preset cpu|full] [--out DIR] [--no-crosscheck] [--job-only]
+# Usage: scripts/paper.sh [--preset cpu|full] [--out DIR] [--no-crosscheck] [--job-only] [--dry-run]
+#   --dry-run  write the job file, check it as the coordinator will (fields,
+#              names, paths, placement on this preset's workers), print the
+#              plan with estimated minutes; fetch, build and start nothing
 #   cpu   fits this 2-core machine in well under 100 minutes (bf16, subsets)
 #   full  all of test_public and dev, more steps: for a GPU
 # Resumable: the job file and the cluster's data dir stay in DIR; a rerun
@@ -28,12 +31,14 @@ PRESET=cpu
 OUT=
 CROSSCHECK=1
 JOB_ONLY=0
+DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --no-crosscheck) CROSSCHECK=0; shift ;;
     --job-only) JOB_ONLY=1; shift ;;
+    --dry-run) DRY_RUN=1; JOB_ONLY=1; shift ;;
     -h|--help) sed -n '2,/^set /{/^set /d;p}' "$0"; exit 0 ;;
     *) echo "paper.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -43,11 +48,19 @@ OUT=${OUT:-runs/paper-$PRESET}
 if [ "$JOB_ONLY" = 0 ]; then
   ./scripts/setup.sh
   ./scripts/setup-bench.sh >/dev/null   # transformers + peft for the cross-check
+elif [ ! -x "$RLHF_BIN/rlhfctl" ]; then
+  ./scripts/setup.sh   # the job file is checked by rlhfctl
 fi
 SHARED=$(cd .. && pwd)/shared
 DATA=$SHARED/data
 [ -d "$DATA/fewclue" ] || { echo "paper.sh: $DATA/fewclue not found" >&2; exit 1; }
-MODEL=$("$SHARED/tools/get-qwen2.5-0.5b.sh" | tail -n 1)
+if [ "$DRY_RUN" = 1 ]; then
+  # Where get-qwen2.5-0.5b.sh puts it; not fetched by a dry run.
+  MODEL=$HOME/.cache/rlhfd/models/qwen2.5-coder-0.5b
+  [ -f "$MODEL/model.safetensors" ] || echo "paper.sh: dry run: $MODEL is not there yet (a real run fetches it, ~2 min)"
+else
+  MODEL=$("$SHARED/tools/get-qwen2.5-0.5b.sh" | tail -n 1)
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -58,13 +71,13 @@ case "$PRESET" in
     RM_PREF_STEPS=16 RM_PREF_BATCH=4 PAIR_TOKENS=256
     RM_MC_STEPS=40 RM_MC_BATCH=8 MC_N=120 MC_EVAL_N=30
     PPO_ITERS=24 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256
-    TEST_N=200 CKPT=0 WORKERS="--cpu-workers 1" ;;
+    TEST_N=200 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0 ;;
   full)
     DTYPE=bf16 SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
     RM_PREF_STEPS=300 RM_PREF_BATCH=8 PAIR_TOKENS=1024
     RM_MC_STEPS=600 RM_MC_BATCH=16 MC_N=0 MC_EVAL_N=0
     PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0
-    TEST_N=0 CKPT=100 WORKERS="" ;;
+    TEST_N=0 CKPT=100 WORKERS="" WORKER_NAMES=gpu-0 ;;
   *) echo "paper.sh: --preset must be cpu or full, got $PRESET" >&2; exit 2 ;;
 esac
 limit() { [ "$2" -gt 0 ] && printf '%s = %s, ' "$1" "$2" || true; }
@@ -86,7 +99,8 @@ cat <<EOF
 #   rlhfctl submit $JOB --wait   or   rlhf-worker run $JOB --out DIR
 version = 1
 kind = "pipeline"
-name = "paper-$PRESET: Qwen2.5-Coder-0.5B on FewCLUE, PEFT SFT → reward model → PPO"
+# Qwen2.5-Coder-0.5B on FewCLUE: PEFT SFT → reward model → PPO
+name = "paper-$PRESET"
 seed = 1
 
 [model]
@@ -167,6 +181,8 @@ echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per 
   "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE pairs" \
   "(${MC_N/#0/all} examples per task); PPO $PPO_ITERS iterations × $PPO_BATCH prompts; test_public ${TEST_N/#0/all} per task (by stride)"
 echo "paper.sh: job file $JOB"
+# The coordinator's own checks, on the workers this preset starts.
+"$RLHF_BIN/rlhfctl" submit "$JOB" --dry-run --workers "$WORKER_NAMES"
 [ "$JOB_ONLY" = 1 ] && exit 0
 
 DIR=$OUT/cluster

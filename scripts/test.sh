@@ -49,6 +49,12 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -q -- -D warnings
 python3 scripts/check_cycles.py
 
+# The scripts the README shows: paper.sh checks its job file for each
+# preset as the coordinator will (the hardening once broke it unseen).
+for preset in cpu full; do
+  ./scripts/paper.sh --preset "$preset" --dry-run --out "$(mktemp -d)"
+done
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -89,10 +89,12 @@ pub struct SpecError {
 /// field at fault).
 #[derive(Debug, thiserror::Error)]
 pub enum JobFileError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{}: {source}", path.display())]
-    Invalid { path: PathBuf, source: SpecError },
+    // The cause is part of the message and not also a `source`, so a chain
+    // printer (anyhow's `{:#}`) says it once.
+    #[error("cannot read {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{}: {error}", path.display())]
+    Invalid { path: PathBuf, error: SpecError },
 }
 
 /// `a/b/../c` as `a/c` (lexically: `..` drops the component before it).
@@ -629,8 +631,8 @@ impl JobSpec {
     /// will see it: relative paths made absolute against the file's
     /// directory. (`rlhfctl submit` and `rlhf-worker run` both load this way.)
     pub fn load(path: &std::path::Path) -> Result<Self, JobFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| JobFileError::Read { path: path.into(), source })?;
-        let mut spec = Self::from_toml(&text).map_err(|source| JobFileError::Invalid { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| JobFileError::Read { path: path.into(), error })?;
+        let mut spec = Self::from_toml(&text).map_err(|error| JobFileError::Invalid { path: path.into(), error })?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             Some(_) | None => PathBuf::from("."),
@@ -708,6 +710,16 @@ impl JobSpec {
         for (i, st) in self.stages.iter_mut().enumerate() {
             sections(&format!("stage[{i}]."), &mut st.data, &mut st.train, &mut st.ppo, &mut st.eval);
         }
+    }
+
+    /// What the coordinator does with a submitted job file's text: parse,
+    /// validate, and check its paths against the readable roots `allowed`.
+    /// `rlhfctl submit --dry-run` calls the same function, so a dry run
+    /// refuses exactly what a submission would.
+    pub fn accept_submitted(text: &str, allowed: &[PathBuf]) -> Result<Self, SpecError> {
+        let spec = Self::from_toml(text)?;
+        spec.check_paths(allowed)?;
+        Ok(spec)
     }
 
     /// For a job that arrives over the network (whose relative paths would

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod dry_run;
 pub mod local;
 pub mod placement;
 pub mod plot;
@@ -108,6 +109,21 @@ pub enum Cmd {
         /// onto the trainer); prints what changed. For batch allocations.
         #[arg(long)]
         fit_placement: bool,
+        /// Check the job as the coordinator will (validation, paths,
+        /// names; placement against --workers) and print its stages;
+        /// contact no coordinator, start nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: the workers that will be connected (e.g.
+        /// cpu-0,cpu-1); the placement must be met by them.
+        #[arg(long, value_delimiter = ',', requires = "dry_run")]
+        workers: Option<Vec<String>>,
+        /// With --dry-run: the coordinator's --allow-read roots.
+        #[arg(long = "allow-read", value_name = "DIR", requires = "dry_run")]
+        allow_read: Vec<PathBuf>,
+        /// With --dry-run: print the plan as JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
     },
     /// The job table, or one job in detail.
     Status {
@@ -190,7 +206,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
         }
         Cmd::Down { data_dir, grace } => down(&data_dir.resolve(), Duration::from_secs(grace)),
-        Cmd::Submit { file, wait, request_id, dtype, fit_placement } => {
+        Cmd::Submit { file, dtype, dry_run: true, workers, allow_read, json, .. } => {
+            let mut spec = JobSpec::load(&file)?;
+            if let Some(d) = dtype {
+                spec.override_dtype(&d).map_err(|e| anyhow!("--dtype: {e}"))?;
+            }
+            let spec = dry_run::check(&spec, &allow_read, workers.as_deref())
+                .map_err(|e| anyhow!("{}: {e:#}", file.display()))?;
+            let steps = dry_run::plan(&spec);
+            if json {
+                print_json(&dry_run::json(&spec, &steps));
+            } else {
+                print!("{}", dry_run::render(&spec, &steps));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Submit { file, wait, request_id, dtype, fit_placement, .. } => {
             let how = SubmitOpts { wait, request_id: request_id.unwrap_or_default(), dtype, fit_placement };
             submit(&url, &file, how).await
         }
