@@ -203,6 +203,27 @@ impl Store {
         Ok(true)
     }
 
+    /// Gives a queued job back to the worker that still runs its last
+    /// attempt (its lease ran out, then it came back): running on `worker`
+    /// again, with the same attempt count, so that attempt's messages count.
+    pub fn resume(&mut self, id: &str, worker: &str, message: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let now = now_ms();
+        let n = tx.execute(
+            "UPDATE jobs SET state = 'running', reason = '', worker = ?2, updated_ms = ?3 WHERE id = ?1 AND state = 'queued'",
+            params![id, worker, now],
+        )?;
+        if n != 1 {
+            return Err(Error::FailedPrecondition(format!("job {id} is not queued")));
+        }
+        tx.execute(
+            "INSERT INTO events (job_id, at_ms, state, message) VALUES (?1, ?2, 'running', ?3)",
+            params![id, now, message],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records an event that changes nothing (say, why a job still waits),
     /// under the job's current state.
     pub fn note(&mut self, id: &str, message: &str) -> Result<()> {

@@ -34,7 +34,7 @@ pub fn fixtures() -> PathBuf {
 
 /// A command whose process dies with the test (PR_SET_PDEATHSIG), so a
 /// crashed test never leaves daemons behind.
-fn command(path: PathBuf) -> Command {
+pub fn command(path: PathBuf) -> Command {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new(path);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.

@@ -99,6 +99,10 @@ pub(super) struct Scheduler {
     /// Queued and running jobs → their parsed spec (a spec never changes;
     /// placing a long queue on every message must not parse it again).
     specs: HashMap<String, Arc<JobSpec>>,
+    /// Jobs requeued because their worker's lease ran out → (that worker,
+    /// the attempt it ran). Should the worker come back still running that
+    /// attempt, the job is given back to it instead of run twice.
+    lost_attempts: HashMap<String, (String, u32)>,
 }
 
 impl Scheduler {
@@ -118,6 +122,7 @@ impl Scheduler {
             rollouts: BTreeMap::new(),
             waiting: BTreeMap::new(),
             backoff: BTreeMap::new(),
+            lost_attempts: HashMap::new(),
             relayed: BTreeMap::new(),
             groups: Groups::default(),
             me,
@@ -261,8 +266,8 @@ impl Scheduler {
                 spec_toml.len()
             )));
         }
-        let spec = JobSpec::from_toml(spec_toml).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        spec.check_paths(&self.cfg.allow_read).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let spec = JobSpec::accept_submitted(spec_toml, &self.cfg.allow_read)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let id = JobId::new().to_string();
         let name = spec.name.clone().unwrap_or_else(|| spec.kind.name().to_string());
         let (row, created) = self.store.insert_job(
@@ -437,7 +442,24 @@ impl Scheduler {
         }
         let mut running = BTreeSet::new();
         for id in &reported {
-            match jobs.iter().find(|j| &j.id == id).map(|j| &j.state) {
+            let row = jobs.iter().find(|j| &j.id == id);
+            if let Some(j) = row.filter(|j| j.state == JobState::Queued) {
+                if self.lost_attempts.get(id) == Some(&(worker.to_string(), j.attempts)) {
+                    self.lost_attempts.remove(id);
+                    self.backoff.remove(id);
+                    let why = format!("worker {worker} came back still running attempt {}; it goes on", j.attempts);
+                    match self.store.resume(id, worker, &why) {
+                        Ok(()) => {
+                            info!(job_id = %id, worker = %worker, "lost attempt resumed");
+                            self.publish(id);
+                            running.insert(id.clone());
+                            continue;
+                        }
+                        Err(e) => warn!(job_id = %id, error = %e, "cannot give a job back to its worker"),
+                    }
+                }
+            }
+            match row.map(|j| &j.state) {
                 Some(JobState::Running { worker: w }) if w == worker => {
                     running.insert(id.clone());
                 }
@@ -759,7 +781,26 @@ impl Scheduler {
             warn!(worker = %id, lease_s = secs, "worker lost: no heartbeat within its lease");
             self.drop_rollout_worker(&id);
             self.workers.remove(&id);
+            // Jobs that ran on this worker alone may be given back to it.
+            let alone: Vec<(String, u32)> = self
+                .store
+                .jobs_in("running")
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|j| matches!(&j.state, JobState::Running { worker: w } if *w == id))
+                .filter(|j| !self.roles.contains_key(&j.id) && !self.rollouts.contains_key(&j.id))
+                .filter(|j| self.groups.rank_of(&j.id, &id).is_none())
+                .map(|j| (j.id, j.attempts))
+                .collect();
             self.requeue_worker_jobs(&id, &format!("worker {id} lost (no heartbeat for {secs:.1}s); requeued"));
+            for (job, attempts) in alone {
+                // Placed again no sooner than one lease from now: time for
+                // the worker to come back and claim it.
+                if let Some(until) = self.backoff.get_mut(&job) {
+                    *until = (*until).max(now + self.cfg.lease);
+                }
+                self.lost_attempts.insert(job, (id.clone(), attempts));
+            }
         }
         // After a coordinator restart: running jobs whose worker never came back.
         if now.duration_since(self.started) > self.cfg.lease {

@@ -339,4 +339,75 @@ mod tests {
         let j = h.get(job.id.clone()).await.unwrap();
         assert!(matches!(j.state, JobState::Succeeded), "{j:?}");
     }
+
+    /// A worker whose heartbeats stop past its lease while it still trains
+    /// (every core busy) comes back, reporting the job it runs: the job is
+    /// given back to it, still attempt 1, and is never assigned a second
+    /// time; that attempt's result ends it.
+    #[tokio::test]
+    async fn a_worker_back_from_a_lost_lease_keeps_its_attempt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lease = Duration::from_millis(300);
+        let (h, mut rx) = with_worker(tmp.path(), lease).await;
+        let (job, _) = h.submit(SPEC.into(), None, "admin".into()).await.unwrap();
+        assert_eq!(assigned(&mut rx).await, (job.id.clone(), 1));
+        // Silent past the lease: the ticker finds it lost and requeues the job.
+        let requeued = loop {
+            tokio::time::sleep(lease / 2).await;
+            let j = h.get(job.id.clone()).await.unwrap();
+            if matches!(j.state, JobState::Queued) {
+                break j;
+            }
+        };
+        assert_eq!(requeued.attempts, 1);
+        // It reconnects (same id and session key), still running attempt 1.
+        let (tx, mut rx2) = mpsc::channel(64);
+        let reg = Register {
+            worker_id: "w1".into(),
+            name: "cpu-0".into(),
+            device: "cpu".into(),
+            session_key: "0123456789abcdef".into(),
+            jobs: Some(WorkerJobs { running: vec![job.id.clone()], ..Default::default() }),
+            ..Default::default()
+        };
+        let (accepted, verdict) = oneshot::channel();
+        h.send(Command::Connected { reg, tx, conn: 2, accepted }).await;
+        verdict.await.unwrap().unwrap();
+        let j = h.get(job.id.clone()).await.unwrap();
+        assert!(matches!(&j.state, JobState::Running { worker } if worker == "w1") && j.attempts == 1, "{j:?}");
+        // Beyond the backoff, it is neither cancelled nor assigned again.
+        for _ in 0..6 {
+            let beat = Command::Message {
+                worker: "w1".into(),
+                conn: 2,
+                msg: worker_message::Msg::Heartbeat(Heartbeat {
+                    jobs: Some(WorkerJobs { running: vec![job.id.clone()], ..Default::default() }),
+                }),
+            };
+            h.send(beat).await;
+            tokio::time::sleep(lease / 2).await;
+        }
+        while let Ok(m) = rx2.try_recv() {
+            let m = m.unwrap().msg;
+            assert!(
+                !matches!(m, Some(coordinator_message::Msg::Assign(_)) | Some(coordinator_message::Msg::Cancel(_))),
+                "{m:?}"
+            );
+        }
+        let done = Command::Message {
+            worker: "w1".into(),
+            conn: 2,
+            msg: worker_message::Msg::Result(TaskResult {
+                job_id: job.id.clone(),
+                ok: true,
+                cancelled: false,
+                reason: String::new(),
+                attempt: 1,
+                retry: false,
+            }),
+        };
+        h.send(done).await;
+        let j = h.get(job.id.clone()).await.unwrap();
+        assert!(matches!(j.state, JobState::Succeeded) && j.attempts == 1, "{j:?}");
+    }
 }

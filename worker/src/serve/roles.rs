@@ -80,6 +80,7 @@ pub(super) fn start_host(a: AssignRoles, device: Device, running: &Running, even
     let (running, events) = (running.clone(), events.clone());
     let what = if rollout { format!("rollout worker {}", a.target) } else { "reward and critic roles".to_string() };
     let spawned = std::thread::Builder::new().name(format!("roles-{}", a.job_id)).spawn(move || {
+        super::yield_to_daemon();
         info!(job_id = %a.job_id, "hosting {what}");
         if rollout {
             serve_calls::<RolloutHost>(rx, device, &events, Path::new(&a.output_dir));
