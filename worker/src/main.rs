@@ -105,6 +105,27 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Write the preference pairs a reward job trains and is scored on, as
+    /// TRL's explicit-prompt preference rows ({"prompt", "chosen",
+    /// "rejected", "task", "format"}, JSON lines): train.jsonl, eval.jsonl,
+    /// test.jsonl, bare.jsonl and bare_test.jsonl in --out (empty sets are
+    /// not written). For running another trainer on the very same pairs.
+    Pairs {
+        /// A reward job file (or a pipeline: its stage --stage).
+        job: PathBuf,
+        #[arg(long)]
+        stage: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// What `model.dtype = "auto"` picks on this machine for a model, and why.
+    Dtype {
+        #[arg(long)]
+        model: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// The worker daemon: register with a coordinator and run its tasks.
     Serve {
         /// Coordinator URL.
@@ -241,6 +262,30 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|o| serde_json::json!({"stage": o.stage, "steps": o.steps, "seconds": o.train_seconds}))
                 .collect();
             println!("{}", serde_json::json!({ "out": out, "stages": summary }));
+        }
+        Command::Dtype { model, device } => {
+            let device = offline::parse_device(&device)?;
+            let (kind, why) = rlhf_worker::train::setup::auto_dtype_for(&model, device)
+                .with_context(|| format!("model {}", model.display()))?;
+            let name = match kind {
+                tch::Kind::BFloat16 => "bf16",
+                tch::Kind::Half => "f16",
+                _ => "f32",
+            };
+            println!("{}", serde_json::json!({ "dtype": name, "why": why }));
+        }
+        Command::Pairs { job, stage, out } => {
+            let spec = rlhf_common::JobSpec::load(&job)?;
+            let spec = match &stage {
+                Some(name) => {
+                    let st = spec.stages.iter().find(|s| &s.name == name);
+                    spec.stage_job(st.with_context(|| format!("--stage: no stage {name:?} in {}", job.display()))?)
+                }
+                None => spec,
+            };
+            let written = rlhf_worker::train::stages::reward::write_pairs(&spec, &out)
+                .with_context(|| format!("pairs of {}", job.display()))?;
+            println!("{}", serde_json::json!(written));
         }
         Command::Serve { coordinator, device, name, heartbeat_ms, token_file, tls_ca } => {
             let dev = offline::parse_device(&device)?;

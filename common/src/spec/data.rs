@@ -48,7 +48,7 @@ pub struct DataSpec {
     pub max_pair_tokens: Option<usize>,
 }
 
-/// One training file, with its task and held-out file.
+/// One training file, with its task and held-out files.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
@@ -57,6 +57,10 @@ pub struct Source {
     pub train: PathBuf,
     #[serde(default)]
     pub eval: Option<PathBuf>,
+    /// Reward: a test file, scored once by the final model and never used
+    /// for any choice (steps, checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<PathBuf>,
 }
 
 impl DataSpec {
@@ -66,7 +70,9 @@ impl DataSpec {
             return self.sources.clone();
         }
         match &self.train {
-            Some(train) => vec![Source { task: self.task.clone(), train: train.clone(), eval: self.eval.clone() }],
+            Some(train) => {
+                vec![Source { task: self.task.clone(), train: train.clone(), eval: self.eval.clone(), test: None }]
+            }
             None => Vec::new(),
         }
     }
@@ -83,6 +89,9 @@ impl DataSpec {
             f(&format!("{at}.sources[{i}].train"), &mut s.train);
             if let Some(p) = &mut s.eval {
                 f(&format!("{at}.sources[{i}].eval"), p);
+            }
+            if let Some(p) = &mut s.test {
+                f(&format!("{at}.sources[{i}].test"), p);
             }
         }
     }
@@ -111,6 +120,11 @@ impl DataSpec {
         }
         if self.max_pair_tokens.is_some() && kind != "reward" {
             return err("data.max_pair_tokens", format!("applies to reward jobs, not {kind}"));
+        }
+        if let Some(i) = self.sources.iter().position(|s| s.test.is_some()) {
+            if kind != "reward" {
+                return err(format!("data.sources[{i}].test"), format!("applies to reward jobs, not {kind}"));
+            }
         }
         if self.max_pair_tokens == Some(0) {
             return err("data.max_pair_tokens", "must be at least 1");

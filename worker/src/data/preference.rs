@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -14,7 +12,9 @@ use super::template::Template;
 use crate::error::{Error, Result};
 
 /// One comparison: `chosen` is preferred over `rejected` as a response to
-/// `prompt`, by `margin` (0 when unknown).
+/// `prompt`, by `margin` (0 when unknown). Pairs built from a multiple-choice
+/// task carry the task and which of the paper's formats (1–3) they are, for
+/// per-task and per-format accuracies; pairs read from a file carry neither.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
     pub prompt: String,
@@ -22,6 +22,14 @@ pub struct PreferencePair {
     pub rejected: String,
     #[serde(default)]
     pub margin: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub format: u8,
+}
+
+fn is_zero(f: &u8) -> bool {
+    *f == 0
 }
 
 /// Loads preference pairs from a JSON Lines file or a JSON array. A record is
@@ -54,7 +62,7 @@ pub fn load_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
                 _ => return Err(rec.err("field \"margin\": expected a finite number")),
             },
         };
-        out.push(PreferencePair { prompt, chosen, rejected, margin });
+        out.push(PreferencePair { prompt, chosen, rejected, margin, task: None, format: 0 });
     }
     if out.is_empty() {
         return Err(Error::Data { path: path.to_path_buf(), msg: "no preference pairs".into() });
@@ -136,73 +144,73 @@ fn respond(answer: &str, explanation: Option<&str>) -> String {
 }
 
 /// The paper's multiple-choice → preference construction. For each example,
-/// with `prompt = template.render(ex)`, a correct answer `c`, its rationale
-/// `e_c`, and one wrong label `w` drawn uniformly (seeded by `seed`, the same
-/// `w` in pairs 2 and 3), three pairs, in this order:
-/// 1. `"c。e_c"` ≻ `"c"` (an explanation is better than none),
-/// 2. `"c。e_c"` ≻ `"w。e_w"` (the correct answer is better),
-/// 3. `"c"` ≻ `"w。e_w"` (a correct bare answer beats a wrong explained one).
+/// with `prompt = template.render(ex)`, its correct answer `c` with rationale
+/// `e_c`, and **every** wrong answer `w` with its rationale `e_w`:
+/// 1. `"c。e_c"` ≻ `"c"` (an explanation is better than none), once;
+/// 2. `"c。e_c"` ≻ `"w。e_w"` (the correct answer is better), per `w`;
+/// 3. `"c"` ≻ `"w。e_w"` (a correct bare answer beats a wrong explained
+///    one), per `w`.
 ///
-/// Responses are `"{answer}"` or `"{answer}。{explanation}"`; margins are 0.
-/// An example whose label the template does not know is an error.
-pub fn from_multiple_choice(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<PreferencePair>> {
-    let wrongs = wrong_labels(examples, template, seed)?;
-    let mut out = Vec::with_capacity(examples.len() * 3);
-    for (ex, wrong) in examples.iter().zip(&wrongs) {
-        let wrong = wrong.as_str();
+/// So an example of a task with k options gives 1 + 2(k − 1) pairs (TNEWS:
+/// 29), in that order, wrong answers in option order. Margins are 0. An
+/// example whose label the template does not know is an error.
+pub fn from_multiple_choice(examples: &[Example], template: &Template) -> Result<Vec<PreferencePair>> {
+    let task = template.task.name().to_string();
+    let mut out = Vec::new();
+    for ex in examples {
         let prompt = template.render(ex)?;
         let correct = template.answer(&ex.label)?;
         let explained = respond(correct, Some(&template.explanation(&ex.label)?));
-        let wrong_explained = respond(template.answer(wrong)?, Some(&template.explanation(wrong)?));
-        let bare = respond(correct, None);
-        let pair = |chosen: &str, rejected: &str| PreferencePair {
+        let pair = |chosen: &str, rejected: &str, format: u8| PreferencePair {
             prompt: prompt.clone(),
             chosen: chosen.to_string(),
             rejected: rejected.to_string(),
             margin: 0.0,
+            task: Some(task.clone()),
+            format,
         };
-        out.push(pair(&explained, &bare));
-        out.push(pair(&explained, &wrong_explained));
-        out.push(pair(&bare, &wrong_explained));
+        out.push(pair(&explained, correct, 1));
+        for w in wrong_labels(template, &ex.label)? {
+            let wrong_explained = respond(template.answer(w)?, Some(&template.explanation(w)?));
+            out.push(pair(&explained, &wrong_explained, 2));
+            out.push(pair(correct, &wrong_explained, 3));
+        }
     }
     Ok(out)
 }
 
-/// One wrong label per example, drawn uniformly (seeded by `seed`).
-fn wrong_labels(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<String>> {
+/// Every label of `template` but `label` (which must be one of them).
+fn wrong_labels<'t>(template: &'t Template, label: &str) -> Result<Vec<&'t str>> {
     let labels = template.labels();
     if labels.len() < 2 {
         return Err(Error::InvalidArgument(format!("template for {} has fewer than two labels", template.task)));
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(examples.len());
-    for ex in examples {
-        template.answer(&ex.label)?;
-        let wrong: Vec<&str> = labels.iter().copied().filter(|l| *l != ex.label).collect();
-        out.push(wrong[rng.gen_range(0..wrong.len())].to_string());
-    }
-    Ok(out)
+    template.answer(label)?;
+    Ok(labels.into_iter().filter(|l| *l != label).collect())
 }
 
-/// The pair a one-token answer meets in PPO (the paper's nt = 1): the bare
-/// correct answer ≻ a bare wrong one (the wrong label of
-/// [`from_multiple_choice`]'s pairs for the same `seed`). The construction
-/// never trains on it; it measures whether a reward model can tell right
-/// from wrong answers when nothing else differs.
-pub fn bare_answer_pairs(examples: &[Example], template: &Template, seed: u64) -> Result<Vec<PreferencePair>> {
-    let wrongs = wrong_labels(examples, template, seed)?;
-    examples
-        .iter()
-        .zip(&wrongs)
-        .map(|(ex, w)| {
-            Ok(PreferencePair {
-                prompt: template.render(ex)?,
-                chosen: respond(template.answer(&ex.label)?, None),
-                rejected: respond(template.answer(w)?, None),
+/// The pairs a one-token answer meets in PPO (the paper's nt = 1): the bare
+/// correct answer ≻ each bare wrong one (format 0: not one of the paper's
+/// three). The construction never trains on them; they measure whether a
+/// reward model tells right from wrong answers when nothing else differs.
+pub fn bare_answer_pairs(examples: &[Example], template: &Template) -> Result<Vec<PreferencePair>> {
+    let task = template.task.name().to_string();
+    let mut out = Vec::new();
+    for ex in examples {
+        let prompt = template.render(ex)?;
+        let correct = template.answer(&ex.label)?;
+        for w in wrong_labels(template, &ex.label)? {
+            out.push(PreferencePair {
+                prompt: prompt.clone(),
+                chosen: correct.to_string(),
+                rejected: template.answer(w)?.to_string(),
                 margin: 0.0,
-            })
-        })
-        .collect()
+                task: Some(task.clone()),
+                format: 0,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -307,21 +315,22 @@ mod tests {
     #[test]
     fn multiple_choice_construction() {
         let t = default_template(Task::Eprstmt);
-        let pairs = from_multiple_choice(&examples(), &t, 7).unwrap();
+        let pairs = from_multiple_choice(&examples(), &t).unwrap();
         assert_eq!(pairs.len(), 6);
         let prompt = t.render(&examples()[0]).unwrap();
         assert!(pairs[..3].iter().all(|p| p.prompt == prompt && p.margin == 0.0));
+        assert!(pairs.iter().all(|p| p.task.as_deref() == Some("eprstmt")));
         let good = "B。因为这条评论表达了正面的情感。";
         let wrong = "A。因为这条评论表达了负面的情感。";
-        assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), (good, "B"));
-        assert_eq!((pairs[1].chosen.as_str(), pairs[1].rejected.as_str()), (good, wrong));
-        assert_eq!((pairs[2].chosen.as_str(), pairs[2].rejected.as_str()), ("B", wrong));
+        assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str(), pairs[0].format), (good, "B", 1));
+        assert_eq!((pairs[1].chosen.as_str(), pairs[1].rejected.as_str(), pairs[1].format), (good, wrong, 2));
+        assert_eq!((pairs[2].chosen.as_str(), pairs[2].rejected.as_str(), pairs[2].format), ("B", wrong, 3));
         assert_eq!(pairs[3].chosen, "A。因为这条评论表达了负面的情感。");
         assert_eq!(pairs[5].rejected, "B。因为这条评论表达了正面的情感。");
     }
 
     #[test]
-    fn multiple_choice_wrong_label_is_seeded_and_never_correct() {
+    fn multiple_choice_pairs_every_wrong_option() {
         let t = default_template(Task::Tnews);
         let examples: Vec<Example> = (0..30)
             .map(|i| Example {
@@ -330,26 +339,28 @@ mod tests {
                 label: t.labels()[i as usize % 15].to_string(),
             })
             .collect();
-        let a = from_multiple_choice(&examples, &t, 1).unwrap();
-        assert_eq!(a, from_multiple_choice(&examples, &t, 1).unwrap());
-        assert_ne!(a, from_multiple_choice(&examples, &t, 2).unwrap());
-        for (ex, p) in examples.iter().zip(a.chunks(3)) {
+        let pairs = from_multiple_choice(&examples, &t).unwrap();
+        // 1 + 2 × 14 pairs per example.
+        assert_eq!(pairs.len(), 30 * 29);
+        for (ex, p) in examples.iter().zip(pairs.chunks(29)) {
             let correct = t.answer(&ex.label).unwrap();
-            assert_eq!(p[0].rejected, correct);
-            assert_eq!(p[1].rejected, p[2].rejected);
-            let wrong = t.label_for_answer(&p[1].rejected).unwrap();
-            assert_ne!(wrong, ex.label);
+            assert_eq!((p[0].rejected.as_str(), p[0].format), (correct, 1));
+            let mut wrongs: Vec<&str> = p[1..].iter().step_by(2).map(|q| q.rejected.as_str()).collect();
+            assert_eq!(wrongs, p[2..].iter().step_by(2).map(|q| q.rejected.as_str()).collect::<Vec<_>>());
+            wrongs.dedup();
+            assert_eq!(wrongs.len(), 14);
+            assert!(wrongs.iter().all(|w| t.label_for_answer(w).is_some_and(|l| l != ex.label)));
         }
         let mut bad = examples[0].clone();
         bad.label = "105".into();
-        assert!(from_multiple_choice(&[bad], &t, 1).unwrap_err().to_string().contains("\"105\""));
+        assert!(from_multiple_choice(&[bad], &t).unwrap_err().to_string().contains("\"105\""));
     }
 
     #[test]
-    fn bare_answer_pairs_use_the_construction_s_wrong_label() {
+    fn bare_answer_pairs_pit_the_bare_answer_against_each_wrong_one() {
         let t = default_template(Task::Eprstmt);
-        let full = from_multiple_choice(&examples(), &t, 7).unwrap();
-        let bare = bare_answer_pairs(&examples(), &t, 7).unwrap();
+        let full = from_multiple_choice(&examples(), &t).unwrap();
+        let bare = bare_answer_pairs(&examples(), &t).unwrap();
         assert_eq!(bare.len(), 2);
         assert_eq!((bare[0].chosen.as_str(), bare[0].rejected.as_str()), ("B", "A"));
         assert!(full[1].rejected.starts_with(&bare[0].rejected));
