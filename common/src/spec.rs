@@ -624,6 +624,9 @@ pub struct StageSpec {
     /// (its name), e.g. a reward model trained further on other pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// This stage's seed instead of the job's (e.g. one PPO stage per seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl JobSpec {
@@ -762,7 +765,7 @@ impl JobSpec {
             version: self.version,
             kind: stage.kind,
             name: Some(stage.name.clone()),
-            seed: self.seed,
+            seed: stage.seed.unwrap_or(self.seed),
             model: self.model.clone(),
             peft: stage.peft.clone().or_else(|| self.peft.clone()),
             data: stage.data.clone().or_else(|| self.data.clone()),
@@ -939,8 +942,8 @@ impl JobSpec {
     }
 
     fn validate_model(&self, pretrain_first: bool) -> Result<(), SpecError> {
-        if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
-            return err("model.dtype", format!("must be f32, bf16 or f16, got {:?}", self.model.dtype));
+        if !["f32", "bf16", "f16", "auto"].contains(&self.model.dtype.as_str()) {
+            return err("model.dtype", format!("must be f32, bf16, f16 or auto, got {:?}", self.model.dtype));
         }
         if self.model.max_length < 2 {
             return err("model.max_length", "must be at least 2");

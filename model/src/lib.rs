@@ -41,7 +41,8 @@ pub fn sync(device: Device) {
     }
 }
 
-/// Parses `f32`, `bf16`, `f16` (and their long spellings).
+/// Parses `f32`, `bf16`, `f16` (and their long spellings); `auto` is
+/// resolved by the caller (see [`auto_dtype`]).
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     match s {
         "f32" | "float32" | "float" => Ok(Kind::Float),
@@ -49,6 +50,34 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f16" | "float16" | "half" => Ok(Kind::Half),
         other => Err(Error::InvalidArgument(format!("dtype {other:?}: expected f32, bf16 or f16"))),
     }
+}
+
+/// What `model.dtype = "auto"` means on `device`: bf16 where its matmuls
+/// are fast (a CUDA device, or a CPU whose `/proc/cpuinfo` flags, given as
+/// `cpu_flags`, include AMX), else f32 — unless f32 weights
+/// (`params` × 4 bytes, three times over for activations and gradients)
+/// would not fit in `available` bytes, when bf16 weights are used anyway.
+/// Returns the kind and why, for the log.
+pub fn auto_dtype(device: Device, cpu_flags: &str, params: u64, available: u64) -> (Kind, String) {
+    if device.is_cuda() {
+        return (Kind::BFloat16, "bf16 on a GPU".into());
+    }
+    if cpu_flags.split_whitespace().any(|f| f == "amx_bf16") {
+        return (Kind::BFloat16, "bf16: this CPU has AMX (bf16 matmuls faster than f32)".into());
+    }
+    let need = params.saturating_mul(4 * 3);
+    if available > 0 && need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return (
+            Kind::BFloat16,
+            format!(
+                "bf16 weights: f32 would need ~{:.1} GiB, {:.1} GiB available (this CPU lacks AMX, so bf16 matmuls run slower)",
+                gib(need),
+                gib(available)
+            ),
+        );
+    }
+    (Kind::Float, "f32: this CPU lacks AMX, where bf16 matmuls run slower than f32".into())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`, checking the device exists.
@@ -68,4 +97,23 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
     }
     Ok(device)
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::*;
+
+    #[test]
+    fn auto_dtype_picks_bf16_only_where_it_is_fast_or_needed() {
+        let gib = 1u64 << 30;
+        let no_amx = "fpu avx512f avx512_bf16";
+        assert_eq!(auto_dtype(Device::Cuda(0), no_amx, 500_000_000, 24 * gib).0, Kind::BFloat16);
+        assert_eq!(auto_dtype(Device::Cpu, "avx512f amx_bf16 amx_tile", 500_000_000, 24 * gib).0, Kind::BFloat16);
+        let (k, why) = auto_dtype(Device::Cpu, no_amx, 500_000_000, 24 * gib);
+        assert_eq!(k, Kind::Float, "{why}");
+        // A 7B model's f32 weights do not fit 24 GiB: bf16, and the log says so.
+        let (k, why) = auto_dtype(Device::Cpu, no_amx, 7_000_000_000, 24 * gib);
+        assert_eq!(k, Kind::BFloat16);
+        assert!(why.contains("GiB available"), "{why}");
+    }
 }

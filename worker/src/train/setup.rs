@@ -33,7 +33,7 @@ impl Loaded {
 /// Loads `job.model` on `device` and merges `model.merge_adapters` in order.
 pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
     let dir = job.model.path.clone().ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
-    let kind = parse_dtype(&job.model.dtype)?;
+    let kind = job_dtype(&job.model.dtype, &dir, device)?;
     let base = rlhf_model::Model::load(&dir, kind, device)?;
     let tok = Tokenizer::load(&dir, &base.cfg)?;
     let mut pm = PeftModel::new(base);
@@ -44,6 +44,35 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
         pm.merge(&name)?;
     }
     Ok(Loaded { pm, tok, model_dir: dir })
+}
+
+/// The kind the base is loaded in: `model.dtype`, with `auto` resolved for
+/// this machine and the model in `dir` (see [`rlhf_model::auto_dtype`]),
+/// the choice logged.
+pub fn job_dtype(dtype: &str, dir: &Path, device: Device) -> Result<Kind> {
+    if dtype != "auto" {
+        return Ok(parse_dtype(dtype)?);
+    }
+    let (kind, why) = auto_dtype_for(dir, device)?;
+    tracing::info!(model = %dir.display(), dtype = ?kind, "model.dtype = auto: {why}");
+    Ok(kind)
+}
+
+/// `auto`'s choice on this machine for the model in `dir`, and why.
+pub fn auto_dtype_for(dir: &Path, device: Device) -> Result<(Kind, String)> {
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("flags")).map(String::from))
+        .unwrap_or_default();
+    let files = rlhf_model::WeightFiles::open_dir(dir)?;
+    let params: u64 =
+        files.names().filter_map(|n| files.shape(n)).map(|s| s.iter().product::<i64>().max(0) as u64).sum();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("MemAvailable:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024);
+    Ok(rlhf_model::auto_dtype(device, &flags, params, available))
 }
 
 /// A FewCLUE task's template (with the job's overrides) and examples.
