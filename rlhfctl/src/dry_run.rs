@@ -47,7 +47,13 @@ fn step_of(job: &JobSpec) -> Step {
             (t.max_steps, unit, method)
         }
     };
-    Step { name: job.name.clone().unwrap_or_else(|| job.kind.name().into()), kind: job.kind.name(), method, steps, unit }
+    Step {
+        name: job.name.clone().unwrap_or_else(|| job.kind.name().into()),
+        kind: job.kind.name(),
+        method,
+        steps,
+        unit,
+    }
 }
 
 /// The stages a job runs, in order.
@@ -125,7 +131,7 @@ train = { max_steps = 12, batch_size = 4 }
 name = "ppo"
 kind = "ppo"
 data = { task = "eprstmt", train = "/d/train.json" }
-ppo = { iterations = 5, rollout_batch = 8, minibatch = 4 }
+ppo = { iterations = 5, rollout_batch = 8, minibatch = 4, reward = { kind = "label" } }
 "#;
 
     #[test]

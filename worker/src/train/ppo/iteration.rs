@@ -152,7 +152,8 @@ pub struct Generated {
 }
 
 /// Runs one iteration on a generated rollout and returns its metrics
-/// record (rewards, KL, losses, phase times `time_*`, bytes exchanged).
+/// record (rewards, KL, losses, phase times `time_*`, bytes exchanged) and
+/// this rank's raw scores, one per row (before penalties and clipping).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     roles: &mut dyn Roles,
@@ -163,7 +164,7 @@ pub fn run(
     scorer: &Scorer<'_>,
     rollout: &Rollout,
     dist: &mut dyn Collective,
-) -> Result<Map<String, Value>> {
+) -> Result<(Map<String, Value>, Vec<f32>)> {
     let ti = Instant::now();
     let (gen, t_gen) = (&generated.gen, generated.secs);
     let bytes_before = roles.bytes();
@@ -295,7 +296,8 @@ pub fn run(
     let reward_mean = raw / n_rows;
     let reward_var =
         if b_all > 1 { (raw_sq - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0) } else { 0.0 };
-    Ok(fields! {
+    let raw_scores: Vec<f32> = Vec::try_from(raw_score.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+    let record = fields! {
         "reward_mean" => reward_mean,
         "reward_std" => reward_var.sqrt(),
         "score_mean" => score_sum / n_rows,
@@ -316,7 +318,8 @@ pub fn run(
         "time_values" => t_values,
         "time_train" => t_train,
         "bytes_exchanged" => roles.bytes() - bytes_before,
-    })
+    };
+    Ok((record, raw_scores))
 }
 
 /// Running sums over an iteration's minibatches (already summed over ranks).

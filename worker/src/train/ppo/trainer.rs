@@ -166,6 +166,41 @@ fn rule_scores(
     Ok(Tensor::from_slice(&s))
 }
 
+/// What the sampled answers are, for seeing reward hacking: the share that
+/// is a valid answer of the task (`valid_share`) and correct
+/// (`sample_accuracy`), and the mean raw score of the correct and of the
+/// other responses (`score_correct`, `score_wrong`; NaN when there are
+/// none), over every rank's rows.
+fn answer_stats(
+    tok: &Tokenizer,
+    responses: &[Vec<i64>],
+    gold: &[(&Template, &str)],
+    scores: &[f32],
+    dist: &mut dyn Collective,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut sums = [0f64; 5]; // rows, valid, correct, score of the correct, score of the others
+    for ((r, (template, g)), &s) in responses.iter().zip(gold).zip(scores) {
+        let label = template.label_for_answer(&tok.decode(r, true)?);
+        sums[0] += 1.0;
+        sums[1] += f64::from(u8::from(label.is_some()));
+        if label == Some(*g) {
+            sums[2] += 1.0;
+            sums[3] += f64::from(s);
+        } else {
+            sums[4] += f64::from(s);
+        }
+    }
+    let g = crate::train::ppo::shard::sum_across(dist, &sums)?;
+    let (n, valid, correct) = (g[0].max(1.0), g[1], g[2]);
+    let mean = |sum: f64, count: f64| if count > 0.0 { sum / count } else { f64::NAN };
+    Ok(crate::fields! {
+        "valid_share" => valid / n,
+        "sample_accuracy" => correct / n,
+        "score_correct" => mean(g[3], correct),
+        "score_wrong" => mean(g[4], g[0] - correct),
+    })
+}
+
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     run_with(job, ctx, None)
 }
@@ -294,8 +329,9 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
             RewardSource::Model { .. } => Scorer::Model,
             _ => Scorer::Rule(&rule),
         };
-        let mut rec =
+        let (mut rec, scores) =
             iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?;
+        rec.extend(answer_stats(&parts.loaded().tok, &generated.gen.tokens, &batch_gold, &scores, ctx.dist)?);
         rec.insert("bytes_exchanged".into(), json!(parts.bytes() - bytes_before));
         if parts.remote().is_some_and(|r| r.rollout_workers() > 0) {
             rec.insert("bytes_adapter_sync".into(), json!(rollouts.take_adapter_bytes()));
