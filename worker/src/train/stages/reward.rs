@@ -5,6 +5,7 @@
 //! resume, data parallel) is [`crate::train::supervised`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use rlhf_common::spec::JobSpec;
@@ -123,9 +124,12 @@ pub fn pairs_of(job: &JobSpec) -> Result<Pairs> {
 }
 
 /// Writes the pairs of `job` (a reward job) into `out` as JSON lines, one
-/// file per non-empty set; returns {set: count}.
+/// file per non-empty set (train.jsonl: the rows training draws from, see
+/// [`balanced_rows`]); returns {set: count}.
 pub fn write_pairs(job: &JobSpec, out: &Path) -> Result<BTreeMap<String, usize>> {
-    let p = pairs_of(job)?;
+    let mut p = pairs_of(job)?;
+    let rows = balanced_rows(&p.train.iter().map(|e| (e.task.as_deref(), e.format)).collect::<Vec<_>>());
+    p.train = rows.iter().map(|&i| p.train[i].clone()).collect();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut written = BTreeMap::new();
     for (name, set) in
@@ -146,66 +150,99 @@ pub fn write_pairs(job: &JobSpec, out: &Path) -> Result<BTreeMap<String, usize>>
     Ok(written)
 }
 
-/// The rows the training draws from, as indices into `pairs`. Pairs read
-/// from files: each once. Multiple-choice pairs: balanced so that each
-/// format weighs the same within an example and each task the same within
-/// the set. An example with k options has one format-1 pair but k − 1 of
-/// formats 2 and 3; drawn as they are, "bare ≻ explained" (format 3) would
-/// outweigh "explained ≻ bare" (format 1) k − 1 to 1 and a reward model
-/// could fit most pairs by preferring short answers, without telling right
-/// from wrong (measured on Qwen2.5-0.5B: 86% on format 3, 44% on format 1,
-/// 56% on bare letters). So each format-1 pair is drawn k − 1 times, and
-/// each task's rows are repeated (cyclically) up to the largest task's count.
-fn balanced_rows(pairs: &[Encoded]) -> Vec<usize> {
-    if pairs.iter().all(|p| p.task.is_none()) {
-        return (0..pairs.len()).collect();
-    }
-    // Per task, in order of first appearance: its rows.
-    let mut tasks: Vec<(Option<&str>, Vec<usize>)> = Vec::new();
+/// The examples of a pair set, each with its task and its pairs' range:
+/// a multiple-choice example is its format-1 pair and the format-2/3 pairs
+/// after it; a pair read from a file is an example of its own.
+fn examples<'a>(tags: &[(Option<&'a str>, u8)]) -> Vec<(Option<&'a str>, Range<usize>)> {
+    let mut out = Vec::new();
     let mut i = 0;
-    while i < pairs.len() {
-        // One example's pairs: a format-1 pair and the pairs after it up to the next one.
-        let end = (i + 1..pairs.len()).find(|&j| pairs[j].format <= 1).unwrap_or(pairs.len());
-        let task = pairs[i].task.as_deref();
-        let at = match tasks.iter().position(|(t, _)| *t == task) {
-            Some(k) => k,
-            None => {
-                tasks.push((task, Vec::new()));
-                tasks.len() - 1
-            }
-        };
-        let rows = &mut tasks[at].1;
-        let wrongs = (i + 1..end).filter(|&j| pairs[j].format == 3).count().max(1);
-        if pairs[i].format == 1 {
-            rows.extend(std::iter::repeat_n(i, wrongs));
-            rows.extend(i + 1..end);
-        } else {
-            rows.extend(i..end);
-        }
+    while i < tags.len() {
+        let end = (i + 1..tags.len()).find(|&j| tags[j].1 <= 1).unwrap_or(tags.len());
+        out.push((tags[i].0, i..end));
         i = end;
+    }
+    out
+}
+
+/// The examples training draws from, as indices into [`examples`]: each
+/// task's repeated (cyclically) up to the largest task's count, so that
+/// every task weighs the same (TNEWS has 7× the others' training examples).
+fn balanced_examples(examples: &[(Option<&str>, Range<usize>)]) -> Vec<usize> {
+    let mut tasks: Vec<(Option<&str>, Vec<usize>)> = Vec::new();
+    for (k, (task, _)) in examples.iter().enumerate() {
+        match tasks.iter_mut().find(|(t, _)| t == task) {
+            Some((_, v)) => v.push(k),
+            None => tasks.push((*task, vec![k])),
+        }
     }
     let largest = tasks.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
     tasks.iter().flat_map(|(_, r)| r.iter().copied().cycle().take(largest)).collect()
+}
+
+/// Each pair's weight within its example, summing to 1 per example: the
+/// paper's three formats weigh the same. An example with k options has one
+/// format-1 pair ("explained ≻ bare") but k − 1 each of formats 2 and 3
+/// ("bare ≻ explained wrong"); counted as they come, format 3 outweighs
+/// format 1 k − 1 to 1 and a reward model fits most pairs by preferring
+/// short answers without telling right from wrong (measured on
+/// Qwen2.5-0.5B: 86% on format 3, 44% on format 1, 56% on bare letters).
+fn pair_weights(tags: &[(Option<&str>, u8)], examples: &[(Option<&str>, Range<usize>)]) -> Vec<f32> {
+    let mut w = vec![1f32; tags.len()];
+    for (_, r) in examples {
+        let wrongs = r.clone().filter(|&j| tags[j].1 == 3).count().max(1) as f32;
+        for j in r.clone() {
+            w[j] = if tags[j].1 == 1 { wrongs } else { 1.0 };
+        }
+        let total: f32 = r.clone().map(|j| w[j]).sum();
+        for j in r.clone() {
+            w[j] /= total;
+        }
+    }
+    w
+}
+
+/// The pairs as training weighs them, one row per draw (for another
+/// trainer that draws pairs uniformly, as `rlhf-worker pairs` writes them):
+/// the balanced examples in order, each format-1 pair k − 1 times and every
+/// other pair once.
+fn balanced_rows(tags: &[(Option<&str>, u8)]) -> Vec<usize> {
+    let ex = examples(tags);
+    let mut rows = Vec::new();
+    for k in balanced_examples(&ex) {
+        let r = ex[k].1.clone();
+        let wrongs = r.clone().filter(|&j| tags[j].1 == 3).count().max(1);
+        for j in r {
+            let times = if tags[j].1 == 1 { wrongs } else { 1 };
+            rows.extend(std::iter::repeat_n(j, times));
+        }
+    }
+    rows
+}
+
+/// The distinct sequences of `pairs`, and each pair's (chosen, rejected)
+/// indices into them.
+fn distinct(pairs: &[Encoded]) -> (Vec<&[i64]>, Vec<(usize, usize)>) {
+    let mut index: HashMap<&[i64], usize> = HashMap::new();
+    let mut seqs: Vec<&[i64]> = Vec::new();
+    let mut ids = Vec::with_capacity(pairs.len());
+    for e in pairs {
+        let mut at = [0; 2];
+        for (k, s) in [e.chosen.as_slice(), e.rejected.as_slice()].into_iter().enumerate() {
+            at[k] = *index.entry(s).or_insert_with(|| {
+                seqs.push(s);
+                seqs.len() - 1
+            });
+        }
+        ids.push((at[0], at[1]));
+    }
+    (seqs, ids)
 }
 
 /// Whether each pair's chosen response outscores its rejected one. Each
 /// distinct sequence is scored once (a multiple-choice example's pairs
 /// share most of theirs), in batches of similar lengths.
 fn wins(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<Vec<bool>> {
-    let mut index: HashMap<&[i64], usize> = HashMap::new();
-    let mut seqs: Vec<&[i64]> = Vec::new();
-    let mut ids = Vec::with_capacity(pairs.len());
-    for e in pairs {
-        let c = *index.entry(e.chosen.as_slice()).or_insert_with(|| {
-            seqs.push(e.chosen.as_slice());
-            seqs.len() - 1
-        });
-        let r = *index.entry(e.rejected.as_slice()).or_insert_with(|| {
-            seqs.push(e.rejected.as_slice());
-            seqs.len() - 1
-        });
-        ids.push((c, r));
-    }
+    let (seqs, ids) = distinct(pairs);
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].len());
     let mut scores = vec![0f32; seqs.len()];
@@ -265,10 +302,17 @@ fn accuracies(prefix: &str, pairs: &[Encoded], wins: &[bool]) -> serde_json::Map
 }
 
 /// The pairwise ranking loss −log σ(r(x, y_c) − r(x, y_r) − m) on
-/// `pairs`; held-out pairwise accuracy is the metric (`accuracy`).
+/// `pairs`, one example (prompt) at a time with all of its pairs, as
+/// InstructGPT trains on all comparisons of a prompt together: its distinct
+/// responses are scored once and every pair between them counts, weighed by
+/// [`pair_weights`]. A batch is `train.batch_size` examples (drawn from
+/// [`balanced_examples`]); its loss is the mean of theirs. Held-out
+/// pairwise accuracy is the metric (`accuracy`).
 struct PairObjective<'a> {
     pairs: &'a [Encoded],
-    /// The training rows: indices into `pairs` (see [`balanced_rows`]).
+    weights: &'a [f32],
+    examples: &'a [(Option<&'a str>, Range<usize>)],
+    /// The training rows: indices into `examples`.
     rows: &'a [usize],
     held_out: &'a [Encoded],
     head: &'a Head,
@@ -292,30 +336,31 @@ impl Objective for PairObjective<'_> {
         world: usize,
         accum: usize,
     ) -> Result<(Vec<f64>, usize)> {
-        let batch: Vec<usize> = batch.iter().map(|&i| self.rows[i]).collect();
-        let batch = batch.as_slice();
-        let tokens = batch.iter().map(|&i| self.pairs[i].chosen.len() + self.pairs[i].rejected.len()).sum();
-        // This rank's pairs; their loss is a sum over the whole batch's pair count.
-        let batch_pairs = batch.len() as f64;
-        let chunk: Vec<&Encoded> = parallel::shard(batch, rank, world).into_iter().map(|i| &self.pairs[i]).collect();
-        let seqs: Vec<Vec<i64>> =
-            chunk.iter().map(|e| e.chosen.clone()).chain(chunk.iter().map(|e| e.rejected.clone())).collect();
-        let r = score(pm, self.head, &seqs, self.pad)?;
-        let n = chunk.len() as i64;
-        let margin =
-            Tensor::from_slice(&chunk.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(pm.base.device);
-        let diff = r.narrow(0, 0, n) - r.narrow(0, n, n) - margin;
-        let (loss, acc) = if world > 1 {
-            (
-                -diff.log_sigmoid().sum(Kind::Float) / batch_pairs,
-                diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float) / batch_pairs,
-            )
-        } else {
-            (-diff.log_sigmoid().mean(Kind::Float), diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float))
-        };
-        (&loss / accum as f64).backward();
-        let stats = vec![loss.double_value(&[]) / accum as f64, acc.double_value(&[]) / accum as f64];
-        Ok((stats, tokens))
+        // This rank's examples; each weighs 1 / (the whole batch's examples).
+        let share = 1.0 / (batch.len() * accum) as f64;
+        let device = pm.base.device;
+        let (mut loss_sum, mut acc_sum, mut tokens) = (0.0, 0.0, 0);
+        for i in parallel::shard(batch, rank, world) {
+            let range = self.examples[self.rows[i]].1.clone();
+            let pairs = &self.pairs[range.clone()];
+            let (seqs, ids) = distinct(pairs);
+            tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
+            let owned: Vec<Vec<i64>> = seqs.iter().map(|s| s.to_vec()).collect();
+            let r = score(pm, self.head, &owned, self.pad)?;
+            let pick = |k: fn(&(usize, usize)) -> usize| {
+                Tensor::from_slice(&ids.iter().map(|p| k(p) as i64).collect::<Vec<_>>()).to_device(device)
+            };
+            let margin =
+                Tensor::from_slice(&pairs.iter().map(|e| e.margin as f32).collect::<Vec<_>>()).to_device(device);
+            let w = Tensor::from_slice(&self.weights[range]).to_device(device);
+            let diff = r.index_select(0, &pick(|p| p.0)) - r.index_select(0, &pick(|p| p.1)) - margin;
+            let loss = -(diff.log_sigmoid() * &w).sum(Kind::Float);
+            let acc = (diff.gt(0.0).to_kind(Kind::Float) * &w).sum(Kind::Float);
+            (&loss * share).backward();
+            loss_sum += loss.double_value(&[]) * share;
+            acc_sum += acc.double_value(&[]) * share;
+        }
+        Ok((vec![loss_sum, acc_sum], tokens))
     }
 
     fn eval(&mut self, pm: &PeftModel) -> Result<Option<(&'static str, f64)>> {
@@ -370,15 +415,20 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         adapter: ADAPTER,
         extra: vec![("head.weight", head.weight.shallow_clone()), ("head.bias", head.bias.shallow_clone())],
     };
-    let rows = balanced_rows(&train_enc);
-    if rows.len() != train_enc.len() {
-        tracing::info!(
-            pairs = train_enc.len(),
-            rows = rows.len(),
-            "multiple-choice pairs balanced over tasks and formats"
-        );
-    }
-    let mut objective = PairObjective { pairs: &train_enc, rows: &rows, held_out: &eval_enc, head: &head, pad };
+    let tags: Vec<(Option<&str>, u8)> = train_enc.iter().map(|e| (e.task.as_deref(), e.format)).collect();
+    let examples = examples(&tags);
+    let weights = pair_weights(&tags, &examples);
+    let rows = balanced_examples(&examples);
+    tracing::info!(pairs = train_enc.len(), examples = examples.len(), rows = rows.len(), "reward training examples");
+    let mut objective = PairObjective {
+        pairs: &train_enc,
+        weights: &weights,
+        examples: &examples,
+        rows: &rows,
+        held_out: &eval_enc,
+        head: &head,
+        pad,
+    };
     let (total, secs) = supervised::train(ctx, &l.pm, &what, &mut objective, &train, &job.checkpoint, job.seed)?;
     // Demonstrations (chosen responses) should score 0 on average.
     let offset = if !ctx.writes() {
@@ -443,7 +493,7 @@ mod tests {
     fn balanced_rows_weigh_formats_and_tasks_alike() {
         // A binary task (one example: formats 1, 2, 3) and a 3-option task
         // (one example: format 1, then 2 and 3 for each of two wrong options).
-        let pairs = vec![
+        let pairs = [
             pair("a", 1),
             pair("a", 2),
             pair("a", 3),
@@ -453,19 +503,26 @@ mod tests {
             pair("b", 2),
             pair("b", 3),
         ];
-        let rows = balanced_rows(&pairs);
+        let tags: Vec<(Option<&str>, u8)> = pairs.iter().map(|e| (e.task.as_deref(), e.format)).collect();
+        let rows = balanced_rows(&tags);
         let count = |task: &str, format: u8| {
             rows.iter().filter(|&&r| pairs[r].task.as_deref() == Some(task) && pairs[r].format == format).count()
         };
-        // Task b: its format-1 pair twice, each other pair once (6 rows);
-        // task a's 3 rows repeated up to 6.
+        // Task b: its format-1 pair twice, each other pair once; task a's
+        // example once (each task has one example).
         assert_eq!([count("b", 1), count("b", 2), count("b", 3)], [2, 2, 2]);
-        assert_eq!([count("a", 1), count("a", 2), count("a", 3)], [2, 2, 2]);
-        assert_eq!(rows.len(), 12);
+        assert_eq!([count("a", 1), count("a", 2), count("a", 3)], [1, 1, 1]);
+        assert_eq!(rows.len(), 9);
         // Pairs from files are each drawn once.
-        let files: Vec<Encoded> = (0..3)
-            .map(|_| Encoded { chosen: vec![1], rejected: vec![2], margin: 0.0, task: None, format: 0 })
-            .collect();
-        assert_eq!(balanced_rows(&files), vec![0, 1, 2]);
+        assert_eq!(balanced_rows(&[(None, 0), (None, 0), (None, 0)]), vec![0, 1, 2]);
+        // Training draws examples, each task's as often.
+        let ex = examples(&tags);
+        assert_eq!(ex, vec![(Some("a"), 0..3), (Some("b"), 3..8)]);
+        assert_eq!(balanced_examples(&ex), vec![0, 1]);
+        // Within b: the format-1 pair weighs as much as the two format-3 pairs together.
+        let w = pair_weights(&tags, &ex);
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-6;
+        assert!(close(w[..3].iter().sum(), 1.0) && close(w[3..].iter().sum(), 1.0), "{w:?}");
+        assert!(close(w[3], w[5] + w[7]) && close(w[4], w[5]), "{w:?}");
     }
 }
