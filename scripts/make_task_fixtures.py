@@ -32,6 +32,29 @@ PAIRS = [("今天天气怎么样", "今天的天气如何", "1"), ("我想买一
          ("帮我订一张机票", "请帮我买张飞机票", "1"), ("晚饭吃什么", "这件衣服多少钱", "0")]
 
 
+# Paraphrase pairs by topic, for the larger BUSTM-style test set: a topic's
+# two phrasings are similar (1), phrasings of two topics are not (0).
+TOPICS = [("今天天气怎么样", "今天的天气如何"), ("我想买一部手机", "我打算买个新手机"), ("这家店几点关门", "这家店什么时候关门"),
+          ("怎么去火车站", "火车站怎么走"), ("帮我订一张机票", "请帮我买张飞机票"), ("晚饭吃什么", "今晚吃点什么"),
+          ("这件衣服多少钱", "这件衣服卖多少钱"), ("明天会下雨吗", "明天有雨吗"), ("你喜欢吃苹果吗", "你爱吃苹果吗"),
+          ("这本书好看吗", "这本书值得读吗"), ("我的电脑坏了", "我的电脑出故障了"), ("附近有医院吗", "这附近有没有医院"),
+          ("周末去爬山吧", "周末一起去爬山"), ("会议几点开始", "会议什么时候开始"), ("快递到了没有", "快递送到了吗"),
+          ("这道题怎么做", "这道题该怎么解")]
+
+
+def paraphrase_pairs(rng, n):
+    out = []
+    for i in range(n):
+        t = i // 2 % len(TOPICS)
+        a, b = TOPICS[t] if i // (2 * len(TOPICS)) == 0 else TOPICS[t][::-1]
+        if i % 2 == 0:
+            out.append((a, b, "1"))
+        else:
+            other = TOPICS[(t + rng.randrange(1, len(TOPICS))) % len(TOPICS)]
+            out.append((a, rng.choice(other), "0"))
+    return out
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "worker/tests/fixtures/fewclue"
     rng = random.Random(7)
@@ -44,6 +67,15 @@ def main():
     with open(f"{out}/bustm/dev.json", "w", encoding="utf-8") as f:
         for i, (a, b, l) in enumerate(PAIRS):
             f.write(json.dumps({"id": i, "sentence1": a, "sentence2": b, "label": l}, ensure_ascii=False) + "\n")
+    # Larger test sets (the demo's eval), from a stream of their own so the
+    # files above stay as they were: one example is under a point of them.
+    rng = random.Random(11)
+    with open(f"{out}/eprstmt/test.json", "w", encoding="utf-8") as f:
+        for r in reviews(rng, 160, 2000):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(f"{out}/bustm/test.json", "w", encoding="utf-8") as f:
+        for i, (a, b, l) in enumerate(paraphrase_pairs(rng, 64)):
+            f.write(json.dumps({"id": 100 + i, "sentence1": a, "sentence2": b, "label": l}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
