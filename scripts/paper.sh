@@ -64,29 +64,34 @@ fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-# Steps, batch sizes and subsets per preset (printed below).
+# Steps, batch sizes and subsets per preset (printed below). dtype auto:
+# bf16 on a GPU or an AMX CPU, else f32 (`rlhf-worker dtype` says which).
+# MC_N / MC_EVAL_N: examples per task whose multiple-choice pairs (every
+# wrong option, three formats) train / pick and test the reward model;
+# RM_PREF_STEPS > 0 first trains it on the Chinese preference pairs.
 case "$PRESET" in
   cpu)
-    DTYPE=bf16 SFT_STEPS=48 SFT_BATCH=8 SFT_N=160 DEV_N=24
-    RM_PREF_STEPS=16 RM_PREF_BATCH=4 PAIR_TOKENS=256
-    RM_MC_STEPS=40 RM_MC_BATCH=8 MC_N=120 MC_EVAL_N=30
-    PPO_ITERS=24 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256
-    TEST_N=200 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0 ;;
+    DTYPE=auto SFT_STEPS=48 SFT_BATCH=8 SFT_N=160 DEV_N=24
+    RM_PREF_STEPS=0 RM_PREF_BATCH=4 PAIR_TOKENS=256
+    RM_MC_STEPS=40 RM_MC_BATCH=8 RM_LR=2e-4 MC_N=160 MC_EVAL_N=8
+    PPO_ITERS=12 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
+    TEST_N=100 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0 ;;
   full)
-    DTYPE=bf16 SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
+    DTYPE=auto SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
     RM_PREF_STEPS=300 RM_PREF_BATCH=8 PAIR_TOKENS=1024
-    RM_MC_STEPS=600 RM_MC_BATCH=16 MC_N=0 MC_EVAL_N=0
-    PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0
+    RM_MC_STEPS=600 RM_MC_BATCH=16 RM_LR=2e-4 MC_N=0 MC_EVAL_N=64
+    PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0 SEEDS="1 2 3"
     TEST_N=0 CKPT=100 WORKERS="" WORKER_NAMES=gpu-0 ;;
   *) echo "paper.sh: --preset must be cpu or full, got $PRESET" >&2; exit 2 ;;
 esac
 limit() { [ "$2" -gt 0 ] && printf '%s = %s, ' "$1" "$2" || true; }
-sources() { # FILE_TRAIN FILE_EVAL: the four tasks as [[data.sources]] entries
+sources() { # FILE_TRAIN FILE_EVAL [FILE_TEST]: the four tasks as [[data.sources]] entries
   local sep=""
   printf 'sources = ['
   for t in eprstmt tnews ocnli bustm; do
     printf '%s{ task = "%s", train = "%s/fewclue/%s/%s.json"' "$sep" "$t" "$DATA" "$t" "$1"
     [ -n "$2" ] && printf ', eval = "%s/fewclue/%s/%s.json"' "$DATA" "$t" "$2"
+    [ -n "${3:-}" ] && printf ', test = "%s/fewclue/%s/%s.json"' "$DATA" "$t" "$3"
     printf ' }'
     sep=", "
   done
@@ -136,27 +141,48 @@ train = { max_steps = $SFT_STEPS, batch_size = $SFT_BATCH, lr = $lr, warmup_step
 
 EOF
 done
-cat <<EOF
+if [ "$RM_PREF_STEPS" -gt 0 ]; then
+  cat <<EOF
 [[stage]]
 name = "reward-prefs"
 kind = "reward"
 data = { max_pair_tokens = $PAIR_TOKENS, sources = [{ train = "$DATA/medicalgpt_dpo_zh_500/dpo_zh_500.jsonl" }, { train = "$DATA/llamafactory_dpo_zh_demo/dpo_zh_demo.json" }] }
 train = { max_steps = $RM_PREF_STEPS, batch_size = $RM_PREF_BATCH, lr = 2e-4, warmup_steps = $(( RM_PREF_STEPS / 10 )) }
 
+EOF
+  INIT='init_from = "reward-prefs"'
+else
+  INIT=""
+fi
+# The reward model on the multiple-choice pairs of the four tasks' training
+# files: every example against every wrong option, in the paper's three
+# formats (balanced over tasks and formats); dev pairs are scored every half
+# of the steps, pairs from a stride of test_public once at the end.
+cat <<EOF
 [[stage]]
 name = "reward-mc"
 kind = "reward"
-init_from = "reward-prefs"
-data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all) }
-train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = 2e-4, warmup_steps = $(( RM_MC_STEPS / 10 )) }
+$INIT
+data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all test_public) }
+train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $(( RM_MC_STEPS / 2 )) }
 
+EOF
+# PPO from the best SFT model (merged under it: the reference), one stage
+# per seed, scored by the reward model; then the label-reward control.
+PPO="iterations = $PPO_ITERS, rollout_batch = $PPO_BATCH, minibatch = $PPO_MB, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = 1e-4, critic_lr = 1e-4, kl_coef = 0.2"
+for seed in $SEEDS; do
+  cat <<EOF
 [[stage]]
-name = "ppo"
+name = "ppo-s$seed"
 kind = "ppo"
+seed = $seed
 peft = { method = "repadapter", r = 8, alpha = 16, groups = 2 }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
-ppo = { iterations = $PPO_ITERS, rollout_batch = $PPO_BATCH, minibatch = $PPO_MB, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = 1e-4, critic_lr = 1e-4, kl_coef = 0.2, score_with_eos = true, reward = { kind = "model" } }
+ppo = { $PPO, score_with_eos = true, reward = { kind = "model" } }
 
+EOF
+done
+cat <<EOF
 # The same PPO with the verifiable reward (1 for the correct letter, else 0)
 # in place of the reward model: whether PPO itself can add accuracy here.
 [[stage]]
@@ -164,7 +190,7 @@ name = "ppo-label"
 kind = "ppo"
 peft = { method = "repadapter", r = 8, alpha = 16, groups = 2 }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
-ppo = { iterations = $PPO_ITERS, rollout_batch = $PPO_BATCH, minibatch = $PPO_MB, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = 1e-4, critic_lr = 1e-4, kl_coef = 0.2, reward = { kind = "label" } }
+ppo = { $PPO, reward = { kind = "label" } }
 
 [[stage]]
 name = "eval"
@@ -179,8 +205,12 @@ echo '] }'
 
 echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per method, dev ${DEV_N/#0/all} per task;" \
   "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE pairs" \
-  "(${MC_N/#0/all} examples per task); PPO $PPO_ITERS iterations × $PPO_BATCH prompts; test_public ${TEST_N/#0/all} per task (by stride)"
+  "(${MC_N/#0/all} examples per task, every wrong option); PPO $PPO_ITERS iterations × $PPO_BATCH prompts for seeds $SEEDS and the label reward;" \
+  "test_public ${TEST_N/#0/all} per task (by stride)"
 echo "paper.sh: job file $JOB"
+if [ -f "$MODEL/model.safetensors" ] && [ -x "$RLHF_BIN/rlhf-worker" ]; then
+  echo "paper.sh: model.dtype = $DTYPE here: $("$RLHF_BIN/rlhf-worker" dtype --model "$MODEL")"
+fi
 # The coordinator's own checks, on the workers this preset starts.
 "$RLHF_BIN/rlhfctl" submit "$JOB" --dry-run --workers "$WORKER_NAMES"
 [ "$JOB_ONLY" = 1 ] && exit 0
@@ -189,10 +219,6 @@ DIR=$OUT/cluster
 PORT=${RLHF_PAPER_PORT:-50061}
 export RLHF_COORDINATOR=http://127.0.0.1:$PORT
 export RLHF_DATA_DIR=$DIR   # where rlhfctl finds the cluster's admin token
-# Training saturates every core here; a worker whose heartbeat thread waits
-# behind it for over the default 5 s lease would be declared lost and its job
-# requeued mid-stage. A minute of grace keeps one long run in one attempt.
-export RLHF_LEASE_MS=${RLHF_LEASE_MS:-60000}
 CTL="$RLHF_BIN/rlhfctl"
 "$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
 mkdir -p "$DIR"
@@ -205,21 +231,26 @@ echo "paper.sh: job $job (outputs in $DIR/jobs/$job)"
 RUN=$DIR/jobs/$job
 if ! "$CTL" watch "$job"; then
   # A failed or cancelled job keeps its finished stages in $RUN: resume it
-  # there in one process (the same job file), skipping them.
+  # there in one process (the same job file), skipping them. The cluster is
+  # stopped first, so no attempt of it can still be running beside this one.
+  "$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
   echo "paper.sh: job $job did not succeed; resuming it in $RUN with rlhf-worker run (finished stages are kept)"
   "$RLHF_BIN/rlhf-worker" run "$JOB" --out "$RUN"
 fi
-"$CTL" report "$job" --out "$OUT/report" >/dev/null
-echo "paper.sh: pipeline finished in $(( $(date +%s) - start )) s wall (this run)"
+"$CTL" report "$job" --out "$OUT/report" >/dev/null 2>&1 || "$CTL" down --data-dir "$DIR" >/dev/null 2>&1 || true
+WALL=$(( $(date +%s) - start ))
+echo "paper.sh: pipeline finished in $WALL s wall (this run)"
+RESOLVED=$("$RLHF_BIN/rlhf-worker" dtype --model "$MODEL" | "$RLHF_PY" -c 'import json,sys; print(json.load(sys.stdin)["dtype"])')
 if [ "$CROSSCHECK" = 1 ]; then
   PRED=$RUN/stages/eval/predictions.jsonl
   for name in base sft-lora; do
     adapter=()
     [ "$name" = base ] || adapter=(--adapter "$RUN/stages/$name/adapter")
-    "$RLHF_PY" scripts/crosscheck_predictions.py "$PRED" "$MODEL" --name "$name" "${adapter[@]}" --dtype "$DTYPE" \
+    "$RLHF_PY" scripts/crosscheck_predictions.py "$PRED" "$MODEL" --name "$name" "${adapter[@]}" --dtype "$RESOLVED" \
       | tee "$OUT/crosscheck-$name.jsonl" || echo "paper.sh: cross-check of $name differs by more than 0.5 points (see $OUT/crosscheck-$name.jsonl)"
   done
 fi
-"$RLHF_PY" scripts/paper_report.py "$RUN" "$OUT" > "$OUT/paper.md"
+"$RLHF_PY" scripts/paper_report.py "$RUN" "$OUT" --preset "$PRESET" --minutes "$(( (WALL + 30) / 60 ))" \
+  --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$OUT/paper.md"
 cat "$OUT/paper.md"
-echo "paper.sh: report $OUT/paper.md, curves and job report in $OUT/report"
+echo "paper.sh: report $OUT/paper.md, figures $OUT/summary.json, curves and job report in $OUT/report"

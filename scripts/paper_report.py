@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """The paper's Tables 3-5 from a finished scripts/paper.sh run, as Markdown.
 
-Usage: paper_report.py RUN_DIR OUT_DIR
+Usage: paper_report.py RUN_DIR OUT_DIR [--preset P --minutes M --commit C]
   RUN_DIR  the pipeline job's directory (stages/*/outcome.json, metrics.jsonl)
-  OUT_DIR  paper.sh's output directory (crosscheck-*.jsonl, report/*.png)
+  OUT_DIR  paper.sh's output directory (crosscheck-*.jsonl, report/*.png);
+           OUT_DIR/summary.json gets the headline figures, machine-readable
+           (accuracies in percent, choice mode on test_public):
+           {"preset", "minutes", "commit",
+            "rm": {"dev": {<task>, "mean"}, "test": {<task>, "mean"}},
+            "test": {"base": {<task>, "avg"}, "sft": {..., "method"}, "sft-<method>": {...},
+                     "ppo": [{"seed", <task>, "avg", "kl", "valid_share"}, ...], "ppo-label": {...}}}
 
 Reads only what the run wrote; every number printed comes from those files.
 The paper's own Llama2-7B figures are shown when OUT_DIR/../paper_figures.json
@@ -76,8 +82,38 @@ def pct(x):
     return "-" if x is None else f"{100.0 * x:.2f}"
 
 
+def stage_seeds(run):
+    """Stage name -> its seed (the stage's own, else the job's)."""
+    import tomllib
+
+    spec = tomllib.load(open(os.path.join(run, "job.toml"), "rb"))
+    return {st["name"]: st.get("seed", spec.get("seed", 0)) for st in spec.get("stage", [])}
+
+
+def window(rows, key, first):
+    """Mean of `key` over the first (or last) quarter of `rows` (at least one)."""
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    if not vals:
+        return None
+    k = max(1, len(vals) // 4)
+    part = vals[:k] if first else vals[-k:]
+    return sum(part) / len(part)
+
+
+def fmt(x, digits=4):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def main():
     run, out = sys.argv[1], sys.argv[2]
+    opts = {"preset": None, "minutes": None, "commit": None}
+    rest = sys.argv[3:]
+    while rest:
+        key, value = rest[0].removeprefix("--"), rest[1]
+        if key not in opts:
+            sys.exit(f"paper_report.py: unknown option --{key}")
+        opts[key] = float(value) if key == "minutes" else value
+        rest = rest[2:]
     outcomes = load_outcomes(run)
     metrics = load_metrics(run)
     paper = paper_figures()
@@ -157,10 +193,14 @@ def main():
                 lines.append(f"| {label} | " + " | ".join(cells) + f" | {pct(avg(m, mode))} | {', '.join(f'{k} {v}' for k, v in ref.items()) or 'n/a'} |")
             lines.append("")
 
-    lines += ["## Reward models (held-out pairwise accuracy)", "",
-              "Bare-answer accuracy: held-out prompts, the correct letter alone against a wrong letter alone (what a "
-              "one-token PPO response meets; the multiple-choice construction never trains on such a pair).", "",
-              "| stage | pairs | held-out pairs | accuracy | bare-answer accuracy | first loss | last loss |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["## Reward models (pairwise accuracy)", "",
+              "Multiple-choice pairs: every example against every wrong option in the paper's three formats "
+              "(1: explained correct ≻ bare correct; 2: explained correct ≻ explained wrong; 3: bare correct ≻ "
+              "explained wrong). dev: pairs from dev_few_all (steps were chosen on them); test: pairs from a stride of "
+              "test_public, scored once by the final model. Bare: the correct letter alone against each wrong letter "
+              "alone (what a one-token PPO response meets; never trained on).", "",
+              "| stage | set | pairs | " + " | ".join(TASKS) + " | mean of tasks | format 1 / 2 / 3 | bare | first loss | last loss |",
+              "|---|---|---:|" + "---:|" * len(TASKS) + "---:|---|---:|---:|---:|"]
     for n, o in outcomes.items():
         if o["kind"] != "reward":
             continue
@@ -168,21 +208,36 @@ def main():
         fm = o.get("final_metrics", {})
         first = f"{ms[0]['loss']:.4f}" if ms else "-"
         last = f"{ms[-1]['loss']:.4f}" if ms else "-"
-        src = "FewCLUE multiple-choice" if "mc" in n else "Chinese preference pairs"
-        lines.append(f"| {n} | {src} | {fm.get('eval_pairs', '-')} | {pct(fm.get('accuracy'))} | {pct(fm.get('bare_answer_accuracy'))} | {first} | {last} |")
+        for label, prefix, bare, count in [("dev", "accuracy", "bare_answer_accuracy", "eval_pairs"),
+                                           ("test", "test_accuracy", "bare_test_accuracy", "test_pairs")]:
+            if prefix not in fm:
+                continue
+            cells = [pct(fm.get(f"{prefix}_{t}")) for t in TASKS]
+            formats = " / ".join(pct(fm.get(f"{prefix}_format{k}")) for k in (1, 2, 3))
+            mean = fm.get(f"{prefix}_mean", fm.get(prefix))
+            lines.append(f"| {n} | {label} | {fm.get(count, '-')} | " + " | ".join(cells) +
+                         f" | {pct(mean)} | {formats} | {pct(fm.get(bare))} | {first} | {last} |")
     lines.append("")
 
-    for n in ppo:
-        ms = [r for r in metrics.get(n, []) if "reward_mean" in r]
-        if not ms:
-            continue
-        k = max(1, len(ms) // 4)
-        head = sum(r["reward_mean"] for r in ms[:k]) / k
-        tail = sum(r["reward_mean"] for r in ms[-k:]) / k
-        kl = ms[-1].get("kl")
-        lines += [f"## PPO ({n})", "",
-                  f"{len(ms)} iterations. Mean reward of the first {k}: {head:.4f}; of the last {k}: {tail:.4f}; "
-                  f"KL to the SFT model at the end: {kl if kl is None else f'{kl:.4f}'}.", ""]
+    if ppo:
+        lines += ["## PPO runs: reward hacking made visible", "",
+                  "Per run, the first and the last quarter of its iterations (means): the reward, the KL to the SFT "
+                  "model, the mean response length (tokens, EOS included), the share of sampled responses that are a "
+                  "valid answer of the task and that are correct, and the reward model's mean score of the correct "
+                  "and of the other sampled responses. A policy that games the reward raises the reward while the "
+                  "correct share or the gap between the two scores falls.", "",
+                  "| run | seed | reward | KL | response length | valid share | correct share | score of correct | score of others |",
+                  "|---|---:|---|---|---|---|---|---|---|"]
+        seeds = stage_seeds(run)
+        for n in ppo:
+            ms = [r for r in metrics.get(n, []) if "reward_mean" in r]
+            if not ms:
+                continue
+            cell = lambda key: f"{fmt(window(ms, key, True))} → {fmt(window(ms, key, False))}"
+            lines.append(f"| {n} ({reward_kind(outcomes, n)}) | {seeds.get(n, '-')} | {cell('reward_mean')} | {cell('kl')} | "
+                         f"{cell('response_len')} | {cell('valid_share')} | {cell('sample_accuracy')} | "
+                         f"{cell('score_correct')} | {cell('score_wrong')} |")
+        lines.append("")
 
     checks = sorted(f for f in os.listdir(out) if f.startswith("crosscheck-") and f.endswith(".jsonl"))
     if checks:
@@ -205,6 +260,56 @@ def main():
         lines += ["The paper's Llama2-7B figures are not in ../shared and cannot be fetched from this machine; "
                   "put them in scripts/paper_figures.json to fill the paper columns.", ""]
     print("\n".join(lines))
+    summary = make_summary(run, outcomes, metrics, acc, sft_best)
+    summary.update({k: v for k, v in opts.items() if v is not None})
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, ensure_ascii=False)
+
+
+def make_summary(run, outcomes, metrics, acc, sft_best):
+    """summary.json's figures (see the module doc), in percent."""
+    def p(x):
+        return None if x is None else round(100.0 * x, 2)
+
+    def test_row(model):
+        row = {}
+        for t in TASKS:
+            a = acc(model, t, "choice")
+            row[t] = p(a["accuracy"]) if a else None
+        vals = [v for v in row.values() if v is not None]
+        row["avg"] = round(sum(vals) / len(vals), 2) if len(vals) == len(TASKS) else None
+        return row
+
+    rm = {}
+    rms = [o for o in outcomes.values() if o["kind"] == "reward" and "test_accuracy" in o.get("final_metrics", {})]
+    rms = rms or [o for o in outcomes.values() if o["kind"] == "reward"]
+    if rms:
+        fm = rms[-1].get("final_metrics", {})
+        for label, prefix in [("dev", "accuracy"), ("test", "test_accuracy")]:
+            if prefix in fm:
+                rm[label] = {t: p(fm.get(f"{prefix}_{t}")) for t in TASKS}
+                rm[label]["mean"] = p(fm.get(f"{prefix}_mean", fm.get(prefix)))
+        rm["stage"] = rms[-1]["stage"]
+    test = {"base": test_row("base")}
+    if sft_best:
+        test["sft"] = {**test_row(sft_best), "method": sft_best.removeprefix("sft-")}
+    for m in METHODS:
+        if f"sft-{m}" in outcomes:
+            test[f"sft-{m}"] = test_row(f"sft-{m}")
+    seeds = stage_seeds(run)
+    runs = []
+    for n, o in outcomes.items():
+        if o["kind"] != "ppo":
+            continue
+        ms = [r for r in metrics.get(n, []) if "reward_mean" in r]
+        row = {"stage": n, "seed": seeds.get(n), **test_row(n),
+               "kl": window(ms, "kl", False), "valid_share": window(ms, "valid_share", False)}
+        if reward_kind(outcomes, n) == "label reward":
+            test["ppo-label"] = row
+        else:
+            runs.append(row)
+    test["ppo"] = runs
+    return {"rm": rm, "test": test}
 
 
 if __name__ == "__main__":
