@@ -73,13 +73,13 @@ case "$PRESET" in
   cpu)
     DTYPE=auto SFT_STEPS=48 SFT_BATCH=8 SFT_N=160 DEV_N=24
     RM_PREF_STEPS=0 RM_PREF_BATCH=4 PAIR_TOKENS=256
-    RM_MC_STEPS=40 RM_MC_BATCH=8 RM_LR=2e-4 MC_N=160 MC_EVAL_N=8
+    RM_MC_STEPS=32 RM_MC_BATCH=4 RM_LR=2e-4 RM_HEAD_LR=5e-3 MC_N=160 MC_EVAL_N=8
     PPO_ITERS=12 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
     TEST_N=100 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0 ;;
   full)
     DTYPE=auto SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
     RM_PREF_STEPS=300 RM_PREF_BATCH=8 PAIR_TOKENS=1024
-    RM_MC_STEPS=600 RM_MC_BATCH=16 RM_LR=2e-4 MC_N=0 MC_EVAL_N=64
+    RM_MC_STEPS=600 RM_MC_BATCH=16 RM_LR=2e-4 RM_HEAD_LR=5e-3 MC_N=0 MC_EVAL_N=64
     PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0 SEEDS="1 2 3"
     TEST_N=0 CKPT=100 WORKERS="" WORKER_NAMES=gpu-0 ;;
   *) echo "paper.sh: --preset must be cpu or full, got $PRESET" >&2; exit 2 ;;
@@ -164,11 +164,12 @@ name = "reward-mc"
 kind = "reward"
 $INIT
 data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all test_public) }
-train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $(( RM_MC_STEPS / 2 )) }
+train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, head_lr = $RM_HEAD_LR, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $(( RM_MC_STEPS / 2 )) }
 
 EOF
 # PPO from the best SFT model (merged under it: the reference), one stage
-# per seed, scored by the reward model; then the label-reward control.
+# per seed, scored by the reward model; then the label-reward control. The
+# policy adapter is LoRA, so transformers + peft can cross-check a PPO model.
 PPO="iterations = $PPO_ITERS, rollout_batch = $PPO_BATCH, minibatch = $PPO_MB, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = 1e-4, critic_lr = 1e-4, kl_coef = 0.2"
 for seed in $SEEDS; do
   cat <<EOF
@@ -176,7 +177,7 @@ for seed in $SEEDS; do
 name = "ppo-s$seed"
 kind = "ppo"
 seed = $seed
-peft = { method = "repadapter", r = 8, alpha = 16, groups = 2 }
+peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
 ppo = { $PPO, score_with_eos = true, reward = { kind = "model" } }
 
@@ -188,7 +189,7 @@ cat <<EOF
 [[stage]]
 name = "ppo-label"
 kind = "ppo"
-peft = { method = "repadapter", r = 8, alpha = 16, groups = 2 }
+peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
 ppo = { $PPO, reward = { kind = "label" } }
 
@@ -204,8 +205,8 @@ echo '] }'
 } > "$JOB"
 
 echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per method, dev ${DEV_N/#0/all} per task;" \
-  "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE pairs" \
-  "(${MC_N/#0/all} examples per task, every wrong option); PPO $PPO_ITERS iterations × $PPO_BATCH prompts for seeds $SEEDS and the label reward;" \
+  "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE examples" \
+  "(all their pairs: ${MC_N/#0/all} examples per task, every wrong option; head lr $RM_HEAD_LR); PPO $PPO_ITERS iterations × $PPO_BATCH prompts for seeds $SEEDS and the label reward;" \
   "test_public ${TEST_N/#0/all} per task (by stride)"
 echo "paper.sh: job file $JOB"
 if [ -f "$MODEL/model.safetensors" ] && [ -x "$RLHF_BIN/rlhf-worker" ]; then
@@ -242,10 +243,23 @@ WALL=$(( $(date +%s) - start ))
 echo "paper.sh: pipeline finished in $WALL s wall (this run)"
 RESOLVED=$("$RLHF_BIN/rlhf-worker" dtype --model "$MODEL" | "$RLHF_PY" -c 'import json,sys; print(json.load(sys.stdin)["dtype"])')
 if [ "$CROSSCHECK" = 1 ]; then
+  # Base, the LoRA SFT model and the first PPO model (on it, when LoRA was the
+  # best SFT method: peft loads LoRA only) with transformers + peft.
   PRED=$RUN/stages/eval/predictions.jsonl
-  for name in base sft-lora; do
+  BEST=$("$RLHF_PY" -c '
+import json, sys, glob
+best = max(glob.glob(sys.argv[1] + "/stages/sft-*/outcome.json"),
+           key=lambda p: json.load(open(p)).get("final_metrics", {}).get("eval_accuracy", -1))
+print(json.load(open(best))["stage"])' "$RUN" 2>/dev/null || true)
+  names=(base sft-lora)
+  [ "$BEST" = sft-lora ] && names+=(ppo-s1)
+  for name in "${names[@]}"; do
     adapter=()
-    [ "$name" = base ] || adapter=(--adapter "$RUN/stages/$name/adapter")
+    case $name in
+      base) ;;
+      ppo-*) adapter=(--adapter "$RUN/stages/sft-lora/adapter" --adapter "$RUN/stages/$name/adapter") ;;
+      *) adapter=(--adapter "$RUN/stages/$name/adapter") ;;
+    esac
     "$RLHF_PY" scripts/crosscheck_predictions.py "$PRED" "$MODEL" --name "$name" "${adapter[@]}" --dtype "$RESOLVED" \
       | tee "$OUT/crosscheck-$name.jsonl" || echo "paper.sh: cross-check of $name differs by more than 0.5 points (see $OUT/crosscheck-$name.jsonl)"
   done

@@ -61,6 +61,25 @@ status=0
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+
+# The README's other scripts, run for real on the tiny fixtures (each a
+# test: a script that breaks fails CI).
+port=$("$RLHF_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+scratch=$(mktemp -d)
+script_test() {
+  local name=$1; shift
+  echo "== script: $name" >&2
+  if "$@" > "$scratch/$name.log" 2>&1; then
+    echo "script $name ... ok"; passed=$((passed + 1))
+  else
+    echo "script $name ... FAILED (last lines below)"; tail -n 30 "$scratch/$name.log"; failed=$((failed + 1)); status=1
+  fi
+}
+script_test demo env RLHF_DEMO_DIR="$scratch/demo" RLHF_DEMO_PORT="$port" ./scripts/demo.sh
+script_test eval-fewclue ./scripts/eval-fewclue.sh "$PWD/worker/tests/fixtures/tiny-qwen2" 4 "$scratch/eval"
+script_test bench-rollout env RLHF_BENCH_ITERS=2 ./scripts/bench-rollout.sh
+script_test rm-anchor ./scripts/rm-anchor.sh
+rm -rf "$scratch"
 echo
 echo "all suites: $passed passed, $failed failed"
 exit "$status"

@@ -265,6 +265,12 @@ pub struct TrainSpec {
     /// an earlier reward stage instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Reward: the scalar head's learning rate (default: `lr`). The head
+    /// starts random and reads a hidden state whose right-vs-wrong
+    /// differences are small, so at an adapter's lr it barely moves in a
+    /// short run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_lr: Option<f64>,
 }
 
 fn one() -> usize {
@@ -301,6 +307,7 @@ impl Default for TrainSpec {
             eval_every: 0,
             gradient_checkpointing: false,
             init_from: None,
+            head_lr: None,
         }
     }
 }
@@ -1040,6 +1047,9 @@ fn validate_train(t: &TrainSpec) -> Result<(), SpecError> {
     }
     if !(t.lr.is_finite() && t.lr > 0.0) {
         return err("train.lr", format!("must be positive, got {}", t.lr));
+    }
+    if let Some(h) = t.head_lr.filter(|h| !(h.is_finite() && *h > 0.0)) {
+        return err("train.head_lr", format!("must be positive, got {h}"));
     }
     if t.weight_decay < 0.0 {
         return err("train.weight_decay", "must be >= 0");

@@ -336,3 +336,13 @@ fn resolved_paths_have_no_dot_dot() {
     assert_eq!(spec.model.path.as_deref(), Some(std::path::Path::new("/work/main/shared/models/tiny")));
     spec.check_paths(&[]).unwrap();
 }
+
+#[test]
+fn a_reward_head_lr_parses_and_a_bad_one_is_named() {
+    let text = "version = 1\nkind = \"reward\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\nfrom_multiple_choice = true\ntrain = \"/t.json\"\n[train]\nlr = 2e-4\nhead_lr = 5e-3\n";
+    assert_eq!(JobSpec::from_toml(text).unwrap().train.unwrap().head_lr, Some(5e-3));
+    let e = JobSpec::from_toml(&text.replace("5e-3", "-1.0")).unwrap_err().to_string();
+    assert!(e.starts_with("train.head_lr: must be positive"), "{e}");
+    let e = JobSpec::from_toml(&text.replace("model]", "model]\ndtype = \"f8\"")).unwrap_err().to_string();
+    assert!(e.starts_with("model.dtype: must be f32, bf16, f16 or auto"), "{e}");
+}

@@ -11,6 +11,8 @@ use rlhf_model::WeightFiles;
 
 pub struct AdamW {
     params: Vec<Tensor>,
+    /// Each parameter's learning rate as a multiple of the step's `lr`.
+    lr_scale: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: i64,
@@ -24,7 +26,15 @@ impl AdamW {
     pub fn new(params: Vec<Tensor>, weight_decay: f64) -> Self {
         let m = params.iter().map(Tensor::zeros_like).collect();
         let v = params.iter().map(Tensor::zeros_like).collect();
-        Self { params, m, v, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        let lr_scale = vec![1.0; params.len()];
+        Self { params, lr_scale, m, v, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
+
+    /// Parameters `from..` learn at `scale` × the step's learning rate.
+    pub fn scale_lr_from(&mut self, from: usize, scale: f64) {
+        for s in self.lr_scale.iter_mut().skip(from) {
+            *s = scale;
+        }
     }
 
     pub fn params(&self) -> &[Tensor] {
@@ -67,11 +77,12 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
         tch::no_grad(|| {
-            for ((p, m), v) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
+            for (((p, m), v), scale) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(&self.lr_scale) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
+                let lr = lr * scale;
                 if self.weight_decay > 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }

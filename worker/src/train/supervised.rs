@@ -76,8 +76,13 @@ pub fn train(
     let sched = Schedule { base_lr: train.lr, warmup: train.warmup_steps, total };
     let adapter = what.adapter;
     let mut params = pm.adapter(adapter)?.parameters();
+    let adapter_params = params.len();
     params.extend(what.extra.iter().map(|(_, t)| t.shallow_clone()));
     let mut opt = AdamW::new(params, train.weight_decay);
+    // The extra tensors (a reward head) at `train.head_lr`, when given.
+    if let Some(h) = train.head_lr {
+        opt.scale_lr_from(adapter_params, h / train.lr);
+    }
     let mut shuffler = Shuffler::new(seed);
     let mut start_step = 0;
     if let Some((step, dir)) = checkpoint::latest(ctx.out) {
