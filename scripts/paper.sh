@@ -71,10 +71,10 @@ OUT=$(cd "$OUT" && pwd)
 # RM_PREF_STEPS > 0 first trains it on the Chinese preference pairs.
 case "$PRESET" in
   cpu)
-    DTYPE=auto SFT_STEPS=48 SFT_BATCH=8 SFT_N=160 DEV_N=24
+    DTYPE=auto SFT_STEPS=40 SFT_BATCH=8 SFT_N=160 DEV_N=24
     RM_PREF_STEPS=0 RM_PREF_BATCH=4 PAIR_TOKENS=256
-    RM_MC_STEPS=32 RM_MC_BATCH=4 RM_LR=2e-4 RM_HEAD_LR=5e-3 MC_N=160 MC_EVAL_N=8
-    PPO_ITERS=12 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
+    RM_MC_STEPS=16 RM_MC_BATCH=4 RM_LR=2e-4 RM_HEAD_LR=5e-3 MC_N=160 MC_EVAL_N=8
+    PPO_ITERS=8 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
     TEST_N=100 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0 ;;
   full)
     DTYPE=auto SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
@@ -209,6 +209,28 @@ echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per 
   "(all their pairs: ${MC_N/#0/all} examples per task, every wrong option; head lr $RM_HEAD_LR); PPO $PPO_ITERS iterations × $PPO_BATCH prompts for seeds $SEEDS and the label reward;" \
   "test_public ${TEST_N/#0/all} per task (by stride)"
 echo "paper.sh: job file $JOB"
+# Estimated minutes per stage, from seconds per step / iteration / eval
+# prompt measured on this project's 2-core CPU machine (Intel Xeon with
+# avx512_bf16, no AMX; f32; 2026-12-04): SFT (PEFT) steps of 8, full
+# fine-tuning steps of 8, reward steps of 4 examples (all their pairs), PPO
+# iterations of 16 one-token rollouts, eval prompts (one forward each, not
+# measured alone: a third of a training token's cost assumed), ~10 s to load
+# the model per stage and ~4 min of reward-model evals. A GPU preset is not
+# estimated here.
+if [ "$PRESET" = cpu ]; then
+  "$RLHF_PY" - "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" <<'PY'
+import sys
+sft, rm, ppo, seeds, test_n = map(int, sys.argv[1:])
+SFT, SFT_FULL, RM, PPO, EVAL, LOAD = 7.0, 22.0, 36.0, 62.0, 0.3, 10.0
+models = 1 + 4 + seeds + 1
+stages = [(f"sft-{m}", sft * (SFT_FULL if m == "full" else SFT) + LOAD) for m in ("lora", "ssf", "repadapter", "full")]
+stages += [("reward-mc", rm * RM + LOAD + 240)]
+stages += [(f"ppo-s{k + 1}", ppo * PPO + LOAD) for k in range(seeds)] + [("ppo-label", ppo * PPO + LOAD)]
+stages += [("eval", models * (4 * test_n * EVAL + LOAD))]
+print("paper.sh: estimated minutes on a 2-core CPU, f32: "
+      + ", ".join(f"{n} {s / 60:.0f}" for n, s in stages) + f"; total {sum(s for _, s in stages) / 60:.0f}")
+PY
+fi
 if [ -f "$MODEL/model.safetensors" ] && [ -x "$RLHF_BIN/rlhf-worker" ]; then
   echo "paper.sh: model.dtype = $DTYPE here: $("$RLHF_BIN/rlhf-worker" dtype --model "$MODEL")"
 fi
