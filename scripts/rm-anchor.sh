@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # rlhfd's reward stage against the real TRL 1.12.0 RewardTrainer, in one
-# script: the same model, the same multiple-choice pairs (as training draws
-# them: `rlhf-worker pairs`), the same steps, batch, lr and warmup, LoRA r=8
+# script: the same model, the same multiple-choice pairs (`rlhf-worker
+# pairs`: as training weighs them), the same steps, lr and warmup, LoRA r=8
 # alpha=16 on all linear layers; then both models' pairwise accuracy on the
 # same held-out pairs, per task and pair format (scripts/bench/rm_trl.py).
+# A step is BATCH examples with all their pairs for rlhfd, BATCH pairs for
+# TRL (which draws pairs); rlhfd's head learns at HEAD_LR, TRL's at the lr.
 #   scripts/rm-anchor.sh                 tiny fixture model, two fixture tasks (about a minute)
 #   scripts/rm-anchor.sh --qwen [--merge ADAPTER]
 #                                        Qwen2.5-Coder-0.5B on the four FewCLUE tasks
@@ -26,7 +28,9 @@ done
 if [ "$QWEN" = 1 ]; then
   MODEL=$(../shared/tools/get-qwen2.5-0.5b.sh | tail -n 1)
   DATA=$(cd ../shared/data/fewclue && pwd)
-  OUT=runs/rm-anchor-qwen STEPS=${RLHF_ANCHOR_STEPS:-40} LR=${RLHF_ANCHOR_LR:-2e-4} N=160 EVAL_N=8
+  # The setting of the README's figures: 32 training, 8 dev and 8 test
+  # examples per task, 16 steps of 4 examples.
+  OUT=runs/rm-anchor-qwen STEPS=${RLHF_ANCHOR_STEPS:-16} LR=${RLHF_ANCHOR_LR:-2e-4} N=32 EVAL_N=8 BATCH=4 HEAD_LR=5e-3
   SOURCES=""
   for t in eprstmt tnews ocnli bustm; do
     SOURCES="$SOURCES{ task = \"$t\", train = \"$DATA/$t/train_few_all.json\", eval = \"$DATA/$t/dev_few_all.json\", test = \"$DATA/$t/test_public.json\" }, "
@@ -34,10 +38,10 @@ if [ "$QWEN" = 1 ]; then
 else
   MODEL=$PWD/worker/tests/fixtures/tiny-qwen2
   F=$PWD/worker/tests/fixtures/fewclue
-  OUT=runs/rm-anchor STEPS=${RLHF_ANCHOR_STEPS:-30} LR=${RLHF_ANCHOR_LR:-2e-3} N=64 EVAL_N=32
+  OUT=runs/rm-anchor STEPS=${RLHF_ANCHOR_STEPS:-30} LR=${RLHF_ANCHOR_LR:-2e-3} N=64 EVAL_N=32 BATCH=8 HEAD_LR=$LR
   SOURCES="{ task = \"eprstmt\", train = \"$F/eprstmt/train.json\", eval = \"$F/eprstmt/dev.json\", test = \"$F/eprstmt/test.json\" }, "
 fi
-WARMUP=$(( STEPS / 10 ))
+WARMUP=$(( STEPS / 8 ))
 rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -64,8 +68,9 @@ max_eval_examples = $EVAL_N
 sources = [ $SOURCES]
 [train]
 max_steps = $STEPS
-batch_size = 8
+batch_size = $BATCH
 lr = $LR
+head_lr = $HEAD_LR
 warmup_steps = $WARMUP
 weight_decay = 0.0
 max_grad_norm = 1.0
@@ -76,7 +81,7 @@ RLHF_QUIET=1 "$RLHF_BIN/rlhf-worker" --threads "$(nproc)" run "$OUT/reward.toml"
 ours=$(( $(date +%s) - start ))
 merge=()
 [ -n "$MERGE" ] && merge=(--merge "$MERGE")
-"$RLHF_PY" scripts/bench/rm_trl.py --model "$MODEL" "${merge[@]}" --pairs "$OUT/pairs" --steps "$STEPS" --batch 8 \
+"$RLHF_PY" scripts/bench/rm_trl.py --model "$MODEL" "${merge[@]}" --pairs "$OUT/pairs" --steps "$STEPS" --batch "$BATCH" \
   --lr "$LR" --warmup "$WARMUP" --threads "$(nproc)" 2>"$OUT/trl.log" | tail -n 1 > "$OUT/trl.json"
 "$RLHF_PY" - "$OUT" "$ours" <<'PY'
 import json, sys
