@@ -36,6 +36,8 @@ async fn training_on_every_core_loses_no_heartbeat_and_runs_one_attempt() {
         .args(["--name", "cpu-0", "--token-file"])
         .arg(cl.data_dir().join("worker.token"))
         .env("RLHF_QUIET", "1")
+        .stdout(std::fs::File::create(cl.dir.path().join("cpu-0.log")).expect("worker log"))
+        .stderr(std::fs::File::create(cl.dir.path().join("cpu-0.err.log")).expect("worker log"))
         .spawn()
         .expect("start worker");
     cl.workers.push(child);
@@ -43,7 +45,7 @@ async fn training_on_every_core_loses_no_heartbeat_and_runs_one_attempt() {
     let mut hogs: Vec<Child> = (0..cores).map(|i| hog(cl.dir.path(), i, cores)).collect();
     let mut c = cl.client().await;
     // Several lease lengths of training on a machine with every core busy.
-    let id = submit_spec(&mut c, sft_job(300, 0)).await;
+    let id = submit_spec(&mut c, sft_job(150, 0)).await;
     let job = wait_job(&mut c, &id, Duration::from_secs(600), is_terminal).await;
     for h in &mut hogs {
         let _ = h.kill();
