@@ -211,7 +211,8 @@ echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per 
 echo "paper.sh: job file $JOB"
 # Estimated minutes per stage, from seconds per step / iteration / eval
 # prompt measured on this project's 2-core CPU machine (Intel Xeon with
-# avx512_bf16, no AMX; f32; 2026-12-04): SFT (PEFT) steps of 8, full
+# avx512_bf16, no AMX; f32; 2026-12-04; the SFT figure from this preset's
+# own LoRA and SSF stages, 9.6 and 12.6 s/step): SFT (PEFT) steps of 8, full
 # fine-tuning steps of 8, reward steps of 4 examples (all their pairs), PPO
 # iterations of 16 one-token rollouts, eval prompts (one forward each, not
 # measured alone: a third of a training token's cost assumed), ~10 s to load
@@ -221,7 +222,7 @@ if [ "$PRESET" = cpu ]; then
   "$RLHF_PY" - "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" <<'PY'
 import sys
 sft, rm, ppo, seeds, test_n = map(int, sys.argv[1:])
-SFT, SFT_FULL, RM, PPO, EVAL, LOAD = 7.0, 22.0, 36.0, 62.0, 0.3, 10.0
+SFT, SFT_FULL, RM, PPO, EVAL, LOAD = 10.5, 22.0, 36.0, 62.0, 0.3, 10.0
 models = 1 + 4 + seeds + 1
 stages = [(f"sft-{m}", sft * (SFT_FULL if m == "full" else SFT) + LOAD) for m in ("lora", "ssf", "repadapter", "full")]
 stages += [("reward-mc", rm * RM + LOAD + 240)]
