@@ -54,18 +54,20 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
 
 /// What `model.dtype = "auto"` means on `device`: bf16 where its matmuls
 /// are fast (a CUDA device, or a CPU whose `/proc/cpuinfo` flags, given as
-/// `cpu_flags`, include AMX), else f32 — unless f32 weights
-/// (`params` × 4 bytes, three times over for activations and gradients)
-/// would not fit in `available` bytes, when bf16 weights are used anyway.
-/// Returns the kind and why, for the log.
-pub fn auto_dtype(device: Device, cpu_flags: &str, params: u64, available: u64) -> (Kind, String) {
+/// `cpu_flags`, include AMX), else f32 — unless training in f32 would not
+/// fit in `available` bytes, when bf16 weights are used anyway: `params` ×
+/// 12 bytes for adapters on a frozen base, × 40 when every weight trains
+/// (`full`: weights, gradients, two AdamW moments and activations; full
+/// fine-tuning of Qwen2.5-0.5B peaked at 18.8 GiB here). Returns the kind
+/// and why, for the log.
+pub fn auto_dtype(device: Device, cpu_flags: &str, params: u64, available: u64, full: bool) -> (Kind, String) {
     if device.is_cuda() {
         return (Kind::BFloat16, "bf16 on a GPU".into());
     }
     if cpu_flags.split_whitespace().any(|f| f == "amx_bf16") {
         return (Kind::BFloat16, "bf16: this CPU has AMX (bf16 matmuls faster than f32)".into());
     }
-    let need = params.saturating_mul(4 * 3);
+    let need = params.saturating_mul(if full { 40 } else { 12 });
     if available > 0 && need > available {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return (
@@ -107,12 +109,17 @@ mod dtype_tests {
     fn auto_dtype_picks_bf16_only_where_it_is_fast_or_needed() {
         let gib = 1u64 << 30;
         let no_amx = "fpu avx512f avx512_bf16";
-        assert_eq!(auto_dtype(Device::Cuda(0), no_amx, 500_000_000, 24 * gib).0, Kind::BFloat16);
-        assert_eq!(auto_dtype(Device::Cpu, "avx512f amx_bf16 amx_tile", 500_000_000, 24 * gib).0, Kind::BFloat16);
-        let (k, why) = auto_dtype(Device::Cpu, no_amx, 500_000_000, 24 * gib);
+        assert_eq!(auto_dtype(Device::Cuda(0), no_amx, 500_000_000, 24 * gib, false).0, Kind::BFloat16);
+        assert_eq!(
+            auto_dtype(Device::Cpu, "avx512f amx_bf16 amx_tile", 500_000_000, 24 * gib, false).0,
+            Kind::BFloat16
+        );
+        let (k, why) = auto_dtype(Device::Cpu, no_amx, 500_000_000, 24 * gib, false);
         assert_eq!(k, Kind::Float, "{why}");
+        // Full fine-tuning of the same model in 16 GiB would not fit in f32.
+        assert_eq!(auto_dtype(Device::Cpu, no_amx, 500_000_000, 16 * gib, true).0, Kind::BFloat16);
         // A 7B model's f32 weights do not fit 24 GiB: bf16, and the log says so.
-        let (k, why) = auto_dtype(Device::Cpu, no_amx, 7_000_000_000, 24 * gib);
+        let (k, why) = auto_dtype(Device::Cpu, no_amx, 7_000_000_000, 24 * gib, false);
         assert_eq!(k, Kind::BFloat16);
         assert!(why.contains("GiB available"), "{why}");
     }

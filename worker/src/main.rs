@@ -265,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Dtype { model, device } => {
             let device = offline::parse_device(&device)?;
-            let (kind, why) = rlhf_worker::train::setup::auto_dtype_for(&model, device)
+            let (kind, why) = rlhf_worker::train::setup::auto_dtype_for(&model, device, false)
                 .with_context(|| format!("model {}", model.display()))?;
             let name = match kind {
                 tch::Kind::BFloat16 => "bf16",

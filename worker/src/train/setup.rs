@@ -33,7 +33,8 @@ impl Loaded {
 /// Loads `job.model` on `device` and merges `model.merge_adapters` in order.
 pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
     let dir = job.model.path.clone().ok_or_else(|| Error::InvalidArgument("model.path: required".into()))?;
-    let kind = job_dtype(&job.model.dtype, &dir, device)?;
+    let full = job.peft.as_ref().is_some_and(|p| p.method == rlhf_common::PeftMethod::Full);
+    let kind = job_dtype(&job.model.dtype, &dir, device, full)?;
     let base = rlhf_model::Model::load(&dir, kind, device)?;
     let tok = Tokenizer::load(&dir, &base.cfg)?;
     let mut pm = PeftModel::new(base);
@@ -49,17 +50,18 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
 /// The kind the base is loaded in: `model.dtype`, with `auto` resolved for
 /// this machine and the model in `dir` (see [`rlhf_model::auto_dtype`]),
 /// the choice logged.
-pub fn job_dtype(dtype: &str, dir: &Path, device: Device) -> Result<Kind> {
+pub fn job_dtype(dtype: &str, dir: &Path, device: Device, full: bool) -> Result<Kind> {
     if dtype != "auto" {
         return Ok(parse_dtype(dtype)?);
     }
-    let (kind, why) = auto_dtype_for(dir, device)?;
+    let (kind, why) = auto_dtype_for(dir, device, full)?;
     tracing::info!(model = %dir.display(), dtype = ?kind, "model.dtype = auto: {why}");
     Ok(kind)
 }
 
-/// `auto`'s choice on this machine for the model in `dir`, and why.
-pub fn auto_dtype_for(dir: &Path, device: Device) -> Result<(Kind, String)> {
+/// `auto`'s choice on this machine for the model in `dir` (every weight
+/// trained when `full`), and why.
+pub fn auto_dtype_for(dir: &Path, device: Device, full: bool) -> Result<(Kind, String)> {
     let flags = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| t.lines().find(|l| l.starts_with("flags")).map(String::from))
@@ -72,7 +74,7 @@ pub fn auto_dtype_for(dir: &Path, device: Device) -> Result<(Kind, String)> {
         .and_then(|t| t.lines().find(|l| l.starts_with("MemAvailable:")).map(String::from))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024);
-    Ok(rlhf_model::auto_dtype(device, &flags, params, available))
+    Ok(rlhf_model::auto_dtype(device, &flags, params, available, full))
 }
 
 /// A FewCLUE task's template (with the job's overrides) and examples.
