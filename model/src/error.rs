@@ -19,6 +19,8 @@ pub enum Error {
     MissingTensor { path: PathBuf, name: String },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    #[error("chat template {path}: {msg}")]
+    ChatTemplate { path: PathBuf, msg: String },
     #[error("token id {id} out of range (vocab size {vocab})")]
     TokenOutOfRange { id: i64, vocab: i64 },
     #[error("adapter {path}: {msg}")]

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -22,6 +23,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use cache::KvCache;
+pub use chat::ChatTemplate;
 pub use config::{Arch, Config};
 pub use error::{Error, Result};
 pub use generate::{generate, generate_rows, GenerateOptions, Generation};

@@ -64,6 +64,16 @@ impl Tokenizer {
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
+    /// Token ids of `text` with each token's byte range in `text` (added
+    /// and special tokens included), for masks built from text spans.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<Vec<(i64, (usize, usize))>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        Ok(enc.get_ids().iter().zip(enc.get_offsets()).map(|(&i, &o)| (i64::from(i), o)).collect())
+    }
+
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner

@@ -118,6 +118,29 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The token ids and loss mask of each row of a dataset in TRL's
+    /// formats, through the model's chat template: one JSON line
+    /// {"ids": [...], "loss_mask": [...]} per row (preference rows:
+    /// {"chosen": {...}, "rejected": {...}}; prompt-only rows: the prompt
+    /// with the generation prompt, nothing trained).
+    Render {
+        /// Hugging Face model directory (its tokenizer and chat template).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON lines (or a JSON array) in one of TRL's dataset formats.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print at most this many rows (all are checked).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// language_modeling, prompt_only, prompt_completion or preference
+        /// (default: from the columns).
+        #[arg(long)]
+        format: Option<String>,
+        /// A Jinja chat template file instead of the model's own.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
+    },
     /// What `model.dtype = "auto"` picks on this machine for a model, and why.
     Dtype {
         #[arg(long)]
@@ -273,6 +296,19 @@ fn run(cli: Cli) -> Result<()> {
                 _ => "f32",
             };
             println!("{}", serde_json::json!({ "dtype": name, "why": why }));
+        }
+        Command::Render { model, data, limit, format, chat_template } => {
+            use rlhf_worker::data::formats::Format;
+            let format = match format.as_deref() {
+                None => None,
+                Some(f) => Some(Format::parse(f).with_context(|| {
+                    format!("--format: unknown format {f:?} (expected one of {})", Format::NAMES.join(", "))
+                })?),
+            };
+            let lines = rlhf_worker::data::render::render_file(&model, &data, format, chat_template.as_deref(), limit)?;
+            for line in lines {
+                println!("{line}");
+            }
         }
         Command::Pairs { job, stage, out } => {
             let spec = rlhf_common::JobSpec::load(&job)?;

@@ -5,6 +5,10 @@
 //! - [`fewclue`]: the EPRSTMT, TNEWS, OCNLI and BUSTM loaders and label sets.
 //! - [`template`]: Table-6-style prompts with lettered options and verbalizers.
 //! - [`preference`]: preference-pair files and the multiple-choice construction.
+//! - [`formats`]: TRL's dataset types (text, messages, prompt, prompt +
+//!   completion, preference), standard or conversational, checked per row.
+//! - [`render`]: those rows as token ids and a loss mask, through the
+//!   model's chat template.
 //! - [`batch`]: prompt truncation, padding, and a resumable seeded shuffler.
 //!
 //! Corrupt input is an [`Error::DataLine`](crate::Error::DataLine) naming
@@ -12,8 +16,10 @@
 
 pub mod batch;
 pub mod fewclue;
+pub mod formats;
 pub mod jsonl;
 pub mod preference;
+pub mod render;
 pub mod template;
 
 pub use batch::{truncate_prompt, Shuffler};
