@@ -10,7 +10,8 @@ CI) with the project venv; the output is committed:
 QWEN2_5_DIR: any Qwen2.5 model directory (../shared/tools/get-qwen2.5-0.5b.sh
 makes one); only its chat_template.jinja is read. The tokenizer is the tiny
 byte-level BPE of tiny-qwen2 plus the two ChatML tokens (ids 280, 281); eos is
-<|im_end|> (as in Qwen2.5-Instruct), pad <|endoftext|>.
+<|im_end|> (as in Qwen2.5-Instruct), pad <|endoftext|>. The weights are
+tiny-qwen2's, with two more embedding rows.
 """
 
 import os
@@ -18,7 +19,7 @@ import sys
 
 import torch
 from tokenizers import AddedToken, Tokenizer
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 here = os.path.dirname(os.path.abspath(__file__))
 qwen = sys.argv[1]
@@ -33,13 +34,15 @@ hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", p
 hf_tok.chat_template = template
 hf_tok.save_pretrained(out)
 
-torch.manual_seed(11)
-cfg = Qwen2Config(
-    vocab_size=282, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    bos_token_id=0, eos_token_id=281, pad_token_id=0,
-)
-model = Qwen2ForCausalLM(cfg).eval()
+# tiny-qwen2's weights (make_fixtures.py's well-conditioned random init), its
+# embedding grown by the two ChatML rows (std 0.05, as its other rows).
+model = Qwen2ForCausalLM.from_pretrained(os.path.join(here, "../worker/tests/fixtures/tiny-qwen2")).eval()
+model.resize_token_embeddings(282, mean_resizing=False)
+g = torch.Generator().manual_seed(11)
+with torch.no_grad():
+    model.get_input_embeddings().weight[280:] = 0.05 * torch.randn((2, 64), generator=g)
+model.config.eos_token_id = 281
+model.config.max_position_embeddings = 512
 model.save_pretrained(out, safe_serialization=True)
 GenerationConfig(eos_token_id=[281, 0], pad_token_id=0, bos_token_id=0).save_pretrained(out)
 print(sorted(os.listdir(out)))

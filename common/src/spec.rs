@@ -989,7 +989,11 @@ impl JobSpec {
                 let _ = pretrain;
                 need(data.train.is_some(), "data.train")?;
             }
-            JobKind::Sft | JobKind::Ppo => {
+            JobKind::Sft => {
+                need(self.peft.is_some(), "peft")?;
+                data.validate(self.kind.name(), false)?;
+            }
+            JobKind::Ppo => {
                 need(self.peft.is_some(), "peft")?;
                 data.validate(self.kind.name(), true)?;
             }

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{err, SpecError, TASKS};
 
+/// TRL's dataset types (`data.format`).
+pub const FORMATS: [&str; 4] = ["language_modeling", "prompt_only", "prompt_completion", "preference"];
+
 /// Where the examples come from.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +45,15 @@ pub struct DataSpec {
     /// Use at most this many held-out examples of each source (by stride).
     #[serde(default)]
     pub max_eval_examples: Option<usize>,
+    /// A file without `task` is in one of TRL's dataset formats:
+    /// `language_modeling`, `prompt_only`, `prompt_completion` or
+    /// `preference` (default: read from its columns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// A Jinja chat template for conversational rows, instead of the
+    /// model's own (`chat_template.jinja` / `tokenizer_config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
     /// Reward: skip pairs whose prompt + response exceeds this many tokens
     /// (long preference data on a small budget; the count is logged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +97,9 @@ impl DataSpec {
         if let Some(p) = &mut self.eval {
             f(&format!("{at}.eval"), p);
         }
+        if let Some(p) = &mut self.chat_template {
+            f(&format!("{at}.chat_template"), p);
+        }
         for (i, s) in self.sources.iter_mut().enumerate() {
             f(&format!("{at}.sources[{i}].train"), &mut s.train);
             if let Some(p) = &mut s.eval {
@@ -96,7 +111,8 @@ impl DataSpec {
         }
     }
 
-    /// `needs_task`: every source must name a FewCLUE task. Errors name
+    /// `needs_task`: every source must name a FewCLUE task (else a source
+    /// without one is a file in TRL's formats). Errors name
     /// the field (`data.sources[2].task`).
     pub(super) fn validate(&self, kind: &str, needs_task: bool) -> Result<(), SpecError> {
         if !self.sources.is_empty() {
@@ -124,6 +140,14 @@ impl DataSpec {
         if let Some(i) = self.sources.iter().position(|s| s.test.is_some()) {
             if kind != "reward" {
                 return err(format!("data.sources[{i}].test"), format!("applies to reward jobs, not {kind}"));
+            }
+        }
+        if let Some(f) = &self.format {
+            if !FORMATS.contains(&f.as_str()) {
+                return err("data.format", format!("unknown format {f:?} (expected one of {})", FORMATS.join(", ")));
+            }
+            if self.sources().iter().all(|s| s.task.is_some()) {
+                return err("data.format", "applies to files in TRL's formats (sources without a task)");
             }
         }
         if self.max_pair_tokens == Some(0) {

@@ -10,6 +10,7 @@ pub mod optim;
 pub mod ppo;
 pub mod recompute;
 pub mod report;
+pub mod rows;
 pub mod run;
 pub mod setup;
 pub mod stage;

@@ -90,14 +90,23 @@ pub enum Split {
     Eval,
 }
 
-/// One [`TaskSet`] per source of `data` (`[[data.sources]]` or the single
-/// `task`/`train`/`eval`), from its train or eval file, each cut to
+/// One [`TaskSet`] per FewCLUE source of `data` (`[[data.sources]]` or the
+/// single `task`/`train`/`eval`), from its train or eval file, each cut to
 /// `max_examples`/`max_eval_examples` by stride. A source without an eval
-/// file has no eval set.
+/// file has no eval set; a source without a task, when the job allows
+/// those (`trl`), is a file in TRL's formats (see [`crate::train::rows`]).
 pub fn task_sets(data: &DataSpec, split: Split) -> Result<Vec<TaskSet>> {
+    task_sets_of(data, split, false)
+}
+
+/// [`task_sets`], skipping sources without a task when `trl`.
+pub fn task_sets_of(data: &DataSpec, split: Split, trl: bool) -> Result<Vec<TaskSet>> {
     let one = data.sources.is_empty();
     let mut sets = Vec::new();
     for (i, src) in data.sources().iter().enumerate() {
+        if trl && src.task.is_none() {
+            continue;
+        }
         let field = if one { "data.task".to_string() } else { format!("data.sources[{i}].task") };
         let (path, limit) = match split {
             Split::Train => (Some(&src.train), data.max_examples),
@@ -114,7 +123,7 @@ pub fn task_sets(data: &DataSpec, split: Split) -> Result<Vec<TaskSet>> {
             )?);
         }
     }
-    if split == Split::Train && sets.is_empty() {
+    if split == Split::Train && sets.is_empty() && !trl {
         return Err(Error::InvalidArgument("data.train: required".into()));
     }
     Ok(sets)

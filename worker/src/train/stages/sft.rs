@@ -1,5 +1,7 @@
 //! `sft`: the policy adapter learns the verbalised answer of each FewCLUE
-//! prompt; the loss covers response tokens only.
+//! prompt, and the completions / assistant turns of files in TRL's formats
+//! (through the model's chat template); the loss covers response tokens
+//! only.
 
 use rlhf_common::spec::JobSpec;
 use rlhf_common::Role;
@@ -7,7 +9,9 @@ use rlhf_common::Role;
 use crate::error::{Error, Result};
 use crate::train::accuracy::{choice_accuracy, TaskEval};
 use crate::train::lm::{LmObjective, Sample};
-use crate::train::setup::{encode_pair, load_base, task_sets, Split};
+use crate::data::render::Renderer;
+use crate::train::rows;
+use crate::train::setup::{encode_pair, load_base, task_sets_of, Split};
 use crate::train::stage::{Ctx, Outcome};
 use crate::train::supervised::{self, Trainable};
 use rlhf_model::peft::{self, base_parameters, PeftConfig};
@@ -17,10 +21,13 @@ pub const ADAPTER: &str = Role::Policy.name();
 pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let mut l = load_base(job, ctx.device)?;
     let data = job.data.clone().unwrap_or_default();
-    let sets = task_sets(&data, Split::Train)?;
+    let sets = task_sets_of(&data, Split::Train, true)?;
     let max_len = job.model.max_length;
     let eos = l.eos();
-    let mut samples = Vec::new();
+    let chat = rows::chat_template(&data, &l)?;
+    let renderer = Renderer::new(&l.tok, chat.as_ref())?;
+    let (mut samples, _) = rows::sft_samples(&rows::datasets(&data, Split::Train)?, &renderer, max_len)?;
+    let (held_out_rows, _) = rows::sft_samples(&rows::datasets(&data, Split::Eval)?, &renderer, max_len)?;
     for set in &sets {
         for ex in &set.examples {
             let (p, r) =
@@ -29,7 +36,10 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             samples.push(Sample { ids: [p, r].concat(), targets });
         }
     }
-    let held_out = task_sets(&data, Split::Eval)?
+    if samples.is_empty() {
+        return Err(Error::InvalidArgument("data: no training rows".into()));
+    }
+    let held_out = task_sets_of(&data, Split::Eval, true)?
         .iter()
         .map(|set| TaskEval::new(&l.tok, &set.template, &set.examples, max_len))
         .collect::<Result<Vec<_>>>()?;
@@ -40,17 +50,22 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
     let train = job.train.clone().unwrap_or_default();
-    // Held-out choice accuracy, averaged over the tasks (model selection).
+    // Held-out accuracy, averaged over the sources (model selection):
+    // choice accuracy of each FewCLUE task, next-token accuracy on the
+    // trained tokens of the TRL-format files.
     let mut last = f64::NAN;
     let mut eval = |pm: &rlhf_model::peft::PeftModel| {
-        if held_out.is_empty() {
+        let mut scores = Vec::new();
+        for te in &held_out {
+            scores.push(choice_accuracy(pm, &l.tok, te, 16, pad)?);
+        }
+        if !held_out_rows.is_empty() {
+            scores.push(rows::token_accuracy(pm, &held_out_rows, pad, 8)?);
+        }
+        if scores.is_empty() {
             return Ok(f64::NAN);
         }
-        let mut sum = 0.0;
-        for te in &held_out {
-            sum += choice_accuracy(pm, &l.tok, te, 16, pad)?;
-        }
-        last = sum / held_out.len() as f64;
+        last = scores.iter().sum::<f64>() / scores.len() as f64;
         Ok(last)
     };
     let mut objective =
