@@ -55,6 +55,11 @@ pub enum Norm {
     PostAttention(usize),
     /// `model.norm`
     Final,
+    /// `model.layers.{i}.self_attn.q_norm` (Qwen3): on each query head
+    /// `[b, t, heads, head_dim]`, before RoPE.
+    QNorm(usize),
+    /// `model.layers.{i}.self_attn.k_norm` (Qwen3): on each key head.
+    KNorm(usize),
 }
 
 impl Norm {
@@ -63,6 +68,8 @@ impl Norm {
             Norm::Input(i) => format!("model.layers.{i}.input_layernorm"),
             Norm::PostAttention(i) => format!("model.layers.{i}.post_attention_layernorm"),
             Norm::Final => "model.norm".to_string(),
+            Norm::QNorm(i) => format!("model.layers.{i}.self_attn.q_norm"),
+            Norm::KNorm(i) => format!("model.layers.{i}.self_attn.k_norm"),
         }
     }
 }

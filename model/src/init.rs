@@ -66,11 +66,13 @@ impl Preset {
             head_dim: hidden / heads,
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
+            rope_scaling: None,
             max_position_embeddings: max_pos,
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
+            qk_norm: false,
             bos_token_id: Some(bos_id),
             eos_token_ids: vec![eos_id],
             pad_token_id: Some(eos_id),
@@ -223,6 +225,11 @@ pub fn layout(cfg: &Config) -> Vec<(String, Vec<i64>, Fill)> {
             out.push((format!("{p}.{name}.weight"), vec![out_dim, in_dim], Fill::Normal));
             if bias {
                 out.push((format!("{p}.{name}.bias"), vec![out_dim], Fill::Zeros));
+            }
+        }
+        if cfg.qk_norm {
+            for name in ["self_attn.q_norm", "self_attn.k_norm"] {
+                out.push((format!("{p}.{name}.weight"), vec![cfg.head_dim], Fill::Ones));
             }
         }
     }

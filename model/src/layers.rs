@@ -2,6 +2,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::config::RopeScaling;
 use super::hooks::Norm;
 use super::weights::WeightFiles;
 use crate::error::Result;
@@ -65,11 +66,43 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: i64, theta: f64, device: tch::Device) -> Self {
+    pub fn new(head_dim: i64, theta: f64, scaling: Option<RopeScaling>, device: tch::Device) -> Self {
+        Self { inv_freq: Self::inv_freq(head_dim, theta, scaling, device) }
+    }
+
+    /// The `[head_dim / 2]` f32 inverse frequencies, computed with the same
+    /// f32 tensor operations as transformers' `_compute_default_rope_parameters`
+    /// and `_compute_llama3_parameters`.
+    pub fn inv_freq(head_dim: i64, theta: f64, scaling: Option<RopeScaling>, device: tch::Device) -> Tensor {
         let exponents =
             Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / head_dim as f64;
         let inv_freq = Tensor::from(theta).to_device(device).to_kind(Kind::Float).pow(&exponents).reciprocal();
-        Self { inv_freq }
+        match scaling {
+            None => inv_freq,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old_context_len = original_max_position_embeddings as f64;
+                let low_freq_wavelen = old_context_len / low_freq_factor;
+                let high_freq_wavelen = old_context_len / high_freq_factor;
+                // `2 * math.pi / inv_freq` is `inv_freq.reciprocal() * (2 * math.pi)` in torch.
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                // Long wavelengths are divided by `factor`, short ones kept.
+                let scaled = (&inv_freq / factor).where_self(&wavelen.gt(low_freq_wavelen), &inv_freq);
+                // In between: interpolated by a smooth factor.
+                let smooth =
+                    (wavelen.reciprocal() * old_context_len - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = smooth.rsub_scalar(1.0) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen
+                    .lt(high_freq_wavelen)
+                    .logical_not()
+                    .logical_and(&wavelen.gt(low_freq_wavelen).logical_not());
+                smoothed.where_self(&medium, &scaled)
+            }
+        }
     }
 
     /// `(cos, sin)` of shape `[b, 1, t, head_dim]` for positions `[b, t]`.

@@ -1,6 +1,7 @@
-//! The LLaMA-family decoder (LLaMA, Qwen2): GQA attention with RoPE,
-//! SwiGLU MLP, RMSNorm, optional tied embeddings. Tensor names equal the
-//! Hugging Face checkpoint names.
+//! The LLaMA-family decoder (LLaMA, Qwen2, Qwen3): GQA attention with RoPE
+//! (default or Llama 3 scaled), SwiGLU MLP, RMSNorm, optional tied
+//! embeddings, optional per-head query/key RMSNorm (Qwen3). Tensor names
+//! equal the Hugging Face checkpoint names.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,10 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Qwen3's RMSNorm over each query head (weight `[head_dim]`), before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    /// The same on each key head.
+    pub k_norm: Option<RmsNorm>,
 }
 
 pub struct Mlp {
@@ -102,13 +107,14 @@ impl Model {
         let q_dim = cfg.num_heads * cfg.head_dim;
         let kv_dim = cfg.num_kv_heads * cfg.head_dim;
         let embed_tokens = w.get_mapped("model.embed_tokens.weight", &[cfg.vocab_size, h], kind, device)?;
-        let norm = |name: String, site: Norm| -> Result<RmsNorm> {
+        let norm_of = |name: String, dim: i64, site: Norm| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: w.get_mapped(&format!("{name}.weight"), &[h], kind, device)?,
+                weight: w.get_mapped(&format!("{name}.weight"), &[dim], kind, device)?,
                 eps: cfg.rms_norm_eps,
                 site,
             })
         };
+        let norm = |name: String, site: Norm| norm_of(name, h, site);
         let mut layers = Vec::with_capacity(cfg.num_layers as usize);
         for li in 0..cfg.num_layers as usize {
             let p = format!("model.layers.{li}");
@@ -122,6 +128,14 @@ impl Model {
                     k_proj: lin("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?,
                     v_proj: lin("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?,
                     o_proj: lin("self_attn.o_proj", q_dim, h, cfg.o_bias)?,
+                    q_norm: cfg
+                        .qk_norm
+                        .then(|| norm_of(format!("{p}.self_attn.q_norm"), cfg.head_dim, Norm::QNorm(li)))
+                        .transpose()?,
+                    k_norm: cfg
+                        .qk_norm
+                        .then(|| norm_of(format!("{p}.self_attn.k_norm"), cfg.head_dim, Norm::KNorm(li)))
+                        .transpose()?,
                 },
                 post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), Norm::PostAttention(li))?,
                 mlp: Mlp {
@@ -137,7 +151,7 @@ impl Model {
         } else {
             Some(Linear::load(&w, "lm_head", h, cfg.vocab_size, false, kind, device)?)
         };
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
         let keep = w.has_views().then_some(w);
         Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: keep })
     }
@@ -153,7 +167,7 @@ impl Model {
         kind: Kind,
         device: Device,
     ) -> Self {
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, device);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
         Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None }
     }
 
@@ -252,12 +266,22 @@ impl Model {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let a = &layer.self_attn;
-        let heads = |proj: Proj, lin: &Linear, n: i64| {
-            hooks.linear(li, proj, x, lin.forward(x)).view([b, t, n, hd]).transpose(1, 2)
+        // `[b, n, t, hd]` heads of a projection, each RMS-normed first if
+        // the model norms them (Qwen3's q_norm / k_norm, before RoPE).
+        let heads = |proj: Proj, lin: &Linear, n: i64, norm: Option<&RmsNorm>| {
+            let y = hooks.linear(li, proj, x, lin.forward(x)).view([b, t, n, hd]);
+            let y = match norm {
+                Some(norm) => {
+                    let (xhat, y) = norm.forward(&y);
+                    hooks.norm(norm.site, &xhat, y)
+                }
+                None => y,
+            };
+            y.transpose(1, 2)
         };
-        let q = Rope::apply(&heads(Proj::Q, &a.q_proj, nh), cos, sin);
-        let k = Rope::apply(&heads(Proj::K, &a.k_proj, nkv), cos, sin);
-        let v = heads(Proj::V, &a.v_proj, nkv);
+        let q = Rope::apply(&heads(Proj::Q, &a.q_proj, nh, a.q_norm.as_ref()), cos, sin);
+        let k = Rope::apply(&heads(Proj::K, &a.k_proj, nkv, a.k_norm.as_ref()), cos, sin);
+        let v = heads(Proj::V, &a.v_proj, nkv, None);
         let (k, v) = match cache {
             Some(c) => c.append(li, k, v),
             None => (k, v),

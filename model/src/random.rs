@@ -55,17 +55,25 @@ impl Model {
                 let bias = if bias { Some(take(&format!("{p}.{name}.bias"), &[out_dim])?) } else { None };
                 Ok(Linear { weight, bias })
             };
-            let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", h, q_dim, cfg.qkv_bias)?,
-                k_proj: lin("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?,
-                v_proj: lin("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?,
-                o_proj: lin("self_attn.o_proj", q_dim, h, cfg.o_bias)?,
-            };
+            let q_proj = lin("self_attn.q_proj", h, q_dim, cfg.qkv_bias)?;
+            let k_proj = lin("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?;
+            let v_proj = lin("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?;
+            let o_proj = lin("self_attn.o_proj", q_dim, h, cfg.o_bias)?;
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", h, i, cfg.mlp_bias)?,
                 up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
             };
+            let mut head_norm = |name: &str, site: Norm| -> Result<Option<RmsNorm>> {
+                if !cfg.qk_norm {
+                    return Ok(None);
+                }
+                let weight = take(&format!("{p}.self_attn.{name}.weight"), &[cfg.head_dim])?;
+                Ok(Some(RmsNorm { weight, eps: cfg.rms_norm_eps, site }))
+            };
+            let q_norm = head_norm("q_norm", Norm::QNorm(li))?;
+            let k_norm = head_norm("k_norm", Norm::KNorm(li))?;
+            let self_attn = Attention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm };
             let input_layernorm = RmsNorm {
                 weight: take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 eps: cfg.rms_norm_eps,
@@ -138,11 +146,13 @@ pub fn llama2_7b_config() -> Config {
         head_dim: 128,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
         max_position_embeddings: 4096,
         tie_word_embeddings: false,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
+        qk_norm: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         pad_token_id: Some(0),

@@ -20,7 +20,7 @@ use safetensors::tensor::{Dtype, View};
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{Arch, Config};
+use super::config::{Arch, Config, RopeScaling};
 use super::layers::Linear;
 use super::llama::{Layer, Model};
 use crate::error::{Error, Result};
@@ -97,17 +97,21 @@ pub fn write_tokenizer_config(cfg: &Config, tokenizer_json: &Path, path: &Path) 
 /// Biases that merging an adapter created (SSF, RepAdapter) are kept: the
 /// config declares them (`attention_bias`, `mlp_bias`; a Qwen2 model with an
 /// output or MLP bias is written as the equivalent LLaMA) and absent sibling
-/// biases are written as zeros. A merged logit bias (`lm_head_bias`) has no
-/// place in either architecture and is an error.
+/// biases are written as zeros. A Qwen3 model stays Qwen3 (its q/k norms
+/// have no place in a LLaMA): attention biases become `attention_bias`, an
+/// MLP bias is an error. A merged logit bias (`lm_head_bias`) has no place
+/// in any of these architectures and is an error too.
 pub fn save_model(model: &Model, dir: &Path, tokenizer_json: Option<&Path>) -> Result<()> {
     if model.lm_head_bias.is_some() {
         return Err(Error::InvalidArgument(format!(
-            "cannot save to {}: the model has a merged logit bias (lm_head_bias), which a llama/qwen2 \
+            "cannot save to {}: the model has a merged logit bias (lm_head_bias), which a llama/qwen2/qwen3 \
              checkpoint cannot hold; unmerge the adapter first",
             dir.display()
         )));
     }
-    let cfg = saved_config(model);
+    let cfg = saved_config(model).map_err(|msg| {
+        Error::InvalidArgument(format!("cannot save to {}: {msg}; unmerge the adapter first", dir.display()))
+    })?;
     let tensors = model_tensors(model, &cfg)?;
     write_dir(dir, |d| {
         write_safetensors(&tensors, &d.join("model.safetensors"))?;
@@ -175,8 +179,8 @@ pub(crate) fn write_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     result
 }
 
-/// The config that describes what `model` holds now.
-fn saved_config(model: &Model) -> Config {
+/// The config that describes what `model` holds now, or why no config can.
+fn saved_config(model: &Model) -> std::result::Result<Config, String> {
     let mut cfg = model.cfg.clone();
     cfg.tie_word_embeddings = model.lm_head.is_none();
     let has_bias = |pick: &dyn Fn(&Layer) -> Vec<&Linear>| {
@@ -185,7 +189,14 @@ fn saved_config(model: &Model) -> Config {
     let qkv = has_bias(&|l| vec![&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj]);
     let o = has_bias(&|l| vec![&l.self_attn.o_proj]);
     let mlp = has_bias(&|l| vec![&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
-    if cfg.arch == Arch::Qwen2 && !o && !mlp {
+    if cfg.arch == Arch::Qwen3 {
+        if mlp {
+            return Err("the model has MLP biases (from a merged adapter), which a qwen3 checkpoint cannot hold".into());
+        }
+        // Qwen3's `attention_bias` covers q, k, v and o together.
+        let attn = qkv || o;
+        (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) = (attn, attn, false);
+    } else if cfg.arch == Arch::Qwen2 && !o && !mlp {
         (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) = (true, false, false);
     } else {
         // LLaMA's `attention_bias` covers q, k, v and o together; Qwen2
@@ -194,7 +205,7 @@ fn saved_config(model: &Model) -> Config {
         cfg.arch = Arch::Llama;
         (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) = (attn, attn, mlp);
     }
-    cfg
+    Ok(cfg)
 }
 
 /// Every tensor under its HF name; biases the config declares but a layer
@@ -217,6 +228,9 @@ fn model_tensors(model: &Model, cfg: &Config) -> Result<Vec<(String, Tensor)>> {
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.weight.shallow_clone(),
         ));
+        for norm in [&layer.self_attn.q_norm, &layer.self_attn.k_norm].into_iter().flatten() {
+            out.push((format!("{}.weight", norm.site.module_name()), norm.weight.shallow_clone()));
+        }
         for (name, lin, bias) in linears {
             out.push((format!("{p}.{name}.weight"), lin.weight.shallow_clone()));
             match (&lin.bias, bias) {
@@ -237,24 +251,20 @@ fn model_tensors(model: &Model, cfg: &Config) -> Result<Vec<(String, Tensor)>> {
 }
 
 fn config_json(cfg: &Config, kind: Kind) -> Result<Value> {
-    let (model_type, class, attention_bias) = match cfg.arch {
-        Arch::Llama => {
-            if cfg.qkv_bias != cfg.o_bias {
-                return Err(Error::InvalidArgument(
-                    "llama config: q/k/v and o biases must be all present or all absent (attention_bias)".into(),
-                ));
-            }
-            ("llama", "LlamaForCausalLM", cfg.qkv_bias)
+    let bad = |msg: &str| Err(Error::InvalidArgument(format!("{} config: {msg}", cfg.arch.model_type())));
+    match cfg.arch {
+        Arch::Llama | Arch::Qwen3 if cfg.qkv_bias != cfg.o_bias => {
+            return bad("q/k/v and o biases must be all present or all absent (attention_bias)");
         }
-        Arch::Qwen2 => {
-            if !cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
-                return Err(Error::InvalidArgument(
-                    "qwen2 config: qwen2 has q/k/v biases only; save such a model as llama".into(),
-                ));
-            }
-            ("qwen2", "Qwen2ForCausalLM", true)
+        Arch::Qwen3 if cfg.mlp_bias => return bad("qwen3 has no MLP biases; such a model cannot be saved as qwen3"),
+        Arch::Qwen2 if !cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias => {
+            return bad("qwen2 has q/k/v biases only; save such a model as llama");
         }
-    };
+        _ => {}
+    }
+    if cfg.qk_norm != (cfg.arch == Arch::Qwen3) {
+        return bad("q/k norms (q_norm, k_norm) exist in qwen3 models only");
+    }
     let dtype = match kind {
         Kind::Float => "float32",
         Kind::BFloat16 => "bfloat16",
@@ -262,8 +272,8 @@ fn config_json(cfg: &Config, kind: Kind) -> Result<Value> {
         other => return Err(Error::InvalidArgument(format!("config: dtype {other:?} cannot be declared"))),
     };
     let mut m = Map::new();
-    m.insert("architectures".into(), json!([class]));
-    m.insert("model_type".into(), json!(model_type));
+    m.insert("architectures".into(), json!([cfg.arch.class()]));
+    m.insert("model_type".into(), json!(cfg.arch.model_type()));
     m.insert("vocab_size".into(), json!(cfg.vocab_size));
     m.insert("hidden_size".into(), json!(cfg.hidden_size));
     m.insert("intermediate_size".into(), json!(cfg.intermediate_size));
@@ -274,15 +284,37 @@ fn config_json(cfg: &Config, kind: Kind) -> Result<Value> {
     m.insert("hidden_act".into(), json!("silu"));
     m.insert("max_position_embeddings".into(), json!(cfg.max_position_embeddings));
     m.insert("rms_norm_eps".into(), json!(cfg.rms_norm_eps));
-    // transformers < 5 reads `rope_theta`, 5 reads `rope_parameters`.
+    // transformers < 5 reads `rope_theta` and `rope_scaling`, 5 reads
+    // `rope_parameters` (or `rope_scaling` first, where given: the same dict,
+    // its theta from `rope_theta`).
     m.insert("rope_theta".into(), json!(cfg.rope_theta));
-    m.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": cfg.rope_theta}));
+    let mut rope = Map::new();
+    rope.insert("rope_type".into(), json!(cfg.rope_scaling.as_ref().map_or("default", RopeScaling::rope_type)));
+    match cfg.rope_scaling {
+        None => {}
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            rope.insert("factor".into(), json!(factor));
+            rope.insert("low_freq_factor".into(), json!(low_freq_factor));
+            rope.insert("high_freq_factor".into(), json!(high_freq_factor));
+            rope.insert("original_max_position_embeddings".into(), json!(original_max_position_embeddings));
+            m.insert("rope_scaling".into(), Value::Object(rope.clone()));
+        }
+    }
+    rope.insert("rope_theta".into(), json!(cfg.rope_theta));
+    m.insert("rope_parameters".into(), Value::Object(rope));
     m.insert("tie_word_embeddings".into(), json!(cfg.tie_word_embeddings));
-    if cfg.arch == Arch::Llama {
-        m.insert("attention_bias".into(), json!(attention_bias));
-        m.insert("mlp_bias".into(), json!(cfg.mlp_bias));
-    } else {
-        m.insert("use_sliding_window".into(), json!(false));
+    match cfg.arch {
+        Arch::Llama => {
+            m.insert("attention_bias".into(), json!(cfg.qkv_bias));
+            m.insert("mlp_bias".into(), json!(cfg.mlp_bias));
+        }
+        Arch::Qwen2 => {
+            m.insert("use_sliding_window".into(), json!(false));
+        }
+        Arch::Qwen3 => {
+            m.insert("attention_bias".into(), json!(cfg.qkv_bias));
+            m.insert("use_sliding_window".into(), json!(false));
+        }
     }
     m.insert("attention_dropout".into(), json!(0.0));
     m.insert("initializer_range".into(), json!(0.02));
@@ -414,16 +446,34 @@ mod tests {
 
     #[test]
     fn config_round_trips_through_from_dir() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = r#"{"model_type":"qwen2","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+        let qwen2 = r#"{"model_type":"qwen2","vocab_size":100,"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":true,
             "rope_theta":1000000.0,"rms_norm_eps":1e-5,"bos_token_id":3,"eos_token_id":[5,6],"pad_token_id":5}"#;
-        std::fs::write(dir.path().join("config.json"), text).expect("write");
-        let cfg = Config::from_dir(dir.path()).expect("parse");
-        let out = tempfile::tempdir().expect("tempdir");
-        write_config(&cfg, &out.path().join("config.json")).expect("write config");
-        let back = Config::from_dir(out.path()).expect("reparse");
-        assert_eq!(format!("{cfg:?}"), format!("{back:?}"));
+        let qwen3 = qwen2.replace("qwen2", "qwen3").replace(r#""tie_word_embeddings":true"#, r#""head_dim":32"#);
+        let llama3 = qwen2.replace("qwen2", "llama").replace(
+            r#""rope_theta":1000000.0"#,
+            r#""rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+                "original_max_position_embeddings":64},"rope_theta":500000.0"#,
+        );
+        for text in [qwen2, &qwen3, &llama3] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("config.json"), text).expect("write");
+            let cfg = Config::from_dir(dir.path()).expect("parse");
+            let out = tempfile::tempdir().expect("tempdir");
+            write_config(&cfg, &out.path().join("config.json")).expect("write config");
+            let back = Config::from_dir(out.path()).expect("reparse");
+            assert_eq!(format!("{cfg:?}"), format!("{back:?}"));
+            // transformers 5 reads rope_parameters alone; it must say the same.
+            let mut v: Value =
+                serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).expect("read"))
+                    .expect("json");
+            let obj = v.as_object_mut().expect("object");
+            obj.remove("rope_scaling");
+            obj.remove("rope_theta");
+            std::fs::write(out.path().join("config.json"), v.to_string()).expect("write");
+            let back = Config::from_dir(out.path()).expect("reparse rope_parameters only");
+            assert_eq!(format!("{cfg:?}"), format!("{back:?}"));
+        }
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub fn base_parameters(model: &Model) -> i64 {
     let mut n = model.embed_tokens.numel();
     for l in &model.layers {
         n += l.input_layernorm.weight.numel() + l.post_attention_layernorm.weight.numel();
+        for norm in [&l.self_attn.q_norm, &l.self_attn.k_norm].into_iter().flatten() {
+            n += norm.weight.numel();
+        }
         for p in crate::Proj::ALL {
             let lin = l.proj(p);
             n += lin.weight.numel() + lin.bias.as_ref().map_or(0, Tensor::numel);

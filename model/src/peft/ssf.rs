@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::config::SsfSite;
 use super::{param, Adapter, PeftConfig, PEFT_PREFIX};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layers::Linear;
 use crate::{Hooks, Model, Norm, Proj};
 
@@ -111,7 +111,7 @@ fn readers(model: &mut Model, norm: Norm) -> Vec<(Site, &mut Linear)> {
             }
             out
         }
-        Norm::Final => Vec::new(),
+        Norm::Final | Norm::QNorm(_) | Norm::KNorm(_) => Vec::new(),
     }
 }
 
@@ -150,6 +150,11 @@ impl Ssf {
             Norm::Input(l) => &mut model.layers[l].input_layernorm.weight,
             Norm::PostAttention(l) => &mut model.layers[l].post_attention_layernorm.weight,
             Norm::Final => &mut model.norm.weight,
+            // Not an SSF site: their output is rotated, not read by a
+            // linear, so a shift could not be folded (nothing has changed yet).
+            Norm::QNorm(_) | Norm::KNorm(_) => {
+                return Err(Error::InvalidArgument(format!("SSF cannot merge into {}", norm.module_name())))
+            }
         };
         let g = g.to_kind(w.kind());
         let _ = if sign > 0.0 { w.f_mul_(&g)? } else { w.f_div_(&g)? };
