@@ -5,8 +5,10 @@ Run by hand (NOT in CI) with a Python environment that has torch, transformers,
 peft, safetensors and tokenizers installed; the outputs are committed:
 
     python scripts/make_fixtures.py [OUT_DIR]      # default: worker/tests/fixtures
+    python scripts/make_fixtures.py --only tiny-qwen3,tiny-llama3   # just these
 
-What it writes into OUT_DIR (everything deterministic, float32, CPU, < 1 MB total):
+What it writes into OUT_DIR (everything deterministic, float32, CPU, < 2 MB total;
+each model is made from its own seeds, so --only leaves the others byte-identical):
 
   tiny-llama/               LlamaForCausalLM, random weights, 2 layers, hidden 64,
                             intermediate 128, 4 heads / 2 kv heads (GQA),
@@ -14,6 +16,14 @@ What it writes into OUT_DIR (everything deterministic, float32, CPU, < 1 MB tota
                             (model-0000k-of-0000N.safetensors + model.safetensors.index.json)
   tiny-qwen2/               Qwen2ForCausalLM, same sizes, q/k/v bias, tied
                             embeddings, single model.safetensors
+  tiny-qwen3/               Qwen3ForCausalLM: no bias, per-head q_norm/k_norm,
+                            head_dim 32 != hidden/heads (q_proj 64 -> 128),
+                            intermediate 48, untied lm_head
+  tiny-llama3/              LlamaForCausalLM with Llama 3.1 RoPE scaling
+                            (rope_type llama3, factor 8, low/high freq factor 1/4,
+                            original_max_position_embeddings 64, theta 1e4: of the
+                            8 frequencies 1 is kept, 2 interpolated, 5 divided by 8),
+                            tied embeddings
   <model>-lora/             peft LoRA adapter (r=4, alpha=8, all 7 projections),
                             every lora_A / lora_B set to randn*0.1
   <model>-expected.safetensors
@@ -43,10 +53,10 @@ additionally uses `<s>` as bos, qwen2 has no bos token (config bos = eos, like
 real Qwen2).
 """
 
+import argparse
 import copy
 import json
 import os
-import sys
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -60,10 +70,13 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
-VOCAB_TARGET = 280  # keeps the whole fixture set < 1 MB
+VOCAB_TARGET = 280  # keeps each model < 500 KB
+MODEL_NAMES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-llama3"]
 EMBED_STD = 0.05
 PROMPT_LEN = 12
 NEW_TOKENS = 8
@@ -235,13 +248,18 @@ def lora_config():
     )
 
 
-def make(name, model_cls, cfg, hf_tok, out, shard, eos_id, prompt_ids):
+def make(name, model_cls, cfg, hf_tok, out, shard, eos_id, prompt_ids, variant=None):
+    """`variant`: (what, fn) — fn(base) returns a model that lacks the feature
+    the fixture is about; its logits must differ, so parity means something."""
     mdir, ldir = os.path.join(out, name), os.path.join(out, f"{name}-lora")
     torch.manual_seed(0)
     base = model_cls(cfg)
     randomize(base)
     base.eval()
     assert all(p.dtype == torch.float32 for p in base.parameters())
+    for pname, p in base.named_parameters():
+        if pname.endswith("norm.weight"):
+            assert (p - 1).abs().max() > 0.05, f"{name}: {pname} was not randomized"
     if cfg.tie_word_embeddings:
         assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
     pristine = copy.deepcopy(base)  # get_peft_model mutates its argument in place
@@ -260,6 +278,11 @@ def make(name, model_cls, cfg, hf_tok, out, shard, eos_id, prompt_ids):
 
     res = {"tokens": tokens}
     res["logits_base"] = logits_of(base, tokens)
+    if variant is not None:
+        what, fn = variant
+        d = (logits_of(fn(pristine).eval(), tokens) - res["logits_base"]).abs().max().item()
+        print(f"  max|logits - logits {what}| = {d:.4e}")
+        assert d > 1e-2, f"{name}: {what} hardly changes the logits"
     one = tokens.unsqueeze(0)
     res["greedy_base"] = hf_greedy(base, one, torch.ones_like(one), eos_id)[0]
     res["batch_tokens"], res["batch_mask"] = batch, bmask
@@ -336,8 +359,32 @@ def make(name, model_cls, cfg, hf_tok, out, shard, eos_id, prompt_ids):
     print(f"  reload OK; {mdir}: {files}")
 
 
+def without_qk_norm_weights(model):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if pname.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(1.0)
+    return m
+
+
+def with_default_rope(model):
+    cfg = copy.deepcopy(model.config)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_parameters["rope_theta"]}
+    m = type(model)(cfg)
+    m.load_state_dict(model.state_dict())
+    return m
+
+
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("worker", "tests", "fixtures")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=os.path.join("worker", "tests", "fixtures"), metavar="OUT_DIR")
+    ap.add_argument("--only", help="comma-separated models to (re)make, of: " + ",".join(MODEL_NAMES))
+    args = ap.parse_args()
+    only = args.only.split(",") if args.only else MODEL_NAMES
+    unknown = sorted(set(only) - set(MODEL_NAMES))
+    assert not unknown, f"--only: unknown {unknown}; expected some of {MODEL_NAMES}"
+    out = args.out
     hf_logging.disable_progress_bar()
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(1)
@@ -366,18 +413,62 @@ def main():
         tie_word_embeddings=True,
         use_sliding_window=False,
     )
-    for cfg, theta in ((llama_cfg, 500000.0), (qwen_cfg, 1000000.0)):
+    qwen3_cfg = Qwen3Config(
+        **{**common_cfg(vocab, eos_id, eos_id), "intermediate_size": 48},
+        head_dim=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+    )
+    llama3_cfg = LlamaConfig(
+        **common_cfg(vocab, eos_id, bos_id),
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    for cfg, theta in ((llama_cfg, 500000.0), (qwen_cfg, 1000000.0), (qwen3_cfg, 1000000.0), (llama3_cfg, 10000.0)):
         rp = getattr(cfg, "rope_parameters", None) or {}
         assert rp.get("rope_theta", getattr(cfg, "rope_theta", None)) == theta, (rp, cfg)
+    assert llama3_cfg.rope_parameters["rope_type"] == "llama3", llama3_cfg.rope_parameters
+    assert qwen3_cfg.head_dim * qwen3_cfg.num_attention_heads != qwen3_cfg.hidden_size
 
-    print("tiny-llama:")
-    make("tiny-llama", LlamaForCausalLM, llama_cfg, hf_tokenizer(tok, True), out, True, eos_id, prompt_ids)
-    print("tiny-qwen2:")
-    make("tiny-qwen2", Qwen2ForCausalLM, qwen_cfg, hf_tokenizer(tok, False), out, False, eos_id, prompt_ids)
+    specs = {
+        "tiny-llama": (LlamaForCausalLM, llama_cfg, True, True, None),
+        "tiny-qwen2": (Qwen2ForCausalLM, qwen_cfg, False, False, None),
+        "tiny-qwen3": (Qwen3ForCausalLM, qwen3_cfg, False, False, ("with q/k norm weights 1", without_qk_norm_weights)),
+        "tiny-llama3": (LlamaForCausalLM, llama3_cfg, True, False, ("with default RoPE", with_default_rope)),
+    }
+    for name in MODEL_NAMES:
+        if name not in only:
+            continue
+        cls, cfg, with_bos, shard, variant = specs[name]
+        print(f"{name}:")
+        make(name, cls, cfg, hf_tokenizer(tok, with_bos), out, shard, eos_id, prompt_ids, variant)
 
-    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
-    print(f"total fixture size: {total} bytes")
-    assert total < 1_000_000, total
+    def size(path):
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+    total = 0
+    for name in MODEL_NAMES:
+        paths = [os.path.join(out, p) for p in (name, f"{name}-lora", f"{name}-expected.safetensors")]
+        sizes = [size(p) for p in paths if os.path.exists(p)]
+        total += sum(sizes)
+        if sizes:
+            print(f"  {name}: {sizes[0]} bytes (+ {sum(sizes[1:])} adapter and expected values)")
+            assert sizes[0] < 500_000, (name, sizes[0])
+    print(f"total size of the model fixtures: {total} bytes")
+    assert total < 2_000_000, total
 
 
 if __name__ == "__main__":

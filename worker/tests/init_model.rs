@@ -164,17 +164,33 @@ fn merged_biases_are_declared_in_the_saved_config() {
     // What merging SSF/RepAdapter leaves behind: biases the config lacked.
     for name in common::MODELS {
         let mut model = common::load(name);
+        let qwen3 = model.cfg.arch == rlhf_model::Arch::Qwen3;
         for layer in &mut model.layers {
-            let b = Tensor::randn([layer.mlp.up_proj.out_dim()], (Kind::Float, Device::Cpu));
-            layer.mlp.up_proj.bias = Some(b);
+            // Qwen3 has no MLP bias: its attention biases are tried instead.
+            let lin = if qwen3 { &mut layer.self_attn.q_proj } else { &mut layer.mlp.up_proj };
+            lin.bias = Some(Tensor::randn([lin.out_dim()], (Kind::Float, Device::Cpu)));
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join(name);
         save_model(&model, &out, None).expect("save");
         let back = Model::load(&out, Kind::Float, Device::Cpu).expect("reload");
-        assert!(back.cfg.mlp_bias, "{name}");
+        if qwen3 {
+            assert_eq!(back.cfg.arch, model.cfg.arch, "{name}");
+            assert!(back.cfg.qkv_bias && back.cfg.o_bias && !back.cfg.mlp_bias, "{name}");
+        } else {
+            assert!(back.cfg.mlp_bias, "{name}");
+        }
         let ids = [1i64, 2, 3, 4];
         assert_eq!(common::max_abs_diff(&logits(&model, &ids), &logits(&back, &ids)), 0.0, "{name}");
+        if qwen3 {
+            // A Qwen3 checkpoint cannot hold an MLP bias, nor can a LLaMA hold its q/k norms.
+            let up = &mut model.layers[0].mlp.up_proj;
+            up.bias = Some(Tensor::zeros([up.out_dim()], (Kind::Float, Device::Cpu)));
+            let refused = dir.path().join("refused");
+            let err = save_model(&model, &refused, None).expect_err("must refuse");
+            assert!(err.to_string().contains("qwen3"), "{err}");
+            assert!(!refused.exists(), "nothing may be written");
+        }
     }
 }
 

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use rlhf_model::{Model, WeightFiles};
 use tch::{Device, Kind, Tensor};
 
-pub const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
+/// The transformers fixtures (scripts/make_fixtures.py): LLaMA (untied,
+/// sharded), Qwen2 (q/k/v bias, tied), Qwen3 (q/k norm, head_dim ≠
+/// hidden/heads, untied), LLaMA with Llama 3.1 RoPE scaling (tied).
+pub const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-llama3"];
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR (run through cargo test)"))
