@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 mod data;
-pub use data::{DataSpec, Source};
+mod reward;
+pub use data::{DataSpec, Source, FORMATS};
+pub use reward::{RewardSource, WeightedReward};
 
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,26 +314,6 @@ impl Default for TrainSpec {
     }
 }
 
-/// Where PPO's scalar reward comes from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum RewardSource {
-    /// A reward model trained by a `reward` job (adapter + head directory).
-    Model {
-        #[serde(default)]
-        path: Option<PathBuf>,
-    },
-    /// 1 when the response starts with the verbalised correct answer of the
-    /// FewCLUE prompt, else 0 (a verifiable reward).
-    Label,
-    /// `weight` per occurrence of `text` in the response.
-    Match {
-        text: String,
-        #[serde(default = "unit")]
-        weight: f64,
-    },
-}
-
 fn unit() -> f64 {
     1.0
 }
@@ -401,7 +383,12 @@ pub struct PpoSpec {
     /// memory for one more forward; the same gradients).
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    pub reward: RewardSource,
+    /// The reward (one source); or several in `rewards`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardSource>,
+    /// `[[ppo.rewards]]`: reward functions with weights, summed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<WeightedReward>,
     /// A model reward scores each response as if it ended with EOS (the
     /// reward model learned on EOS-terminated answers); for responses cut
     /// at max_new_tokens, e.g. the paper's one-token answers.
@@ -413,6 +400,36 @@ pub struct PpoSpec {
     /// behaviour log-probs either way).
     #[serde(default)]
     pub rollout_ahead: usize,
+}
+
+impl PpoSpec {
+    /// Every reward function with its weight (`reward` alone weighs 1).
+    pub fn reward_fns(&self) -> Vec<WeightedReward> {
+        reward::weighted(&self.reward, &self.rewards)
+    }
+
+    /// The reward model's directory, when one of the rewards is a model
+    /// (`Some(None)`: the pipeline fills it in).
+    pub fn model_reward(&self) -> Option<&Option<PathBuf>> {
+        let mut all = self.reward.iter().chain(self.rewards.iter().map(|w| &w.source));
+        all.find_map(|r| match r {
+            RewardSource::Model { path } => Some(path),
+            _ => None,
+        })
+    }
+
+    /// Calls `f` with each path of the rewards (under `at`).
+    fn visit_paths(&mut self, at: &str, f: &mut dyn FnMut(&str, &mut PathBuf)) {
+        let one = self.reward.iter_mut().map(|r| (format!("{at}ppo.reward"), r));
+        let many = self.rewards.iter_mut().enumerate().map(|(i, w)| (format!("{at}ppo.rewards[{i}]"), &mut w.source));
+        for (field, r) in one.chain(many) {
+            match r {
+                RewardSource::Model { path: Some(p) } => f(&format!("{field}.path"), p),
+                RewardSource::Http { token_file: Some(p), .. } => f(&format!("{field}.token_file"), p),
+                _ => {}
+            }
+        }
+    }
 }
 
 fn default_iterations() -> usize {
@@ -702,8 +719,8 @@ impl JobSpec {
             if let Some(d) = data {
                 d.visit_paths(&format!("{at}data"), f);
             }
-            if let Some(PpoSpec { reward: RewardSource::Model { path: Some(p) }, .. }) = ppo {
-                f(&format!("{at}ppo.reward.path"), p);
+            if let Some(ppo) = ppo {
+                ppo.visit_paths(at, f);
             }
             if let Some(e) = eval {
                 for (i, t) in e.tasks.iter_mut().enumerate() {
@@ -989,13 +1006,9 @@ impl JobSpec {
                 let _ = pretrain;
                 need(data.train.is_some(), "data.train")?;
             }
-            JobKind::Sft => {
+            JobKind::Sft | JobKind::Ppo => {
                 need(self.peft.is_some(), "peft")?;
                 data.validate(self.kind.name(), false)?;
-            }
-            JobKind::Ppo => {
-                need(self.peft.is_some(), "peft")?;
-                data.validate(self.kind.name(), true)?;
             }
             JobKind::Reward => {
                 need(self.peft.is_some(), "peft")?;
@@ -1123,12 +1136,7 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
     if p.rollout_ahead > 1 {
         return err("ppo.rollout_ahead", format!("must be 0 or 1, got {}", p.rollout_ahead));
     }
-    if let RewardSource::Model { path: None } = p.reward {
-        if !in_pipeline {
-            return err("ppo.reward.path", "required for a model reward outside a pipeline");
-        }
-    }
-    Ok(())
+    reward::validate(&p.reward, &p.rewards, in_pipeline)
 }
 
 fn validate_eval(e: &EvalSpec) -> Result<(), SpecError> {

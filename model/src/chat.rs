@@ -53,7 +53,9 @@ impl ChatTemplate {
                 let default = named.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default"));
                 match default.and_then(|t| t.get("template")).and_then(Json::as_str) {
                     Some(s) => s.to_string(),
-                    None => return Err(template_error(&config, "chat_template: a list without a \"default\" template")),
+                    None => {
+                        return Err(template_error(&config, "chat_template: a list without a \"default\" template"))
+                    }
                 }
             }
             Some(_) => return Err(template_error(&config, "chat_template: expected a string or a list")),
@@ -87,7 +89,12 @@ impl ChatTemplate {
     /// the assistant header appended when `add_generation_prompt`. `extra`
     /// is passed to the template as more variables (`tools`,
     /// `enable_thinking`, ...), as transformers' `**kwargs`.
-    pub fn render(&self, messages: &[Json], add_generation_prompt: bool, extra: &serde_json::Map<String, Json>) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, Json>,
+    ) -> Result<String> {
         let mut ctx: BTreeMap<String, Value> =
             self.specials.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
         ctx.insert("tools".into(), Value::from(()));
@@ -264,7 +271,17 @@ fn unix_now() -> i64 {
 /// `%m`, `%H:%M:%S`, `%%`), in UTC.
 fn strftime_utc(fmt: &str, secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
         "December",
     ];
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

@@ -111,8 +111,8 @@ fn a_model_without_a_template_says_how_to_give_one() {
     let msg = e.unwrap_err().to_string();
     assert!(msg.contains("q.jsonl:3") && msg.contains("data.chat_template"), "{msg}");
     // With a template file named by the job, the same row renders.
-    let chat = ChatTemplate::from_file(&fixtures().join(MODEL).join("chat_template.jinja"), &fixtures().join(MODEL))
-        .unwrap();
+    let chat =
+        ChatTemplate::from_file(&fixtures().join(MODEL).join("chat_template.jinja"), &fixtures().join(MODEL)).unwrap();
     let r = Renderer::new(&tok, Some(&chat)).unwrap();
     let e = r.sequence(&ds.rows[0]).unwrap();
     assert!(tok.decode(&e.ids, false).unwrap().ends_with("<|im_start|>assistant\n"));
@@ -130,7 +130,14 @@ fn render_prints_ids_and_loss_mask_per_row() {
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_rlhf-worker");
     let model = fixtures().join(MODEL);
-    let out = Command::new(bin).args(["render", "--model"]).arg(&model).arg("--data").arg(&data).args(["--limit", "1"]).output().unwrap();
+    let out = Command::new(bin)
+        .args(["render", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .args(["--limit", "1"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 1, "{text}");
@@ -139,7 +146,8 @@ fn render_prints_ids_and_loss_mask_per_row() {
     assert_eq!(ids.len(), mask.len());
     assert_eq!(mask.iter().filter(|m| m.as_u64() == Some(1)).count(), 3, "7, <|im_end|>, \\n: {text}");
     // A bad row is refused with file:line and the column, nothing printed.
-    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": 7}\n").unwrap();
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": 7}\n")
+        .unwrap();
     let out = Command::new(bin).args(["render", "--model"]).arg(&model).arg("--data").arg(&data).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && out.stdout.is_empty(), "{err}");

@@ -29,7 +29,7 @@ fn a_ppo_job_parses_with_trl_defaults() {
         (ppo.clip, ppo.value_clip, ppo.vf_coef, ppo.gamma, ppo.lam, ppo.kl_coef),
         (0.2, 0.2, 0.1, 1.0, 0.95, 0.05)
     );
-    assert_eq!(ppo.reward, RewardSource::Label);
+    assert_eq!(ppo.reward, Some(RewardSource::Label));
     assert_eq!(spec.peft.unwrap().method, PeftMethod::Lora);
 }
 
@@ -175,7 +175,8 @@ fn data_sources_resolve_validate_and_exclude_the_single_form() {
     assert_eq!((one.len(), one[0].task.as_deref()), (1, Some("eprstmt")));
     let cases = [
         (multi.replace("\"bustm\"", "\"mnli\""), "data.sources[1].task: unknown task \"mnli\""),
-        (multi.replace("task = \"bustm\", ", ""), "data.sources[1].task: required for a ppo job"),
+        (multi.replace("[data]", "[data]\nformat = \"prompt_only\""), "data.format: applies to files in TRL's formats"),
+        (multi.replace("[data]", "[data]\nformat = \"chat\""), "data.format: unknown format \"chat\""),
         (multi.replace("[data]", "[data]\ntask = \"tnews\""), "data.task: give either data.sources"),
         (
             multi.replace("[data]", "[data]\ntemplate = \"{sentence}\""),
@@ -345,4 +346,59 @@ fn a_reward_head_lr_parses_and_a_bad_one_is_named() {
     assert!(e.starts_with("train.head_lr: must be positive"), "{e}");
     let e = JobSpec::from_toml(&text.replace("model]", "model]\ndtype = \"f8\"")).unwrap_err().to_string();
     assert!(e.starts_with("model.dtype: must be f32, bf16, f16 or auto"), "{e}");
+}
+
+#[test]
+fn several_rewards_parse_round_trip_and_name_their_fields() {
+    let many = r#"reward = { kind = "label" }"#;
+    let rewards = r#"[[ppo.rewards]]
+kind = "exact"
+weight = 2.0
+[[ppo.rewards]]
+kind = "regex"
+pattern = "^\\d+$"
+score = 0.5
+[[ppo.rewards]]
+kind = "length"
+target = 64
+[[ppo.rewards]]
+kind = "http"
+url = "http://127.0.0.1:9/score"
+"#;
+    let text = format!("{}\n{rewards}", PPO.replace(many, ""));
+    let spec = JobSpec::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let ppo = spec.ppo.clone().unwrap();
+    let fns = ppo.reward_fns();
+    assert_eq!(fns.len(), 4);
+    assert_eq!((fns[0].source.name(), fns[0].weight), ("exact", 2.0));
+    assert_eq!(
+        fns[3].source,
+        RewardSource::Http {
+            url: "http://127.0.0.1:9/score".into(),
+            token_file: None,
+            timeout_ms: 10_000,
+            retries: 2,
+            batch: 64
+        }
+    );
+    assert_eq!(JobSpec::from_toml(&spec.to_toml()).unwrap().ppo.unwrap().reward_fns(), fns);
+    let cases = [
+        ("pattern = \"^\\\\d+$\"", "pattern = \"(\"", "ppo.rewards[1].pattern: not a valid regex"),
+        ("url = \"http://127.0.0.1:9/score\"", "url = \"ftp://x\"", "ppo.rewards[3].url: expected http://"),
+        (
+            "url = \"http://127.0.0.1:9/score\"",
+            "url = \"http://x/\"\nretries = 9",
+            "ppo.rewards[3].retries: must be at most 5",
+        ),
+        ("weight = 2.0", "weight = nan", "weight: expected a finite number"),
+    ];
+    for (from, to, want) in cases {
+        let e = JobSpec::from_toml(&text.replace(from, to)).unwrap_err().to_string();
+        assert!(e.contains(want), "{to:?}: got {e:?}, want {want:?}");
+    }
+    let both = format!("{PPO}\n{rewards}");
+    let e = JobSpec::from_toml(&both).unwrap_err().to_string();
+    assert!(e.starts_with("ppo.rewards: give ppo.reward or [[ppo.rewards]], not both"), "{e}");
+    let e = JobSpec::from_toml(&PPO.replace(many, "")).unwrap_err().to_string();
+    assert!(e.starts_with("ppo.reward: required"), "{e}");
 }

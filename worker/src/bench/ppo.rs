@@ -950,7 +950,7 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         let gen = iteration::generate_here(&mut roles, &ppo, &prompts, &rollout)?;
         let generated = Generated { gen, secs: t_gen.elapsed().as_secs_f64() };
         let (rec, _) =
-            iteration::run(&mut roles, &ppo, &mut state, &prompts, &generated, &Scorer::Model, &rollout, &mut Single)?;
+            iteration::run(&mut roles, &ppo, &mut state, &prompts, &generated, &Scorer::MODEL, &rollout, &mut Single)?;
         let total = ti.elapsed().as_secs_f64();
         let len = rec["response_len"].as_f64().unwrap_or(f64::NAN);
         if len != plan.response_len as f64 {

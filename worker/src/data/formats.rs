@@ -157,7 +157,11 @@ pub fn from_values(path: &Path, records: Vec<(usize, Value)>, format: Option<For
             None => form = Some((conv, line)),
             Some((c, at)) if c != conv => {
                 let (is, was) = if conv { ("conversational", "standard") } else { ("standard", "conversational") };
-                return Err(line_error(path, line, format!("this row is {is}, line {at} is {was}: a file holds one form")));
+                return Err(line_error(
+                    path,
+                    line,
+                    format!("this row is {is}, line {at} is {was}: a file holds one form"),
+                ));
             }
             _ => {}
         }
@@ -194,15 +198,26 @@ fn parse_row(path: &Path, line: usize, value: Value, format: Format) -> Result<R
     }
     match (want, &row.text) {
         (["messages"], Some(Content::Text(_))) => {
-            return Err(line_error(path, line, "column \"messages\": expected a list of {\"role\", \"content\"}, got a string"));
+            return Err(line_error(
+                path,
+                line,
+                "column \"messages\": expected a list of {\"role\", \"content\"}, got a string",
+            ));
         }
         (["text"], Some(Content::Messages(_))) => {
-            return Err(line_error(path, line, "column \"text\": expected a string (a conversation goes in \"messages\")"));
+            return Err(line_error(
+                path,
+                line,
+                "column \"text\": expected a string (a conversation goes in \"messages\")",
+            ));
         }
         _ => {}
     }
-    let forms: Vec<bool> =
-        [&row.prompt, &row.completion, &row.chosen, &row.rejected].into_iter().flatten().map(Content::is_conversational).collect();
+    let forms: Vec<bool> = [&row.prompt, &row.completion, &row.chosen, &row.rejected]
+        .into_iter()
+        .flatten()
+        .map(Content::is_conversational)
+        .collect();
     if forms.windows(2).any(|w| w[0] != w[1]) {
         return Err(line_error(path, line, format!("columns {want:?} mix strings and conversations: use one form")));
     }
@@ -340,7 +355,7 @@ mod tests {
             (json!({"prompt": "a", "chosen": "b", "rejected": "c"}), Format::Preference, false),
         ];
         for (row, format, conv) in cases {
-            let d = rows(&[row.clone()], None).unwrap();
+            let d = rows(std::slice::from_ref(&row), None).unwrap();
             assert_eq!((d.format, d.conversational), (format, conv), "{row}");
         }
         let d = rows(&[json!({"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"})], None).unwrap();
@@ -349,8 +364,9 @@ mod tests {
 
     #[test]
     fn sharegpt_rows_become_messages() {
-        let d = rows(&[json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})], None)
-            .unwrap();
+        let d =
+            rows(&[json!({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})], None)
+                .unwrap();
         let Some(Content::Messages(m)) = &d.rows[0].text else { panic!() };
         assert_eq!(m[1], json!({"role": "assistant", "content": "yo"}));
     }
@@ -377,7 +393,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("d.jsonl:2") && e.contains("\"completion\"") && e.contains("got a number"), "{e}");
-        let e = rows(&[json!({"prompt": "a", "completion": "b"}), json!({"prompt": "a"})], None).unwrap_err().to_string();
+        let e =
+            rows(&[json!({"prompt": "a", "completion": "b"}), json!({"prompt": "a"})], None).unwrap_err().to_string();
         assert!(e.contains("d.jsonl:2") && e.contains("\"completion\": missing"), "{e}");
         let e = rows(&[json!({"messages": [{"role": "user"}]})], None).unwrap_err().to_string();
         assert!(e.contains("message 0: missing \"content\""), "{e}");
@@ -387,9 +404,10 @@ mod tests {
         assert!(e.contains("d.jsonl:2") && e.contains("one form"), "{e}");
         let e = rows(&[json!({"question": "a"})], None).unwrap_err().to_string();
         assert!(e.contains("d.jsonl:1") && e.contains("data.format"), "{e}");
-        let e = rows(&[json!({"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"})], None)
-            .unwrap_err()
-            .to_string();
+        let e =
+            rows(&[json!({"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"})], None)
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("mix strings and conversations"), "{e}");
         let e = rows(&[json!({"text": "a"})], Some(Format::Preference)).unwrap_err().to_string();
         assert!(e.contains("\"chosen\": missing"), "{e}");

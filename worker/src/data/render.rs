@@ -54,7 +54,11 @@ pub struct Renderer<'a> {
 
 impl<'a> Renderer<'a> {
     pub fn new(tok: &'a Tokenizer, chat: Option<&'a ChatTemplate>) -> Result<Self> {
-        let eos = tok.eos_ids.first().copied().ok_or_else(|| Error::InvalidArgument("the tokenizer has no eos token".into()))?;
+        let eos = tok
+            .eos_ids
+            .first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("the tokenizer has no eos token".into()))?;
         let eos_text = tok.decode(&[eos], false)?;
         Ok(Self { tok, chat, eos_text })
     }

@@ -128,6 +128,12 @@ impl Metrics {
     }
 }
 
+/// Appends `fields` as one JSON line to `path` (created when missing).
+pub fn append_jsonl(path: &Path, fields: &Map<String, Value>) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{}", Value::Object(fields.clone())).map_err(|e| Error::io(path, e))
+}
+
 /// Builds a JSON field map: `fields!{"loss" => 1.0, "step_time" => t}`.
 #[macro_export]
 macro_rules! fields {

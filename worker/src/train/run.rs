@@ -106,8 +106,11 @@ impl Produced {
             }
         }
         if let (Some(ppo), Some((_, rm))) = (&mut job.ppo, self.reward_models.last()) {
-            if let RewardSource::Model { path: path @ None } = &mut ppo.reward {
-                *path = Some(rm.clone());
+            let sources = ppo.reward.iter_mut().chain(ppo.rewards.iter_mut().map(|w| &mut w.source));
+            for r in sources {
+                if let RewardSource::Model { path: path @ None } = r {
+                    *path = Some(rm.clone());
+                }
             }
         }
         if let Some(eval) = &mut job.eval {

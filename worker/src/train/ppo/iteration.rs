@@ -64,15 +64,23 @@ pub struct Prompts<'a> {
     pub global: usize,
 }
 
-/// A rule reward: scores of response token ids.
-pub type RuleFn<'a> = dyn Fn(&Tokenizer, &[Vec<i64>]) -> Result<Tensor> + 'a;
+/// The rule rewards: their weighted sum per response of this rank's rows,
+/// and each rule's own scores under its metric name.
+pub type RuleFn<'a> = dyn Fn(&Tokenizer, &[Vec<i64>]) -> Result<RuleScores> + 'a;
 
-/// Where scores come from.
-pub enum Scorer<'a> {
-    /// The reward role.
-    Model,
-    /// A rule on the decoded responses of this rank's rows.
-    Rule(&'a RuleFn<'a>),
+/// What a [`RuleFn`] gives: the summed scores `[b]` and each rule's own.
+pub type RuleScores = (Tensor, Vec<(String, Vec<f32>)>);
+
+/// Where scores come from: the reward role (with its weight), rules, or
+/// both, summed.
+pub struct Scorer<'a> {
+    pub model: Option<f64>,
+    pub rule: Option<&'a RuleFn<'a>>,
+}
+
+impl Scorer<'_> {
+    /// The reward role alone.
+    pub const MODEL: Scorer<'static> = Scorer { model: Some(1.0), rule: None };
 }
 
 /// What carries over from one iteration to the next.
@@ -186,8 +194,10 @@ pub fn run(
 
     // 3. Scores (reward role or rule) and values (critic role).
     let t = Instant::now();
-    let raw_score = match scorer {
-        Scorer::Model if ppo.score_with_eos && !has_eos.iter().all(|&e| e) => {
+    let mut parts: Vec<(String, Tensor)> = Vec::new();
+    let mut raw_score: Option<Tensor> = None;
+    if let Some(weight) = scorer.model {
+        let model = if ppo.score_with_eos && !has_eos.iter().all(|&e| e) {
             // The reward model learned on EOS-terminated answers: score
             // each response as if it had ended there.
             let eos = rollout.eos_ids.first().copied().unwrap_or(rollout.pad);
@@ -198,15 +208,25 @@ pub fn run(
                 .map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() })
                 .collect();
             roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
-        }
-        Scorer::Model => roles.scores(&batch)?,
-        Scorer::Rule(rule) => {
-            let tok = roles
-                .tokenizer()
-                .ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
-            rule(tok, &gen.tokens)?.to_device(device)
-        }
-    };
+        } else {
+            roles.scores(&batch)?
+        };
+        parts.push(("reward_model".into(), model.shallow_clone()));
+        raw_score = Some(if weight == 1.0 { model } else { model * weight });
+    }
+    if let Some(rule) = scorer.rule {
+        let tok = roles
+            .tokenizer()
+            .ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
+        let (total, each) = rule(tok, &gen.tokens)?;
+        let total = total.to_device(device);
+        parts.extend(each.into_iter().map(|(name, s)| (name, Tensor::from_slice(&s))));
+        raw_score = Some(match raw_score {
+            Some(m) => m.to_kind(Kind::Float) + total,
+            None => total,
+        });
+    }
+    let raw_score = raw_score.ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: no reward function".into()))?;
     sync(device);
     let t_reward = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -297,7 +317,11 @@ pub fn run(
     let reward_var =
         if b_all > 1 { (raw_sq - n_rows * reward_mean * reward_mean).max(0.0) / (n_rows - 1.0) } else { 0.0 };
     let raw_scores: Vec<f32> = Vec::try_from(raw_score.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
-    let record = fields! {
+    // Each reward function's mean over every rank's rows.
+    let part_sums: Vec<f64> =
+        parts.iter().map(|(_, t)| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[])).collect();
+    let part_sums = shard::sum_across(dist, &part_sums)?;
+    let mut record = fields! {
         "reward_mean" => reward_mean,
         "reward_std" => reward_var.sqrt(),
         "score_mean" => score_sum / n_rows,
@@ -319,6 +343,11 @@ pub fn run(
         "time_train" => t_train,
         "bytes_exchanged" => roles.bytes() - bytes_before,
     };
+    if parts.len() > 1 {
+        for ((name, _), sum) in parts.iter().zip(part_sums) {
+            record.insert(name.clone(), serde_json::json!(sum / n_rows));
+        }
+    }
     Ok((record, raw_scores))
 }
 

@@ -5,6 +5,8 @@ pub mod generation;
 pub mod iteration;
 pub mod kl;
 pub mod loss;
+pub mod prompts;
+pub mod rewards;
 pub mod roles;
 pub mod rollout;
 pub mod rollout_host;

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use rlhf_common::spec::{JobSpec, PpoSpec, RewardSource};
+use rlhf_common::spec::{JobSpec, PpoSpec};
 use rlhf_common::Role;
 use tch::{Kind, Tensor};
 
@@ -57,15 +57,15 @@ impl RoleHost {
         let mut model = load_base(job, device)?;
         let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
         let h = model.pm.base.cfg.hidden_size;
-        let (reward_head, value_head) = match &ppo.reward {
-            RewardSource::Model { path } => {
+        let (reward_head, value_head) = match ppo.model_reward() {
+            Some(path) => {
                 let dir = path.as_deref().ok_or_else(|| Error::InvalidArgument("ppo.reward.path: required".into()))?;
                 let head = load_reward_model(dir, &mut model.pm, Role::Reward.name())?;
                 model.pm.add(Role::Critic.name(), peft::io::load(dir, &model.pm.base)?)?;
                 let v = Head::load(&dir.join(REWARD_HEAD_FILE), h, device)?;
                 (Some(head), Head { weight: v.weight.set_requires_grad(true), bias: v.bias.set_requires_grad(true) })
             }
-            RewardSource::Label | RewardSource::Match { .. } => {
+            None => {
                 let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &model.pm.base)?;
                 model.pm.add(Role::Critic.name(), critic)?;
                 (None, Head::new(h, device, job.seed.wrapping_add(2)))

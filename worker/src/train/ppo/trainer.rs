@@ -17,17 +17,19 @@ use tch::Tensor;
 
 use super::generation::{Rollouts, Ticket, Trainer};
 use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
+use super::prompts::{held_out_scores, PromptSet};
+use super::rewards::{Response, Rules};
 use super::roles::{RemoteRoles, RoleHost, RoleOp};
 use super::rollout::Batch;
 use super::rollout_host::RolloutOp;
-use crate::data::{Shuffler, Template};
+use crate::data::Shuffler;
 use crate::error::{Error, Result};
 use crate::parallel::{self, Collective};
 use crate::train::checkpoint::{self, Checkpoint};
-use crate::train::setup::{load_base, task_sets, Loaded, Split};
+use crate::train::setup::{load_base, Loaded};
 use crate::train::stage::{Ctx, Outcome};
 use rlhf_model::peft::{self, base_parameters, Adapter, PeftConfig, PeftModel};
-use rlhf_model::Tokenizer;
+use rlhf_model::{GenerateOptions, Sampling, Tokenizer};
 
 /// Where the trainer's roles live.
 // One per job: the size difference between the variants costs nothing.
@@ -147,43 +149,21 @@ impl Roles for Parts<'_> {
     }
 }
 
-/// Rule rewards from the decoded responses.
-/// `gold[i]` is row i's (template, label).
-fn rule_scores(
-    tok: &Tokenizer,
-    reward: &RewardSource,
-    responses: &[Vec<i64>],
-    gold: &[(&Template, &str)],
-) -> Result<Tensor> {
-    let mut s = Vec::with_capacity(responses.len());
-    for (r, (template, g)) in responses.iter().zip(gold) {
-        let text = tok.decode(r, true)?;
-        s.push(match reward {
-            RewardSource::Match { text: t, weight } => (text.matches(t.as_str()).count() as f64 * weight) as f32,
-            _ => f32::from(u8::from(template.label_for_answer(&text) == Some(*g))),
-        });
-    }
-    Ok(Tensor::from_slice(&s))
-}
-
 /// What the sampled answers are, for seeing reward hacking: the share that
 /// is a valid answer of the task (`valid_share`) and correct
 /// (`sample_accuracy`), and the mean raw score of the correct and of the
 /// other responses (`score_correct`, `score_wrong`; NaN when there are
 /// none), over every rank's rows.
 fn answer_stats(
-    tok: &Tokenizer,
-    responses: &[Vec<i64>],
-    gold: &[(&Template, &str)],
+    labels: &[(bool, bool)],
     scores: &[f32],
     dist: &mut dyn Collective,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut sums = [0f64; 5]; // rows, valid, correct, score of the correct, score of the others
-    for ((r, (template, g)), &s) in responses.iter().zip(gold).zip(scores) {
-        let label = template.label_for_answer(&tok.decode(r, true)?);
+    for (&(valid, correct), &s) in labels.iter().zip(scores) {
         sums[0] += 1.0;
-        sums[1] += f64::from(u8::from(label.is_some()));
-        if label == Some(*g) {
+        sums[1] += f64::from(u8::from(valid));
+        if correct {
             sums[2] += 1.0;
             sums[3] += f64::from(s);
         } else {
@@ -209,7 +189,6 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
 pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn RemoteRoles + 'static)>) -> Result<Outcome> {
     let ppo = job.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
     let data = job.data.clone().unwrap_or_default();
-    let sets = task_sets(&data, Split::Train)?;
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
     let mut parts = match remote {
@@ -249,22 +228,16 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         pm.add(Role::Policy.name(), policy)?;
     }
     let max_prompt = job.model.max_length.saturating_sub(ppo.max_new_tokens).max(1);
-    // Every source's prompts, each with its template and gold label.
-    let mut prompts = Vec::new();
-    let mut gold: Vec<(usize, String)> = Vec::new();
-    for (k, set) in sets.iter().enumerate() {
-        for ex in &set.examples {
-            let mut ids = parts.loaded().tok.encode(&set.template.render(ex)?, true)?;
-            if ids.len() > max_prompt {
-                ids.drain(..ids.len() - max_prompt);
-            }
-            prompts.push(ids);
-            gold.push((k, ex.label.clone()));
-        }
+    let set = PromptSet::load(&data, parts.loaded(), max_prompt)?;
+    let prompts = &set.ids;
+    let reward_fns = ppo.reward_fns();
+    let rules = Rules::new(&reward_fns)?;
+    if rules.needs_labels() && !set.all_labelled() {
+        return Err(Error::InvalidArgument(
+            "ppo.reward: a label reward needs FewCLUE prompts (data with a task); use an exact reward for files with an answer column".into(),
+        ));
     }
-    if prompts.is_empty() {
-        return Err(Error::InvalidArgument("data.train: no prompts".into()));
-    }
+    let model_weight = reward_fns.iter().find(|w| matches!(w.source, RewardSource::Model { .. })).map(|w| w.weight);
 
     let policy_params = parts.loaded().pm.adapter(Role::Policy.name())?.parameters();
     let trainable = policy_params.iter().map(|t| t.numel() as i64).sum::<i64>();
@@ -290,6 +263,33 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     }
 
     let (pad, eos_ids) = (parts.loaded().pad(), parts.loaded().tok.eos_ids.clone());
+    // Held-out rule rewards of a greedy policy, before and after (rank 0;
+    // the before is kept in held_out.jsonl across a resume).
+    let held_out = match rank {
+        0 => PromptSet::held_out(&data, parts.loaded(), max_prompt)?,
+        _ => None,
+    };
+    let greedy = GenerateOptions {
+        max_new_tokens: ppo.max_new_tokens,
+        sampling: Sampling::greedy(),
+        eos_ids: eos_ids.clone(),
+        pad_id: pad,
+    };
+    let (writes, held_out_file) = (ctx.writes(), ctx.out.join("held_out.jsonl"));
+    let held_out_eval = |parts: &mut Parts<'_>, step: usize| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let Some(h) = &held_out else { return Ok(Default::default()) };
+        parts.pm_mut().set_active(Some(Role::Policy.name()))?;
+        let l = parts.loaded();
+        let mut m = tch::no_grad(|| held_out_scores(&l.pm, &l.tok, h, &rules, &greedy))?;
+        m.insert("step".into(), json!(step));
+        if writes {
+            crate::train::metrics::append_jsonl(&held_out_file, &m)?;
+        }
+        Ok(m)
+    };
+    if start == 0 {
+        held_out_eval(&mut parts, 0)?;
+    }
     // Iteration `it`'s batch: the global batch's indices and this rank's
     // rows of it (every world-th).
     let plan = |shuffler: &mut Shuffler, it: usize| {
@@ -322,16 +322,38 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
             let ticket = rollouts.start(&mut parts, &ppo, &next.prompts(), &next.rollout)?;
             ahead = Some((next, ticket, before));
         }
-        let batch_gold: Vec<(&Template, &str)> =
-            p.rows.iter().map(|&r| (&sets[gold[p.idx[r]].0].template, gold[p.idx[r]].1.as_str())).collect();
-        let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| rule_scores(tok, &ppo.reward, responses, &batch_gold);
-        let scorer = match &ppo.reward {
-            RewardSource::Model { .. } => Scorer::Model,
-            _ => Scorer::Rule(&rule),
+        let rule = |tok: &Tokenizer, responses: &[Vec<i64>]| -> Result<iteration::RuleScores> {
+            let texts = responses.iter().map(|r| tok.decode(r, true)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let rs: Vec<Response<'_>> = p
+                .rows
+                .iter()
+                .zip(&texts)
+                .zip(responses)
+                .map(|((&r, text), ids)| {
+                    let i = p.idx[r];
+                    Response { text, tokens: ids.len(), label_correct: set.label_correct(i, text), row: &set.rows[i] }
+                })
+                .collect();
+            let (total, each) = rules.score(&rs)?;
+            Ok((Tensor::from_slice(&total), each))
         };
+        let scorer = Scorer { model: model_weight, rule: (!rules.is_empty()).then_some(&rule as &iteration::RuleFn) };
         let (mut rec, scores) =
             iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?;
-        rec.extend(answer_stats(&parts.loaded().tok, &generated.gen.tokens, &batch_gold, &scores, ctx.dist)?);
+        if set.all_labelled() {
+            let tok = &parts.loaded().tok;
+            let labels = p
+                .rows
+                .iter()
+                .zip(&generated.gen.tokens)
+                .map(|(&r, ids)| {
+                    let (k, g) = set.gold[p.idx[r]].as_ref().expect("all labelled");
+                    let label = set.sets[*k].template.label_for_answer(&tok.decode(ids, true)?);
+                    Ok((label.is_some(), label == Some(g.as_str())))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            rec.extend(answer_stats(&labels, &scores, ctx.dist)?);
+        }
         rec.insert("bytes_exchanged".into(), json!(parts.bytes() - bytes_before));
         if parts.remote().is_some_and(|r| r.rollout_workers() > 0) {
             rec.insert("bytes_adapter_sync".into(), json!(rollouts.take_adapter_bytes()));
@@ -348,6 +370,12 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         }
     }
     let secs = t0.elapsed().as_secs_f64();
+    let end = held_out_eval(&mut parts, ppo.iterations)?;
+    for (k, v) in end {
+        if k != "step" {
+            last.insert(k, v);
+        }
+    }
     let dir = ctx.out.join("adapter");
     if ctx.writes() {
         let base_name = parts.loaded().model_dir.display().to_string();

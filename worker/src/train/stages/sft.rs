@@ -6,10 +6,10 @@
 use rlhf_common::spec::JobSpec;
 use rlhf_common::Role;
 
+use crate::data::render::Renderer;
 use crate::error::{Error, Result};
 use crate::train::accuracy::{choice_accuracy, TaskEval};
 use crate::train::lm::{LmObjective, Sample};
-use crate::data::render::Renderer;
 use crate::train::rows;
 use crate::train::setup::{encode_pair, load_base, task_sets_of, Split};
 use crate::train::stage::{Ctx, Outcome};
