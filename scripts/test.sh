@@ -79,6 +79,7 @@ script_test demo env RLHF_DEMO_DIR="$scratch/demo" RLHF_DEMO_PORT="$port" ./scri
 script_test eval-fewclue ./scripts/eval-fewclue.sh "$PWD/worker/tests/fixtures/tiny-qwen2" 4 "$scratch/eval"
 script_test bench-rollout env RLHF_BENCH_ITERS=2 ./scripts/bench-rollout.sh
 script_test rm-anchor ./scripts/rm-anchor.sh
+script_test arithmetic ./scripts/arithmetic.sh --iterations 2 --out "$scratch/arithmetic"
 rm -rf "$scratch"
 echo
 echo "all suites: $passed passed, $failed failed"

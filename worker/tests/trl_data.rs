@@ -76,3 +76,40 @@ fn a_malformed_row_stops_the_job_before_training() {
     assert!(e.contains("bad.jsonl:14") && e.contains("\"completion\"") && e.contains("content"), "{e}");
     assert!(!out.join("metrics.jsonl").exists() || metrics(&out).is_empty(), "a step ran");
 }
+
+#[test]
+fn a_reward_model_learns_conversational_preferences_with_an_implicit_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"version = 1
+kind = "reward"
+seed = 2
+[model]
+path = "tiny-qwen2-chat"
+dtype = "f32"
+max_length = 256
+{LORA}
+[data]
+train = "data/prefs_chat.jsonl"
+[train]
+max_steps = 40
+batch_size = 8
+lr = 2e-3
+warmup_steps = 5
+eval_every = 20
+"#
+    );
+    let outcomes = run_job(&job(&text), tmp.path(), Device::Cpu).unwrap();
+    // Every 10th pair is held out (8 of 80): the answered sum must win.
+    let acc = outcomes[0].final_metrics["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.99, "held-out pairwise accuracy {acc}");
+    // The pairs were rendered through the chat template: what the reward
+    // model read ends each response with the turn's <|im_end|>.
+    let pairs = tmp.path().join("pairs");
+    rlhf_worker::train::stages::reward::write_pairs(&job(&text), &pairs).unwrap();
+    let first = std::fs::read_to_string(pairs.join("train.jsonl")).unwrap();
+    let row: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert!(row["prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{row}");
+    assert!(row["chosen"].as_str().unwrap().starts_with("The answer is"), "{row}");
+    assert!(row["chosen"].as_str().unwrap().ends_with("<|im_end|>\n"), "{row}");
+}

@@ -26,6 +26,31 @@ pub struct PreferencePair {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub format: u8,
+    /// `prompt` and the responses are already rendered through the chat
+    /// template (special tokens written out, the eos of each turn
+    /// included): tokenized without adding special tokens or an eos.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub templated: bool,
+}
+
+impl PreferencePair {
+    /// `chosen` ≻ `rejected` after `prompt`, untagged, margin 0.
+    pub fn new(prompt: impl Into<String>, chosen: impl Into<String>, rejected: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            chosen: chosen.into(),
+            rejected: rejected.into(),
+            margin: 0.0,
+            task: None,
+            format: 0,
+            templated: false,
+        }
+    }
+
+    /// The pair tagged with its multiple-choice task and format.
+    fn tagged(self, task: &str, format: u8) -> Self {
+        Self { task: Some(task.to_string()), format, ..self }
+    }
 }
 
 fn is_zero(f: &u8) -> bool {
@@ -62,7 +87,7 @@ pub fn load_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
                 _ => return Err(rec.err("field \"margin\": expected a finite number")),
             },
         };
-        out.push(PreferencePair { prompt, chosen, rejected, margin, task: None, format: 0 });
+        out.push(PreferencePair { margin, ..PreferencePair::new(prompt, chosen, rejected) });
     }
     if out.is_empty() {
         return Err(Error::Data { path: path.to_path_buf(), msg: "no preference pairs".into() });
@@ -161,13 +186,8 @@ pub fn from_multiple_choice(examples: &[Example], template: &Template) -> Result
         let prompt = template.render(ex)?;
         let correct = template.answer(&ex.label)?;
         let explained = respond(correct, Some(&template.explanation(&ex.label)?));
-        let pair = |chosen: &str, rejected: &str, format: u8| PreferencePair {
-            prompt: prompt.clone(),
-            chosen: chosen.to_string(),
-            rejected: rejected.to_string(),
-            margin: 0.0,
-            task: Some(task.clone()),
-            format,
+        let pair = |chosen: &str, rejected: &str, format: u8| {
+            PreferencePair::new(prompt.as_str(), chosen, rejected).tagged(&task, format)
         };
         out.push(pair(&explained, correct, 1));
         for w in wrong_labels(template, &ex.label)? {
@@ -200,14 +220,7 @@ pub fn bare_answer_pairs(examples: &[Example], template: &Template) -> Result<Ve
         let prompt = template.render(ex)?;
         let correct = template.answer(&ex.label)?;
         for w in wrong_labels(template, &ex.label)? {
-            out.push(PreferencePair {
-                prompt: prompt.clone(),
-                chosen: correct.to_string(),
-                rejected: template.answer(w)?.to_string(),
-                margin: 0.0,
-                task: Some(task.clone()),
-                format: 0,
-            });
+            out.push(PreferencePair::new(prompt.as_str(), correct, template.answer(w)?).tagged(&task, 0));
         }
     }
     Ok(out)

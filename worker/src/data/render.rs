@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::data::formats::{Content, Dataset, Row};
 use crate::data::jsonl::line_error;
+use crate::data::preference::PreferencePair;
 use crate::error::{Error, Result};
 
 /// Token ids and which of them the loss covers (1) or not (0).
@@ -94,7 +95,7 @@ impl<'a> Renderer<'a> {
         extra
     }
 
-    fn chat_text(&self, msgs: &[Value], generation_prompt: bool, row: &Row) -> Result<String> {
+    pub(crate) fn chat_text(&self, msgs: &[Value], generation_prompt: bool, row: &Row) -> Result<String> {
         Ok(self.template()?.render(msgs, generation_prompt, &Self::extra(row))?)
     }
 
@@ -198,6 +199,46 @@ impl<'a> Renderer<'a> {
         let loss_mask = toks.iter().map(|(_, (s, _))| u8::from(spans.iter().any(|sp| sp.contains(s)))).collect();
         Ok(Encoded { ids: toks.into_iter().map(|(id, _)| id).collect(), loss_mask })
     }
+}
+
+/// The preference rows of `ds` as text pairs for the reward stage:
+/// standard rows as they are (an implicit prompt extracted), conversations
+/// rendered through the chat template (`templated`: the turn's end tokens
+/// included, nothing added at tokenization).
+pub fn preference_pairs(ds: &Dataset, r: &Renderer<'_>) -> Result<Vec<PreferencePair>> {
+    let mut out = Vec::with_capacity(ds.rows.len());
+    for row in &ds.rows {
+        let pair = match (&row.prompt, &row.chosen, &row.rejected) {
+            (Some(Content::Text(p)), Some(Content::Text(c)), Some(Content::Text(rj))) => {
+                PreferencePair::new(p.as_str(), c.as_str(), rj.as_str())
+            }
+            (Some(Content::Messages(p)), Some(Content::Messages(c)), Some(Content::Messages(rj))) => {
+                let prompt = r.chat_text(p, true, row).map_err(|e| at_row(ds, row, e))?;
+                let response = |turns: &[Value]| -> Result<String> {
+                    let all: Vec<Value> = p.iter().chain(turns).cloned().collect();
+                    let full = r.chat_text(&all, false, row)?;
+                    full.strip_prefix(prompt.as_str()).map(str::to_string).ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "the chat template renders the prompt differently once a response follows".into(),
+                        )
+                    })
+                };
+                let chosen = response(c).map_err(|e| at_row(ds, row, e))?;
+                let rejected = response(rj).map_err(|e| at_row(ds, row, e))?;
+                PreferencePair { templated: true, ..PreferencePair::new(prompt, chosen, rejected) }
+            }
+            _ => return Err(line_error(&ds.path, row.line, "not a preference row (prompt, chosen, rejected)")),
+        };
+        let margin = match row.columns.get("margin") {
+            None | Some(Value::Null) => 0.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|m| m.is_finite())
+                .ok_or_else(|| line_error(&ds.path, row.line, "column \"margin\": expected a finite number"))?,
+        };
+        out.push(PreferencePair { margin: margin as f32, ..pair });
+    }
+    Ok(out)
 }
 
 /// Every row of `ds` as one sequence, errors naming `file:line`.

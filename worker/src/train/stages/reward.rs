@@ -13,7 +13,8 @@ use rlhf_common::Role;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use crate::data::{self, PreferencePair};
+use crate::data::formats::{self, Dataset, Format};
+use crate::data::{self, render, PreferencePair};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::parallel;
@@ -35,12 +36,21 @@ struct Encoded {
 }
 
 fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<Encoded>> {
-    let eos = Some(l.eos());
     pairs
         .iter()
         .map(|p| {
-            let (pc, c) = encode_pair(&l.tok, &p.prompt, &p.chosen, eos, max_len)?;
-            let (pr, r) = encode_pair(&l.tok, &p.prompt, &p.rejected, eos, max_len)?;
+            let side = |response: &str| {
+                if p.templated {
+                    // Rendered by the chat template: its special tokens are
+                    // in the text and each turn ends as the template ends it.
+                    let prompt = l.tok.encode(&p.prompt, false)?;
+                    data::truncate_prompt(&prompt, &l.tok.encode(response, false)?, max_len)
+                } else {
+                    encode_pair(&l.tok, &p.prompt, response, Some(l.eos()), max_len)
+                }
+            };
+            let (pc, c) = side(&p.chosen)?;
+            let (pr, r) = side(&p.rejected)?;
             Ok(Encoded {
                 chosen: [pc, c].concat(),
                 rejected: [pr, r].concat(),
@@ -50,6 +60,20 @@ fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<En
             })
         })
         .collect()
+}
+
+/// A preference file in TRL's conversational or implicit-prompt form
+/// (read whole and checked), or `None` for the forms [`data::load_pairs`]
+/// reads (explicit string prompts, ShareGPT `conversations`).
+fn trl_preference(path: &Path) -> Result<Option<Dataset>> {
+    let records = data::read_records(path)?;
+    let trl = records.first().and_then(|(_, v)| v.as_object()).is_some_and(|o| {
+        !o.contains_key("conversations") && (!o.contains_key("prompt") || o.get("chosen").is_some_and(|c| c.is_array()))
+    });
+    if !trl {
+        return Ok(None);
+    }
+    formats::from_values(path, records, Some(Format::Preference)).map(Some)
 }
 
 /// A reward job's pairs.
@@ -75,6 +99,7 @@ pub struct Pairs {
 /// source by stride; otherwise the files hold pairs, cut to that many pairs.
 pub fn pairs_of(job: &JobSpec) -> Result<Pairs> {
     let data = job.data.clone().unwrap_or_default();
+    let model_dir = job.model.path.clone().unwrap_or_default();
     let one = data.sources.is_empty();
     let set = |i: usize, task: Option<&str>, path: &Path, limit: Option<usize>| {
         let field = if one { "data.task".to_string() } else { format!("data.sources[{i}].task") };
@@ -89,7 +114,15 @@ pub fn pairs_of(job: &JobSpec) -> Result<Pairs> {
                 data::bare_answer_pairs(&s.examples, &s.template)?,
             ))
         } else {
-            let pairs = data::load_pairs(path)?;
+            let pairs = match trl_preference(path)? {
+                Some(ds) => {
+                    let cfg = rlhf_model::Config::from_dir(&model_dir)?;
+                    let tok = rlhf_model::Tokenizer::load(&model_dir, &cfg)?;
+                    let chat = render::chat_template(&model_dir, data.chat_template.as_deref())?;
+                    render::preference_pairs(&ds, &render::Renderer::new(&tok, chat.as_ref())?)?
+                }
+                None => data::load_pairs(path)?,
+            };
             Ok((limit.map_or_else(|| pairs.clone(), |n| data::stride_subset(&pairs, n)), Vec::new()))
         }
     };
