@@ -153,3 +153,28 @@ fn render_prints_ids_and_loss_mask_per_row() {
     assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
     assert!(err.contains("sft.jsonl:2") && err.contains("\"completion\""), "{err}");
 }
+
+#[test]
+fn a_parquet_file_gives_the_rows_and_ids_of_its_json_lines_twin() {
+    let data = fixtures().join("data");
+    let jsonl = formats::load(&data.join("arith_sft_eval.jsonl"), None).unwrap();
+    let parquet = formats::load(&data.join("arith_sft_eval.parquet"), None).unwrap();
+    assert_eq!((parquet.format, parquet.conversational), (Format::PromptCompletion, true));
+    assert_eq!(parquet.rows.len(), 32);
+    for (a, b) in jsonl.rows.iter().zip(&parquet.rows) {
+        assert_eq!((&a.prompt, &a.completion, &a.columns), (&b.prompt, &b.completion, &b.columns));
+    }
+    let bin = env!("CARGO_BIN_EXE_rlhf-worker");
+    let render = |file: &str| {
+        let out = Command::new(bin)
+            .args(["render", "--model"])
+            .arg(fixtures().join(MODEL))
+            .arg("--data")
+            .arg(data.join(file))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(render("arith_sft_eval.parquet"), render("arith_sft_eval.jsonl"));
+}

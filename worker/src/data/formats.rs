@@ -119,11 +119,29 @@ pub fn looks_like_trl(row: &Value) -> bool {
     row.as_object().and_then(Format::infer).is_some()
 }
 
-/// Reads `path` (JSON lines or a JSON array) as a dataset of `format`
-/// (inferred from the first row's columns when `None`).
+/// Reads `path` (JSON lines, a JSON array, or Parquet when it ends in
+/// `.parquet`) as a dataset of `format` (inferred from the first row's
+/// columns when `None`).
 pub fn load(path: &Path, format: Option<Format>) -> Result<Dataset> {
-    let records = read_records(path)?;
+    let records =
+        if path.extension().is_some_and(|e| e == "parquet") { read_parquet(path)? } else { read_records(path)? };
     from_values(path, records, format)
+}
+
+/// The rows of a Parquet file (as Hugging Face datasets store them;
+/// snappy-compressed or uncompressed) as JSON objects numbered from 1;
+/// nested lists and structs (conversations) become JSON arrays and objects.
+pub fn read_parquet(path: &Path) -> Result<Vec<(usize, Value)>> {
+    use parquet::file::reader::SerializedFileReader;
+    let bad = |msg: String| Error::Data { path: path.to_path_buf(), msg };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let mut out = Vec::new();
+    for (i, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| line_error(path, i + 1, format!("row {}: {e}", i + 1)))?;
+        out.push((i + 1, row.to_json_value()));
+    }
+    Ok(out)
 }
 
 /// The rows of `records` (line, value) read from `path`, as [`load`].
