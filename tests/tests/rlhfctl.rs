@@ -78,3 +78,90 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
         panic!("{e}\n{logs}");
     }
 }
+
+/// A user's own task on the cluster: files in TRL's formats (JSON lines and
+/// Parquet, conversational, through the model's chat template) train SFT,
+/// a reward model and PPO (the reward model plus an `exact` reward) as one
+/// pipeline submitted with rlhfctl.
+#[test]
+fn a_pipeline_on_trl_format_files_runs_on_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let d = data.to_str().unwrap();
+    let up = ctl(&url, &data, &["up", "--cpu-workers", "1", "--data-dir", d, "--listen", &format!("127.0.0.1:{port}")]);
+    assert!(up.status.success(), "up: {}", String::from_utf8_lossy(&up.stderr));
+    let f = fixtures();
+    let p = |s: &str| f.join(s).display().to_string();
+    let job = format!(
+        r#"version = 1
+kind = "pipeline"
+name = "own-task"
+seed = 5
+[model]
+path = "{model}"
+max_length = 256
+[peft]
+method = "lora"
+r = 8
+target_modules = ["all-linear"]
+[[stage]]
+name = "sft"
+kind = "sft"
+data = {{ train = "{sft}", eval = "{sft_eval}" }}
+train = {{ max_steps = 10, batch_size = 8, lr = 1e-2 }}
+[[stage]]
+name = "reward"
+kind = "reward"
+data = {{ train = "{prefs}" }}
+train = {{ max_steps = 10, batch_size = 8, lr = 2e-3 }}
+[[stage]]
+name = "ppo"
+kind = "ppo"
+data = {{ train = "{sft}" }}
+ppo = {{ iterations = 3, rollout_batch = 8, minibatch = 4, max_new_tokens = 4, rewards = [{{ kind = "model" }}, {{ kind = "exact", weight = 0.5 }}] }}
+"#,
+        model = p("tiny-qwen2-chat"),
+        sft = p("data/arith_sft.jsonl"),
+        sft_eval = p("data/arith_sft_eval.parquet"),
+        prefs = p("data/prefs_chat.jsonl"),
+    );
+    let run = || -> Result<(), String> {
+        let job_file = dir.path().join("own-task.toml");
+        std::fs::write(&job_file, &job).unwrap();
+        let sub = ctl(&url, &data, &["submit", job_file.to_str().unwrap(), "--wait"]);
+        if !sub.status.success() {
+            return Err(format!("submit: {}", String::from_utf8_lossy(&sub.stderr)));
+        }
+        let id = String::from_utf8_lossy(&sub.stdout).lines().last().unwrap_or_default().trim().to_string();
+        let st = ctl(&url, &data, &["status", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).map_err(|e| format!("status json: {e}"))?;
+        if v["state"] != "succeeded" {
+            return Err(format!("state {v}"));
+        }
+        let logs = ctl(&url, &data, &["logs", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&logs.stdout).map_err(|e| format!("logs json: {e}"))?;
+        let recs = v["metrics"].as_array().cloned().unwrap_or_default();
+        let has = |key: &str| recs.iter().any(|r| r.get(key).is_some());
+        for key in ["eval_accuracy", "accuracy", "reward_model", "reward_exact", "kl"] {
+            if !has(key) {
+                return Err(format!("no {key} in the job's metrics: {v}"));
+            }
+        }
+        Ok(())
+    };
+    let result = run();
+    let down = ctl(&url, &data, &["down", "--data-dir", d]);
+    assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
+    if let Err(e) = result {
+        let logs = std::fs::read_dir(data.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        panic!("{e}\n{logs}");
+    }
+}

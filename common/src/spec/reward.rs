@@ -155,6 +155,7 @@ impl Serialize for WeightedReward {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut v = serde_json::to_value(&self.source).map_err(serde::ser::Error::custom)?;
         if let Some(m) = v.as_object_mut() {
+            m.retain(|_, v| !v.is_null()); // TOML has no null: an unset path stays unset
             m.insert("weight".into(), serde_json::json!(self.weight));
         }
         v.serialize(s)

@@ -402,3 +402,24 @@ url = "http://127.0.0.1:9/score"
     let e = JobSpec::from_toml(&PPO.replace(many, "")).unwrap_err().to_string();
     assert!(e.starts_with("ppo.reward: required"), "{e}");
 }
+
+#[test]
+fn a_pipeline_stage_with_several_rewards_writes_back_as_toml() {
+    let text = r#"version = 1
+kind = "pipeline"
+name = "own-task"
+[model]
+path = "m"
+[peft]
+method = "lora"
+[[stage]]
+name = "ppo"
+kind = "ppo"
+data = { train = "d.jsonl" }
+ppo = { iterations = 3, rewards = [{ kind = "model" }, { kind = "exact", weight = 0.5 }] }
+"#;
+    let spec = JobSpec::from_toml(text).unwrap();
+    let back = toml::to_string_pretty(&spec);
+    let back = back.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(JobSpec::from_toml(&back).unwrap(), spec, "{back}");
+}
