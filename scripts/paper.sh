@@ -16,6 +16,10 @@
 # transformers + peft.
 #
 # Usage: scripts/paper.sh [--preset cpu|full] [--out DIR] [--no-crosscheck] [--job-only] [--dry-run]
+#                         [--only STAGE,... --sft ADAPTER_DIR]
+#   --only     keep only these stages (e.g. reward-mc,ppo-s1,eval), with --sft:
+#              the SFT adapter (an earlier run's stages/sft-*/adapter) merged
+#              into the base in place of the SFT stages' best
 #   --dry-run  write the job file, check it as the coordinator will (fields,
 #              names, paths, placement on this preset's workers), print the
 #              plan with estimated minutes; fetch, build and start nothing
@@ -32,6 +36,8 @@ OUT=
 CROSSCHECK=1
 JOB_ONLY=0
 DRY_RUN=0
+ONLY=
+SFT_ADAPTER=
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -39,6 +45,8 @@ while [ $# -gt 0 ]; do
     --no-crosscheck) CROSSCHECK=0; shift ;;
     --job-only) JOB_ONLY=1; shift ;;
     --dry-run) DRY_RUN=1; JOB_ONLY=1; shift ;;
+    --only) ONLY=$2; shift 2 ;;
+    --sft) SFT_ADAPTER=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set /{/^set /d;p}' "$0"; exit 0 ;;
     *) echo "paper.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -208,6 +216,24 @@ for t in eprstmt tnews ocnli bustm; do
 done
 echo '] }'
 } > "$JOB"
+if [ -n "$ONLY" ]; then
+  # A part of the experiment over an earlier run's SFT model.
+  [ -f "${SFT_ADAPTER:-}/adapter_config.json" ] || { echo "paper.sh: --only needs --sft ADAPTER_DIR (with adapter_config.json)" >&2; exit 2; }
+  "$RLHF_PY" - "$JOB" "$ONLY" "$(cd "$SFT_ADAPTER" && pwd)" <<'PY'
+import re, sys
+path, only, adapter = sys.argv[1], set(sys.argv[2].split(",")), sys.argv[3]
+head, *stages = open(path).read().split("[[stage]]")
+names = [re.search(r'name = "([^"]+)"', s).group(1) for s in stages]
+unknown = only - set(names)
+if unknown:
+    sys.exit(f"paper.sh: --only: no stage {sorted(unknown)} (stages: {', '.join(names)})")
+head = head.replace("max_length = 2048", f'max_length = 2048\nmerge_adapters = ["{adapter}"]', 1)
+head = re.sub(r'^name = "([^"]+)"', r'name = "\1-part"', head, count=1, flags=re.M)
+kept = [re.sub(r'^init_from = "([^"]+)"\n', lambda m: m.group(0) if m.group(1) in only else "", s, flags=re.M)
+        for s, n in zip(stages, names) if n in only]  # a stage dropped is not started from
+open(path, "w").write(head + "".join("[[stage]]" + s for s in kept))
+PY
+fi
 
 echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per method, dev ${DEV_N/#0/all} per task;" \
   "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE examples" \

@@ -53,6 +53,8 @@ python3 scripts/check_cycles.py
 # preset as the coordinator will (the hardening once broke it unseen).
 for preset in cpu full; do
   ./scripts/paper.sh --preset "$preset" --dry-run --out "$(mktemp -d)"
+  ./scripts/paper.sh --preset "$preset" --dry-run --out "$(mktemp -d)" \
+    --only reward-mc,ppo-s1,eval --sft worker/tests/fixtures/tiny-qwen2-lora
 done
 
 log=$(mktemp)
