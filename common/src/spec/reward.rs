@@ -120,12 +120,30 @@ impl RewardSource {
             RewardSource::Length { penalty, .. } if !(penalty.is_finite() && *penalty >= 0.0) => {
                 err(format!("{at}.penalty"), format!("must be finite and ≥ 0, got {penalty}"))
             }
-            RewardSource::Http { url, timeout_ms, retries, batch, .. } => {
-                let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-                if !rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')) {
+            RewardSource::Http { url, token_file, timeout_ms, retries, batch } => {
+                let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+                    (Some(r), _) => (true, r),
+                    (None, Some(r)) => (false, r),
+                    (None, None) => (false, ""),
+                };
+                let host = rest.split('/').next().unwrap_or("");
+                let name = match host.strip_prefix('[') {
+                    Some(v6) => v6.split(']').next().unwrap_or(""),
+                    None => host.split(':').next().unwrap_or(""),
+                };
+                if name.is_empty() {
                     return err(
                         format!("{at}.url"),
                         format!("expected http://HOST[:PORT]/PATH or https://..., got {url:?}"),
+                    );
+                }
+                // As the coordinator itself: beyond loopback only TLS, and
+                // only with a credential.
+                let loopback = matches!(name, "127.0.0.1" | "localhost" | "::1");
+                if !loopback && !(tls && token_file.is_some()) {
+                    return err(
+                        format!("{at}.url"),
+                        format!("{url:?} is not on this machine: use https:// and a token_file (a bearer token)"),
                     );
                 }
                 if !(1..=120_000).contains(timeout_ms) {

@@ -387,15 +387,25 @@ url = "http://127.0.0.1:9/score"
         ("url = \"http://127.0.0.1:9/score\"", "url = \"ftp://x\"", "ppo.rewards[3].url: expected http://"),
         (
             "url = \"http://127.0.0.1:9/score\"",
-            "url = \"http://x/\"\nretries = 9",
+            "url = \"http://localhost/\"\nretries = 9",
             "ppo.rewards[3].retries: must be at most 5",
         ),
+        // Beyond loopback: TLS and a bearer token, as the coordinator.
+        (
+            "url = \"http://127.0.0.1:9/score\"",
+            "url = \"http://scorer.example/s\"",
+            "ppo.rewards[3].url: \"http://scorer.example/s\" is not on this machine",
+        ),
+        ("url = \"http://127.0.0.1:9/score\"", "url = \"https://scorer.example/s\"", "a token_file"),
         ("weight = 2.0", "weight = nan", "weight: expected a finite number"),
     ];
     for (from, to, want) in cases {
         let e = JobSpec::from_toml(&text.replace(from, to)).unwrap_err().to_string();
         assert!(e.contains(want), "{to:?}: got {e:?}, want {want:?}");
     }
+    let remote = text
+        .replace("url = \"http://127.0.0.1:9/score\"", "url = \"https://[2001:db8::1]:8443/s\"\ntoken_file = \"t\"");
+    JobSpec::from_toml(&remote).unwrap_or_else(|e| panic!("https with a token: {e}"));
     let both = format!("{PPO}\n{rewards}");
     let e = JobSpec::from_toml(&both).unwrap_err().to_string();
     assert!(e.starts_with("ppo.rewards: give ppo.reward or [[ppo.rewards]], not both"), "{e}");

@@ -169,7 +169,8 @@ pub fn final_answer(text: &str) -> Option<String> {
         }
         return None;
     }
-    let number = regex::Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("a valid pattern");
+    static NUMBER: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let number = NUMBER.get_or_init(|| regex::Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("a valid pattern"));
     number.find_iter(text).last().map(|m| m.as_str().to_string())
 }
 
