@@ -145,6 +145,22 @@ fn render_prints_ids_and_loss_mask_per_row() {
     let (ids, mask) = (v["ids"].as_array().unwrap(), v["loss_mask"].as_array().unwrap());
     assert_eq!(ids.len(), mask.len());
     assert_eq!(mask.iter().filter(|m| m.as_u64() == Some(1)).count(), 3, "7, <|im_end|>, \\n: {text}");
+    // A preference row: both sides, each trained on its own answer.
+    let prefs = fixtures().join("data/prefs_chat.jsonl");
+    let out = Command::new(bin)
+        .args(["render", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&prefs)
+        .args(["--limit", "1"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for side in ["chosen", "rejected"] {
+        let mask = v[side]["loss_mask"].as_array().unwrap();
+        assert_eq!(mask.len(), v[side]["ids"].as_array().unwrap().len());
+        assert!(mask.iter().any(|m| m == 1) && mask[0] == 0, "{side}: {v}");
+    }
     // A bad row is refused with file:line and the column, nothing printed.
     std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": 7}\n")
         .unwrap();
