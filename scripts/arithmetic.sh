@@ -41,7 +41,7 @@ sed -e "s|^path = .*|path = \"$MODEL\"|" \
     -e "s|^name = .*|name = \"$NAME\"|" \
     ${ITERS:+-e "s|^iterations = .*|iterations = $ITERS|"} \
     examples/ppo-arithmetic.toml > "$JOB"
-rm -f "$OUT/run/held_out.jsonl"
+rm -rf "$OUT/run"   # a fresh run: the before/after figures are its own
 start=$(date +%s)
 "$RLHF_BIN/rlhf-worker" run "$JOB" --out "$OUT/run" >"$OUT/run.log" 2>&1 || { tail -n 20 "$OUT/run.log" >&2; exit 1; }
 secs=$(( $(date +%s) - start ))
