@@ -140,7 +140,8 @@ impl RewardSource {
                 // As the coordinator itself: beyond loopback only TLS, and
                 // only with a credential.
                 let loopback = matches!(name, "127.0.0.1" | "localhost" | "::1");
-                if !loopback && !(tls && token_file.is_some()) {
+                let allowed = loopback || (tls && token_file.is_some());
+                if !allowed {
                     return err(
                         format!("{at}.url"),
                         format!("{url:?} is not on this machine: use https:// and a token_file (a bearer token)"),
