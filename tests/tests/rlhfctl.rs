@@ -17,6 +17,23 @@ fn ctl(url: &str, data: &std::path::Path, args: &[&str]) -> std::process::Output
         .expect("run rlhfctl")
 }
 
+/// Stops the cluster in `data`, then fails with `result`'s error and the
+/// cluster's logs, if it is one.
+fn down_then_check(url: &str, data: &std::path::Path, result: Result<(), String>) {
+    let down = ctl(url, data, &["down", "--data-dir", data.to_str().unwrap()]);
+    assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
+    if let Err(e) = result {
+        let logs = std::fs::read_dir(data.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        panic!("{e}\n{logs}");
+    }
+}
+
 #[test]
 fn rlhfctl_runs_a_local_cluster_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,19 +81,7 @@ fn rlhfctl_runs_a_local_cluster_end_to_end() {
         }
         Ok(())
     };
-    let result = run();
-    let down = ctl(&url, &data, &["down", "--data-dir", d]);
-    assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
-    if let Err(e) = result {
-        let logs = std::fs::read_dir(data.join("logs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n");
-        panic!("{e}\n{logs}");
-    }
+    down_then_check(&url, &data, run());
 }
 
 /// A user's own task on the cluster: files in TRL's formats (JSON lines and
@@ -151,17 +156,5 @@ ppo = {{ iterations = 3, rollout_batch = 8, minibatch = 4, max_new_tokens = 4, r
         }
         Ok(())
     };
-    let result = run();
-    let down = ctl(&url, &data, &["down", "--data-dir", d]);
-    assert!(down.status.success(), "down: {}", String::from_utf8_lossy(&down.stderr));
-    if let Err(e) = result {
-        let logs = std::fs::read_dir(data.join("logs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n");
-        panic!("{e}\n{logs}");
-    }
+    down_then_check(&url, &data, run());
 }
