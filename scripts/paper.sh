@@ -170,14 +170,17 @@ fi
 # The reward model on the multiple-choice pairs of the four tasks' training
 # files: every example against every wrong option, in the paper's three
 # formats (balanced over tasks and formats); dev pairs are scored every half
-# of the steps, pairs from a stride of test_public once at the end.
+# of the steps, pairs from a stride of test_public once at the end. Its score
+# adds c · log p(answer | prompt) under its own LM (score_logprob), which over
+# the SFT base starts it at the SFT policy's ranking of the options instead
+# of a random head's (a fresh head stayed at chance: 45.7% on test pairs).
 cat <<EOF
 [[stage]]
 name = "reward-mc"
 kind = "reward"
 $INIT
 data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all test_public) }
-train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, head_lr = $RM_HEAD_LR, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $(( RM_MC_STEPS / 2 )) }
+train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, head_lr = $RM_HEAD_LR, score_logprob = true, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $(( RM_MC_STEPS / 2 )) }
 
 EOF
 # PPO from the best SFT model (merged under it: the reference), one stage

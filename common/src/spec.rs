@@ -273,6 +273,12 @@ pub struct TrainSpec {
     /// short run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_lr: Option<f64>,
+    /// Reward: the score is the head's plus `c · Σ log p(response | prompt)`
+    /// under the reward model's own LM (`c` learned, from 1), so a reward
+    /// model over an SFT base starts from the SFT policy's own ranking of
+    /// answers instead of a random head's (see `rlhf_model::head`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub score_logprob: bool,
 }
 
 fn one() -> usize {
@@ -310,6 +316,7 @@ impl Default for TrainSpec {
             gradient_checkpointing: false,
             init_from: None,
             head_lr: None,
+            score_logprob: false,
         }
     }
 }

@@ -900,9 +900,7 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
             (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
         }
     };
-    let frozen = Head::new(h, plan.device, seed.wrapping_add(3));
-    let reward_head =
-        Head { weight: frozen.weight.set_requires_grad(false), bias: frozen.bias.set_requires_grad(false) };
+    let reward_head = Head::new(h, plan.device, seed.wrapping_add(3)).trainable(false);
     let value_head = Head::new(h, plan.device, seed.wrapping_add(3));
     let policy_params = views.view(Some(Role::Policy))?.adapter(Role::Policy.name())?.parameters();
     let mut critic_params = views.view(Some(Role::Critic))?.adapter(Role::Critic.name())?.parameters();

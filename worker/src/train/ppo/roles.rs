@@ -63,7 +63,9 @@ impl RoleHost {
                 let head = load_reward_model(dir, &mut model.pm, Role::Reward.name())?;
                 model.pm.add(Role::Critic.name(), peft::io::load(dir, &model.pm.base)?)?;
                 let v = Head::load(&dir.join(REWARD_HEAD_FILE), h, device)?;
-                (Some(head), Head { weight: v.weight.set_requires_grad(true), bias: v.bias.set_requires_grad(true) })
+                // The value head is linear: the reward head's log-prob term stays behind.
+                let value = Head { lm_scale: None, ..v.trainable(true) };
+                (Some(head), value)
             }
             None => {
                 let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &model.pm.base)?;

@@ -122,13 +122,16 @@ impl Batch {
         backward(pm, (&self.ids, &pos, &Mask::Explicit(&m)), recompute, |hidden| head(&self.response_part(hidden)))
     }
 
-    /// Hidden state `[b, h]` of each row's last real token.
-    pub fn last_hidden(&self, pm: &PeftModel) -> Result<Tensor> {
-        let l = self.ids.size()[1];
-        let m = attention_mask(&self.attn, l);
-        let hidden = pm.forward(&self.ids, &positions_from_mask(&self.attn), Mask::Explicit(&m), None)?;
+    /// Hidden states `[b, P + R, h]` of the whole rows.
+    pub fn hidden(&self, pm: &PeftModel) -> Result<Tensor> {
+        let (pos, m) = self.forward_inputs();
+        Ok(pm.forward(&self.ids, &pos, Mask::Explicit(&m), None)?)
+    }
+
+    /// Of hidden states over the whole rows, `[b, h]` at each row's last real token.
+    pub fn last_of(&self, hidden: &Tensor) -> Tensor {
         let last: Vec<i64> = self.lens.iter().map(|&n| self.prompt_width + n as i64 - 1).collect();
-        Ok(rlhf_model::batch::hidden_at(&hidden, &last))
+        rlhf_model::batch::hidden_at(hidden, &last)
     }
 }
 
@@ -143,7 +146,16 @@ pub fn values(pm: &PeftModel, head: &Head, batch: &Batch) -> Result<Tensor> {
     Ok(head.forward(&batch.response_hidden(pm)?))
 }
 
-/// Sequence scores `[b]` from the reward adapter (active) and head.
+/// Sequence scores `[b]` from the reward adapter (active) and head (with
+/// its log-prob term: the response's log-prob under the reward adapter).
 pub fn model_scores(pm: &PeftModel, head: &Head, batch: &Batch) -> Result<Tensor> {
-    Ok(head.forward(&batch.last_hidden(pm)?))
+    let hidden = batch.hidden(pm)?;
+    let r = head.forward(&batch.last_of(&hidden));
+    Ok(match &head.lm_scale {
+        Some(c) => {
+            let logp = token_logprobs(pm, &batch.response_part(&hidden), &batch.response, 1.0, false).0;
+            r + c * (logp * &batch.mask).sum_dim_intlist([1i64].as_slice(), false, tch::Kind::Float)
+        }
+        None => r,
+    })
 }

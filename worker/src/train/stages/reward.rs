@@ -29,6 +29,9 @@ pub const ADAPTER: &str = Role::Reward.name();
 struct Encoded {
     chosen: Vec<i64>,
     rejected: Vec<i64>,
+    /// Where each side's response begins.
+    chosen_start: usize,
+    rejected_start: usize,
     margin: f64,
     /// The multiple-choice task and pair format (see [`PreferencePair`]).
     task: Option<String>,
@@ -52,6 +55,8 @@ fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<En
             let (pc, c) = side(&p.chosen)?;
             let (pr, r) = side(&p.rejected)?;
             Ok(Encoded {
+                chosen_start: pc.len(),
+                rejected_start: pr.len(),
                 chosen: [pc, c].concat(),
                 rejected: [pr, r].concat(),
                 margin: p.margin as f64,
@@ -252,15 +257,20 @@ fn balanced_rows(tags: &[(Option<&str>, u8)]) -> Vec<usize> {
     rows
 }
 
+/// A sequence and where its response begins.
+type Seq<'a> = (&'a [i64], usize);
+
 /// The distinct sequences of `pairs`, and each pair's (chosen, rejected)
 /// indices into them.
-fn distinct(pairs: &[Encoded]) -> (Vec<&[i64]>, Vec<(usize, usize)>) {
-    let mut index: HashMap<&[i64], usize> = HashMap::new();
-    let mut seqs: Vec<&[i64]> = Vec::new();
+fn distinct(pairs: &[Encoded]) -> (Vec<Seq<'_>>, Vec<(usize, usize)>) {
+    let mut index: HashMap<Seq<'_>, usize> = HashMap::new();
+    let mut seqs: Vec<Seq<'_>> = Vec::new();
     let mut ids = Vec::with_capacity(pairs.len());
     for e in pairs {
         let mut at = [0; 2];
-        for (k, s) in [e.chosen.as_slice(), e.rejected.as_slice()].into_iter().enumerate() {
+        for (k, s) in
+            [(e.chosen.as_slice(), e.chosen_start), (e.rejected.as_slice(), e.rejected_start)].into_iter().enumerate()
+        {
             at[k] = *index.entry(s).or_insert_with(|| {
                 seqs.push(s);
                 seqs.len() - 1
@@ -271,18 +281,25 @@ fn distinct(pairs: &[Encoded]) -> (Vec<&[i64]>, Vec<(usize, usize)>) {
     (seqs, ids)
 }
 
+/// Scores of `seqs` (each with where its response begins).
+fn score_all(pm: &PeftModel, head: &Head, seqs: &[Seq<'_>], pad: i64) -> Result<Tensor> {
+    let owned: Vec<Vec<i64>> = seqs.iter().map(|(s, _)| s.to_vec()).collect();
+    let starts: Vec<usize> = seqs.iter().map(|&(_, k)| k).collect();
+    Ok(score(pm, head, &owned, &starts, pad)?)
+}
+
 /// Whether each pair's chosen response outscores its rejected one. Each
 /// distinct sequence is scored once (a multiple-choice example's pairs
 /// share most of theirs), in batches of similar lengths.
 fn wins(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<Vec<bool>> {
     let (seqs, ids) = distinct(pairs);
     let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len());
+    order.sort_by_key(|&i| seqs[i].0.len());
     let mut scores = vec![0f32; seqs.len()];
     tch::no_grad(|| -> Result<()> {
         for chunk in order.chunks(16) {
-            let batch: Vec<Vec<i64>> = chunk.iter().map(|&i| seqs[i].to_vec()).collect();
-            let r: Vec<f32> = Vec::try_from(&score(pm, head, &batch, pad)?.to_device(tch::Device::Cpu))?;
+            let batch: Vec<Seq<'_>> = chunk.iter().map(|&i| seqs[i]).collect();
+            let r: Vec<f32> = Vec::try_from(&score_all(pm, head, &batch, pad)?.to_device(tch::Device::Cpu))?;
             for (&i, v) in chunk.iter().zip(r) {
                 scores[i] = v;
             }
@@ -377,9 +394,8 @@ impl Objective for PairObjective<'_> {
             let range = self.examples[self.rows[i]].1.clone();
             let pairs = &self.pairs[range.clone()];
             let (seqs, ids) = distinct(pairs);
-            tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
-            let owned: Vec<Vec<i64>> = seqs.iter().map(|s| s.to_vec()).collect();
-            let r = score(pm, self.head, &owned, self.pad)?;
+            tokens += seqs.iter().map(|(s, _)| s.len()).sum::<usize>();
+            let r = score_all(pm, self.head, &seqs, self.pad)?;
             let pick = |k: fn(&(usize, usize)) -> usize| {
                 Tensor::from_slice(&ids.iter().map(|p| k(p) as i64).collect::<Vec<_>>()).to_device(device)
             };
@@ -432,22 +448,23 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let (adapter, head) = match &train.init_from {
         Some(dir) => {
             let h = Head::load(&dir.join(REWARD_HEAD_FILE), l.pm.base.cfg.hidden_size, ctx.device)?;
-            let head = Head { weight: h.weight.set_requires_grad(true), bias: h.bias.set_requires_grad(true) };
+            let head = h.trainable(true);
+            let head = if train.score_logprob && head.lm_scale.is_none() { head.with_logprob() } else { head };
             (peft::io::load(dir, &l.pm.base)?, head)
         }
-        None => (
-            peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?,
-            Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed),
-        ),
+        None => {
+            let head = Head::new(l.pm.base.cfg.hidden_size, ctx.device, job.seed);
+            (
+                peft::build(PeftConfig::from_spec(peft_spec, job.seed), &l.pm.base)?,
+                if train.score_logprob { head.with_logprob() } else { head },
+            )
+        }
     };
-    let trainable = adapter.num_parameters() + head.weight.numel() as i64 + 1;
+    let trainable = adapter.num_parameters() + head.tensors().iter().map(|(_, t)| t.numel() as i64).sum::<i64>();
     l.pm.add(ADAPTER, adapter)?;
     l.pm.set_active(Some(ADAPTER))?;
     let pad = l.pad();
-    let what = Trainable {
-        adapter: ADAPTER,
-        extra: vec![("head.weight", head.weight.shallow_clone()), ("head.bias", head.bias.shallow_clone())],
-    };
+    let what = Trainable { adapter: ADAPTER, extra: head.tensors() };
     let tags: Vec<(Option<&str>, u8)> = train_enc.iter().map(|e| (e.task.as_deref(), e.format)).collect();
     let examples = examples(&tags);
     let weights = pair_weights(&tags, &examples);
@@ -472,8 +489,8 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
             // (at most 128 of them, by stride: each costs a forward)
             let demos = data::stride_subset(&train_enc.iter().collect::<Vec<_>>(), 128);
             for chunk in demos.chunks(16) {
-                let seqs: Vec<Vec<i64>> = chunk.iter().map(|e| e.chosen.clone()).collect();
-                sum += score(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
+                let seqs: Vec<Seq<'_>> = chunk.iter().map(|e| (e.chosen.as_slice(), e.chosen_start)).collect();
+                sum += score_all(&l.pm, &head, &seqs, pad)?.sum(Kind::Float).double_value(&[]);
             }
             let mean = sum / demos.len() as f64;
             let _ = head.bias.shallow_clone().f_sub_(&Tensor::from(mean as f32).to_device(ctx.device))?;
@@ -519,7 +536,15 @@ mod tests {
     use super::*;
 
     fn pair(task: &str, format: u8) -> Encoded {
-        Encoded { chosen: vec![1], rejected: vec![2], margin: 0.0, task: Some(task.into()), format }
+        Encoded {
+            chosen: vec![1],
+            rejected: vec![2],
+            chosen_start: 0,
+            rejected_start: 0,
+            margin: 0.0,
+            task: Some(task.into()),
+            format,
+        }
     }
 
     #[test]
