@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 mod data;
+mod dpo;
 mod reward;
 pub use data::{DataSpec, Source, FORMATS};
+pub use dpo::{DpoSpec, DPO_LOSSES};
 pub use reward::{RewardSource, WeightedReward};
 
 /// What a job does.
@@ -25,6 +27,7 @@ pub enum JobKind {
     Ppo,
     Eval,
     Pipeline,
+    Dpo,
 }
 
 impl JobKind {
@@ -36,6 +39,7 @@ impl JobKind {
             JobKind::Ppo => "ppo",
             JobKind::Eval => "eval",
             JobKind::Pipeline => "pipeline",
+            JobKind::Dpo => "dpo",
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct JobSpec {
     pub train: Option<TrainSpec>,
     #[serde(default)]
     pub ppo: Option<PpoSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
     #[serde(default)]
@@ -649,6 +655,8 @@ pub struct StageSpec {
     pub train: Option<TrainSpec>,
     #[serde(default)]
     pub ppo: Option<PpoSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
     /// Start from the model an earlier stage of the same kind produced
@@ -802,6 +810,7 @@ impl JobSpec {
             data: stage.data.clone().or_else(|| self.data.clone()),
             train: stage.train.clone().or_else(|| self.train.clone()),
             ppo: stage.ppo.clone().or_else(|| self.ppo.clone()),
+            dpo: stage.dpo.clone().or_else(|| self.dpo.clone()),
             eval: stage.eval.clone().or_else(|| self.eval.clone()),
             checkpoint: self.checkpoint.clone(),
             placement: self.placement.clone(),
@@ -934,10 +943,13 @@ impl JobSpec {
             }
             return Ok(());
         }
-        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo) {
+        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo | JobKind::Dpo) {
             return err(
                 "placement.data_parallel",
-                format!("data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not {}", self.kind.name()),
+                format!(
+                    "data parallel runs sft, reward, dpo, pretrain, ppo and pipeline jobs, not {}",
+                    self.kind.name()
+                ),
             );
         }
         if self.kind == JobKind::Ppo {
@@ -1017,7 +1029,7 @@ impl JobSpec {
                 need(self.peft.is_some(), "peft")?;
                 data.validate(self.kind.name(), false)?;
             }
-            JobKind::Reward => {
+            JobKind::Reward | JobKind::Dpo => {
                 need(self.peft.is_some(), "peft")?;
                 data.validate(self.kind.name(), mc)?;
             }
@@ -1030,6 +1042,12 @@ impl JobSpec {
         if self.kind == JobKind::Ppo {
             let Some(ppo) = &self.ppo else { return err("ppo", "required for a ppo job") };
             validate_ppo(ppo, in_pipeline)?;
+        }
+        if let Some(d) = &self.dpo {
+            if self.kind != JobKind::Dpo {
+                return err("dpo", format!("only a dpo job reads [dpo], this job is {}", self.kind.name()));
+            }
+            d.validate()?;
         }
         if self.train.as_ref().is_some_and(|t| t.init_from.is_some()) && self.kind != JobKind::Reward {
             return err(

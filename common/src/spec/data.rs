@@ -75,6 +75,9 @@ pub struct Source {
     pub test: Option<PathBuf>,
 }
 
+/// The job kinds that train on preference pairs.
+const PAIRED: [&str; 2] = ["reward", "dpo"];
+
 impl DataSpec {
     /// The sources: `[[data.sources]]`, or the one of `task`/`train`/`eval`.
     pub fn sources(&self) -> Vec<Source> {
@@ -134,12 +137,12 @@ impl DataSpec {
         } else if self.train.is_none() {
             return err("data.train", format!("required for a {kind} job (or data.sources)"));
         }
-        if self.max_pair_tokens.is_some() && kind != "reward" {
-            return err("data.max_pair_tokens", format!("applies to reward jobs, not {kind}"));
+        if self.max_pair_tokens.is_some() && !PAIRED.contains(&kind) {
+            return err("data.max_pair_tokens", format!("applies to reward and dpo jobs, not {kind}"));
         }
         if let Some(i) = self.sources.iter().position(|s| s.test.is_some()) {
-            if kind != "reward" {
-                return err(format!("data.sources[{i}].test"), format!("applies to reward jobs, not {kind}"));
+            if !PAIRED.contains(&kind) {
+                return err(format!("data.sources[{i}].test"), format!("applies to reward and dpo jobs, not {kind}"));
             }
         }
         if let Some(f) = &self.format {

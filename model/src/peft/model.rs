@@ -1,6 +1,7 @@
 //! One frozen base, several named adapters, at most one active.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::Tensor;
 
@@ -17,11 +18,13 @@ pub struct PeftModel {
     pub base: Model,
     adapters: BTreeMap<String, Slot>,
     active: Option<String>,
+    /// Set inside [`PeftModel::without_adapter`].
+    off: AtomicBool,
 }
 
 impl PeftModel {
     pub fn new(base: Model) -> Self {
-        Self { base, adapters: BTreeMap::new(), active: None }
+        Self { base, adapters: BTreeMap::new(), active: None, off: AtomicBool::new(false) }
     }
 
     /// Adds a named adapter (inactive).
@@ -77,9 +80,23 @@ impl PeftModel {
         self.adapters.get(name).map(|s| s.merged).ok_or_else(|| Self::unknown(name))
     }
 
+    /// Runs `f` with the active adapter off (the base: DPO's and GRPO's
+    /// reference policy), without the `&mut` that [`set_active`] takes.
+    ///
+    /// [`set_active`]: PeftModel::set_active
+    pub fn without_adapter<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = self.off.swap(true, Ordering::SeqCst);
+        let out = f();
+        self.off.store(before, Ordering::SeqCst);
+        out
+    }
+
     /// The hooks of the active adapter, or none when it is disabled or
     /// already merged into the base.
     pub fn hooks(&self) -> &dyn Hooks {
+        if self.off.load(Ordering::SeqCst) {
+            return &NoHooks;
+        }
         match self.active.as_ref().and_then(|n| self.adapters.get(n)) {
             Some(slot) if !slot.merged => slot.adapter.as_ref(),
             _ => &NoHooks,

@@ -11,7 +11,7 @@ use tch::Device;
 use super::metrics::{Metrics, Observer};
 use super::ppo::roles::RemoteRoles;
 use super::stage::{Ctx, Outcome};
-use super::stages::{eval, pretrain, reward, sft};
+use super::stages::{dpo, eval, pretrain, reward, sft};
 use super::{ppo, report};
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
@@ -37,6 +37,7 @@ fn run_stage_with(
         JobKind::Pretrain => pretrain::run(job, &mut ctx)?,
         JobKind::Sft => sft::run(job, &mut ctx)?,
         JobKind::Reward => reward::run(job, &mut ctx)?,
+        JobKind::Dpo => dpo::run(job, &mut ctx)?,
         JobKind::Ppo => ppo::trainer::run_with(job, &mut ctx, roles)?,
         JobKind::Eval => eval::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
@@ -56,6 +57,7 @@ struct Produced {
     sft: Vec<(String, PathBuf, f64)>,
     /// Every reward stage: name, reward model; the last one scores PPO.
     reward_models: Vec<(String, PathBuf)>,
+    /// Every policy stage (PPO, DPO): name, adapter (over the best SFT model).
     ppo: Vec<(String, PathBuf)>,
 }
 
@@ -68,7 +70,7 @@ impl Produced {
                 self.sft.extend(o.adapter.clone().map(|a| (o.stage.clone(), a, acc)));
             }
             JobKind::Reward => self.reward_models.extend(o.reward_model.clone().map(|m| (o.stage.clone(), m))),
-            JobKind::Ppo => self.ppo.extend(o.adapter.clone().map(|a| (o.stage.clone(), a))),
+            JobKind::Ppo | JobKind::Dpo => self.ppo.extend(o.adapter.clone().map(|a| (o.stage.clone(), a))),
             JobKind::Eval | JobKind::Pipeline => {}
         }
     }
@@ -97,7 +99,7 @@ impl Produced {
         }
         let sft: Vec<PathBuf> = self.best_sft().map(|s| s.1.clone()).into_iter().collect();
         match job.kind {
-            JobKind::Reward | JobKind::Ppo => job.model.merge_adapters.extend(sft.iter().cloned()),
+            JobKind::Reward | JobKind::Ppo | JobKind::Dpo => job.model.merge_adapters.extend(sft.iter().cloned()),
             _ => {}
         }
         if let Some(from) = &stage.init_from {

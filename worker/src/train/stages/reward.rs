@@ -26,19 +26,20 @@ use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
 pub const ADAPTER: &str = Role::Reward.name();
 
-struct Encoded {
-    chosen: Vec<i64>,
-    rejected: Vec<i64>,
+/// A preference pair as token ids (prompt + response per side).
+pub(crate) struct Encoded {
+    pub chosen: Vec<i64>,
+    pub rejected: Vec<i64>,
     /// Where each side's response begins.
-    chosen_start: usize,
-    rejected_start: usize,
-    margin: f64,
+    pub chosen_start: usize,
+    pub rejected_start: usize,
+    pub margin: f64,
     /// The multiple-choice task and pair format (see [`PreferencePair`]).
-    task: Option<String>,
-    format: u8,
+    pub task: Option<String>,
+    pub format: u8,
 }
 
-fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<Encoded>> {
+pub(crate) fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<Encoded>> {
     pairs
         .iter()
         .map(|p| {
@@ -243,7 +244,7 @@ fn pair_weights(tags: &[(Option<&str>, u8)], examples: &[(Option<&str>, Range<us
 /// trainer that draws pairs uniformly, as `rlhf-worker pairs` writes them):
 /// the balanced examples in order, each format-1 pair k − 1 times and every
 /// other pair once.
-fn balanced_rows(tags: &[(Option<&str>, u8)]) -> Vec<usize> {
+pub(crate) fn balanced_rows(tags: &[(Option<&str>, u8)]) -> Vec<usize> {
     let ex = examples(tags);
     let mut rows = Vec::new();
     for k in balanced_examples(&ex) {
@@ -320,7 +321,7 @@ fn accuracy(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<
 
 /// `<prefix>` (all pairs), `<prefix>_<task>` per task and `<prefix>_mean`
 /// (their mean), `<prefix>_format<k>` per pair format.
-fn accuracies(prefix: &str, pairs: &[Encoded], wins: &[bool]) -> serde_json::Map<String, serde_json::Value> {
+pub(crate) fn accuracies(prefix: &str, pairs: &[Encoded], wins: &[bool]) -> serde_json::Map<String, serde_json::Value> {
     let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (e, &w) in pairs.iter().zip(wins) {
         let mut keys = vec![prefix.to_string()];
