@@ -92,6 +92,37 @@ pub fn dpo_loss(
     PairLoss { loss, chosen_rewards: chosen.detach() * beta, rejected_rewards: rejected.detach() * beta }
 }
 
+/// The mean DPO loss of pairs `(prompt, chosen, rejected)` (token ids)
+/// with the active adapter of `pm` as the policy and the adapter off as the
+/// reference: what one training step backpropagates (for the TRL parity
+/// test).
+pub fn batch_loss(
+    pm: &PeftModel,
+    pairs: &[(Vec<i64>, Vec<i64>, Vec<i64>)],
+    spec: &DpoSpec,
+    pad: i64,
+) -> Result<Tensor> {
+    let enc: Vec<Encoded> = pairs
+        .iter()
+        .map(|(p, c, r)| Encoded {
+            chosen: [p.as_slice(), c].concat(),
+            rejected: [p.as_slice(), r].concat(),
+            chosen_start: p.len(),
+            rejected_start: p.len(),
+            margin: 0.0,
+            task: None,
+            format: 0,
+        })
+        .collect();
+    let refs: Vec<&Encoded> = enc.iter().collect();
+    let (rc, rr) = sides(&reference_logps(pm, &refs, pad)?);
+    let (pc, pr) = sides(&pair_logps(pm, &refs, pad)?);
+    let lens = (lengths(&refs, true), lengths(&refs, false));
+    let device = pm.base.device;
+    let out = dpo_loss(spec, (&pc, &pr), (&rc, &rr), (&lens.0.to_device(device), &lens.1.to_device(device)));
+    Ok(out.loss.mean(Kind::Float))
+}
+
 struct DpoObjective<'a> {
     pairs: &'a [Encoded],
     /// Training draws: indices into `pairs`.
