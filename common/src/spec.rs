@@ -285,6 +285,11 @@ pub struct TrainSpec {
     /// answers instead of a random head's (see `rlhf_model::head`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub score_logprob: bool,
+    /// Keep the state of the evaluation (every `eval_every` steps) with the
+    /// best held-out metric, not the last one (model selection on the dev
+    /// set; kept across a resume).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub select_best: bool,
 }
 
 fn one() -> usize {
@@ -323,6 +328,7 @@ impl Default for TrainSpec {
             init_from: None,
             head_lr: None,
             score_logprob: false,
+            select_best: false,
         }
     }
 }

@@ -126,7 +126,11 @@ fn bad_dpo_options_name_the_field() {
 #[test]
 fn an_interrupted_dpo_resumes_from_its_checkpoint_to_the_same_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = |every: usize| dpo_toml("sigmoid", 30) + &format!("[checkpoint]\nevery = {every}\n");
+    // With model selection on: the best evaluation's state survives the resume too.
+    let text = |every: usize| {
+        dpo_toml("sigmoid", 30).replace("eval_every = 10", "eval_every = 5\nselect_best = true")
+            + &format!("[checkpoint]\nevery = {every}\n")
+    };
     let whole = tmp.path().join("whole");
     run_job(&job(&text(0)), &whole, Device::Cpu).unwrap();
     let part = tmp.path().join("part");
@@ -197,4 +201,22 @@ eval = {{ modes = ["choice"], tasks = [{{ task = "eprstmt", path = "fewclue/eprs
     assert!(tmp.path().join("stages/dpo/adapter/adapter_config.json").exists());
     let report = std::fs::read_to_string(tmp.path().join("report.md")).unwrap();
     assert!(report.contains("dpo"), "{report}");
+}
+
+#[test]
+fn select_best_keeps_the_best_evaluations_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = dpo_toml("sigmoid", 40).replace("eval_every = 10", "eval_every = 4\nselect_best = true");
+    let o = &run_job(&job(&text), tmp.path(), Device::Cpu).unwrap()[0];
+    let acc = series(tmp.path(), "accuracy");
+    let best = acc.iter().cloned().fold(f64::MIN, f64::max);
+    // The final model is scored again after the restore: the same value.
+    let final_acc = o.final_metrics["accuracy"].as_f64().unwrap();
+    assert!((final_acc - best).abs() < 1e-9, "final {final_acc}, evaluations {acc:?}");
+    eprintln!("evaluations {acc:?}");
+    let selected = series(tmp.path(), "selected_step");
+    let at = acc.iter().position(|&a| a == best).unwrap();
+    if at + 1 < acc.len() {
+        assert_eq!(selected, vec![4.0 * (at + 1) as f64], "{acc:?}");
+    }
 }

@@ -85,6 +85,9 @@ pub fn train(
     }
     let mut shuffler = Shuffler::new(seed);
     let mut start_step = 0;
+    // `train.select_best`: the best evaluation so far (step, metric) and a
+    // copy of every trained tensor then.
+    let mut best: Option<(usize, f64, Vec<Tensor>)> = None;
     if let Some((step, dir)) = checkpoint::latest(ctx.out) {
         checkpoint::restore_adapter(&dir.join(adapter), pm.adapter(adapter)?)?;
         if !what.extra.is_empty() {
@@ -96,6 +99,13 @@ pub fn train(
         shuffler = serde_json::from_value(state["shuffler"].clone())
             .map_err(|e| Error::Data { path: dir.join("state.json"), msg: e.to_string() })?;
         start_step = step;
+        if let (Some(at), Some(value)) = (state["best_step"].as_u64(), state["best"].as_f64()) {
+            let copies: Vec<Tensor> = opt.params().iter().map(|t| t.detach().copy()).collect();
+            let names: Vec<String> = (0..copies.len()).map(best_name).collect();
+            let into: Vec<(&str, &Tensor)> = names.iter().map(String::as_str).zip(&copies).collect();
+            checkpoint::restore_tensors(&dir, &into)?;
+            best = Some((at as usize, value, copies));
+        }
         tracing::info!(step, dir = %dir.display(), "resuming from checkpoint");
     }
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
@@ -127,18 +137,44 @@ pub fn train(
         if train.eval_due(done, total) && rank == 0 {
             if let Some((name, value)) = tch::no_grad(|| objective.eval(pm))? {
                 rec.insert(name.into(), json!(value));
+                if train.select_best && best.as_ref().is_none_or(|b| value > b.1) {
+                    best = Some((done, value, opt.params().iter().map(|t| t.detach().copy()).collect()));
+                }
             }
         }
         ctx.metrics.log(done, total, rec)?;
         if ck.every > 0 && done % ck.every == 0 && done < total && ctx.writes() {
+            let mut tensors: Vec<(String, Tensor)> =
+                what.extra.iter().map(|(k, t)| (k.to_string(), t.shallow_clone())).collect();
+            let mut state = json!({ "step": done, "shuffler": shuffler });
+            if let Some((at, value, copies)) = &best {
+                tensors.extend(copies.iter().enumerate().map(|(i, t)| (best_name(i), t.shallow_clone())));
+                state["best_step"] = json!(at);
+                state["best"] = json!(value);
+            }
             let c = Checkpoint {
                 adapters: vec![(adapter, pm.adapter(adapter)?)],
-                tensors: what.extra.iter().map(|(k, t)| (k.to_string(), t.shallow_clone())).collect(),
+                tensors,
                 optimizers: vec![(adapter, &opt)],
-                state: json!({ "step": done, "shuffler": shuffler }),
+                state,
             };
             checkpoint::save(ctx.out, done, "", &c, ck.keep)?;
         }
     }
+    if let Some((at, value, copies)) = best.filter(|b| b.0 < total) {
+        tch::no_grad(|| -> Result<()> {
+            for (p, c) in opt.params().iter().zip(&copies) {
+                p.shallow_clone().f_copy_(c)?;
+            }
+            Ok(())
+        })?;
+        tracing::info!(step = at, metric = value, "train.select_best: keeping the best evaluation's state");
+        ctx.metrics.log(total, total, fields! { "selected_step" => at, "selected_metric" => value })?;
+    }
     Ok((total, t0.elapsed().as_secs_f64()))
+}
+
+/// A checkpoint's name for the `i`th trained tensor of the best state.
+fn best_name(i: usize) -> String {
+    format!("best.{i}")
 }
