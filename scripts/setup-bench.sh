@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh --cache
 
-PINS=(torch==2.11.0 transformers==5.24.0 peft==0.21.2 trl==1.12.0 accelerate==1.16.0 datasets==5.2.0 tensorboard==2.20.0)
+# requests: TRL's GRPO and RLOO trainers import it (worker/tests/trl_parity.rs runs them).
+PINS=(torch==2.11.0 transformers==5.24.0 peft==0.21.2 trl==1.12.0 accelerate==1.16.0 datasets==5.2.0 tensorboard==2.20.0 requests==2.32.5)
 
 check() {
   "$RLHF_PY" - "${PINS[@]}" <<'PY' 2>/dev/null
@@ -23,6 +24,7 @@ for pin in sys.argv[1:]:
     if have != want:
         sys.exit(f"{name} {have} != {want}")
 import trl.experimental.ppo  # noqa: F401  (the trainer the bench runs)
+from trl import DPOTrainer, GRPOTrainer, RLOOTrainer  # noqa: F401  (trl_parity.rs)
 PY
 }
 

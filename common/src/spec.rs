@@ -12,9 +12,11 @@ use serde::{Deserialize, Serialize};
 
 mod data;
 mod dpo;
+mod group;
 mod reward;
 pub use data::{DataSpec, Source, FORMATS};
 pub use dpo::{DpoSpec, DPO_LOSSES};
+pub use group::{GroupSpec, GRPO_LOSSES, SCALE_REWARDS};
 pub use reward::{RewardSource, WeightedReward};
 
 /// What a job does.
@@ -28,6 +30,8 @@ pub enum JobKind {
     Eval,
     Pipeline,
     Dpo,
+    Grpo,
+    Rloo,
 }
 
 impl JobKind {
@@ -40,7 +44,15 @@ impl JobKind {
             JobKind::Eval => "eval",
             JobKind::Pipeline => "pipeline",
             JobKind::Dpo => "dpo",
+            JobKind::Grpo => "grpo",
+            JobKind::Rloo => "rloo",
         }
+    }
+
+    /// The kinds that sample from the policy and learn from rewards (PPO,
+    /// GRPO, RLOO): `[ppo]`'s rollout, rollout workers, reward functions.
+    pub fn is_rl(self) -> bool {
+        matches!(self, JobKind::Ppo | JobKind::Grpo | JobKind::Rloo)
     }
 }
 
@@ -156,6 +168,10 @@ pub struct JobSpec {
     pub ppo: Option<PpoSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GroupSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rloo: Option<GroupSpec>,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
     #[serde(default)]
@@ -663,6 +679,10 @@ pub struct StageSpec {
     pub ppo: Option<PpoSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dpo: Option<DpoSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GroupSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rloo: Option<GroupSpec>,
     #[serde(default)]
     pub eval: Option<EvalSpec>,
     /// Start from the model an earlier stage of the same kind produced
@@ -817,6 +837,8 @@ impl JobSpec {
             train: stage.train.clone().or_else(|| self.train.clone()),
             ppo: stage.ppo.clone().or_else(|| self.ppo.clone()),
             dpo: stage.dpo.clone().or_else(|| self.dpo.clone()),
+            grpo: stage.grpo.clone().or_else(|| self.grpo.clone()),
+            rloo: stage.rloo.clone().or_else(|| self.rloo.clone()),
             eval: stage.eval.clone().or_else(|| self.eval.clone()),
             checkpoint: self.checkpoint.clone(),
             placement: self.placement.clone(),
@@ -900,11 +922,14 @@ impl JobSpec {
         if p.rollout.is_empty() {
             return Ok(());
         }
-        let ppo = self.kind == JobKind::Ppo || self.stages.iter().any(|s| s.kind == JobKind::Ppo);
+        let ppo = self.kind.is_rl() || self.stages.iter().any(|s| s.kind.is_rl());
         if !ppo {
             return err(
                 "placement.rollout",
-                format!("only a ppo job (or a pipeline with one) has rollouts, this job is {}", self.kind.name()),
+                format!(
+                    "only a ppo, grpo or rloo job (or a pipeline with one) has rollouts, this job is {}",
+                    self.kind.name()
+                ),
             );
         }
         if p.rollout.len() > MAX_ROLLOUT_WORKERS {
@@ -949,16 +974,18 @@ impl JobSpec {
             }
             return Ok(());
         }
-        if !matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Ppo | JobKind::Dpo) {
+        if !(self.kind.is_rl()
+            || matches!(self.kind, JobKind::Sft | JobKind::Reward | JobKind::Pretrain | JobKind::Dpo))
+        {
             return err(
                 "placement.data_parallel",
                 format!(
-                    "data parallel runs sft, reward, dpo, pretrain, ppo and pipeline jobs, not {}",
+                    "data parallel runs sft, reward, dpo, pretrain, ppo, grpo, rloo and pipeline jobs, not {}",
                     self.kind.name()
                 ),
             );
         }
-        if self.kind == JobKind::Ppo {
+        if self.kind.is_rl() {
             if !self.placement.rollout.is_empty() {
                 return err(
                     "placement.rollout",
@@ -1031,7 +1058,7 @@ impl JobSpec {
                 let _ = pretrain;
                 need(data.train.is_some(), "data.train")?;
             }
-            JobKind::Sft | JobKind::Ppo => {
+            JobKind::Sft | JobKind::Ppo | JobKind::Grpo | JobKind::Rloo => {
                 need(self.peft.is_some(), "peft")?;
                 data.validate(self.kind.name(), false)?;
             }
@@ -1045,9 +1072,21 @@ impl JobSpec {
             }
             JobKind::Pipeline => {}
         }
-        if self.kind == JobKind::Ppo {
-            let Some(ppo) = &self.ppo else { return err("ppo", "required for a ppo job") };
+        if self.kind.is_rl() {
+            let Some(ppo) = &self.ppo else { return err("ppo", format!("required for a {} job", self.kind.name())) };
             validate_ppo(ppo, in_pipeline)?;
+        }
+        for (section, spec, kind) in [("grpo", &self.grpo, JobKind::Grpo), ("rloo", &self.rloo, JobKind::Rloo)] {
+            if spec.is_some() && self.kind != kind {
+                return err(
+                    section,
+                    format!("only a {section} job reads [{section}], this job is {}", self.kind.name()),
+                );
+            }
+            if self.kind == kind {
+                let batch = self.ppo.as_ref().map_or(0, |p| p.rollout_batch);
+                spec.clone().unwrap_or_default().validate(section, batch)?;
+            }
         }
         if let Some(d) = &self.dpo {
             if self.kind != JobKind::Dpo {

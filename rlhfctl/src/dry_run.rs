@@ -26,7 +26,7 @@ pub struct Step {
 fn step_of(job: &JobSpec) -> Step {
     let method = job.peft.as_ref().map(|p| format!("{:?}", p.method).to_lowercase());
     let (steps, unit, method) = match job.kind {
-        JobKind::Ppo => {
+        k if k.is_rl() => {
             let p = job.ppo.as_ref();
             let batch = p.map_or(0, |p| p.rollout_batch);
             (p.map(|p| p.iterations), format!("iterations × {batch} prompts"), method)

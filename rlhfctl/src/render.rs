@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(v["state"], "running");
         assert_eq!(v["id"], "01936f4e-0000-7000-8000-000000000001");
         assert_eq!(v["kind"], "sft");
-        for k in ["pretrain", "sft", "reward", "ppo", "eval", "pipeline", "dpo"] {
+        for k in ["pretrain", "sft", "reward", "ppo", "eval", "pipeline", "dpo", "grpo", "rloo"] {
             assert_eq!(rlhf_proto::JobKind::from_name(k).name(), k, "the coordinator's kind names round-trip");
         }
         assert_eq!(rlhf_proto::JobKind::from_name("bogus"), rlhf_proto::JobKind::Unspecified);

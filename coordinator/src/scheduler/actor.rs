@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rlhf_common::spec::{is_any_worker, JobKind, JobSpec};
+use rlhf_common::spec::{is_any_worker, JobSpec};
 use rlhf_common::JobId;
 use rlhf_proto::{
     coordinator_message, worker_message, AssignRoles, AssignTask, CancelTask, CoordinatorMessage, Register, Role,
@@ -28,7 +28,7 @@ pub const MAX_SPEC_BYTES: usize = 1 << 20;
 
 /// A PPO job, or a pipeline with a PPO stage.
 fn has_ppo(spec: &JobSpec) -> bool {
-    spec.kind == JobKind::Ppo || spec.stages.iter().any(|s| s.kind == JobKind::Ppo)
+    spec.kind.is_rl() || spec.stages.iter().any(|s| s.kind.is_rl())
 }
 
 /// The workers a job is placed on.

@@ -38,7 +38,7 @@ fn run_stage_with(
         JobKind::Sft => sft::run(job, &mut ctx)?,
         JobKind::Reward => reward::run(job, &mut ctx)?,
         JobKind::Dpo => dpo::run(job, &mut ctx)?,
-        JobKind::Ppo => ppo::trainer::run_with(job, &mut ctx, roles)?,
+        JobKind::Ppo | JobKind::Grpo | JobKind::Rloo => ppo::trainer::run_with(job, &mut ctx, roles)?,
         JobKind::Eval => eval::run(job, &mut ctx)?,
         JobKind::Pipeline => return Err(Error::InvalidArgument("kind: a pipeline is not a stage".into())),
     };
@@ -70,7 +70,9 @@ impl Produced {
                 self.sft.extend(o.adapter.clone().map(|a| (o.stage.clone(), a, acc)));
             }
             JobKind::Reward => self.reward_models.extend(o.reward_model.clone().map(|m| (o.stage.clone(), m))),
-            JobKind::Ppo | JobKind::Dpo => self.ppo.extend(o.adapter.clone().map(|a| (o.stage.clone(), a))),
+            JobKind::Ppo | JobKind::Grpo | JobKind::Rloo | JobKind::Dpo => {
+                self.ppo.extend(o.adapter.clone().map(|a| (o.stage.clone(), a)))
+            }
             JobKind::Eval | JobKind::Pipeline => {}
         }
     }
@@ -99,7 +101,9 @@ impl Produced {
         }
         let sft: Vec<PathBuf> = self.best_sft().map(|s| s.1.clone()).into_iter().collect();
         match job.kind {
-            JobKind::Reward | JobKind::Ppo | JobKind::Dpo => job.model.merge_adapters.extend(sft.iter().cloned()),
+            JobKind::Reward | JobKind::Ppo | JobKind::Grpo | JobKind::Rloo | JobKind::Dpo => {
+                job.model.merge_adapters.extend(sft.iter().cloned())
+            }
             _ => {}
         }
         if let Some(from) = &stage.init_from {
@@ -175,7 +179,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions)
             "placement.data_parallel asks the coordinator for ranks; running as one"
         );
     }
-    let has_ppo = job.kind == JobKind::Ppo || job.stages.iter().any(|s| s.kind == JobKind::Ppo);
+    let has_ppo = job.kind.is_rl() || job.stages.iter().any(|s| s.kind.is_rl());
     if roles.is_some() && !has_ppo {
         return Err(Error::InvalidArgument(format!(
             "remote reward/critic roles need a ppo stage; this {} job has none",
@@ -206,7 +210,7 @@ pub fn run_job_with(job: &JobSpec, out: &Path, device: Device, opts: RunOptions)
                     None if stage.kind == JobKind::Eval && rank > 0 => Outcome::default(),
                     None => {
                         tracing::info!(stage = %stage.name, kind = stage.kind.name(), "stage starting");
-                        let r = if stage.kind == JobKind::Ppo { roles.as_deref_mut() } else { None };
+                        let r = if stage.kind.is_rl() { roles.as_deref_mut() } else { None };
                         let o = run_stage_with(&sj, &dir, device, &mut metrics, r, dist.as_mut())?;
                         return_freed_memory();
                         o

@@ -194,39 +194,7 @@ pub fn run(
 
     // 3. Scores (reward role or rule) and values (critic role).
     let t = Instant::now();
-    let mut parts: Vec<(String, Tensor)> = Vec::new();
-    let mut raw_score: Option<Tensor> = None;
-    if let Some(weight) = scorer.model {
-        let model = if ppo.score_with_eos && !has_eos.iter().all(|&e| e) {
-            // The reward model learned on EOS-terminated answers: score
-            // each response as if it had ended there.
-            let eos = rollout.eos_ids.first().copied().unwrap_or(rollout.pad);
-            let ended: Vec<Vec<i64>> = gen
-                .tokens
-                .iter()
-                .zip(&has_eos)
-                .map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() })
-                .collect();
-            roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
-        } else {
-            roles.scores(&batch)?
-        };
-        parts.push(("reward_model".into(), model.shallow_clone()));
-        raw_score = Some(if weight == 1.0 { model } else { model * weight });
-    }
-    if let Some(rule) = scorer.rule {
-        let tok = roles
-            .tokenizer()
-            .ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
-        let (total, each) = rule(tok, &gen.tokens)?;
-        let total = total.to_device(device);
-        parts.extend(each.into_iter().map(|(name, s)| (name, Tensor::from_slice(&s))));
-        raw_score = Some(match raw_score {
-            Some(m) => m.to_kind(Kind::Float) + total,
-            None => total,
-        });
-    }
-    let raw_score = raw_score.ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: no reward function".into()))?;
+    let (raw_score, parts) = score_rollout(roles, ppo, prompts, gen, &has_eos, scorer, rollout, &batch)?;
     sync(device);
     let t_reward = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -349,6 +317,57 @@ pub fn run(
         }
     }
     Ok((record, raw_scores))
+}
+
+/// The raw score of each row (before penalties and clipping): the reward
+/// role's (weighted; with EOS appended to unfinished responses when
+/// `ppo.score_with_eos`) plus the rules', and each function's own scores.
+#[allow(clippy::too_many_arguments)]
+pub fn score_rollout(
+    roles: &mut dyn Roles,
+    ppo: &PpoSpec,
+    prompts: &Prompts<'_>,
+    gen: &Generation,
+    has_eos: &[bool],
+    scorer: &Scorer<'_>,
+    rollout: &Rollout,
+    batch: &Batch,
+) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+    let device = batch.ids.device();
+    let mut parts: Vec<(String, Tensor)> = Vec::new();
+    let mut raw_score: Option<Tensor> = None;
+    if let Some(weight) = scorer.model {
+        let model = if ppo.score_with_eos && !has_eos.iter().all(|&e| e) {
+            // The reward model learned on EOS-terminated answers: score
+            // each response as if it had ended there.
+            let eos = rollout.eos_ids.first().copied().unwrap_or(rollout.pad);
+            let ended: Vec<Vec<i64>> = gen
+                .tokens
+                .iter()
+                .zip(has_eos)
+                .map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() })
+                .collect();
+            roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
+        } else {
+            roles.scores(batch)?
+        };
+        parts.push(("reward_model".into(), model.shallow_clone()));
+        raw_score = Some(if weight == 1.0 { model } else { model * weight });
+    }
+    if let Some(rule) = scorer.rule {
+        let tok = roles
+            .tokenizer()
+            .ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: a rule reward needs a tokenizer".into()))?;
+        let (total, each) = rule(tok, &gen.tokens)?;
+        let total = total.to_device(device);
+        parts.extend(each.into_iter().map(|(name, s)| (name, Tensor::from_slice(&s))));
+        raw_score = Some(match raw_score {
+            Some(m) => m.to_kind(Kind::Float) + total,
+            None => total,
+        });
+    }
+    let raw_score = raw_score.ok_or_else(|| crate::Error::InvalidArgument("ppo.reward: no reward function".into()))?;
+    Ok((raw_score, parts))
 }
 
 /// Running sums over an iteration's minibatches (already summed over ranks).

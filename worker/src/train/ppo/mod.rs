@@ -2,6 +2,8 @@
 
 pub mod gae;
 pub mod generation;
+pub mod group;
+pub mod group_iteration;
 pub mod iteration;
 pub mod kl;
 pub mod loss;

@@ -10,12 +10,13 @@
 use std::path::Path;
 use std::time::Instant;
 
-use rlhf_common::spec::{JobSpec, PpoSpec, RewardSource};
+use rlhf_common::spec::{JobKind, JobSpec, PpoSpec, RewardSource};
 use rlhf_common::Role;
 use serde_json::json;
 use tch::Tensor;
 
 use super::generation::{Rollouts, Ticket, Trainer};
+use super::group_iteration::{self, Group};
 use super::iteration::{self, PolicyState, Prompts, Roles, Rollout, Scorer};
 use super::prompts::{held_out_scores, PromptSet};
 use super::rewards::{Response, Rules};
@@ -188,6 +189,13 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
 /// Runs PPO; with `remote`, reward and critic live on another worker.
 pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn RemoteRoles + 'static)>) -> Result<Outcome> {
     let ppo = job.ppo.clone().ok_or_else(|| Error::InvalidArgument("ppo: required".into()))?;
+    // GRPO / RLOO: groups of completions per prompt, no critic.
+    let group_spec = match job.kind {
+        JobKind::Grpo => Some((job.grpo.clone().unwrap_or_default(), false)),
+        JobKind::Rloo => Some((job.rloo.clone().unwrap_or_default(), true)),
+        _ => None,
+    };
+    let per_prompt = group_spec.as_ref().map_or(1, |(s, _)| s.num_generations);
     let data = job.data.clone().unwrap_or_default();
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
@@ -293,7 +301,11 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
     // Iteration `it`'s batch: the global batch's indices and this rank's
     // rows of it (every world-th).
     let plan = |shuffler: &mut Shuffler, it: usize| {
-        let idx = shuffler.next_batch(ppo.rollout_batch, prompts.len());
+        let idx: Vec<usize> = shuffler
+            .next_batch(ppo.rollout_batch / per_prompt, prompts.len())
+            .into_iter()
+            .flat_map(|i| std::iter::repeat_n(i, per_prompt))
+            .collect();
         let rows = parallel::shard(&(0..idx.len()).collect::<Vec<_>>(), rank, world);
         let ids: Vec<Vec<i64>> = rows.iter().map(|&r| prompts[idx[r]].clone()).collect();
         let rollout = Rollout { seed: job.seed, it, eos_ids: eos_ids.clone(), pad };
@@ -338,8 +350,18 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
             Ok((Tensor::from_slice(&total), each))
         };
         let scorer = Scorer { model: model_weight, rule: (!rules.is_empty()).then_some(&rule as &iteration::RuleFn) };
-        let (mut rec, scores) =
-            iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?;
+        let (mut rec, scores) = match &group_spec {
+            Some((spec, rloo)) => {
+                let group = Group { spec, rloo: *rloo };
+                let prompts = p.prompts();
+                group_iteration::run(
+                    &mut parts, &ppo, &group, &mut state, &prompts, &generated, &scorer, &p.rollout, ctx.dist,
+                )?
+            }
+            None => {
+                iteration::run(&mut parts, &ppo, &mut state, &p.prompts(), &generated, &scorer, &p.rollout, ctx.dist)?
+            }
+        };
         if set.all_labelled() {
             let tok = &parts.loaded().tok;
             let labels = p
@@ -383,8 +405,8 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         parts.call(RoleOp::SaveCritic { dir: ctx.out.join(Role::Critic.name()).display().to_string() })?;
     }
     Ok(Outcome {
-        stage: job.name.clone().unwrap_or_else(|| "ppo".into()),
-        kind: "ppo".into(),
+        stage: job.name.clone().unwrap_or_else(|| job.kind.name().into()),
+        kind: job.kind.name().into(),
         method: job.peft.as_ref().map(|p| p.method),
         adapter: Some(dir),
         trainable_params: trainable,
