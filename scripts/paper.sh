@@ -16,7 +16,10 @@
 # transformers + peft.
 #
 # Usage: scripts/paper.sh [--preset cpu|full] [--out DIR] [--no-crosscheck] [--job-only] [--dry-run]
-#                         [--only STAGE,... --sft ADAPTER_DIR]
+#                         [--only STAGE,... --sft ADAPTER_DIR] [--variants]
+#   --variants the other RLHF algorithms as rows of Table 5 too (on by default
+#              in the full preset): DPO on the multiple-choice pairs, GRPO with
+#              the label reward and with the learned reward model
 #   --only     keep only these stages (e.g. reward-mc,ppo-s1,eval), with --sft:
 #              the SFT adapter (an earlier run's stages/sft-*/adapter) merged
 #              into the base in place of the SFT stages' best
@@ -38,6 +41,7 @@ JOB_ONLY=0
 DRY_RUN=0
 ONLY=
 SFT_ADAPTER=
+VARIANTS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -47,6 +51,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1; JOB_ONLY=1; shift ;;
     --only) ONLY=$2; shift 2 ;;
     --sft) SFT_ADAPTER=$2; shift 2 ;;
+    --variants) VARIANTS=1; shift ;;
     -h|--help) sed -n '2,/^set /{/^set /d;p}' "$0"; exit 0 ;;
     *) echo "paper.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -83,6 +88,7 @@ case "$PRESET" in
     RM_PREF_STEPS=0 RM_PREF_BATCH=4 PAIR_TOKENS=256
     RM_MC_STEPS=16 RM_MC_BATCH=4 RM_LR=1e-4 RM_HEAD_LR=5e-3 RM_EVAL_EVERY=4 MC_N=160 MC_EVAL_N=8
     PPO_ITERS=8 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
+    DPO_STEPS=16 DPO_BATCH=8 VARIANTS=${VARIANTS:-0}
     TEST_N=100 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0
     # Full fine-tuning is left to the full preset: f32 does not fit beside
     # the pipeline on 24 GiB, and in bf16 without AMX a step took 85-95 s
@@ -94,6 +100,7 @@ case "$PRESET" in
     RM_PREF_STEPS=300 RM_PREF_BATCH=8 PAIR_TOKENS=1024
     RM_MC_STEPS=600 RM_MC_BATCH=16 RM_LR=1e-4 RM_HEAD_LR=5e-3 RM_EVAL_EVERY=50 MC_N=0 MC_EVAL_N=64
     PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0 SEEDS="1 2 3"
+    DPO_STEPS=300 DPO_BATCH=16 VARIANTS=${VARIANTS:-1}
     TEST_N=0 CKPT=100 WORKERS="" WORKER_NAMES=gpu-0 METHODS="lora ssf repadapter full" ;;
   *) echo "paper.sh: --preset must be cpu or full, got $PRESET" >&2; exit 2 ;;
 esac
@@ -201,6 +208,38 @@ ppo = { $PPO, score_with_eos = true, reward = { kind = "model" } }
 
 EOF
 done
+if [ "$VARIANTS" = 1 ]; then
+  cat <<EOF
+# The other RLHF algorithms on the same SFT model (merged: the reference):
+# DPO on the reward model's multiple-choice pairs (no reward model, no
+# sampling), GRPO (4 samples per prompt, no critic) with the label reward
+# and with the learned reward model.
+[[stage]]
+name = "dpo-mc"
+kind = "dpo"
+peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
+data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all) }
+dpo = { beta = 0.1 }
+train = { max_steps = $DPO_STEPS, batch_size = $DPO_BATCH, lr = 1e-4, select_best = true, warmup_steps = $(( DPO_STEPS / 10 )), eval_every = $(( DPO_STEPS / 4 )) }
+
+[[stage]]
+name = "grpo-label"
+kind = "grpo"
+peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
+data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
+ppo = { $PPO, reward = { kind = "label" } }
+grpo = { num_generations = 4 }
+
+[[stage]]
+name = "grpo-rm"
+kind = "grpo"
+peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
+data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
+ppo = { $PPO, score_with_eos = true, reward = { kind = "model" } }
+grpo = { num_generations = 4 }
+
+EOF
+fi
 cat <<EOF
 # The same PPO with the verifiable reward (1 for the correct letter, else 0)
 # in place of the reward model: whether PPO itself can add accuracy here.
@@ -255,15 +294,21 @@ echo "paper.sh: job file $JOB"
 # the model per stage and ~4 min of reward-model evals. A GPU preset is not
 # estimated here.
 if [ "$PRESET" = cpu ]; then
-  "$RLHF_PY" - "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" $METHODS <<'PY'
+  "$RLHF_PY" - "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" "$VARIANTS" "$DPO_STEPS" $METHODS <<'PY'
 import sys
-sft, rm, ppo, seeds, test_n = map(int, sys.argv[1:6])
-methods = sys.argv[6:]
-SFT, SFT_FULL, RM, PPO, EVAL, LOAD = 10.5, 90.0, 36.0, 62.0, 0.3, 10.0
-models = 1 + len(methods) + seeds + 1
+sft, rm, ppo, seeds, test_n, variants, dpo = map(int, sys.argv[1:8])
+methods = sys.argv[8:]
+# DPO steps of 8 pairs: a step of SFT plus the pairs' first reference
+# pass (estimated, not yet measured); a GRPO iteration: a PPO one without
+# the critic's pass and update (estimated).
+SFT, SFT_FULL, RM, PPO, EVAL, LOAD, DPO, GRPO = 10.5, 90.0, 36.0, 62.0, 0.3, 10.0, 14.0, 50.0
+models = 1 + len(methods) + seeds + 1 + (3 if variants else 0)
 stages = [(f"sft-{m}", sft * (SFT_FULL if m == "full" else SFT) + LOAD) for m in methods]
 stages += [("reward-mc", rm * RM + LOAD + 240)]
-stages += [(f"ppo-s{k + 1}", ppo * PPO + LOAD) for k in range(seeds)] + [("ppo-label", ppo * PPO + LOAD)]
+stages += [(f"ppo-s{k + 1}", ppo * PPO + LOAD) for k in range(seeds)]
+if variants:
+    stages += [("dpo-mc", dpo * DPO + LOAD + 60), ("grpo-label", ppo * GRPO + LOAD), ("grpo-rm", ppo * GRPO + LOAD)]
+stages += [("ppo-label", ppo * PPO + LOAD)]
 stages += [("eval", models * (4 * test_n * EVAL + LOAD))]
 print("paper.sh: estimated minutes on a 2-core CPU, f32: "
       + ", ".join(f"{n} {s / 60:.0f}" for n, s in stages) + f"; total {sum(s for _, s in stages) / 60:.0f}")

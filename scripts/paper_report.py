@@ -9,7 +9,8 @@ Usage: paper_report.py RUN_DIR OUT_DIR [--preset P --minutes M --commit C]
            {"preset", "minutes", "commit",
             "rm": {"dev": {<task>, "mean"}, "test": {<task>, "mean"}},
             "test": {"base": {<task>, "avg"}, "sft": {..., "method"}, "sft-<method>": {...},
-                     "ppo": [{"seed", <task>, "avg", "kl", "valid_share"}, ...], "ppo-label": {...}}}
+                     "ppo": [{"seed", <task>, "avg", "kl", "valid_share"}, ...], "ppo-label": {...},
+                     "<stage>": {...} for each other RLHF stage (dpo-mc, grpo-label, grpo-rm)}}
 
 Reads only what the run wrote; every number printed comes from those files.
 The paper's own Llama2-7B figures are shown when OUT_DIR/../paper_figures.json
@@ -24,6 +25,8 @@ import sys
 from collections import defaultdict
 
 TASKS = ["eprstmt", "tnews", "ocnli", "bustm"]
+# The policy-optimisation stages: rows of Tables 4 and 5.
+RL_KINDS = ("ppo", "grpo", "rloo", "dpo")
 METHODS = ["lora", "ssf", "repadapter", "full"]
 
 
@@ -63,7 +66,9 @@ def paper_figures():
 
 
 def reward_kind(outcomes, stage):
-    """What scored a PPO stage, from the run's resolved job file."""
+    """What scored an RLHF stage, from the run's resolved job file."""
+    if outcomes[stage]["kind"] == "dpo":
+        return "DPO on preference pairs"
     job = os.path.join(outcomes[stage]["_run"], "job.toml")
     try:
         import tomllib
@@ -72,7 +77,8 @@ def reward_kind(outcomes, stage):
         for st in spec.get("stage", []):
             if st["name"] == stage:
                 kind = st.get("ppo", {}).get("reward", {}).get("kind", "?")
-                return {"model": "reward model", "label": "label reward"}.get(kind, kind)
+                algo = "" if st.get("kind", "ppo") == "ppo" else st["kind"].upper() + ", "
+                return algo + {"model": "reward model", "label": "label reward"}.get(kind, kind)
     except (OSError, ValueError, KeyError):
         pass
     return "?"
@@ -158,7 +164,7 @@ def main():
                      f"{o['train_seconds'] / max(o['steps'], 1):.2f} | {pct(dev)} | {ref} |")
     lines.append("")
 
-    models = ["base"] + [f"sft-{m}" for m in METHODS if f"sft-{m}" in outcomes] + [n for n, o in outcomes.items() if o["kind"] == "ppo"]
+    models = ["base"] + [f"sft-{m}" for m in METHODS if f"sft-{m}" in outcomes] + [n for n, o in outcomes.items() if o["kind"] in RL_KINDS]
     for mode in ["choice", "generate"]:
         if not any(a["mode"] == mode for a in accs):
             continue
@@ -176,7 +182,7 @@ def main():
 
     # Table 5: base → the SFT model PPO started from → PPO.
     sft_best = None
-    ppo = [n for n, o in outcomes.items() if o["kind"] == "ppo"]
+    ppo = [n for n, o in outcomes.items() if o["kind"] in RL_KINDS]
     best = max((o for n, o in outcomes.items() if o["kind"] == "sft"),
                key=lambda o: o.get("final_metrics", {}).get("eval_accuracy", -1), default=None)
     if best:
@@ -299,12 +305,14 @@ def make_summary(run, outcomes, metrics, acc, sft_best):
     seeds = stage_seeds(run)
     runs = []
     for n, o in outcomes.items():
-        if o["kind"] != "ppo":
+        if o["kind"] not in RL_KINDS:
             continue
         ms = [r for r in metrics.get(n, []) if "reward_mean" in r]
         row = {"stage": n, "seed": seeds.get(n), **test_row(n),
                "kl": window(ms, "kl", False), "valid_share": window(ms, "valid_share", False)}
-        if reward_kind(outcomes, n) == "label reward":
+        if o["kind"] != "ppo":
+            test[n] = row
+        elif reward_kind(outcomes, n) == "label reward":
             test["ppo-label"] = row
         else:
             runs.append(row)

@@ -56,6 +56,7 @@ for preset in cpu full; do
   ./scripts/paper.sh --preset "$preset" --dry-run --out "$(mktemp -d)" \
     --only reward-mc,ppo-s1,eval --sft worker/tests/fixtures/tiny-qwen2-lora
 done
+./scripts/paper.sh --preset cpu --variants --dry-run --out "$(mktemp -d)"   # + DPO and GRPO rows
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

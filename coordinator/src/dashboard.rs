@@ -129,7 +129,8 @@ async fn index(State(d): State<Dash>) -> Response {
 
 /// SVG line charts of a job's numeric series, one per (stage, key) worth showing.
 fn curves(metrics: &[String]) -> String {
-    const KEYS: [&str; 7] = ["reward_mean", "kl", "policy_loss", "value_loss", "loss", "accuracy", "eval_accuracy"];
+    const KEYS: [&str; 8] =
+        ["reward_mean", "kl", "policy_loss", "value_loss", "loss", "rewards_margins", "accuracy", "eval_accuracy"];
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for line in metrics {
         let r: Value = serde_json::from_str(line).unwrap_or_default();

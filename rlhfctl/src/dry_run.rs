@@ -29,7 +29,13 @@ fn step_of(job: &JobSpec) -> Step {
         k if k.is_rl() => {
             let p = job.ppo.as_ref();
             let batch = p.map_or(0, |p| p.rollout_batch);
-            (p.map(|p| p.iterations), format!("iterations × {batch} prompts"), method)
+            let unit = if k == JobKind::Ppo {
+                format!("iterations × {batch} prompts")
+            } else {
+                let g = job.grpo.as_ref().or(job.rloo.as_ref()).cloned().unwrap_or_default().num_generations.max(1);
+                format!("iterations × {} prompts × {g} samples", batch / g)
+            };
+            (p.map(|p| p.iterations), unit, method)
         }
         JobKind::Eval => {
             let e = job.eval.as_ref();

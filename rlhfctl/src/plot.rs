@@ -22,11 +22,18 @@ pub struct PlotSpec {
 }
 
 /// The charts of a report. PPO records carry `policy_loss`/`value_loss`
-/// instead of `loss`, so the loss chart draws whichever a stage has.
-pub const PLOTS: [PlotSpec; 3] = [
+/// instead of `loss`, so the loss chart draws whichever a stage has; DPO
+/// records its implicit rewards (TRL's `rewards/…`).
+pub const PLOTS: [PlotSpec; 4] = [
     PlotSpec { file: "reward.png", title: "reward", y_desc: "reward_mean", keys: &["reward_mean"] },
     PlotSpec { file: "kl.png", title: "KL divergence to the reference", y_desc: "kl", keys: &["kl"] },
     PlotSpec { file: "loss.png", title: "loss", y_desc: "loss", keys: &["loss", "policy_loss", "value_loss"] },
+    PlotSpec {
+        file: "dpo_rewards.png",
+        title: "DPO implicit rewards",
+        y_desc: "beta * log-ratio",
+        keys: &["rewards_chosen", "rewards_rejected", "rewards_margins"],
+    },
 ];
 
 /// One line of a chart.
@@ -253,7 +260,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (written, skipped) = write_plots(&lines(), dir.path()).unwrap();
         assert_eq!(written.len(), 3);
-        assert!(skipped.is_empty());
+        assert_eq!(skipped, ["dpo_rewards.png"], "a PPO job has no DPO rewards");
         for p in &written {
             let bytes = std::fs::read(p).unwrap();
             assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", p.display());
@@ -263,7 +270,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (written, skipped) = write_plots(&lines()[..2], dir.path()).unwrap();
         assert_eq!(written, [dir.path().join("loss.png")]);
-        assert_eq!(skipped, ["reward.png", "kl.png"]);
+        assert_eq!(skipped, ["reward.png", "kl.png", "dpo_rewards.png"]);
+        // A DPO job: its loss and implicit rewards.
+        let dpo: Vec<String> = (1..=3)
+            .map(|k| {
+                format!(
+                    r#"{{"stage":"dpo","step":{k},"loss":0.69,"rewards_chosen":{c},"rewards_rejected":-0.1,"rewards_margins":{m}}}"#,
+                    c = 0.1 * k as f64,
+                    m = 0.1 * k as f64 + 0.1
+                )
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (written, _) = write_plots(&dpo, dir.path()).unwrap();
+        assert_eq!(written, [dir.path().join("loss.png"), dir.path().join("dpo_rewards.png")]);
     }
 
     #[test]

@@ -30,11 +30,12 @@ pub fn progress_metrics(p: &Progress) -> Option<Map<String, Value>> {
 /// show reward/KL/policy loss, SFT/reward jobs their loss and accuracy
 /// (short enough for one terminal line).
 pub fn headline_metrics(m: &Map<String, Value>) -> Vec<(&'static str, f64)> {
-    const KEYS: [(&str, &str); 6] = [
+    const KEYS: [(&str, &str); 7] = [
         ("reward_mean", "reward"),
         ("kl", "kl"),
         ("loss", "loss"),
         ("policy_loss", "policy_loss"),
+        ("rewards_margins", "margin"),
         ("accuracy", "acc"),
         ("eval_accuracy", "eval_acc"),
     ];

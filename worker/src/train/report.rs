@@ -36,7 +36,7 @@ pub fn markdown(title: &str, outcomes: &[Outcome]) -> String {
     if !finals.is_empty() {
         s.push_str("## Final training metrics\n\n| stage | metrics |\n|---|---|\n");
         for o in finals {
-            let keys = ["loss", "accuracy", "reward_mean", "kl", "eval_accuracy"];
+            let keys = ["loss", "accuracy", "accuracy_margin", "reward_mean", "kl", "eval_accuracy"];
             let parts: Vec<String> = keys
                 .iter()
                 .filter_map(|k| o.final_metrics.get(*k).and_then(|v| v.as_f64()).map(|v| format!("{k} {v:.4}")))
