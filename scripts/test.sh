@@ -83,6 +83,7 @@ script_test eval-fewclue ./scripts/eval-fewclue.sh "$PWD/worker/tests/fixtures/t
 script_test bench-rollout env RLHF_BENCH_ITERS=2 ./scripts/bench-rollout.sh
 script_test rm-anchor ./scripts/rm-anchor.sh
 script_test arithmetic ./scripts/arithmetic.sh --iterations 2 --out "$scratch/arithmetic"
+script_test arithmetic-grpo ./scripts/arithmetic.sh --grpo --iterations 2 --out "$scratch/arithmetic-grpo"
 rm -rf "$scratch"
 echo
 echo "all suites: $passed passed, $failed failed"

@@ -147,7 +147,7 @@ fn data_parallel_parses_and_names_bad_fields() {
         (
             "kind = \"sft\"",
             "kind = \"eval\"",
-            "placement.data_parallel: data parallel runs sft, reward, pretrain, ppo and pipeline jobs, not eval",
+            "placement.data_parallel: data parallel runs sft, reward, dpo, pretrain, ppo, grpo, rloo and pipeline jobs, not eval",
         ),
         ("\"coordinator\"", "\"mpi\"", "unknown variant `mpi`"),
     ];
