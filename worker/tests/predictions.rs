@@ -20,10 +20,14 @@ fn eval_writes_auditable_predictions_that_transformers_agrees_with() {
 
 /// In bf16 the adapter is merged as peft merges it (an f32 delta added in
 /// place, one rounding) and each model starts from a freshly loaded base, so
-/// transformers + peft in bf16 score the same prompts to the same log-probs.
+/// transformers + peft in bf16 make the same predictions. The log-probs are
+/// bit-equal on a CPU without AMX; with AMX, oneDNN blocks a bf16 GEMM by its
+/// shape and the two sides batch differently, so they agree to bf16's
+/// precision: CI's AMX machine saw 0.024 on a log-prob of 7.2 (rel 3.3e-3,
+/// under one bf16 ulp of 2^-7 relative). The bound is two ulps.
 #[test]
 fn bf16_predictions_match_transformers_in_bf16() {
-    check_predictions("bf16", 1e-6);
+    check_predictions("bf16", 2.0 * 2f64.powi(-7));
 }
 
 fn check_predictions(dtype: &str, tol: f64) {
