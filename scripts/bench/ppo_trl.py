@@ -46,34 +46,16 @@ import sys
 import tempfile
 import time
 
+from bench_common import prompt_ids, trl_or_exit, without_pad
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TRL_VERSION = "1.12.0"
 DTYPE_NAMES = ("bf16", "f16", "f32")
-MASK64 = (1 << 64) - 1
 # The hyperparameters rlhfd's bench uses (worker/src/bench/ppo.rs).
 KL_COEF, GAMMA, LAM, CLIP, VALUE_CLIP, VF_COEF, LR, TEMPERATURE = 0.05, 1.0, 0.95, 0.2, 0.2, 0.1, 1e-4, 1.0
-FIRST_ID = 3  # prompt ids avoid the special tokens 0..2
 METRICS = {"policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg", "entropy": "policy/entropy_avg", "kl": "objective/kl"}
-
-
-def splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    z = x
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
-
-def prompt_ids(seed, it, batch, length, vocab):
-    """The same ids as `prompt_ids` in worker/src/bench/ppo.rs."""
-    span = vocab - FIRST_ID
-    return [
-        [FIRST_ID + splitmix64(seed ^ (it << 40) ^ (row << 20) ^ col) % span for col in range(length)]
-        for row in range(batch)
-    ]
 
 
 def main():
@@ -101,15 +83,9 @@ def main():
     if not cuda:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # PPOTrainer builds its own Accelerator
 
-    try:
-        import trl
-
-        if trl.__version__ != TRL_VERSION:
-            raise ImportError(f"found trl {trl.__version__}")
-        import trl.experimental.ppo.ppo_trainer as ppo_mod
-        from trl.experimental.ppo import PPOConfig, PPOTrainer
-    except Exception as e:  # noqa: BLE001
-        sys.exit(f"ppo_trl.py: trl {TRL_VERSION} not importable by {sys.executable} ({e}): run scripts/setup-bench.sh or set RLHF_PY")
+    trl_or_exit("ppo_trl.py")
+    import trl.experimental.ppo.ppo_trainer as ppo_mod
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     import numpy as np
     import torch
@@ -163,9 +139,7 @@ def main():
 
     # Iteration it's prompts as in rlhfd; TRL's DataLoader draws batches of B from all of them.
     prompts = [
-        [pad - 1 if t == pad else t for t in row]
-        for it in range(args.iterations + 1)
-        for row in prompt_ids(args.seed, it, args.batch, args.prompt_len, vocab)
+        row for it in range(args.iterations + 1) for row in without_pad(prompt_ids(args.seed, it, args.batch, args.prompt_len, vocab), pad)
     ]
     train_dataset = Dataset.from_dict({"input_ids": prompts})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets.split(","),

@@ -212,6 +212,20 @@ enum Bench {
         #[command(flatten)]
         args: rlhf_worker::bench::ppo::PpoArgs,
     },
+    /// GRPO iterations (prompts × generations, reward model, dapo loss, beta 0):
+    /// shared-base lora/ssf/repadapter vs the real TRL GRPOTrainer, each in its
+    /// own process; a table, or with --json one JSON object as the last stdout line.
+    Grpo {
+        #[command(flatten)]
+        args: rlhf_worker::bench::grpo::GrpoArgs,
+    },
+    /// DPO steps on seeded pairs (reference adapter-off pass, policy forward and
+    /// backward, AdamW): shared-base lora/ssf/repadapter vs the real TRL
+    /// DPOTrainer, each in its own process; a table, or with --json one JSON line.
+    Dpo {
+        #[command(flatten)]
+        args: rlhf_worker::bench::dpo::DpoArgs,
+    },
     /// LoRA SFT steps (forward, loss, backward, AdamW) in each of --dtypes,
     /// in one process: s/step and the speedup over the first dtype.
     Sft {
@@ -235,6 +249,22 @@ enum Bench {
     PpoOne {
         #[command(flatten)]
         args: rlhf_worker::bench::ppo::PpoArgs,
+        #[arg(long)]
+        config: String,
+    },
+    /// One configuration of `bench grpo`, run by it in a child process.
+    #[command(hide = true)]
+    GrpoOne {
+        #[command(flatten)]
+        args: rlhf_worker::bench::grpo::GrpoArgs,
+        #[arg(long)]
+        config: String,
+    },
+    /// One configuration of `bench dpo`, run by it in a child process.
+    #[command(hide = true)]
+    DpoOne {
+        #[command(flatten)]
+        args: rlhf_worker::bench::dpo::DpoArgs,
         #[arg(long)]
         config: String,
     },
@@ -356,6 +386,22 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what: Bench::Ppo { args } } => {
             rlhf_worker::bench::ppo::main(&args).context("bench ppo")?;
+        }
+        Command::Bench { what: Bench::Grpo { args } } => {
+            rlhf_worker::bench::grpo::main(&args).context("bench grpo")?;
+        }
+        Command::Bench { what: Bench::Dpo { args } } => {
+            rlhf_worker::bench::dpo::main(&args).context("bench dpo")?;
+        }
+        Command::Bench { what: Bench::GrpoOne { args, config } } => {
+            let line = rlhf_worker::bench::grpo::run_one(&args, &config)
+                .with_context(|| format!("bench grpo-one --config {config}"))?;
+            println!("{line}");
+        }
+        Command::Bench { what: Bench::DpoOne { args, config } } => {
+            let line = rlhf_worker::bench::dpo::run_one(&args, &config)
+                .with_context(|| format!("bench dpo-one --config {config}"))?;
+            println!("{line}");
         }
         Command::Bench { what: Bench::Sft { args } } => {
             rlhf_worker::bench::sft::main(&args).context("bench sft")?;

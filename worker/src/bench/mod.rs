@@ -2,6 +2,9 @@
 //! `ppo` measures each configuration in a child process of its own, so every
 //! peak-memory figure belongs to one configuration alone.
 
+pub(crate) mod common;
+pub mod dpo;
+pub mod grpo;
 pub mod ppo;
 pub mod sft;
 

@@ -43,7 +43,8 @@ use rlhf_common::Role;
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::{gpu_used_mib, peak_rss_bytes, temp_dir, GpuUsage};
+use super::common::{config_rows, finish_child, load_base, model_args, pad_of, ratio, write_script, Meter};
+use super::temp_dir;
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
 use crate::train::optim::AdamW;
@@ -51,10 +52,9 @@ use crate::train::ppo::iteration::{self, Generated, PolicyState, Prompts, Rollou
 use crate::train::ppo::roles::critic_update;
 use crate::train::ppo::rollout::{model_scores, values, Batch};
 use rlhf_model::head::Head;
-use rlhf_model::init::{random_weights, Preset};
+use rlhf_model::init::Preset;
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
-use rlhf_model::random::{llama2_7b_config, random_model};
-use rlhf_model::save::{write_config, write_generation_config, write_safetensors};
+use rlhf_model::random::llama2_7b_config;
 use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 
 /// The TRL baseline, embedded so the binary always runs its own version.
@@ -153,7 +153,7 @@ impl Variant {
     }
 
     /// The adapter method of a shared-base configuration.
-    fn shared_method(self) -> Option<Method> {
+    pub(crate) fn shared_method(self) -> Option<Method> {
         match self {
             Variant::Lora => Some(Method::Lora),
             Variant::Ssf => Some(Method::Ssf),
@@ -339,7 +339,7 @@ impl Plan {
     }
 
     fn pad(&self) -> i64 {
-        self.cfg.pad_token_id.or(self.cfg.eos_token_ids.first().copied()).unwrap_or(0)
+        pad_of(&self.cfg)
     }
 
     fn tokens_per_iter(&self) -> usize {
@@ -436,27 +436,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     let t0 = Instant::now();
     let threads = tch::get_num_threads();
     let work = temp_dir("rlhf-bench-ppo")?;
-    // What the children load: a model directory (written here for the small
-    // presets, so TRL reads the very same weights), or the 7B shape made
-    // in-process (TRL then gets only its config.json and random weights).
-    let model_dir = work.path().join("model");
-    let (rust_source, py_source): (Vec<String>, Vec<String>) = match &plan.source {
-        Source::Dir(d) => {
-            let d = d.display().to_string();
-            (vec!["--model".into(), d.clone()], vec!["--model".into(), d])
-        }
-        Source::Preset(BenchPreset::SevenB) => {
-            std::fs::create_dir_all(&model_dir).map_err(|e| Error::io(&model_dir, e))?;
-            write_config(&plan.cfg, &model_dir.join("config.json"))?;
-            let d = model_dir.display().to_string();
-            (vec!["--preset".into(), "7b-shape".into()], vec!["--model".into(), d, "--random-init".into()])
-        }
-        Source::Preset(_) => {
-            write_preset_dir(&plan, &model_dir)?;
-            let d = model_dir.display().to_string();
-            (vec!["--model".into(), d.clone()], vec!["--model".into(), d])
-        }
-    };
+    let (rust_source, py_source) = model_args(&plan.source, &plan.cfg, plan.seed, &work.path().join("model"))?;
     let common = |v: &mut Vec<String>| {
         for (flag, value) in [
             ("--iterations", plan.iterations.to_string()),
@@ -477,8 +457,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
     let mut configs = Map::new();
     for &variant in &plan.variants {
         let (program, argv) = if variant == Variant::Trl {
-            let script = work.path().join("ppo_trl.py");
-            std::fs::write(&script, TRL_SCRIPT).map_err(|e| Error::io(&script, e))?;
+            let script = write_script(work.path(), "ppo_trl.py", TRL_SCRIPT)?;
             let mut v = vec![script.display().to_string()];
             v.extend(py_source.iter().cloned());
             common(&mut v);
@@ -515,34 +494,11 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         }
         tracing::info!(config = variant.name(), "bench ppo: running");
         let started = Instant::now();
-        let mut result = run_child(&program, &argv);
-        let wall = started.elapsed().as_secs_f64();
-        if let Value::Object(m) = &mut result {
-            m.insert("wall_s".into(), json!(wall));
-            if let Some(b) = m.get("peak_memory_bytes").and_then(Value::as_f64) {
-                m.insert("peak_memory_mib".into(), json!(b / (1024.0 * 1024.0)));
-            }
-        }
-        match result.get("error") {
-            Some(e) => tracing::warn!(config = variant.name(), error = %e, "bench ppo: configuration failed"),
-            None => tracing::info!(
-                config = variant.name(),
-                s_per_iter = result["s_per_iter"].as_f64().unwrap_or(f64::NAN),
-                peak_mib = result["peak_memory_mib"].as_f64().unwrap_or(f64::NAN),
-                wall_s = wall,
-                "bench ppo: done"
-            ),
-        }
+        let result = finish_child("ppo", variant.name(), run_child(&program, &argv), started.elapsed().as_secs_f64());
         configs.insert(variant.name().into(), result);
     }
-    let ratio = |a: &str, b: &str, key: &str| -> Value {
-        match (configs.get(a).and_then(|c| c[key].as_f64()), configs.get(b).and_then(|c| c[key].as_f64())) {
-            (Some(x), Some(y)) if y > 0.0 => json!(x / y),
-            _ => Value::Null,
-        }
-    };
-    let memory_ratio = ratio("lora", "naive", "peak_memory_bytes");
-    let time_ratio = ratio("lora", "trl", "s_per_iter");
+    let memory_ratio = ratio(&configs, "lora", "naive", "peak_memory_bytes");
+    let time_ratio = ratio(&configs, "lora", "trl", "s_per_iter");
     let c = &plan.cfg;
     let mut notes = vec![
         "phases: generate = sampling response_len tokens with the policy (both take the old log-probs from the \
@@ -625,15 +581,6 @@ pub(crate) fn private_exe(dir: &Path) -> Result<PathBuf> {
     Ok(private)
 }
 
-/// Writes the preset's random weights as a model directory both the
-/// children and transformers load.
-fn write_preset_dir(plan: &Plan, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_safetensors(&random_weights(&plan.cfg, plan.seed)?, &dir.join("model.safetensors"))?;
-    write_generation_config(&plan.cfg, &dir.join("generation_config.json"))?;
-    Ok(write_config(&plan.cfg, &dir.join("config.json"))?)
-}
-
 /// Runs one child and returns the JSON object of its last stdout line, or
 /// `{"error": ...}` naming what went wrong (a failed configuration — say,
 /// out of memory — does not stop the others).
@@ -704,30 +651,7 @@ pub fn table(r: &Value) -> String {
         r["minibatch"],
         if r["gradient_checkpointing"].as_bool() == Some(true) { "; activation checkpointing (rlhfd configs)" } else { "" }
     );
-    let _ = writeln!(s, "| config | models | trainable | peak MiB | s/iter | generate | reference | reward | values | train | tokens/s |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let empty = Map::new();
-    let configs = r["configs"].as_object().unwrap_or(&empty);
-    for (name, c) in Variant::ALL.iter().filter_map(|v| configs.get(v.name()).map(|c| (v.name(), c))) {
-        if let Some(e) = c.get("error") {
-            let e: String = e.as_str().unwrap_or("").chars().take(160).collect();
-            let what = if e.starts_with("skipped") { "" } else { "failed: " };
-            let _ = writeln!(s, "| {name} | {what}{} |||||||||", e.replace('|', "/"));
-            continue;
-        }
-        let f = |v: &Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
-        let phases: Vec<String> = PHASES.iter().map(|p| f(&c["phases"][*p], 3)).collect();
-        let _ = writeln!(
-            s,
-            "| {name} | {} | {} | {} | {} | {} | {} |",
-            c["models_loaded"],
-            c["trainable_params"].as_f64().map_or("-".into(), |p| format!("{:.2}M", p / 1e6)),
-            f(&c["peak_memory_mib"], 0),
-            f(&c["s_per_iter"], 3),
-            phases.join(" | "),
-            f(&c["tokens_per_s"], 1)
-        );
-    }
+    s.push_str(&config_rows(r, &PHASES));
     let show = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.3}"));
     let _ = writeln!(
         s,
@@ -820,18 +744,11 @@ impl iteration::Roles for BenchRoles {
     }
 }
 
-fn load_base(plan: &Plan) -> Result<Model> {
-    Ok(match &plan.source {
-        Source::Dir(d) => Model::load(d, plan.kind, plan.device)?,
-        Source::Preset(BenchPreset::SevenB) => random_model(plan.cfg.clone(), plan.kind, plan.device, plan.seed)?,
-        // The same weights the parent writes for TRL.
-        Source::Preset(_) => {
-            Model::from_tensors(plan.cfg.clone(), random_weights(&plan.cfg, plan.seed)?, plan.kind, plan.device)?
-        }
-    })
+fn load_plan_base(plan: &Plan) -> Result<Model> {
+    load_base(&plan.source, &plan.cfg, plan.kind, plan.device, plan.seed)
 }
 
-fn adapter_config(method: Method, seed: u64) -> PeftConfig {
+pub(crate) fn adapter_config(method: Method, seed: u64) -> PeftConfig {
     let mut c = PeftConfig::new(method);
     c.seed = seed;
     if method == Method::Lora {
@@ -875,7 +792,7 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
     let seed = plan.seed;
     let (mut views, models) = match variant.shared_method() {
         Some(method) => {
-            let mut pm = PeftModel::new(load_base(plan)?);
+            let mut pm = PeftModel::new(load_plan_base(plan)?);
             // The critic starts as a copy of the reward model: the same init.
             for (name, s) in [
                 (Role::Policy.name(), seed),
@@ -888,14 +805,14 @@ fn roles(variant: Variant, plan: &Plan, ppo: &PpoSpec) -> Result<(BenchRoles, Po
         }
         None => {
             let with_full = |name: &str, s: u64| -> Result<PeftModel> {
-                let mut pm = PeftModel::new(load_base(plan)?);
+                let mut pm = PeftModel::new(load_plan_base(plan)?);
                 pm.add(name, peft::build(adapter_config(Method::Full, s), &pm.base)?)?;
                 pm.set_active(Some(name))?;
                 Ok(pm)
             };
             let policy = with_full(Role::Policy.name(), seed)?;
-            let reference = PeftModel::new(load_base(plan)?);
-            let reward = PeftModel::new(load_base(plan)?);
+            let reference = PeftModel::new(load_plan_base(plan)?);
+            let reward = PeftModel::new(load_plan_base(plan)?);
             let critic = with_full(Role::Critic.name(), seed.wrapping_add(1))?;
             (Views::Naive(Box::new(Separate { policy, reference, reward, critic })), 4)
         }
@@ -919,16 +836,7 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
     if variant == Variant::Trl {
         return Err(Error::InvalidArgument("--config trl runs in python, not in ppo-one".into()));
     }
-    let gpu_start = match plan.device {
-        Device::Cuda(i) => {
-            // Create the CUDA context first, so that a whole-device reading
-            // taken now leaves only what this configuration allocates.
-            let _ = Tensor::f_zeros([1], (Kind::Float, plan.device))?;
-            sync(plan.device);
-            gpu_used_mib(i)
-        }
-        _ => None,
-    };
+    let meter = Meter::start(plan.device)?;
     let t = Instant::now();
     let ppo = ppo_spec(&plan)?;
     let (mut roles, mut state, trainable) = roles(variant, &plan, &ppo)?;
@@ -965,18 +873,7 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
     let mean = |k: &str| timed.iter().map(|r| r[k]).sum::<f64>() / timed.len() as f64;
     let s_per_iter = mean("total");
     let phases: Map<String, Value> = PHASES.iter().map(|p| (p.to_string(), json!(mean(p)))).collect();
-    let (peak, source) = match plan.device {
-        Device::Cuda(i) => match (gpu_start, gpu_used_mib(i)) {
-            (_, Some(GpuUsage::Process(mib))) => {
-                (Some(mib * 1024.0 * 1024.0), "nvidia-smi: this process's GPU memory at exit")
-            }
-            (Some(GpuUsage::Device(a)), Some(GpuUsage::Device(b))) => {
-                (Some((b - a).max(0.0) * 1024.0 * 1024.0), "nvidia-smi: GPU memory used at exit minus at start")
-            }
-            _ => (None, "unavailable: nvidia-smi did not answer (tch has no allocator statistics)"),
-        },
-        _ => (peak_rss_bytes().map(|b| b as f64), "VmHWM"),
-    };
+    let (peak, source) = meter.peak();
     Ok(json!({
         "config": variant.name(),
         "method": match variant.shared_method() { Some(m) => format!("{m:?}").to_lowercase(), None => "full".into() },
@@ -1029,7 +926,7 @@ mod tests {
     fn base_params_counts_every_tensor() {
         for p in [BenchPreset::Tiny, BenchPreset::Small] {
             let cfg = p.config();
-            let n: i64 = random_weights(&cfg, 0).expect("weights").iter().map(|(_, t)| t.numel() as i64).sum();
+            let n: i64 = rlhf_model::init::random_weights(&cfg, 0).expect("weights").iter().map(|(_, t)| t.numel() as i64).sum();
             assert_eq!(base_params(&cfg), n, "{p:?}");
         }
         assert!((base_params(&llama2_7b_config()) - 6_738_415_616).abs() == 0);

@@ -11,21 +11,24 @@
 //! `rewards_chosen` …), held-out reward accuracy as `accuracy`.
 //! Data: the pairs a reward job reads ([`reward::pairs_of`]).
 
+use std::time::Instant;
+
 use rlhf_common::spec::{DpoSpec, JobSpec};
 use rlhf_common::Role;
 use tch::{Kind, Tensor};
 
-use super::reward::{self, accuracies, balanced_rows, encode, Encoded};
+use super::reward::{self, accuracies, balanced_rows, encode, encode_within, Encoded};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::parallel;
 use crate::train::setup::load_base;
 use crate::train::stage::{Ctx, Outcome};
+use crate::train::optim::AdamW;
 use crate::train::supervised::{self, Objective, Trainable};
 use rlhf_model::batch::{positions, right_padded};
 use rlhf_model::head::response_logprob;
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
-use rlhf_model::Mask;
+use rlhf_model::{sync, Mask};
 
 pub const ADAPTER: &str = Role::Policy.name();
 
@@ -173,6 +176,40 @@ impl DpoObjective<'_> {
     }
 }
 
+/// One optimizer step on `pairs` as the stage takes it: their reference
+/// log-probs (adapter off, one pair per forward), then the policy's
+/// forward/backward over all of them and the AdamW step; for `bench dpo`.
+/// Returns the seconds of the reference pass, of the rest, and the loss.
+pub(crate) fn timed_step(
+    pm: &PeftModel,
+    opt: &mut AdamW,
+    pairs: &[Encoded],
+    spec: &DpoSpec,
+    pad: i64,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<(f64, f64, f64)> {
+    let rows: Vec<usize> = (0..pairs.len()).collect();
+    let mut objective = DpoObjective {
+        pairs,
+        rows: &rows,
+        held_out: &[],
+        spec,
+        pad,
+        reference: vec![None; pairs.len()],
+        held_out_reference: None,
+    };
+    let t = Instant::now();
+    let _ = objective.reference_of(pm, &rows)?;
+    sync(pm.base.device);
+    let t_ref = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (stats, _) = objective.backward(pm, &rows, 0, 1, 1)?;
+    opt.step_across(&mut parallel::Single, &stats, max_grad_norm, lr)?;
+    sync(pm.base.device);
+    Ok((t_ref, t.elapsed().as_secs_f64(), stats[0]))
+}
+
 impl Objective for DpoObjective<'_> {
     fn rows(&self) -> usize {
         self.rows.len()
@@ -255,9 +292,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let p = reward::pairs_of(job)?;
     let max_len = job.model.max_length;
     let data = job.data.clone().unwrap_or_default();
-    let fits = |e: &Encoded| data.max_pair_tokens.is_none_or(|n| e.chosen.len().max(e.rejected.len()) <= n);
-    let train_enc: Vec<Encoded> = encode(&l, &p.train, max_len)?.into_iter().filter(fits).collect();
-    let eval_enc: Vec<Encoded> = encode(&l, &p.held_out, max_len)?.into_iter().filter(fits).collect();
+    let cap = data.max_pair_tokens;
+    let train_enc = encode_within(&l, &p.train, max_len, cap)?;
+    let eval_enc = encode_within(&l, &p.held_out, max_len, cap)?;
     let test_enc = encode(&l, &p.test, max_len)?;
     if train_enc.is_empty() {
         return Err(Error::InvalidArgument("data.train: no preference pairs".into()));
@@ -270,7 +307,15 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let pad = l.pad();
     let tags: Vec<(Option<&str>, u8)> = train_enc.iter().map(|e| (e.task.as_deref(), e.format)).collect();
     let rows = balanced_rows(&tags);
-    tracing::info!(pairs = train_enc.len(), rows = rows.len(), held_out = eval_enc.len(), loss = %spec.loss_type, "dpo pairs");
+    tracing::info!(
+        pairs = train_enc.len(),
+        of = p.train.len(),
+        held_out = eval_enc.len(),
+        of_held_out = p.held_out.len(),
+        rows = rows.len(),
+        loss = %spec.loss_type,
+        "dpo pairs (within data.max_pair_tokens)"
+    );
     let mut objective = DpoObjective {
         pairs: &train_enc,
         rows: &rows,

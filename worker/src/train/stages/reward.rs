@@ -40,32 +40,59 @@ pub(crate) struct Encoded {
 }
 
 pub(crate) fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Result<Vec<Encoded>> {
-    pairs
+    pairs.iter().enumerate().map(|(i, p)| encode_one(l, p, max_len).map_err(|e| too_long(i, e))).collect()
+}
+
+/// [`encode`] with `data.max_pair_tokens`: a pair whose longer side (prompt
+/// + response) has more than `cap` tokens, or whose response alone exceeds
+/// `max_len`, is skipped rather than an error.
+pub(crate) fn encode_within(
+    l: &Loaded,
+    pairs: &[PreferencePair],
+    max_len: usize,
+    cap: Option<usize>,
+) -> Result<Vec<Encoded>> {
+    let Some(cap) = cap else { return encode(l, pairs, max_len) };
+    Ok(pairs
         .iter()
-        .map(|p| {
-            let side = |response: &str| {
-                if p.templated {
-                    // Rendered by the chat template: its special tokens are
-                    // in the text and each turn ends as the template ends it.
-                    let prompt = l.tok.encode(&p.prompt, false)?;
-                    data::truncate_prompt(&prompt, &l.tok.encode(response, false)?, max_len)
-                } else {
-                    encode_pair(&l.tok, &p.prompt, response, Some(l.eos()), max_len)
-                }
-            };
-            let (pc, c) = side(&p.chosen)?;
-            let (pr, r) = side(&p.rejected)?;
-            Ok(Encoded {
-                chosen_start: pc.len(),
-                rejected_start: pr.len(),
-                chosen: [pc, c].concat(),
-                rejected: [pr, r].concat(),
-                margin: p.margin as f64,
-                task: p.task.clone(),
-                format: p.format,
-            })
-        })
-        .collect()
+        .filter_map(|p| encode_one(l, p, max_len).ok())
+        .filter(|e| e.chosen.len().max(e.rejected.len()) <= cap)
+        .collect())
+}
+
+fn too_long(i: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!(
+            "preference pair {} (in file order): {m} (model.max_length): raise model.max_length, or set \
+             data.max_pair_tokens to skip longer pairs",
+            i + 1
+        )),
+        other => other,
+    }
+}
+
+fn encode_one(l: &Loaded, p: &PreferencePair, max_len: usize) -> Result<Encoded> {
+    let side = |response: &str| {
+        if p.templated {
+            // Rendered by the chat template: its special tokens are
+            // in the text and each turn ends as the template ends it.
+            let prompt = l.tok.encode(&p.prompt, false)?;
+            data::truncate_prompt(&prompt, &l.tok.encode(response, false)?, max_len)
+        } else {
+            encode_pair(&l.tok, &p.prompt, response, Some(l.eos()), max_len)
+        }
+    };
+    let (pc, c) = side(&p.chosen)?;
+    let (pr, r) = side(&p.rejected)?;
+    Ok(Encoded {
+        chosen_start: pc.len(),
+        rejected_start: pr.len(),
+        chosen: [pc, c].concat(),
+        rejected: [pr, r].concat(),
+        margin: p.margin as f64,
+        task: p.task.clone(),
+        format: p.format,
+    })
 }
 
 /// A preference file in TRL's conversational or implicit-prompt form
@@ -423,11 +450,9 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
     let Pairs { train: train_pairs, held_out: eval_pairs, test, bare, bare_test } = pairs_of(job)?;
     let max_len = job.model.max_length;
     let data = job.data.clone().unwrap_or_default();
-    let fits = |e: &Encoded| data.max_pair_tokens.is_none_or(|n| e.chosen.len().max(e.rejected.len()) <= n);
-    let (train_enc, eval_enc): (Vec<Encoded>, Vec<Encoded>) = (
-        encode(&l, &train_pairs, max_len)?.into_iter().filter(fits).collect(),
-        encode(&l, &eval_pairs, max_len)?.into_iter().filter(fits).collect(),
-    );
+    let cap = data.max_pair_tokens;
+    let (train_enc, eval_enc) =
+        (encode_within(&l, &train_pairs, max_len, cap)?, encode_within(&l, &eval_pairs, max_len, cap)?);
     let (test_enc, bare_enc, bare_test_enc) =
         (encode(&l, &test, max_len)?, encode(&l, &bare, max_len)?, encode(&l, &bare_test, max_len)?);
     if let Some(n) = data.max_pair_tokens {
