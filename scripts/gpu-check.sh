@@ -12,7 +12,10 @@
 #   6. bench ppo --preset small on cuda:0 in bf16: lora against the real TRL
 #      PPOTrainer (when the machine's python3 can import trl 1.12.0; carry its
 #      wheels, or the step says it is skipped);
-#   7. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
+#   7. bench grpo and bench dpo on cuda:0 in bf16, lora against the real TRL
+#      GRPOTrainer / DPOTrainer (skipped like 6 without trl): the small preset,
+#      then the Qwen2.5-0.5B shape (random weights: the machine cannot fetch them);
+#   8. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,7 +97,14 @@ if "$PY" -c 'import trl, sys; sys.exit(trl.__version__ != "1.12.0")' 2>/dev/null
 else echo "(trl 1.12.0 not importable by $PY: the TRL configuration is skipped)"; fi
 RLHF_PY="$PY" timeout 200 "$BIN/rlhf-worker" bench ppo --preset small --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
   --batch 8 --prompt-len 32 --response-len 32 --minibatch 8 --iterations 3 --json | tail -n 1
-echo "== 7. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
+echo "== 7. bench grpo / bench dpo on cuda:0 (bf16): lora vs the real TRL, small preset and Qwen2.5-0.5B's shape"
+for preset in small qwen-0.5b-shape; do
+  RLHF_PY="$PY" timeout 150 "$BIN/rlhf-worker" bench grpo --preset $preset --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
+    --batch 8 --generations 4 --prompt-len 32 --response-len 32 --iterations 3 --json | tail -n 1
+  RLHF_PY="$PY" timeout 120 "$BIN/rlhf-worker" bench dpo --preset $preset --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
+    --batch 8 --seq-len 128 --iterations 3 --json | tail -n 1
+done
+echo "== 8. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 # minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
 for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2"; do
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1

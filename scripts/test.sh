@@ -84,6 +84,8 @@ script_test bench-rollout env RLHF_BENCH_ITERS=2 ./scripts/bench-rollout.sh
 script_test rm-anchor ./scripts/rm-anchor.sh
 script_test arithmetic ./scripts/arithmetic.sh --iterations 2 --out "$scratch/arithmetic"
 script_test arithmetic-grpo ./scripts/arithmetic.sh --grpo --iterations 2 --out "$scratch/arithmetic-grpo"
+script_test dpo ./scripts/dpo.sh --steps 6 --out "$scratch/dpo"
+script_test gpu-check-syntax bash -n ./scripts/gpu-check.sh   # runs on the lent GPU machine only
 rm -rf "$scratch"
 echo
 echo "all suites: $passed passed, $failed failed"

@@ -29,6 +29,25 @@ fn tensors(seqs: &[Vec<i64>], pad: i64, left: bool, device: Device) -> (Tensor, 
 }
 
 /// Right-pads `seqs` into `[b, T]` ids and a `[b, T]` f32 0/1 mask.
+/// Rows with equal keys, for sharing their work: the first row of each
+/// distinct key and, per row, its key's index among those firsts; `None`
+/// when every key is distinct.
+pub fn distinct_rows<K: Eq + std::hash::Hash>(keys: &[K]) -> Option<(Vec<i64>, Vec<i64>)> {
+    let mut index = std::collections::HashMap::new();
+    let mut firsts = Vec::new();
+    let slot: Vec<i64> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            *index.entry(k).or_insert_with(|| {
+                firsts.push(i as i64);
+                firsts.len() as i64 - 1
+            })
+        })
+        .collect();
+    (firsts.len() < keys.len()).then_some((firsts, slot))
+}
+
 pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor) {
     let (ids, mask) = tensors(seqs, pad, false, device);
     (ids, mask.to_kind(Kind::Float))

@@ -103,6 +103,9 @@ fn generate_inner(
 
     let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
     let mut done = vec![false; b];
+    let shared = crate::batch::distinct_rows(prompts).map(|(firsts, slot)| {
+        (Tensor::from_slice(&firsts).to_device(device), Tensor::from_slice(&slot).to_device(device))
+    });
     let mut step_ids = ids;
     for step in 0..opts.max_new_tokens {
         let t = step_ids.size()[1];
@@ -112,7 +115,18 @@ fn generate_inner(
             (None, 0) => Mask::Causal,
             (None, _) => Mask::None,
         };
-        let hidden = model.forward(&step_ids, &positions, mask, Some(&mut cache), hooks)?;
+        let hidden = match (step, &shared) {
+            // Rows with the same prompt (a group of samples) share its prefill.
+            (0, Some((firsts, slot))) => {
+                let pick = |t: &Tensor| t.index_select(0, firsts);
+                let mask = explicit.as_ref().map(pick);
+                let mask = mask.as_ref().map_or(Mask::Causal, Mask::Explicit);
+                let hidden = model.forward(&pick(&step_ids), &pick(&positions), mask, Some(&mut cache), hooks)?;
+                cache.select_rows(slot);
+                hidden.index_select(0, slot)
+            }
+            _ => model.forward(&step_ids, &positions, mask, Some(&mut cache), hooks)?,
+        };
         let last = hidden.select(1, t - 1);
         let logits = model.logits(&last, hooks);
         let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);

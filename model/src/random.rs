@@ -159,6 +159,32 @@ pub fn llama2_7b_config() -> Config {
     }
 }
 
+/// Qwen2.5-0.5B's shape (Qwen2: q/k/v biases, 2 kv heads, tied embeddings).
+pub fn qwen2_0_5b_config() -> Config {
+    Config {
+        arch: Arch::Qwen2,
+        vocab_size: 151936,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_layers: 24,
+        num_heads: 14,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 32768,
+        tie_word_embeddings: true,
+        qkv_bias: true,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: false,
+        bos_token_id: None,
+        eos_token_ids: vec![151643],
+        pad_token_id: Some(151643),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use rlhf_model::Model;
 use rlhf_worker::train::logprobs::backprop_through_head;
 use rlhf_worker::train::ppo::group::{grpo_loss, rloo_loss, Clip};
 use rlhf_worker::train::ppo::rollout::{logprobs, Batch};
-use rlhf_worker::train::stages::dpo::batch_loss;
+use rlhf_worker::train::stages::dpo::batch_backward;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-5;
@@ -74,9 +74,14 @@ fn check_dpo(loss_type: &str, beta: f64) {
     let trl =
         reference("trl_dpo_reference.py", &[&fixtures().join(name), &dir, &inp], &[loss_type, &beta.to_string()], &tmp);
     let spec = DpoSpec { beta, loss_type: loss_type.into(), label_smoothing: 0.0 };
-    let loss = batch_loss(&pm, &pairs(), &spec, 0).unwrap();
-    loss.backward();
-    compare(&pm, loss.double_value(&[]), &trl, loss_type);
+    // The training step's own path, with and without activation checkpointing.
+    for recompute in [false, true] {
+        let loss = batch_backward(&pm, &pairs(), &spec, 0, recompute).unwrap();
+        compare(&pm, loss, &trl, loss_type);
+        for p in pm.adapter("policy").unwrap().parameters() {
+            let _ = p.grad().zero_();
+        }
+    }
 }
 
 /// Runs `script` (in scripts/) with `paths`, an output file and `args`;

@@ -35,22 +35,17 @@ pub(crate) fn write_script(dir: &Path, name: &str, script: &str) -> Result<PathB
 /// a model directory as it is; a small preset's random weights written to
 /// `dir` (both sides load the same file); the 7B shape made by each child
 /// (Python gets only its config.json and random weights).
-pub(crate) fn model_args(
-    source: &Source,
-    cfg: &Config,
-    seed: u64,
-    dir: &Path,
-) -> Result<(Vec<String>, Vec<String>)> {
+pub(crate) fn model_args(source: &Source, cfg: &Config, seed: u64, dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
     let d = dir.display().to_string();
     Ok(match source {
         Source::Dir(m) => {
             let m = m.display().to_string();
             (vec!["--model".into(), m.clone()], vec!["--model".into(), m])
         }
-        Source::Preset(BenchPreset::SevenB) => {
+        Source::Preset(p @ (BenchPreset::SevenB | BenchPreset::Qwen05B)) => {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             write_config(cfg, &dir.join("config.json"))?;
-            (vec!["--preset".into(), "7b-shape".into()], vec!["--model".into(), d, "--random-init".into()])
+            (vec!["--preset".into(), p.name().into()], vec!["--model".into(), d, "--random-init".into()])
         }
         Source::Preset(_) => {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -66,7 +61,7 @@ pub(crate) fn model_args(
 pub(crate) fn load_base(source: &Source, cfg: &Config, kind: Kind, device: Device, seed: u64) -> Result<Model> {
     Ok(match source {
         Source::Dir(d) => Model::load(d, kind, device)?,
-        Source::Preset(BenchPreset::SevenB) => random_model(cfg.clone(), kind, device, seed)?,
+        Source::Preset(BenchPreset::SevenB | BenchPreset::Qwen05B) => random_model(cfg.clone(), kind, device, seed)?,
         // The same weights the parent writes for the Python baseline.
         Source::Preset(_) => Model::from_tensors(cfg.clone(), random_weights(cfg, seed)?, kind, device)?,
     })

@@ -55,8 +55,8 @@ pub struct DpoArgs {
     /// Hugging Face model directory (default: --preset small).
     #[arg(long, conflicts_with = "preset")]
     pub model: Option<PathBuf>,
-    /// tiny, small or 7b-shape: random weights made by the bench (7b-shape
-    /// only on --device cuda).
+    /// tiny, small, qwen-0.5b-shape or 7b-shape: random weights made by the
+    /// bench (7b-shape only on --device cuda).
     #[arg(long)]
     pub preset: Option<String>,
     /// Print one JSON object as the last stdout line (the table goes to stderr).
@@ -85,6 +85,10 @@ pub struct DpoArgs {
     pub configs: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Activation checkpointing in the rlhfd policy update
+    /// (`train.gradient_checkpointing`); TRL runs without it.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
 }
 
 /// Resolved, validated arguments.
@@ -100,6 +104,7 @@ struct Plan {
     kind: Kind,
     seed: u64,
     variants: Vec<Variant>,
+    recompute: bool,
 }
 
 impl Plan {
@@ -110,6 +115,7 @@ impl Plan {
             Source::Dir(_) => (8, 128, 2),
             Source::Preset(BenchPreset::Tiny) => (2, 32, 2),
             Source::Preset(BenchPreset::Small) => (4, 128, 2),
+            Source::Preset(BenchPreset::Qwen05B) => (8, 128, 2),
             Source::Preset(BenchPreset::SevenB) => (8, 512, 2),
         };
         let (device, kind) = resolve_device_kind(&source, &args.device, args.dtype.as_deref())?;
@@ -124,6 +130,7 @@ impl Plan {
             kind,
             seed: args.seed,
             variants: parse_configs("dpo", &args.configs)?,
+            recompute: args.grad_checkpoint,
             cfg,
         };
         plan.validate()?;
@@ -222,6 +229,9 @@ pub fn run(args: &DpoArgs) -> Result<Value> {
                 let mut v = vec!["--threads".into(), threads.to_string(), "bench".into(), "dpo-one".into()];
                 v.extend(["--config".into(), variant.name().into()]);
                 v.extend(rust_source.iter().cloned());
+                if plan.recompute {
+                    v.push("--grad-checkpoint".into());
+                }
                 (exe.clone(), v)
             }
         };
@@ -256,6 +266,7 @@ pub fn run(args: &DpoArgs) -> Result<Value> {
         "iterations": plan.iterations,
         "warmup_iterations": 1,
         "seed": plan.seed,
+        "gradient_checkpointing": plan.recompute,
         "configs": configs,
         "time_ratio_vs_trl": ratio(&configs, "lora", "trl", "s_per_iter"),
         "memory_ratio_vs_trl": ratio(&configs, "lora", "trl", "peak_memory_bytes"),
@@ -312,7 +323,8 @@ pub fn run_one(args: &DpoArgs, config: &str) -> Result<Value> {
     let mut loss = f64::NAN;
     for it in 0..=plan.iterations {
         let pairs = plan.pairs(it);
-        let (t_ref, t_train, l) = dpo::timed_step(&pm, &mut opt, &pairs, &spec, pad, LR, MAX_GRAD_NORM)?;
+        let (t_ref, t_train, l) =
+            dpo::timed_step(&pm, &mut opt, &pairs, &spec, pad, (LR, MAX_GRAD_NORM, plan.recompute))?;
         times.push([t_ref, t_train]);
         loss = l;
     }
@@ -354,7 +366,8 @@ mod tests {
     fn args_resolve_and_name_the_flag_at_fault() {
         let p = Plan::resolve(&args(&["--preset", "tiny"])).unwrap();
         assert_eq!((p.batch, p.seq_len, p.prompt_len), (2, 32, 8));
-        let e = Plan::resolve(&args(&["--preset", "tiny", "--seq-len", "8"])).unwrap_err().to_string();
+        let e =
+            Plan::resolve(&args(&["--preset", "tiny", "--seq-len", "8", "--prompt-len", "8"])).unwrap_err().to_string();
         assert!(e.contains("--seq-len (8) must exceed --prompt-len (8)"), "{e}");
         let pairs = p.pairs(0);
         assert_eq!(pairs.len(), 2);
@@ -378,7 +391,7 @@ mod tests {
         let spec: DpoSpec = serde_json::from_value(json!({ "beta": 0.5 })).unwrap();
         let pairs = plan.pairs(0);
         let losses: Vec<f64> = (0..6)
-            .map(|_| dpo::timed_step(&pm, &mut opt, &pairs, &spec, pad_of(&plan.cfg), 1e-2, 1.0).unwrap().2)
+            .map(|_| dpo::timed_step(&pm, &mut opt, &pairs, &spec, pad_of(&plan.cfg), (1e-2, 1.0, false)).unwrap().2)
             .collect();
         assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-4, "{losses:?}");
         assert!(losses[5] < losses[0] - 0.05, "{losses:?}");

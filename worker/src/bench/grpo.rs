@@ -57,8 +57,8 @@ pub struct GrpoArgs {
     /// Hugging Face model directory (default: --preset small).
     #[arg(long, conflicts_with = "preset")]
     pub model: Option<PathBuf>,
-    /// tiny, small or 7b-shape: random weights made by the bench (7b-shape
-    /// only on --device cuda).
+    /// tiny, small, qwen-0.5b-shape or 7b-shape: random weights made by the
+    /// bench (7b-shape only on --device cuda).
     #[arg(long)]
     pub preset: Option<String>,
     /// Print one JSON object as the last stdout line (the table goes to stderr).
@@ -124,6 +124,7 @@ impl Plan {
             Source::Dir(_) => (8, 32, 32, 2),
             Source::Preset(BenchPreset::Tiny) => (2, 16, 8, 2),
             Source::Preset(BenchPreset::Small) => (4, 32, 32, 2),
+            Source::Preset(BenchPreset::Qwen05B) => (8, 32, 32, 2),
             Source::Preset(BenchPreset::SevenB) => (8, 128, 128, 2),
         };
         let (device, kind) = resolve_device_kind(&source, &args.device, args.dtype.as_deref())?;
@@ -163,7 +164,7 @@ impl Plan {
             return bad(format!("--generations must be at least 2 (a group's advantages), got {}", self.generations));
         }
         let rows = self.rows();
-        if self.minibatch == 0 || rows % self.minibatch != 0 {
+        if self.minibatch == 0 || !rows.is_multiple_of(self.minibatch) {
             return bad(format!("--minibatch must divide --batch × --generations = {rows}, got {}", self.minibatch));
         }
         let total = (self.prompt_len + self.response_len) as i64;
@@ -331,7 +332,13 @@ impl iteration::Roles for GroupRoles {
         Err(Error::InvalidArgument("GRPO has no critic".into()))
     }
 
-    fn critic_step(&mut self, _: Option<(&Batch, Tensor, Tensor)>, _: f64, _: &PpoSpec, _: &mut dyn Collective) -> Result<f64> {
+    fn critic_step(
+        &mut self,
+        _: Option<(&Batch, Tensor, Tensor)>,
+        _: f64,
+        _: &PpoSpec,
+        _: &mut dyn Collective,
+    ) -> Result<f64> {
         Err(Error::InvalidArgument("GRPO has no critic".into()))
     }
 
@@ -467,7 +474,7 @@ mod tests {
         let r = run_one(&a, "lora").unwrap();
         assert_eq!(r["iterations"], 1);
         assert!(r["s_per_iter"].as_f64().unwrap() > 0.0, "{r}");
-        assert_eq!(r["phases"]["reference"], 0.0, "beta 0 takes no reference pass: {r}");
+        assert!(r["phases"]["reference"].as_f64().unwrap() < 1e-3, "beta 0 takes no reference pass: {r}");
         assert!(r["peak_memory_bytes"].as_f64().unwrap() > 0.0, "{r}");
     }
 }

@@ -54,7 +54,7 @@ use crate::train::ppo::rollout::{model_scores, values, Batch};
 use rlhf_model::head::Head;
 use rlhf_model::init::Preset;
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
-use rlhf_model::random::llama2_7b_config;
+use rlhf_model::random::{llama2_7b_config, qwen2_0_5b_config};
 use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 
 /// The TRL baseline, embedded so the binary always runs its own version.
@@ -186,6 +186,10 @@ pub enum BenchPreset {
     Small,
     /// LLaMA-2-7B's shape, random bf16 weights made on the GPU.
     SevenB,
+    /// Qwen2.5-0.5B's shape (vocabulary 151936), random weights made by each
+    /// child (the Python baseline gets its config.json and random weights):
+    /// a real model's shape where the weights cannot be fetched (the GPU machine).
+    Qwen05B,
 }
 
 impl BenchPreset {
@@ -194,6 +198,7 @@ impl BenchPreset {
             BenchPreset::Tiny => "tiny",
             BenchPreset::Small => "small",
             BenchPreset::SevenB => "7b-shape",
+            BenchPreset::Qwen05B => "qwen-0.5b-shape",
         }
     }
 
@@ -207,6 +212,7 @@ impl BenchPreset {
                 c
             }
             BenchPreset::SevenB => llama2_7b_config(),
+            BenchPreset::Qwen05B => qwen2_0_5b_config(),
         }
     }
 
@@ -216,6 +222,7 @@ impl BenchPreset {
             BenchPreset::Tiny => (4, 32, 16, 2),
             BenchPreset::Small => (4, 64, 32, 3),
             BenchPreset::SevenB => (8, 256, 128, 2),
+            BenchPreset::Qwen05B => (8, 32, 32, 2),
         }
     }
 }
@@ -228,7 +235,10 @@ impl FromStr for BenchPreset {
             "tiny" => Ok(BenchPreset::Tiny),
             "small" => Ok(BenchPreset::Small),
             "7b-shape" | "7b" => Ok(BenchPreset::SevenB),
-            other => Err(Error::InvalidArgument(format!("--preset {other:?}: expected tiny, small or 7b-shape"))),
+            "qwen-0.5b-shape" => Ok(BenchPreset::Qwen05B),
+            other => Err(Error::InvalidArgument(format!(
+                "--preset {other:?}: expected tiny, small, qwen-0.5b-shape or 7b-shape"
+            ))),
         }
     }
 }
@@ -926,7 +936,8 @@ mod tests {
     fn base_params_counts_every_tensor() {
         for p in [BenchPreset::Tiny, BenchPreset::Small] {
             let cfg = p.config();
-            let n: i64 = rlhf_model::init::random_weights(&cfg, 0).expect("weights").iter().map(|(_, t)| t.numel() as i64).sum();
+            let n: i64 =
+                rlhf_model::init::random_weights(&cfg, 0).expect("weights").iter().map(|(_, t)| t.numel() as i64).sum();
             assert_eq!(base_params(&cfg), n, "{p:?}");
         }
         assert!((base_params(&llama2_7b_config()) - 6_738_415_616).abs() == 0);

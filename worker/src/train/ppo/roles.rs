@@ -241,6 +241,7 @@ impl Batch {
             mask: self.mask.to_device(device),
             prompt_width: self.prompt_width,
             lens: self.lens.clone(),
+            prompt_of: self.prompt_of.clone(),
         }
     }
 }
@@ -277,13 +278,31 @@ pub mod wire {
 
     fn batch_from(ts: &mut Vec<(String, Tensor)>) -> Result<Batch> {
         let lens: Vec<i64> = Vec::try_from(&take(ts, "lens")?)?;
+        let ids = take(ts, "ids")?;
+        let prompt_width = take(ts, "prompt_width")?.int64_value(&[]);
+        if ids.dim() != 2 || !(0..=ids.size()[1]).contains(&prompt_width) {
+            return Err(Error::InvalidArgument(format!(
+                "role call: prompt_width {prompt_width} for ids of shape {:?}",
+                ids.size()
+            )));
+        }
+        // Rows with the same prompt ids (and padding) share its forward.
+        let prompts: Vec<i64> = Vec::try_from(&ids.narrow(1, 0, prompt_width).contiguous().view([-1]))?;
+        let width = prompt_width.max(1) as usize;
+        let rows: Vec<&[i64]> = match prompt_width {
+            0 => vec![&[][..]; ids.size()[0] as usize],
+            _ => prompts.chunks(width).collect(),
+        };
+        let mut first = std::collections::HashMap::new();
+        let prompt_of = rows.iter().enumerate().map(|(i, r)| *first.entry(*r).or_insert(i)).collect();
         Ok(Batch {
-            ids: take(ts, "ids")?,
+            ids,
             attn: take(ts, "attn")?,
             response: take(ts, "response")?,
             mask: take(ts, "mask")?.to_kind(Kind::Float),
-            prompt_width: take(ts, "prompt_width")?.int64_value(&[]),
+            prompt_width,
             lens: lens.into_iter().map(|n| n as usize).collect(),
+            prompt_of,
         })
     }
 

@@ -5,6 +5,12 @@
 //! Layout: prompts left-padded to `P`, responses right-padded to `R`, so
 //! response token `j` of every row sits at position `P + j` and is predicted
 //! by the hidden state at `P + j − 1`.
+//!
+//! Rows that share a prompt (GRPO's and RLOO's groups of completions) share
+//! its forward: each distinct prompt runs once, its keys and values and
+//! hidden states are copied to its rows, and only the responses run per row
+//! (see [`Batch::hidden`]). The prompt's share of the work falls from
+//! `rows` to `distinct prompts`, with and without a graph.
 
 use tch::{Device, Tensor};
 
@@ -29,6 +35,9 @@ pub struct Batch {
     pub prompt_width: i64,
     /// Response lengths (including any EOS).
     pub lens: Vec<usize>,
+    /// Per row, a key that rows with the same prompt share (the index of
+    /// the first such row of the batch it was made for).
+    pub prompt_of: Vec<usize>,
 }
 
 impl Batch {
@@ -55,6 +64,8 @@ impl Batch {
         }
         let b = prompts.len() as i64;
         let (p, r) = (p as i64, r as i64);
+        let mut first = std::collections::HashMap::new();
+        let prompt_of = prompts.iter().enumerate().map(|(i, pr)| *first.entry(pr.as_slice()).or_insert(i)).collect();
         Self {
             ids: Tensor::from_slice(&ids).view([b, p + r]).to_device(device),
             attn: Tensor::from_slice(&attn).view([b, p + r]).to_device(device),
@@ -62,6 +73,7 @@ impl Batch {
             mask: Tensor::from_slice(&mask).view([b, r]).to_device(device),
             prompt_width: p,
             lens: responses.iter().map(Vec::len).collect(),
+            prompt_of,
         }
     }
 
@@ -79,6 +91,7 @@ impl Batch {
             mask: self.mask.index_select(0, &i),
             prompt_width: self.prompt_width,
             lens: idx.iter().map(|&k| self.lens[k as usize]).collect(),
+            prompt_of: idx.iter().map(|&k| self.prompt_of[k as usize]).collect(),
         }
     }
 
@@ -105,8 +118,43 @@ impl Batch {
 
     /// Hidden states `[b, R, h]` at the positions that predict response tokens.
     pub fn response_hidden(&self, pm: &PeftModel) -> Result<Tensor> {
-        let (pos, m) = self.forward_inputs();
-        Ok(self.response_part(&pm.forward(&self.ids, &pos, Mask::Explicit(&m), None)?))
+        Ok(self.response_part(&self.hidden(pm)?))
+    }
+
+    /// The first row of each distinct prompt, and each row's index among
+    /// them; `None` when every row's prompt is its own.
+    fn distinct_prompts(&self) -> Option<(Vec<i64>, Vec<i64>)> {
+        if self.prompt_width == 0 {
+            return None;
+        }
+        rlhf_model::batch::distinct_rows(&self.prompt_of)
+    }
+
+    /// Hidden states `[b, P + R, h]` of rows that share prompts: each
+    /// distinct prompt's forward once (keys and values kept), copied to its
+    /// rows, then every row's response against them. Equal to the plain
+    /// forward up to the order of floating-point sums.
+    fn shared_prompt_hidden(&self, pm: &PeftModel, firsts: &[i64], slot: &[i64]) -> Result<Tensor> {
+        let device = self.ids.device();
+        let (p, total) = (self.prompt_width, self.ids.size()[1]);
+        let firsts = Tensor::from_slice(firsts).to_device(device);
+        let prompt_attn = self.attn.narrow(1, 0, p).index_select(0, &firsts);
+        let prompt_ids = self.ids.narrow(1, 0, p).index_select(0, &firsts);
+        let mut cache = rlhf_model::cache::KvCache::new(pm.base.layers.len());
+        let prompt_mask = attention_mask(&prompt_attn, p);
+        let h_prompt = pm.forward(
+            &prompt_ids,
+            &positions_from_mask(&prompt_attn),
+            Mask::Explicit(&prompt_mask),
+            Some(&mut cache),
+        )?;
+        let slot = Tensor::from_slice(slot).to_device(device);
+        cache.select_rows(&slot);
+        let r = total - p;
+        let positions = positions_from_mask(&self.attn).narrow(1, p, r);
+        let mask = attention_mask(&self.attn, r);
+        let h_response = pm.forward(&self.ids.narrow(1, p, r), &positions, Mask::Explicit(&mask), Some(&mut cache))?;
+        Ok(Tensor::cat(&[h_prompt.index_select(0, &slot), h_response], 1))
     }
 
     /// Runs `head` on the response hidden states and backpropagates its
@@ -118,12 +166,20 @@ impl Batch {
         recompute: bool,
         head: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
     ) -> Result<T> {
+        if let (false, Some((firsts, slot))) = (recompute, self.distinct_prompts()) {
+            let (loss, out) = head(&self.response_part(&self.shared_prompt_hidden(pm, &firsts, &slot)?))?;
+            loss.backward();
+            return Ok(out);
+        }
         let (pos, m) = self.forward_inputs();
         backward(pm, (&self.ids, &pos, &Mask::Explicit(&m)), recompute, |hidden| head(&self.response_part(hidden)))
     }
 
     /// Hidden states `[b, P + R, h]` of the whole rows.
     pub fn hidden(&self, pm: &PeftModel) -> Result<Tensor> {
+        if let Some((firsts, slot)) = self.distinct_prompts() {
+            return self.shared_prompt_hidden(pm, &firsts, &slot);
+        }
         let (pos, m) = self.forward_inputs();
         Ok(pm.forward(&self.ids, &pos, Mask::Explicit(&m), None)?)
     }

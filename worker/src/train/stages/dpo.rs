@@ -6,7 +6,9 @@
 //! `Δ = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))`:
 //! `sigmoid` `−(1−ε) log σ(βΔ) − ε log σ(−βΔ)`, `hinge` `relu(1 − βΔ)`,
 //! `ipo` `(Δ̄ − 1/(2β))²` with per-token averaged log-ratios. Each pair's
-//! reference log-probs are computed once, when it is first drawn. Logged:
+//! reference log-probs are computed once, with its block of 8 consecutive
+//! pairs, when the first of them is drawn; chosen and rejected share their
+//! prompt's forward. Logged:
 //! TRL's `rewards/{chosen,rejected,margins,accuracies}` (as
 //! `rewards_chosen` …), held-out reward accuracy as `accuracy`.
 //! Data: the pairs a reward job reads ([`reward::pairs_of`]).
@@ -15,35 +17,50 @@ use std::time::Instant;
 
 use rlhf_common::spec::{DpoSpec, JobSpec};
 use rlhf_common::Role;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::reward::{self, accuracies, balanced_rows, encode, encode_within, Encoded};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::parallel;
+use crate::train::logprobs::backprop_through_head;
+use crate::train::optim::AdamW;
+use crate::train::ppo::rollout::{logprobs, Batch};
 use crate::train::setup::load_base;
 use crate::train::stage::{Ctx, Outcome};
-use crate::train::optim::AdamW;
 use crate::train::supervised::{self, Objective, Trainable};
-use rlhf_model::batch::{positions, right_padded};
-use rlhf_model::head::response_logprob;
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
-use rlhf_model::{sync, Mask};
+use rlhf_model::sync;
 
 pub const ADAPTER: &str = Role::Policy.name();
 
-/// Summed response log-probs `[2n]` of pairs (chosen, rejected, chosen, …)
-/// with the active adapter of `pm` (a graph when gradients are on).
-fn pair_logps(pm: &PeftModel, pairs: &[&Encoded], pad: i64) -> Result<Tensor> {
-    let mut seqs = Vec::with_capacity(2 * pairs.len());
-    let mut starts = Vec::with_capacity(2 * pairs.len());
+/// Chosen and rejected of each pair as rows (chosen, rejected, chosen, …)
+/// of a rollout-layout batch: the pair's two rows share its prompt, so the
+/// prompt's forward runs once for both ([`Batch::hidden`]). A response whose
+/// prompt is empty gives its first token to the prompt (nothing predicts it).
+fn pair_batch(pairs: &[&Encoded], pad: i64, device: Device) -> Batch {
+    let mut prompts = Vec::with_capacity(2 * pairs.len());
+    let mut responses = Vec::with_capacity(2 * pairs.len());
     for e in pairs {
-        seqs.extend([e.chosen.clone(), e.rejected.clone()]);
-        starts.extend([e.chosen_start, e.rejected_start]);
+        for (seq, start) in [(&e.chosen, e.chosen_start), (&e.rejected, e.rejected_start)] {
+            let start = start.max(1).min(seq.len());
+            prompts.push(seq[..start].to_vec());
+            responses.push(seq[start..].to_vec());
+        }
     }
-    let (ids, _) = right_padded(&seqs, pad, pm.base.device);
-    let hidden = pm.forward(&ids, &positions(&ids), Mask::Causal, None)?;
-    Ok(response_logprob(pm, &hidden, &seqs, &starts))
+    Batch::new(&prompts, &responses, pad, device)
+}
+
+/// Summed response log-probs `[2n]` of a pair batch's rows, from per-token ones.
+fn summed(logp: &Tensor, batch: &Batch) -> Tensor {
+    (logp * &batch.mask).sum_dim_intlist(1, false, Kind::Float)
+}
+
+/// Summed response log-probs `[2n]` of pairs (chosen, rejected, chosen, …)
+/// with the active adapter of `pm`, without a graph.
+fn pair_logps(pm: &PeftModel, pairs: &[&Encoded], pad: i64) -> Result<Tensor> {
+    let batch = pair_batch(pairs, pad, pm.base.device);
+    tch::no_grad(|| Ok(summed(&logprobs(pm, &batch, 1.0)?, &batch)))
 }
 
 /// Response lengths `[n]` of one side of each pair.
@@ -95,16 +112,17 @@ pub fn dpo_loss(
     PairLoss { loss, chosen_rewards: chosen.detach() * beta, rejected_rewards: rejected.detach() * beta }
 }
 
-/// The mean DPO loss of pairs `(prompt, chosen, rejected)` (token ids)
-/// with the active adapter of `pm` as the policy and the adapter off as the
-/// reference: what one training step backpropagates (for the TRL parity
-/// test).
-pub fn batch_loss(
+/// Backpropagates the mean DPO loss of pairs `(prompt, chosen, rejected)`
+/// (token ids) through the path a training step takes, the active adapter
+/// of `pm` as the policy and the adapter off as the reference; returns the
+/// loss (for the TRL parity test).
+pub fn batch_backward(
     pm: &PeftModel,
     pairs: &[(Vec<i64>, Vec<i64>, Vec<i64>)],
     spec: &DpoSpec,
     pad: i64,
-) -> Result<Tensor> {
+    recompute: bool,
+) -> Result<f64> {
     let enc: Vec<Encoded> = pairs
         .iter()
         .map(|(p, c, r)| Encoded {
@@ -117,13 +135,9 @@ pub fn batch_loss(
             format: 0,
         })
         .collect();
-    let refs: Vec<&Encoded> = enc.iter().collect();
-    let (rc, rr) = sides(&reference_logps(pm, &refs, pad)?);
-    let (pc, pr) = sides(&pair_logps(pm, &refs, pad)?);
-    let lens = (lengths(&refs, true), lengths(&refs, false));
-    let device = pm.base.device;
-    let out = dpo_loss(spec, (&pc, &pr), (&rc, &rr), (&lens.0.to_device(device), &lens.1.to_device(device)));
-    Ok(out.loss.mean(Kind::Float))
+    let rows: Vec<usize> = (0..enc.len()).collect();
+    let mut objective = DpoObjective::new(&enc, &rows, &[], spec, pad, recompute);
+    Ok(objective.backward(pm, &rows, 0, 1, 1)?.0[0])
 }
 
 struct DpoObjective<'a> {
@@ -136,16 +150,23 @@ struct DpoObjective<'a> {
     /// Reference log-probs (chosen, rejected) of each training pair, once computed.
     reference: Vec<Option<(f32, f32)>>,
     held_out_reference: Option<Tensor>,
+    /// Activation checkpointing in the policy's backward (`train.gradient_checkpointing`).
+    recompute: bool,
 }
 
-/// Reference (adapter off) log-probs `[2n]` of `pairs`, one pair per
-/// forward: a pair's values then do not depend on which pairs it was first
-/// drawn with (padding changes the kernels' shapes and so the last bits),
-/// and a resumed run reproduces an uninterrupted one exactly.
+/// Pairs per reference forward.
+const REFERENCE_BLOCK: usize = 8;
+
+/// Reference (adapter off) log-probs `[2n]` of `pairs`, [`REFERENCE_BLOCK`]
+/// pairs per forward. Training pairs go in fixed blocks of consecutive
+/// indices ([`DpoObjective::reference_of`]): a pair's values then do not
+/// depend on which pairs it was drawn with (padding changes the kernels'
+/// shapes and so the last bits), and a resumed run reproduces an
+/// uninterrupted one exactly.
 fn reference_logps(pm: &PeftModel, pairs: &[&Encoded], pad: i64) -> Result<Tensor> {
     tch::no_grad(|| {
         pm.without_adapter(|| {
-            let parts = pairs.chunks(1).map(|c| pair_logps(pm, c, pad)).collect::<Result<Vec<_>>>()?;
+            let parts = pairs.chunks(REFERENCE_BLOCK).map(|c| pair_logps(pm, c, pad)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts, 0))
         })
     })
@@ -157,13 +178,28 @@ fn sides(t: &Tensor) -> (Tensor, Tensor) {
     (v.select(1, 0), v.select(1, 1))
 }
 
-impl DpoObjective<'_> {
+impl<'a> DpoObjective<'a> {
+    fn new(
+        pairs: &'a [Encoded],
+        rows: &'a [usize],
+        held_out: &'a [Encoded],
+        spec: &'a DpoSpec,
+        pad: i64,
+        recompute: bool,
+    ) -> Self {
+        let reference = vec![None; pairs.len()];
+        Self { pairs, rows, held_out, spec, pad, reference, held_out_reference: None, recompute }
+    }
+
     fn reference_of(&mut self, pm: &PeftModel, idx: &[usize]) -> Result<(Tensor, Tensor)> {
-        let missing: Vec<usize> = idx.iter().copied().filter(|&i| self.reference[i].is_none()).collect();
-        if !missing.is_empty() {
-            let pairs: Vec<&Encoded> = missing.iter().map(|&i| &self.pairs[i]).collect();
+        // The blocks of consecutive pairs that hold a missing one, whole.
+        let blocks: std::collections::BTreeSet<usize> =
+            idx.iter().filter(|&&i| self.reference[i].is_none()).map(|&i| i / REFERENCE_BLOCK).collect();
+        for block in blocks {
+            let range = block * REFERENCE_BLOCK..((block + 1) * REFERENCE_BLOCK).min(self.pairs.len());
+            let pairs: Vec<&Encoded> = self.pairs[range.clone()].iter().collect();
             let r: Vec<f32> = Vec::try_from(&reference_logps(pm, &pairs, self.pad)?.to_device(tch::Device::Cpu))?;
-            for (k, &i) in missing.iter().enumerate() {
+            for (k, i) in range.enumerate() {
                 self.reference[i] = Some((r[2 * k], r[2 * k + 1]));
             }
         }
@@ -177,7 +213,7 @@ impl DpoObjective<'_> {
 }
 
 /// One optimizer step on `pairs` as the stage takes it: their reference
-/// log-probs (adapter off, one pair per forward), then the policy's
+/// log-probs (adapter off, in blocks of consecutive pairs), then the policy's
 /// forward/backward over all of them and the AdamW step; for `bench dpo`.
 /// Returns the seconds of the reference pass, of the rest, and the loss.
 pub(crate) fn timed_step(
@@ -186,19 +222,10 @@ pub(crate) fn timed_step(
     pairs: &[Encoded],
     spec: &DpoSpec,
     pad: i64,
-    lr: f64,
-    max_grad_norm: f64,
+    (lr, max_grad_norm, recompute): (f64, f64, bool),
 ) -> Result<(f64, f64, f64)> {
     let rows: Vec<usize> = (0..pairs.len()).collect();
-    let mut objective = DpoObjective {
-        pairs,
-        rows: &rows,
-        held_out: &[],
-        spec,
-        pad,
-        reference: vec![None; pairs.len()],
-        held_out_reference: None,
-    };
+    let mut objective = DpoObjective::new(pairs, &rows, &[], spec, pad, recompute);
     let t = Instant::now();
     let _ = objective.reference_of(pm, &rows)?;
     sync(pm.base.device);
@@ -235,19 +262,27 @@ impl Objective for DpoObjective<'_> {
         let reference = self.reference_of(pm, &idx)?;
         let pairs: Vec<&Encoded> = idx.iter().map(|&i| &self.pairs[i]).collect();
         let device = pm.base.device;
-        let (pc, pr) = sides(&pair_logps(pm, &pairs, self.pad)?);
+        let batch = pair_batch(&pairs, self.pad, device);
         let lens = (lengths(&pairs, true).to_device(device), lengths(&pairs, false).to_device(device));
-        let out = dpo_loss(self.spec, (&pc, &pr), (&reference.0, &reference.1), (&lens.0, &lens.1));
-        (out.loss.sum(Kind::Float) * share).backward();
-        let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]) * share;
-        let margins = &out.chosen_rewards - &out.rejected_rewards;
-        let stats = vec![
-            sum(&out.loss.detach()),
-            sum(&out.chosen_rewards),
-            sum(&out.rejected_rewards),
-            sum(&margins),
-            sum(&margins.gt(0.0).to_kind(Kind::Float)),
-        ];
+        let spec = self.spec;
+        // The LM head runs in chunks with its own backward (no vocabulary-wide
+        // logits kept), the trunk through the graph or recomputed.
+        let stats = batch.train_step(pm, self.recompute, |hidden| {
+            backprop_through_head(pm, hidden, &batch.response, 1.0, false, |logp, _| {
+                let (pc, pr) = sides(&summed(logp, &batch));
+                let out = dpo_loss(spec, (&pc, &pr), (&reference.0, &reference.1), (&lens.0, &lens.1));
+                let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]) * share;
+                let margins = &out.chosen_rewards - &out.rejected_rewards;
+                let stats = vec![
+                    sum(&out.loss.detach()),
+                    sum(&out.chosen_rewards),
+                    sum(&out.rejected_rewards),
+                    sum(&margins),
+                    sum(&margins.gt(0.0).to_kind(Kind::Float)),
+                ];
+                Ok((out.loss.sum(Kind::Float) * share, stats))
+            })
+        })?;
         let tokens = pairs.iter().map(|e| e.chosen.len() + e.rejected.len()).sum();
         Ok((stats, tokens))
     }
@@ -316,16 +351,8 @@ pub fn run(job: &JobSpec, ctx: &mut Ctx<'_>) -> Result<Outcome> {
         loss = %spec.loss_type,
         "dpo pairs (within data.max_pair_tokens)"
     );
-    let mut objective = DpoObjective {
-        pairs: &train_enc,
-        rows: &rows,
-        held_out: &eval_enc,
-        spec: &spec,
-        pad,
-        reference: vec![None; train_enc.len()],
-        held_out_reference: None,
-    };
     let train = job.train.clone().unwrap_or_default();
+    let mut objective = DpoObjective::new(&train_enc, &rows, &eval_enc, &spec, pad, train.gradient_checkpointing);
     let what = Trainable { adapter: ADAPTER, extra: Vec::new() };
     let (steps, secs) = supervised::train(ctx, &l.pm, &what, &mut objective, &train, &job.checkpoint, job.seed)?;
     let mut final_metrics = fields! { "eval_pairs" => eval_enc.len() };

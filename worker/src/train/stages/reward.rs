@@ -43,9 +43,9 @@ pub(crate) fn encode(l: &Loaded, pairs: &[PreferencePair], max_len: usize) -> Re
     pairs.iter().enumerate().map(|(i, p)| encode_one(l, p, max_len).map_err(|e| too_long(i, e))).collect()
 }
 
-/// [`encode`] with `data.max_pair_tokens`: a pair whose longer side (prompt
-/// + response) has more than `cap` tokens, or whose response alone exceeds
-/// `max_len`, is skipped rather than an error.
+/// [`encode`] with `data.max_pair_tokens`: a pair whose longer side
+/// (prompt and response) has more than `cap` tokens, or whose response
+/// alone exceeds `max_len`, is skipped rather than an error.
 pub(crate) fn encode_within(
     l: &Loaded,
     pairs: &[PreferencePair],
