@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
-use super::ppo::{BenchPreset, Source, Variant};
+use super::configs::{BenchPreset, Source, Variant};
 use super::{gpu_used_mib, peak_rss_bytes, GpuUsage};
 use crate::error::{Error, Result};
 use rlhf_model::init::random_weights;
@@ -202,7 +202,7 @@ pub(crate) fn model_fields(source: &Source, c: &Config) -> (Value, Value) {
     };
     let shape = json!({
         "hidden": c.hidden_size, "layers": c.num_layers, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
-        "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": super::ppo::base_params(c),
+        "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": super::configs::base_params(c),
     });
     (json!(label), shape)
 }

@@ -27,7 +27,8 @@ use super::common::{
     config_rows, device_name, dtype_name, finish_child, load_base, memory_note, model_args, model_fields, pad_of,
     parse_configs, print_report, ratio, resolve_device_kind, resolve_source, write_script, Meter,
 };
-use super::ppo::{adapter_config, private_exe, prompt_ids, python, run_child, BenchPreset, Source, Variant};
+use super::configs::{BenchPreset, Source, Variant};
+use super::ppo::{adapter_config, private_exe, prompt_ids, python, run_child};
 use super::temp_dir;
 use crate::error::{Error, Result};
 use crate::train::optim::AdamW;

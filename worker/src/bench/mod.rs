@@ -3,6 +3,7 @@
 //! peak-memory figure belongs to one configuration alone.
 
 pub(crate) mod common;
+pub mod configs;
 pub mod dpo;
 pub mod grpo;
 pub mod ppo;

@@ -35,7 +35,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::str::FromStr;
 use std::time::Instant;
 
 use rlhf_common::spec::PpoSpec;
@@ -44,6 +43,7 @@ use serde_json::{json, Map, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::common::{config_rows, finish_child, load_base, model_args, pad_of, ratio, write_script, Meter};
+pub use super::configs::{base_params, BenchPreset, Source, Variant};
 use super::temp_dir;
 use crate::error::{Error, Result};
 use crate::parallel::{Collective, Single};
@@ -52,9 +52,7 @@ use crate::train::ppo::iteration::{self, Generated, PolicyState, Prompts, Rollou
 use crate::train::ppo::roles::critic_update;
 use crate::train::ppo::rollout::{model_scores, values, Batch};
 use rlhf_model::head::Head;
-use rlhf_model::init::Preset;
 use rlhf_model::peft::{self, Method, PeftConfig, PeftModel};
-use rlhf_model::random::{llama2_7b_config, qwen2_0_5b_config};
 use rlhf_model::{parse_device, parse_dtype, sync, Config, Model, Tokenizer};
 
 /// The TRL baseline, embedded so the binary always runs its own version.
@@ -129,127 +127,6 @@ pub struct PpoArgs {
     pub grad_checkpoint: bool,
 }
 
-/// A configuration of the benchmark.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Variant {
-    Lora,
-    Ssf,
-    RepAdapter,
-    Naive,
-    Trl,
-}
-
-impl Variant {
-    pub const ALL: [Variant; 5] = [Variant::Lora, Variant::Ssf, Variant::RepAdapter, Variant::Naive, Variant::Trl];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::Lora => "lora",
-            Variant::Ssf => "ssf",
-            Variant::RepAdapter => "repadapter",
-            Variant::Naive => "naive",
-            Variant::Trl => "trl",
-        }
-    }
-
-    /// The adapter method of a shared-base configuration.
-    pub(crate) fn shared_method(self) -> Option<Method> {
-        match self {
-            Variant::Lora => Some(Method::Lora),
-            Variant::Ssf => Some(Method::Ssf),
-            Variant::RepAdapter => Some(Method::RepAdapter),
-            Variant::Naive | Variant::Trl => None,
-        }
-    }
-}
-
-impl FromStr for Variant {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Variant::ALL.into_iter().find(|v| v.name() == s.trim()).ok_or_else(|| {
-            Error::InvalidArgument(format!("--configs: unknown {s:?} (expected lora, ssf, repadapter, naive, trl)"))
-        })
-    }
-}
-
-/// Model shapes the bench can make by itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BenchPreset {
-    /// `Preset::Tiny`'s shape, vocabulary 2000.
-    Tiny,
-    /// hidden 768, 6 layers, 12 heads (4 kv), intermediate 2048, vocabulary
-    /// 8000 (44M parameters, 176 MB in f32): `Preset::Small` made wide
-    /// enough that weights and optimizer state, not libtorch's own ~370 MB
-    /// or the activations, decide the memory figures, and still a few
-    /// minutes for every configuration on 2 CPU cores.
-    Small,
-    /// LLaMA-2-7B's shape, random bf16 weights made on the GPU.
-    SevenB,
-    /// Qwen2.5-0.5B's shape (vocabulary 151936), random weights made by each
-    /// child (the Python baseline gets its config.json and random weights):
-    /// a real model's shape where the weights cannot be fetched (the GPU machine).
-    Qwen05B,
-}
-
-impl BenchPreset {
-    pub fn name(self) -> &'static str {
-        match self {
-            BenchPreset::Tiny => "tiny",
-            BenchPreset::Small => "small",
-            BenchPreset::SevenB => "7b-shape",
-            BenchPreset::Qwen05B => "qwen-0.5b-shape",
-        }
-    }
-
-    pub fn config(self) -> Config {
-        match self {
-            BenchPreset::Tiny => Preset::Tiny.config(2000, 1, 0),
-            BenchPreset::Small => {
-                let mut c = Preset::Small.config(8000, 1, 0);
-                (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.intermediate_size) = (768, 6, 12, 4, 2048);
-                c.head_dim = c.hidden_size / c.num_heads;
-                c
-            }
-            BenchPreset::SevenB => llama2_7b_config(),
-            BenchPreset::Qwen05B => qwen2_0_5b_config(),
-        }
-    }
-
-    /// (batch, prompt_len, response_len, iterations)
-    fn shape(self) -> (usize, usize, usize, usize) {
-        match self {
-            BenchPreset::Tiny => (4, 32, 16, 2),
-            BenchPreset::Small => (4, 64, 32, 3),
-            BenchPreset::SevenB => (8, 256, 128, 2),
-            BenchPreset::Qwen05B => (8, 32, 32, 2),
-        }
-    }
-}
-
-impl FromStr for BenchPreset {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(BenchPreset::Tiny),
-            "small" => Ok(BenchPreset::Small),
-            "7b-shape" | "7b" => Ok(BenchPreset::SevenB),
-            "qwen-0.5b-shape" => Ok(BenchPreset::Qwen05B),
-            other => Err(Error::InvalidArgument(format!(
-                "--preset {other:?}: expected tiny, small, qwen-0.5b-shape or 7b-shape"
-            ))),
-        }
-    }
-}
-
-/// Where the base weights come from.
-#[derive(Clone, Debug)]
-pub enum Source {
-    Dir(PathBuf),
-    Preset(BenchPreset),
-}
-
 /// Resolved, validated arguments.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -277,7 +154,7 @@ impl Plan {
         };
         let (cfg, (batch, prompt_len, response_len, iterations)) = match &source {
             Source::Dir(dir) => (Config::from_dir(dir)?, (4, 64, 32, 3)),
-            Source::Preset(p) => (p.config(), p.shape()),
+            Source::Preset(p) => (p.config(), p.ppo_shape()),
         };
         let device = parse_device(&args.device)?;
         let seven_b = matches!(source, Source::Preset(BenchPreset::SevenB));
@@ -377,17 +254,6 @@ impl Plan {
             Source::Preset(p) => format!("preset {}", p.name()),
         }
     }
-}
-
-/// Number of scalars in a model of shape `cfg`.
-pub fn base_params(cfg: &Config) -> i64 {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let bias = |on: bool, n: i64| if on { n } else { 0 };
-    let attn = h * q + bias(cfg.qkv_bias, q) + 2 * (h * kv + bias(cfg.qkv_bias, kv)) + q * h + bias(cfg.o_bias, h);
-    let mlp = 3 * h * i + bias(cfg.mlp_bias, 2 * i + h);
-    let head = if cfg.tie_word_embeddings { 0 } else { cfg.vocab_size * h };
-    cfg.vocab_size * h + cfg.num_layers * (attn + mlp + 2 * h) + h + head
 }
 
 /// The seeded prompt ids of iteration `it`: `[batch][len]` in `[FIRST_ID,
@@ -940,7 +806,7 @@ mod tests {
                 rlhf_model::init::random_weights(&cfg, 0).expect("weights").iter().map(|(_, t)| t.numel() as i64).sum();
             assert_eq!(base_params(&cfg), n, "{p:?}");
         }
-        assert!((base_params(&llama2_7b_config()) - 6_738_415_616).abs() == 0);
+        assert!((base_params(&rlhf_model::random::llama2_7b_config()) - 6_738_415_616).abs() == 0);
     }
 
     #[test]
