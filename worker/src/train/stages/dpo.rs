@@ -6,8 +6,8 @@
 //! `Δ = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))`:
 //! `sigmoid` `−(1−ε) log σ(βΔ) − ε log σ(−βΔ)`, `hinge` `relu(1 − βΔ)`,
 //! `ipo` `(Δ̄ − 1/(2β))²` with per-token averaged log-ratios. Each pair's
-//! reference log-probs are computed once, with its block of 8 consecutive
-//! pairs, when the first of them is drawn; chosen and rejected share their
+//! reference log-probs are computed once, with its block of 8 pairs of
+//! about its length, when the first of them is drawn; chosen and rejected share their
 //! prompt's forward. Logged:
 //! TRL's `rewards/{chosen,rejected,margins,accuracies}` (as
 //! `rewards_chosen` …), held-out reward accuracy as `accuracy`.
@@ -152,17 +152,20 @@ struct DpoObjective<'a> {
     held_out_reference: Option<Tensor>,
     /// Activation checkpointing in the policy's backward (`train.gradient_checkpointing`).
     recompute: bool,
+    /// The pairs whose reference log-probs are computed together, and each pair's block.
+    blocks: Vec<Vec<usize>>,
+    block_of: Vec<usize>,
 }
 
 /// Pairs per reference forward.
 const REFERENCE_BLOCK: usize = 8;
 
 /// Reference (adapter off) log-probs `[2n]` of `pairs`, [`REFERENCE_BLOCK`]
-/// pairs per forward. Training pairs go in fixed blocks of consecutive
-/// indices ([`DpoObjective::reference_of`]): a pair's values then do not
+/// pairs per forward. Training pairs go in fixed blocks of pairs of about
+/// one length ([`DpoObjective::reference_of`]): a pair's values then do not
 /// depend on which pairs it was drawn with (padding changes the kernels'
-/// shapes and so the last bits), and a resumed run reproduces an
-/// uninterrupted one exactly.
+/// shapes and so the last bits), a resumed run reproduces an uninterrupted
+/// one exactly, and a block wastes little on padding.
 fn reference_logps(pm: &PeftModel, pairs: &[&Encoded], pad: i64) -> Result<Tensor> {
     tch::no_grad(|| {
         pm.without_adapter(|| {
@@ -188,18 +191,26 @@ impl<'a> DpoObjective<'a> {
         recompute: bool,
     ) -> Self {
         let reference = vec![None; pairs.len()];
-        Self { pairs, rows, held_out, spec, pad, reference, held_out_reference: None, recompute }
+        // Blocks of REFERENCE_BLOCK pairs in order of length (then index).
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        order.sort_by_key(|&i| (pairs[i].chosen.len().max(pairs[i].rejected.len()), i));
+        let blocks: Vec<Vec<usize>> = order.chunks(REFERENCE_BLOCK).map(<[usize]>::to_vec).collect();
+        let mut block_of = vec![0; pairs.len()];
+        for (b, members) in blocks.iter().enumerate() {
+            members.iter().for_each(|&i| block_of[i] = b);
+        }
+        Self { pairs, rows, held_out, spec, pad, reference, held_out_reference: None, recompute, blocks, block_of }
     }
 
     fn reference_of(&mut self, pm: &PeftModel, idx: &[usize]) -> Result<(Tensor, Tensor)> {
-        // The blocks of consecutive pairs that hold a missing one, whole.
+        // The blocks that hold a missing pair, whole.
         let blocks: std::collections::BTreeSet<usize> =
-            idx.iter().filter(|&&i| self.reference[i].is_none()).map(|&i| i / REFERENCE_BLOCK).collect();
+            idx.iter().filter(|&&i| self.reference[i].is_none()).map(|&i| self.block_of[i]).collect();
         for block in blocks {
-            let range = block * REFERENCE_BLOCK..((block + 1) * REFERENCE_BLOCK).min(self.pairs.len());
-            let pairs: Vec<&Encoded> = self.pairs[range.clone()].iter().collect();
+            let members = &self.blocks[block];
+            let pairs: Vec<&Encoded> = members.iter().map(|&i| &self.pairs[i]).collect();
             let r: Vec<f32> = Vec::try_from(&reference_logps(pm, &pairs, self.pad)?.to_device(tch::Device::Cpu))?;
-            for (k, i) in range.enumerate() {
+            for (k, &i) in members.iter().enumerate() {
                 self.reference[i] = Some((r[2 * k], r[2 * k + 1]));
             }
         }
@@ -213,7 +224,7 @@ impl<'a> DpoObjective<'a> {
 }
 
 /// One optimizer step on `pairs` as the stage takes it: their reference
-/// log-probs (adapter off, in blocks of consecutive pairs), then the policy's
+/// log-probs (adapter off, in blocks of pairs), then the policy's
 /// forward/backward over all of them and the AdamW step; for `bench dpo`.
 /// Returns the seconds of the reference pass, of the rest, and the loss.
 pub(crate) fn timed_step(
