@@ -39,6 +39,18 @@ impl Head {
         Self { weight, bias: Tensor::zeros([1], (Kind::Float, device)).set_requires_grad(true), lm_scale: None }
     }
 
+    /// A trainable head that reads 0 everywhere (weight and bias zero): a
+    /// critic that starts with no opinion, so the first advantages are the
+    /// rewards themselves (whitened), not a random head's noise.
+    pub fn zeros(hidden: i64, device: Device) -> Self {
+        let z = |n: i64| Tensor::zeros([n], (Kind::Float, device));
+        Self {
+            weight: z(hidden).unsqueeze(0).set_requires_grad(true),
+            bias: z(1).set_requires_grad(true),
+            lm_scale: None,
+        }
+    }
+
     /// This head with a log-prob term (`c` = 1, trainable).
     pub fn with_logprob(mut self) -> Self {
         self.lm_scale = Some(Tensor::ones([1], (Kind::Float, self.bias.device())).set_requires_grad(true));

@@ -52,7 +52,12 @@ pub struct RoleHost {
 impl RoleHost {
     /// Loads the job's base and puts the critic (and a reward model, if the
     /// job scores with one) on it. The critic starts as a copy of the reward
-    /// model (TRL's default), else fresh.
+    /// model (TRL's default), else as a fresh adapter; its value head reads 0
+    /// at first unless the reward model's head is linear. A random head, or
+    /// a copy of a head whose score adds `c · log p` (which a linear value
+    /// head cannot carry), starts far from the returns: in the paper run the
+    /// first value loss was 15 (fresh) and 289 (such a copy) against rewards
+    /// within 0..2, and `r − V` was the critic's noise, not the reward's.
     pub fn new(job: &JobSpec, ppo: &PpoSpec, device: tch::Device) -> Result<Self> {
         let mut model = load_base(job, device)?;
         let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
@@ -63,14 +68,16 @@ impl RoleHost {
                 let head = load_reward_model(dir, &mut model.pm, Role::Reward.name())?;
                 model.pm.add(Role::Critic.name(), peft::io::load(dir, &model.pm.base)?)?;
                 let v = Head::load(&dir.join(REWARD_HEAD_FILE), h, device)?;
-                // The value head is linear: the reward head's log-prob term stays behind.
-                let value = Head { lm_scale: None, ..v.trainable(true) };
+                let value = match v.lm_scale {
+                    None => v.trainable(true),
+                    Some(_) => Head::zeros(h, device),
+                };
                 (Some(head), value)
             }
             None => {
                 let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &model.pm.base)?;
                 model.pm.add(Role::Critic.name(), critic)?;
-                (None, Head::new(h, device, job.seed.wrapping_add(2)))
+                (None, Head::zeros(h, device))
             }
         };
         let mut params = model.pm.adapter(Role::Critic.name())?.parameters();
