@@ -311,6 +311,9 @@ pub struct TrainSpec {
 fn one() -> usize {
     1
 }
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
 fn default_batch() -> usize {
     8
 }
@@ -435,6 +438,13 @@ pub struct PpoSpec {
     /// behaviour log-probs either way).
     #[serde(default)]
     pub rollout_ahead: usize,
+    /// Completions sampled per prompt (OpenRLHF's `n_samples_per_prompt`):
+    /// `rollout_batch / samples_per_prompt` distinct prompts per iteration.
+    /// The copies of a prompt share its forward (generation, reference,
+    /// reward, critic) and stay in one minibatch, so more samples cost
+    /// little where prompts are long and responses short.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub samples_per_prompt: usize,
 }
 
 impl PpoSpec {
@@ -1084,6 +1094,12 @@ impl JobSpec {
                 );
             }
             if self.kind == kind {
+                if self.ppo.as_ref().is_some_and(|p| p.samples_per_prompt != 1) {
+                    return err(
+                        "ppo.samples_per_prompt",
+                        format!("a {section} job samples {section}.num_generations per prompt; leave this at 1"),
+                    );
+                }
                 let batch = self.ppo.as_ref().map_or(0, |p| p.rollout_batch);
                 spec.clone().unwrap_or_default().validate(section, batch)?;
             }
@@ -1205,6 +1221,16 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
     }
     if p.rollout_ahead > 1 {
         return err("ppo.rollout_ahead", format!("must be 0 or 1, got {}", p.rollout_ahead));
+    }
+    let n = p.samples_per_prompt;
+    if n == 0 || p.rollout_batch % n != 0 || p.minibatch % n != 0 {
+        return err(
+            "ppo.samples_per_prompt",
+            format!(
+                "must be at least 1 and divide ppo.rollout_batch ({}) and ppo.minibatch ({}), got {n}",
+                p.rollout_batch, p.minibatch
+            ),
+        );
     }
     reward::validate(&p.reward, &p.rewards, in_pipeline)
 }

@@ -29,8 +29,11 @@ fn step_of(job: &JobSpec) -> Step {
         k if k.is_rl() => {
             let p = job.ppo.as_ref();
             let batch = p.map_or(0, |p| p.rollout_batch);
-            let unit = if k == JobKind::Ppo {
+            let n = p.map_or(1, |p| p.samples_per_prompt);
+            let unit = if k == JobKind::Ppo && n == 1 {
                 format!("iterations × {batch} prompts")
+            } else if k == JobKind::Ppo {
+                format!("iterations × {} prompts × {n} samples", batch / n)
             } else {
                 let g = job.grpo.as_ref().or(job.rloo.as_ref()).cloned().unwrap_or_default().num_generations.max(1);
                 format!("iterations × {} prompts × {g} samples", batch / g)

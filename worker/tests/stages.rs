@@ -110,6 +110,21 @@ fn ppo_raises_a_reward_that_prefers_a_known_answer_with_bounded_kl() {
     }
 }
 
+#[test]
+fn ppo_with_several_samples_per_prompt_raises_the_reward() {
+    // 4 prompts × 4 completions per iteration (their prompt forward shared),
+    // minibatches of whole groups; the critic starts at 0.
+    let tmp = tempfile::tempdir().unwrap();
+    let sft = tmp.path().join("sft");
+    run_job(&job(&sft_toml("f32", 60, 1, 0)), &sft, Device::Cpu).unwrap();
+    let out = tmp.path().join("ppo");
+    let text = ppo_toml("f32", &sft.join("adapter"), 20, 3).replace("minibatch = 8", "minibatch = 8\nsamples_per_prompt = 4");
+    run_job(&job(&text), &out, Device::Cpu).unwrap();
+    let reward = series(&metrics(&out), "reward_mean");
+    assert_eq!(reward.len(), 20);
+    assert!(mean(&reward[15..]) > mean(&reward[..3]) + 0.2, "reward did not rise: {reward:?}");
+}
+
 /// Drops wall-clock fields, which differ between runs.
 fn deterministic(m: &[Value]) -> Vec<Value> {
     m.iter()

@@ -266,11 +266,20 @@ fn rollout_placement_parses_and_names_bad_fields() {
     assert!(is_any_worker("*") && is_any_worker("") && !is_any_worker("b"));
     let ahead = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nrollout_ahead = 1")).unwrap();
     assert_eq!(ahead.ppo.unwrap().rollout_ahead, 1);
+    let twice = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2")).unwrap();
+    assert_eq!(twice.ppo.as_ref().unwrap().samples_per_prompt, 2);
+    assert!(twice.to_toml().contains("samples_per_prompt = 2"));
+    assert_eq!(JobSpec::from_toml(PPO).unwrap().ppo.unwrap().samples_per_prompt, 1);
     let cases = [
         (with("trainer = \"a\"\nrollout = [\"a\"]"), "placement.rollout: worker \"a\" is also placement.trainer"),
         (with("rollout = [\"b\", \"b\"]"), "placement.rollout: worker \"b\" is listed twice"),
         (with("rollout = [\"b\"]\ndata_parallel = 2"), "placement.rollout: a data-parallel ppo job generates"),
         (PPO.replace("iterations = 5", "iterations = 5\nrollout_ahead = 2"), "ppo.rollout_ahead: must be 0 or 1"),
+        (
+            PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 8"),
+            "ppo.samples_per_prompt: must be at least 1 and divide ppo.rollout_batch (8) and ppo.minibatch (4), got 8",
+        ),
+        (PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 0"), "ppo.samples_per_prompt: must be at least 1"),
     ];
     for (text, want) in cases {
         let e = JobSpec::from_toml(&text).unwrap_err().to_string();

@@ -159,6 +159,18 @@ pub struct Generated {
     pub secs: f64,
 }
 
+/// The rows of a global batch in a shuffled order for its minibatches:
+/// groups of `per_prompt` consecutive rows (one prompt's completions) are
+/// shuffled as wholes, so a minibatch that is a multiple of the group keeps
+/// each prompt's rows together and runs the prompt once. With `per_prompt`
+/// = 1 this is a plain shuffle of the rows (the same draws as before).
+pub fn minibatch_order(rows: usize, per_prompt: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let per_prompt = per_prompt.max(1);
+    let mut groups: Vec<usize> = (0..rows.div_ceil(per_prompt)).collect();
+    groups.shuffle(rng);
+    groups.into_iter().flat_map(|g| g * per_prompt..((g + 1) * per_prompt).min(rows)).collect()
+}
+
 /// Runs one iteration on a generated rollout and returns its metrics
 /// record (rewards, KL, losses, phase times `time_*`, bytes exchanged) and
 /// this rank's raw scores, one per row (before penalties and clipping).
@@ -226,8 +238,7 @@ pub fn run(
     let mut rng = ChaCha8Rng::seed_from_u64(rollout.seed ^ (rollout.it as u64).wrapping_mul(0x9E37_79B9));
     let mut sums = MinibatchSums::default();
     for _ in 0..ppo.ppo_epochs {
-        let mut order: Vec<usize> = (0..b_all).collect();
-        order.shuffle(&mut rng);
+        let order = minibatch_order(b_all, ppo.samples_per_prompt, &mut rng);
         for mb in order.chunks(ppo.minibatch) {
             // This rank's rows of the minibatch; their losses weigh their share of its tokens.
             let (local, share) = shard::minibatch_part(mb, rank, world, &tokens_of);
@@ -392,5 +403,30 @@ impl MinibatchSums {
         self.grad_norm += grad_norm;
         self.value_loss += value_loss;
         self.minibatches += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minibatch_order_keeps_each_prompts_rows_together() {
+        let mut a = ChaCha8Rng::seed_from_u64(7);
+        let mut b = ChaCha8Rng::seed_from_u64(7);
+        // One row per prompt: a plain shuffle of the rows, draw for draw.
+        let mut plain: Vec<usize> = (0..16).collect();
+        plain.shuffle(&mut a);
+        assert_eq!(minibatch_order(16, 1, &mut b), plain);
+        // Four per prompt: a permutation whose aligned runs of 4 are whole groups.
+        let order = minibatch_order(16, 4, &mut ChaCha8Rng::seed_from_u64(3));
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>());
+        for run in order.chunks(4) {
+            let g = run[0] / 4;
+            assert_eq!(run, [4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3]);
+        }
+        assert_ne!(order, (0..16).collect::<Vec<_>>(), "groups are shuffled");
     }
 }

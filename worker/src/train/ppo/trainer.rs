@@ -195,7 +195,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         JobKind::Rloo => Some((job.rloo.clone().unwrap_or_default(), true)),
         _ => None,
     };
-    let per_prompt = group_spec.as_ref().map_or(1, |(s, _)| s.num_generations);
+    let per_prompt = group_spec.as_ref().map_or(ppo.samples_per_prompt, |(s, _)| s.num_generations);
     let data = job.data.clone().unwrap_or_default();
     let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
     let (rank, world) = (ctx.dist.rank(), ctx.dist.world());
