@@ -33,6 +33,12 @@ pub struct DataSpec {
     /// paper's multiple-choice construction).
     #[serde(default)]
     pub from_multiple_choice: bool,
+    /// Reward, with `from_multiple_choice`: also train on the bare correct
+    /// answer ≻ each bare wrong one (format 4, beyond the paper's three):
+    /// what a one-token PPO response is, and what the three formats never
+    /// compare. Held-out steps are then chosen on dev pairs of all four.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bare_pairs: bool,
     /// Prompt template with `{sentence}`, `{sentence1}`, `{sentence2}`, `{options}`.
     #[serde(default)]
     pub template: Option<String>,
@@ -136,6 +142,9 @@ impl DataSpec {
             }
         } else if self.train.is_none() {
             return err("data.train", format!("required for a {kind} job (or data.sources)"));
+        }
+        if self.bare_pairs && !(self.from_multiple_choice && PAIRED.contains(&kind)) {
+            return err("data.bare_pairs", "applies to reward and dpo jobs with data.from_multiple_choice = true");
         }
         if self.max_pair_tokens.is_some() && !PAIRED.contains(&kind) {
             return err("data.max_pair_tokens", format!("applies to reward and dpo jobs, not {kind}"));

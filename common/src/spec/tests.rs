@@ -358,6 +358,16 @@ fn a_reward_head_lr_parses_and_a_bad_one_is_named() {
 }
 
 #[test]
+fn bare_pairs_need_multiple_choice_pairs() {
+    let text = "version = 1\nkind = \"reward\"\n[model]\npath = \"/m\"\n[peft]\nmethod = \"lora\"\n[data]\ntask = \"eprstmt\"\nfrom_multiple_choice = true\nbare_pairs = true\ntrain = \"/t.json\"\n";
+    let spec = JobSpec::from_toml(text).unwrap();
+    assert!(spec.data.as_ref().unwrap().bare_pairs);
+    assert!(spec.to_toml().contains("bare_pairs = true"));
+    let e = JobSpec::from_toml(&text.replace("from_multiple_choice = true\n", "")).unwrap_err().to_string();
+    assert!(e.starts_with("data.bare_pairs: applies to reward and dpo jobs with data.from_multiple_choice"), "{e}");
+}
+
+#[test]
 fn several_rewards_parse_round_trip_and_name_their_fields() {
     let many = r#"reward = { kind = "label" }"#;
     let rewards = r#"[[ppo.rewards]]

@@ -179,7 +179,11 @@ fn respond(answer: &str, explanation: Option<&str>) -> String {
 /// So an example of a task with k options gives 1 + 2(k − 1) pairs (TNEWS:
 /// 29), in that order, wrong answers in option order. Margins are 0. An
 /// example whose label the template does not know is an error.
-pub fn from_multiple_choice(examples: &[Example], template: &Template) -> Result<Vec<PreferencePair>> {
+///
+/// With `bare`, each wrong answer also gives format 4, `"c"` ≻ `"w"` (not
+/// one of the paper's three: what a one-token answer meets in PPO), after
+/// its formats 2 and 3: 1 + 3(k − 1) pairs.
+pub fn from_multiple_choice(examples: &[Example], template: &Template, bare: bool) -> Result<Vec<PreferencePair>> {
     let task = template.task.name().to_string();
     let mut out = Vec::new();
     for ex in examples {
@@ -194,6 +198,9 @@ pub fn from_multiple_choice(examples: &[Example], template: &Template) -> Result
             let wrong_explained = respond(template.answer(w)?, Some(&template.explanation(w)?));
             out.push(pair(&explained, &wrong_explained, 2));
             out.push(pair(correct, &wrong_explained, 3));
+            if bare {
+                out.push(pair(correct, template.answer(w)?, 4));
+            }
         }
     }
     Ok(out)
@@ -328,7 +335,7 @@ mod tests {
     #[test]
     fn multiple_choice_construction() {
         let t = default_template(Task::Eprstmt);
-        let pairs = from_multiple_choice(&examples(), &t).unwrap();
+        let pairs = from_multiple_choice(&examples(), &t, false).unwrap();
         assert_eq!(pairs.len(), 6);
         let prompt = t.render(&examples()[0]).unwrap();
         assert!(pairs[..3].iter().all(|p| p.prompt == prompt && p.margin == 0.0));
@@ -352,7 +359,7 @@ mod tests {
                 label: t.labels()[i as usize % 15].to_string(),
             })
             .collect();
-        let pairs = from_multiple_choice(&examples, &t).unwrap();
+        let pairs = from_multiple_choice(&examples, &t, false).unwrap();
         // 1 + 2 × 14 pairs per example.
         assert_eq!(pairs.len(), 30 * 29);
         for (ex, p) in examples.iter().zip(pairs.chunks(29)) {
@@ -366,18 +373,30 @@ mod tests {
         }
         let mut bad = examples[0].clone();
         bad.label = "105".into();
-        assert!(from_multiple_choice(&[bad], &t).unwrap_err().to_string().contains("\"105\""));
+        assert!(from_multiple_choice(&[bad], &t, false).unwrap_err().to_string().contains("\"105\""));
     }
 
     #[test]
     fn bare_answer_pairs_pit_the_bare_answer_against_each_wrong_one() {
         let t = default_template(Task::Eprstmt);
-        let full = from_multiple_choice(&examples(), &t).unwrap();
+        let full = from_multiple_choice(&examples(), &t, false).unwrap();
         let bare = bare_answer_pairs(&examples(), &t).unwrap();
         assert_eq!(bare.len(), 2);
         assert_eq!((bare[0].chosen.as_str(), bare[0].rejected.as_str()), ("B", "A"));
         assert!(full[1].rejected.starts_with(&bare[0].rejected));
         assert_eq!(bare[0].prompt, full[0].prompt);
+    }
+
+    #[test]
+    fn bare_pairs_follow_each_wrong_answers_formats_2_and_3() {
+        let t = default_template(Task::Eprstmt);
+        let with = from_multiple_choice(&examples(), &t, true).unwrap();
+        assert_eq!(with.len(), 8);
+        assert_eq!(with.iter().map(|p| p.format).collect::<Vec<_>>(), [1, 2, 3, 4, 1, 2, 3, 4]);
+        assert_eq!((with[3].chosen.as_str(), with[3].rejected.as_str()), ("B", "A"));
+        let without = from_multiple_choice(&examples(), &t, false).unwrap();
+        let kept: Vec<_> = with.iter().filter(|p| p.format != 4).cloned().collect();
+        assert_eq!(kept, without);
     }
 
     #[test]

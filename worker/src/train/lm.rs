@@ -70,10 +70,10 @@ impl Objective for LmObjective<'_> {
         Ok((vec![backward_lm_loss(pm, &ids_t, &tg_t, self.recompute, scale)?], tokens))
     }
 
-    fn eval(&mut self, pm: &PeftModel) -> Result<Option<(&'static str, f64)>> {
+    fn eval(&mut self, pm: &PeftModel) -> Result<Vec<(&'static str, f64)>> {
         match &mut self.eval {
-            Some(f) => Ok(Some(("eval_accuracy", f(pm)?))),
-            None => Ok(None),
+            Some(f) => Ok(vec![("eval_accuracy", f(pm)?)]),
+            None => Ok(Vec::new()),
         }
     }
 }

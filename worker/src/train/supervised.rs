@@ -46,8 +46,9 @@ pub trait Objective {
         accum: usize,
     ) -> Result<(Vec<f64>, usize)>;
 
-    /// The held-out metric's name and value, if the stage has one.
-    fn eval(&mut self, pm: &PeftModel) -> Result<Option<(&'static str, f64)>>;
+    /// The held-out metrics' names and values, if the stage has any; the
+    /// first is the one `train.select_best` compares.
+    fn eval(&mut self, pm: &PeftModel) -> Result<Vec<(&'static str, f64)>>;
 }
 
 /// What is trained: the adapter `adapter` of the model, and `extra` named
@@ -135,8 +136,9 @@ pub fn train(
             "tokens_per_s" => tokens as f64 / ts.elapsed().as_secs_f64(),
         });
         if train.eval_due(done, total) && rank == 0 {
-            if let Some((name, value)) = tch::no_grad(|| objective.eval(pm))? {
-                rec.insert(name.into(), json!(value));
+            let metrics = tch::no_grad(|| objective.eval(pm))?;
+            rec.extend(metrics.iter().map(|(name, value)| (name.to_string(), json!(value))));
+            if let Some(&(_, value)) = metrics.first() {
                 if train.select_best && best.as_ref().is_none_or(|b| value > b.1) {
                     best = Some((done, value, opt.params().iter().map(|t| t.detach().copy()).collect()));
                 }

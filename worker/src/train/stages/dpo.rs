@@ -298,12 +298,12 @@ impl Objective for DpoObjective<'_> {
         Ok((stats, tokens))
     }
 
-    fn eval(&mut self, pm: &PeftModel) -> Result<Option<(&'static str, f64)>> {
+    fn eval(&mut self, pm: &PeftModel) -> Result<Vec<(&'static str, f64)>> {
         if self.held_out.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let (won, _) = held_out(pm, self.held_out, &mut self.held_out_reference, self.spec.beta, self.pad)?;
-        Ok(Some(("accuracy", won.iter().filter(|&&w| w).count() as f64 / won.len() as f64)))
+        Ok(vec![("accuracy", won.iter().filter(|&&w| w).count() as f64 / won.len() as f64)])
     }
 }
 
