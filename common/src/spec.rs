@@ -445,6 +445,14 @@ pub struct PpoSpec {
     /// little where prompts are long and responses short.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub samples_per_prompt: usize,
+    /// With `samples_per_prompt` > 1: each score minus the mean score of its
+    /// prompt's samples, before the KL penalty (OpenRLHF's
+    /// `reinforce_baseline` shaping; GAE and the critic then work on what
+    /// is left). What the reward model says about a prompt as a whole (one
+    /// task's answers all score higher than another's) no longer moves the
+    /// policy; only how the prompt's answers rank against each other does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_baseline: bool,
 }
 
 impl PpoSpec {
@@ -1231,6 +1239,9 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
                 p.rollout_batch, p.minibatch
             ),
         );
+    }
+    if p.group_baseline && n < 2 {
+        return err("ppo.group_baseline", "needs ppo.samples_per_prompt of 2 or more (a prompt's samples are its baseline)");
     }
     reward::validate(&p.reward, &p.rewards, in_pipeline)
 }

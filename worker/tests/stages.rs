@@ -123,6 +123,13 @@ fn ppo_with_several_samples_per_prompt_raises_the_reward() {
     let reward = series(&metrics(&out), "reward_mean");
     assert_eq!(reward.len(), 20);
     assert!(mean(&reward[15..]) > mean(&reward[..3]) + 0.2, "reward did not rise: {reward:?}");
+    // Scores centred on their prompt's mean (ppo.group_baseline): the
+    // logged reward is the raw score, and it rises too.
+    let out = tmp.path().join("ppo-centred");
+    run_job(&job(&text.replace("samples_per_prompt = 4", "samples_per_prompt = 4\ngroup_baseline = true")), &out, Device::Cpu)
+        .unwrap();
+    let reward = series(&metrics(&out), "reward_mean");
+    assert!(mean(&reward[15..]) > mean(&reward[..3]) + 0.2, "reward did not rise with group_baseline: {reward:?}");
 }
 
 /// Drops wall-clock fields, which differ between runs.

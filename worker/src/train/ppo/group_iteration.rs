@@ -33,7 +33,7 @@ pub struct Group<'a> {
 
 /// This rank's per-row values placed at their global rows, summed over
 /// ranks: the whole batch's values on every rank.
-fn gather(dist: &mut dyn Collective, rows: &[usize], mine: &Tensor, total: usize) -> Result<Tensor> {
+pub(crate) fn gather(dist: &mut dyn Collective, rows: &[usize], mine: &Tensor, total: usize) -> Result<Tensor> {
     let v: Vec<f32> = Vec::try_from(&mine.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
     let mut all = vec![0.0; total];
     for (&r, &x) in rows.iter().zip(&v) {

@@ -13,6 +13,8 @@ use rlhf_common::spec::{KlEstimatorSpec, PpoSpec};
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
+use super::group::grpo_advantages;
+use super::group_iteration::gather;
 use super::rollout::{logprobs, Batch};
 use super::{
     apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss,
@@ -171,6 +173,16 @@ pub fn minibatch_order(rows: usize, per_prompt: usize, rng: &mut ChaCha8Rng) -> 
     groups.into_iter().flat_map(|g| g * per_prompt..((g + 1) * per_prompt).min(rows)).collect()
 }
 
+/// `ppo.group_baseline`: this rank's `score` rows (global rows `rows`)
+/// minus the mean score of their prompt's `per_prompt` samples (consecutive
+/// global rows), taken over every rank's rows.
+fn group_centred(dist: &mut dyn Collective, rows: &[usize], score: &Tensor, total: usize, per_prompt: usize) -> Result<Tensor> {
+    let all = gather(dist, rows, score, total)?;
+    let centred = grpo_advantages(&all, per_prompt as i64, "none");
+    let mine = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
+    Ok(centred.index_select(0, &mine).to_device(score.device()).to_kind(score.kind()))
+}
+
 /// Runs one iteration on a generated rollout and returns its metrics
 /// record (rewards, KL, losses, phase times `time_*`, bytes exchanged) and
 /// this rank's raw scores, one per row (before penalties and clipping).
@@ -222,6 +234,10 @@ pub fn run(
         None => raw_score.shallow_clone(),
     };
     let score = clip_score(&score, ppo.reward_clip);
+    let score = match ppo.group_baseline {
+        true => group_centred(dist, prompts.rows, &score, b_all, ppo.samples_per_prompt)?,
+        false => score,
+    };
     let mask = &batch.mask;
     let (rewards, kl) =
         penalized_rewards(&score, &logp_old, &ref_logp, mask, state.kl.coef(), estimator(ppo.kl_estimator));
