@@ -37,6 +37,24 @@ def stage_order(run):
     return [st["name"] for st in tomllib.load(open(os.path.join(run, "job.toml"), "rb")).get("stage", [])]
 
 
+def best_sft(outcomes):
+    """The SFT stage the pipeline merged under the later stages, by its rule
+    (worker/src/train/run.rs best_sft): the best dev accuracy, a tie going
+    to the later stage only when it is the last one; the last when none
+    was evaluated."""
+    sft = [o for o in outcomes.values() if o["kind"] == "sft"]
+    if not sft:
+        return None
+    nan = float("nan")
+    score = lambda o: o.get("final_metrics", {}).get("eval_accuracy", nan)
+    best = sft[-1]
+    for o in sft:
+        s, b = score(o), score(best)
+        if s > b or (b != b and s == s):
+            best = o
+    return best
+
+
 def load_outcomes(run):
     out = {}
     stages = os.path.join(run, "stages")
@@ -111,6 +129,9 @@ def fmt(x, digits=4):
 
 
 def main():
+    if sys.argv[2:3] == ["--best-sft"]:  # paper.sh: which SFT stage PPO built on
+        best = best_sft(load_outcomes(sys.argv[1]))
+        sys.exit(print(best["stage"]) if best else "paper_report.py: no SFT stage")
     run, out = sys.argv[1], sys.argv[2]
     opts = {"preset": None, "minutes": None, "commit": None}
     rest = sys.argv[3:]
@@ -183,8 +204,7 @@ def main():
     # Table 5: base → the SFT model PPO started from → PPO.
     sft_best = None
     ppo = [n for n, o in outcomes.items() if o["kind"] in RL_KINDS]
-    best = max((o for n, o in outcomes.items() if o["kind"] == "sft"),
-               key=lambda o: o.get("final_metrics", {}).get("eval_accuracy", -1), default=None)
+    best = best_sft(outcomes)
     if best:
         sft_best = best["stage"]
     if ppo and sft_best:

@@ -102,6 +102,9 @@ impl Produced {
         let sft: Vec<PathBuf> = self.best_sft().map(|s| s.1.clone()).into_iter().collect();
         match job.kind {
             JobKind::Reward | JobKind::Ppo | JobKind::Grpo | JobKind::Rloo | JobKind::Dpo => {
+                if let Some((name, _, acc)) = self.best_sft() {
+                    tracing::info!(stage = %stage.name, sft = %name, dev_accuracy = acc, "merging the best SFT adapter under the stage");
+                }
                 job.model.merge_adapters.extend(sft.iter().cloned())
             }
             _ => {}
