@@ -1231,7 +1231,7 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
         return err("ppo.rollout_ahead", format!("must be 0 or 1, got {}", p.rollout_ahead));
     }
     let n = p.samples_per_prompt;
-    if n == 0 || p.rollout_batch % n != 0 || p.minibatch % n != 0 {
+    if n == 0 || !p.rollout_batch.is_multiple_of(n) || !p.minibatch.is_multiple_of(n) {
         return err(
             "ppo.samples_per_prompt",
             format!(
@@ -1241,7 +1241,10 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
         );
     }
     if p.group_baseline && n < 2 {
-        return err("ppo.group_baseline", "needs ppo.samples_per_prompt of 2 or more (a prompt's samples are its baseline)");
+        return err(
+            "ppo.group_baseline",
+            "needs ppo.samples_per_prompt of 2 or more (a prompt's samples are its baseline)",
+        );
     }
     reward::validate(&p.reward, &p.rewards, in_pipeline)
 }

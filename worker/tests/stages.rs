@@ -118,7 +118,8 @@ fn ppo_with_several_samples_per_prompt_raises_the_reward() {
     let sft = tmp.path().join("sft");
     run_job(&job(&sft_toml("f32", 60, 1, 0)), &sft, Device::Cpu).unwrap();
     let out = tmp.path().join("ppo");
-    let text = ppo_toml("f32", &sft.join("adapter"), 20, 3).replace("minibatch = 8", "minibatch = 8\nsamples_per_prompt = 4");
+    let text =
+        ppo_toml("f32", &sft.join("adapter"), 20, 3).replace("minibatch = 8", "minibatch = 8\nsamples_per_prompt = 4");
     run_job(&job(&text), &out, Device::Cpu).unwrap();
     let reward = series(&metrics(&out), "reward_mean");
     assert_eq!(reward.len(), 20);
@@ -126,8 +127,12 @@ fn ppo_with_several_samples_per_prompt_raises_the_reward() {
     // Scores centred on their prompt's mean (ppo.group_baseline): the
     // logged reward is the raw score, and it rises too.
     let out = tmp.path().join("ppo-centred");
-    run_job(&job(&text.replace("samples_per_prompt = 4", "samples_per_prompt = 4\ngroup_baseline = true")), &out, Device::Cpu)
-        .unwrap();
+    run_job(
+        &job(&text.replace("samples_per_prompt = 4", "samples_per_prompt = 4\ngroup_baseline = true")),
+        &out,
+        Device::Cpu,
+    )
+    .unwrap();
     let reward = series(&metrics(&out), "reward_mean");
     assert!(mean(&reward[15..]) > mean(&reward[..3]) + 0.2, "reward did not rise with group_baseline: {reward:?}");
 }

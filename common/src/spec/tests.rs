@@ -269,7 +269,10 @@ fn rollout_placement_parses_and_names_bad_fields() {
     let twice = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2")).unwrap();
     assert_eq!(twice.ppo.as_ref().unwrap().samples_per_prompt, 2);
     assert!(twice.to_toml().contains("samples_per_prompt = 2"));
-    let centred = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2\ngroup_baseline = true")).unwrap();
+    let centred = JobSpec::from_toml(
+        &PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2\ngroup_baseline = true"),
+    )
+    .unwrap();
     assert!(centred.ppo.as_ref().unwrap().group_baseline && centred.to_toml().contains("group_baseline = true"));
     assert!(!twice.to_toml().contains("group_baseline"));
     assert_eq!(JobSpec::from_toml(PPO).unwrap().ppo.unwrap().samples_per_prompt, 1);
@@ -282,8 +285,14 @@ fn rollout_placement_parses_and_names_bad_fields() {
             PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 8"),
             "ppo.samples_per_prompt: must be at least 1 and divide ppo.rollout_batch (8) and ppo.minibatch (4), got 8",
         ),
-        (PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 0"), "ppo.samples_per_prompt: must be at least 1"),
-        (PPO.replace("iterations = 5", "iterations = 5\ngroup_baseline = true"), "ppo.group_baseline: needs ppo.samples_per_prompt of 2"),
+        (
+            PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 0"),
+            "ppo.samples_per_prompt: must be at least 1",
+        ),
+        (
+            PPO.replace("iterations = 5", "iterations = 5\ngroup_baseline = true"),
+            "ppo.group_baseline: needs ppo.samples_per_prompt of 2",
+        ),
     ];
     for (text, want) in cases {
         let e = JobSpec::from_toml(&text).unwrap_err().to_string();

@@ -176,7 +176,13 @@ pub fn minibatch_order(rows: usize, per_prompt: usize, rng: &mut ChaCha8Rng) -> 
 /// `ppo.group_baseline`: this rank's `score` rows (global rows `rows`)
 /// minus the mean score of their prompt's `per_prompt` samples (consecutive
 /// global rows), taken over every rank's rows.
-fn group_centred(dist: &mut dyn Collective, rows: &[usize], score: &Tensor, total: usize, per_prompt: usize) -> Result<Tensor> {
+fn group_centred(
+    dist: &mut dyn Collective,
+    rows: &[usize],
+    score: &Tensor,
+    total: usize,
+    per_prompt: usize,
+) -> Result<Tensor> {
     let all = gather(dist, rows, score, total)?;
     let centred = grpo_advantages(&all, per_prompt as i64, "none");
     let mine = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());

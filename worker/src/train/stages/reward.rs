@@ -18,10 +18,10 @@ use crate::data::{self, render, PreferencePair};
 use crate::error::{Error, Result};
 use crate::fields;
 use crate::parallel;
+use crate::train::ppo::rollout::Batch;
 use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
 use crate::train::stage::{Ctx, Outcome};
 use crate::train::supervised::{self, Objective, Trainable};
-use crate::train::ppo::rollout::Batch;
 use rlhf_model::head::{Head, REWARD_HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
