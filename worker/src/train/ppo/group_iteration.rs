@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 use super::group::{grpo_advantages, grpo_loss, rloo_advantages, rloo_loss, Clip};
 use super::iteration::{score_rollout, Generated, PolicyState, Prompts, Roles, Rollout, Scorer};
 use super::rollout::{logprobs, Batch};
-use super::shard::sum_across;
+use super::shard::{gather, sum_across};
 use crate::error::Result;
 use crate::fields;
 use crate::parallel::Collective;
@@ -29,18 +29,6 @@ use rlhf_model::sync;
 pub struct Group<'a> {
     pub spec: &'a GroupSpec,
     pub rloo: bool,
-}
-
-/// This rank's per-row values placed at their global rows, summed over
-/// ranks: the whole batch's values on every rank.
-pub(crate) fn gather(dist: &mut dyn Collective, rows: &[usize], mine: &Tensor, total: usize) -> Result<Tensor> {
-    let v: Vec<f32> = Vec::try_from(&mine.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
-    let mut all = vec![0.0; total];
-    for (&r, &x) in rows.iter().zip(&v) {
-        all[r] = f64::from(x);
-    }
-    let all = sum_across(dist, &all)?;
-    Ok(Tensor::from_slice(&all.iter().map(|&x| x as f32).collect::<Vec<_>>()))
 }
 
 /// Runs one iteration; returns its metrics record and this rank's raw scores.

@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
 use super::group::grpo_advantages;
-use super::group_iteration::gather;
 use super::rollout::{logprobs, Batch};
 use super::{
     apply_mask, apply_missing_eos_penalty, clip_score, gae, masked_mean, masked_whiten, penalized_rewards, policy_loss,
@@ -183,7 +182,7 @@ fn group_centred(
     total: usize,
     per_prompt: usize,
 ) -> Result<Tensor> {
-    let all = gather(dist, rows, score, total)?;
+    let all = shard::gather(dist, rows, score, total)?;
     let centred = grpo_advantages(&all, per_prompt as i64, "none");
     let mine = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
     Ok(centred.index_select(0, &mine).to_device(score.device()).to_kind(score.kind()))

@@ -58,6 +58,18 @@ pub fn minibatch_part(mb: &[usize], rank: usize, world: usize, tokens: &[f64]) -
     (local, if all > 0.0 { mine / all } else { 0.0 })
 }
 
+/// This rank's per-row values placed at their global rows, summed over
+/// ranks: the whole batch's values on every rank.
+pub fn gather(dist: &mut dyn Collective, rows: &[usize], mine: &Tensor, total: usize) -> Result<Tensor> {
+    let v: Vec<f32> = Vec::try_from(&mine.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+    let mut all = vec![0.0; total];
+    for (&r, &x) in rows.iter().zip(&v) {
+        all[r] = f64::from(x);
+    }
+    let all = sum_across(dist, &all)?;
+    Ok(Tensor::from_slice(&all.iter().map(|&x| x as f32).collect::<Vec<_>>()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
