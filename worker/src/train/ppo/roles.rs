@@ -52,12 +52,14 @@ pub struct RoleHost {
 impl RoleHost {
     /// Loads the job's base and puts the critic (and a reward model, if the
     /// job scores with one) on it. The critic starts as a copy of the reward
-    /// model (TRL's default), else as a fresh adapter; its value head reads 0
-    /// at first unless the reward model's head is linear. A random head, or
-    /// a copy of a head whose score adds `c · log p` (which a linear value
-    /// head cannot carry), starts far from the returns: in the paper run the
-    /// first value loss was 15 (fresh) and 289 (such a copy) against rewards
-    /// within 0..2, and `r − V` was the critic's noise, not the reward's.
+    /// model (TRL's default), else as a fresh adapter and head (TRL's random
+    /// value head). A copy of a reward head whose score adds `c · log p`
+    /// (which a linear value head cannot carry) starts at zero instead: in
+    /// the paper run such a copy gave a first value loss of 289 against
+    /// rewards within 0..2, and `r − V` was the critic's noise, not the
+    /// reward's. (A fresh head stays random: at zero, a batch whose rewards
+    /// are all equal has nothing but rounding noise in its advantages, and
+    /// whitening makes that a full-size step.)
     pub fn new(job: &JobSpec, ppo: &PpoSpec, device: tch::Device) -> Result<Self> {
         let mut model = load_base(job, device)?;
         let peft_spec = job.peft.as_ref().ok_or_else(|| Error::InvalidArgument("peft: required".into()))?;
@@ -77,7 +79,7 @@ impl RoleHost {
             None => {
                 let critic = peft::build(PeftConfig::from_spec(peft_spec, job.seed.wrapping_add(1)), &model.pm.base)?;
                 model.pm.add(Role::Critic.name(), critic)?;
-                (None, Head::zeros(h, device))
+                (None, Head::new(h, device, job.seed.wrapping_add(2)))
             }
         };
         let mut params = model.pm.adapter(Role::Critic.name())?.parameters();
