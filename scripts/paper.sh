@@ -86,8 +86,9 @@ case "$PRESET" in
   cpu)
     DTYPE=auto SFT_STEPS=40 SFT_BATCH=8 SFT_N=160 DEV_N=24
     RM_PREF_STEPS=0 RM_PREF_BATCH=4 PAIR_TOKENS=256
-    RM_MC_STEPS=16 RM_MC_BATCH=4 RM_LR=1e-4 RM_HEAD_LR=5e-3 RM_EVAL_EVERY=4 MC_N=160 MC_EVAL_N=8
-    PPO_ITERS=8 PPO_BATCH=16 PPO_MB=8 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
+    RM_MC_STEPS=48 RM_MC_BATCH=4 RM_LR=1e-4 RM_HEAD_LR=5e-3 RM_EVAL_EVERY=12 MC_N=160 MC_EVAL_N=16
+    PPO_ITERS=8 PPO_PROMPTS=16 PPO_SAMPLES=16 PPO_MB_PROMPTS=4 PPO_EPOCHS=1 PPO_N=256 SEEDS="1 2 3"
+    PPO_LR=3e-5 PPO_KL=1.0
     DPO_STEPS=16 DPO_BATCH=8 VARIANTS=${VARIANTS:-0}
     TEST_N=100 CKPT=0 WORKERS="--cpu-workers 1" WORKER_NAMES=cpu-0
     # Full fine-tuning is left to the full preset: f32 does not fit beside
@@ -99,7 +100,8 @@ case "$PRESET" in
     DTYPE=auto SFT_STEPS=600 SFT_BATCH=16 SFT_N=0 DEV_N=0
     RM_PREF_STEPS=300 RM_PREF_BATCH=8 PAIR_TOKENS=1024
     RM_MC_STEPS=600 RM_MC_BATCH=16 RM_LR=1e-4 RM_HEAD_LR=5e-3 RM_EVAL_EVERY=50 MC_N=0 MC_EVAL_N=64
-    PPO_ITERS=200 PPO_BATCH=64 PPO_MB=16 PPO_EPOCHS=2 PPO_N=0 SEEDS="1 2 3"
+    PPO_ITERS=200 PPO_PROMPTS=64 PPO_SAMPLES=8 PPO_MB_PROMPTS=8 PPO_EPOCHS=2 PPO_N=0 SEEDS="1 2 3"
+    PPO_LR=3e-5 PPO_KL=1.0
     DPO_STEPS=300 DPO_BATCH=16 VARIANTS=${VARIANTS:-1}
     TEST_N=0 CKPT=100 WORKERS="" WORKER_NAMES=gpu-0 METHODS="lora ssf repadapter full" ;;
   *) echo "paper.sh: --preset must be cpu or full, got $PRESET" >&2; exit 2 ;;
@@ -181,6 +183,10 @@ fi
 # adds c · log p(answer | prompt) under its own LM (score_logprob), which over
 # the SFT base starts it at the SFT policy's ranking of the options instead
 # of a random head's (a fresh head stayed at chance: 45.7% on test pairs).
+# bare_pairs adds a fourth format, the bare correct answer ≻ each bare wrong
+# one: what PPO's one-token answers are. Without it the reward model scored
+# the wrong letters PPO sampled above the correct ones (at the first
+# iteration: 1.52 vs -0.24) and PPO learned the wrong answers.
 # The state kept is the one with the best dev pair accuracy (select_best):
 # one run's dev accuracy went 72.8% at step 8 to 48.4% at step 16.
 cat <<EOF
@@ -188,14 +194,33 @@ cat <<EOF
 name = "reward-mc"
 kind = "reward"
 $INIT
-data = { from_multiple_choice = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all test_public) }
+data = { from_multiple_choice = true, bare_pairs = true, $(limit max_examples $MC_N)$(limit max_eval_examples $MC_EVAL_N)$(sources train_few_all dev_few_all test_public) }
 train = { max_steps = $RM_MC_STEPS, batch_size = $RM_MC_BATCH, lr = $RM_LR, head_lr = $RM_HEAD_LR, score_logprob = true, select_best = true, warmup_steps = $(( RM_MC_STEPS / 10 )), eval_every = $RM_EVAL_EVERY }
 
 EOF
 # PPO from the best SFT model (merged under it: the reference), one stage
 # per seed, scored by the reward model; then the label-reward control. The
 # policy adapter is LoRA, so transformers + peft can cross-check a PPO model.
-PPO="iterations = $PPO_ITERS, rollout_batch = $PPO_BATCH, minibatch = $PPO_MB, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = 1e-4, critic_lr = 1e-4, kl_coef = 0.2"
+# Each prompt is sampled PPO_SAMPLES times (samples_per_prompt): the copies
+# share the prompt's forward, so 16 one-token answers per prompt cost about
+# what one did (measured: 8 iterations of 16 prompts took 428 s with one
+# sample each, 434 s with 16), and the gradient of a task's answer bias is
+# no longer the noise of 4 samples (with 16 samples in all per iteration,
+# PPO with the label reward drove OCNLI and BUSTM to one answer each).
+# group_baseline: each score minus its prompt's mean over the samples. The
+# reward model's scores differ by task more than by answer (one run, the
+# first iteration: sampled correct answers -0.11, wrong 0.69, the wrong ones
+# mostly TNEWS's), and with a critic that has seen none of an iteration's
+# prompts those offsets became advantages that pushed every answer a task
+# already favoured.
+# kl_coef 1.0: the KL-regularised optimum is the reference times
+# exp(reward / kl_coef), so a task's answer bias can move by at most the
+# reward gap in nats; at 0.2 (a factor e^5) PPO with the label reward moved
+# OCNLI and BUSTM toward one answer (OCNLI 43 -> 32-37, BUSTM 68 -> 49-60 in
+# two runs over one SFT model, lr 1e-4 and 3e-5, 2026-12-05).
+RL="iterations = $PPO_ITERS, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = $PPO_LR, critic_lr = 1e-4, kl_coef = $PPO_KL"
+PPO="$RL, rollout_batch = $(( PPO_PROMPTS * PPO_SAMPLES )), minibatch = $(( PPO_MB_PROMPTS * PPO_SAMPLES )), samples_per_prompt = $PPO_SAMPLES, group_baseline = true"
+GRPO_RL="$RL, rollout_batch = $PPO_PROMPTS, minibatch = $(( PPO_MB_PROMPTS * 2 ))"
 for seed in $SEEDS; do
   cat <<EOF
 [[stage]]
@@ -227,7 +252,7 @@ name = "grpo-label"
 kind = "grpo"
 peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
-ppo = { $PPO, reward = { kind = "label" } }
+ppo = { $GRPO_RL, reward = { kind = "label" } }
 grpo = { num_generations = 4 }
 
 [[stage]]
@@ -235,7 +260,7 @@ name = "grpo-rm"
 kind = "grpo"
 peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
-ppo = { $PPO, score_with_eos = true, reward = { kind = "model" } }
+ppo = { $GRPO_RL, score_with_eos = true, reward = { kind = "model" } }
 grpo = { num_generations = 4 }
 
 EOF
@@ -281,36 +306,52 @@ fi
 
 echo "paper.sh: preset $PRESET ($DTYPE): SFT $SFT_STEPS steps × $SFT_BATCH per method, dev ${DEV_N/#0/all} per task;" \
   "reward $RM_PREF_STEPS steps × $RM_PREF_BATCH preference pairs (≤ $PAIR_TOKENS tokens), then $RM_MC_STEPS × $RM_MC_BATCH FewCLUE examples" \
-  "(all their pairs: ${MC_N/#0/all} examples per task, every wrong option; head lr $RM_HEAD_LR); PPO $PPO_ITERS iterations × $PPO_BATCH prompts for seeds $SEEDS and the label reward;" \
+  "(all their pairs: ${MC_N/#0/all} examples per task, every wrong option; head lr $RM_HEAD_LR); PPO $PPO_ITERS iterations × $PPO_PROMPTS prompts × $PPO_SAMPLES samples for seeds $SEEDS and the label reward;" \
   "test_public ${TEST_N/#0/all} per task (by stride)"
 echo "paper.sh: job file $JOB"
 # Estimated minutes per stage, from seconds per step / iteration / eval
-# prompt measured on this project's 2-core CPU machine (Intel Xeon with
-# avx512_bf16, no AMX; f32; 2026-12-04; the SFT figure from this preset's
-# own LoRA and SSF stages, 9.6 and 12.6 s/step): SFT (PEFT) steps of 8, full
-# fine-tuning steps of 8, reward steps of 4 examples (all their pairs), PPO
-# iterations of 16 one-token rollouts, eval prompts (one forward each, not
-# measured alone: a third of a training token's cost assumed), ~10 s to load
-# the model per stage and ~4 min of reward-model evals. A GPU preset is not
+# prompt measured on this project's 2-core CPU machines with this preset
+# (Intel Xeon; dtype auto): bf16 where the CPU has AMX (2026-12-05), f32
+# where it has avx512_bf16 alone (2026-12-04/05). A GPU preset is not
 # estimated here.
 if [ "$PRESET" = cpu ]; then
-  "$RLHF_PY" - "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" "$VARIANTS" "$DPO_STEPS" $METHODS <<'PY'
+  EST_DTYPE=f32
+  grep -q amx_bf16 /proc/cpuinfo 2>/dev/null && EST_DTYPE=bf16
+  "$RLHF_PY" - "$EST_DTYPE" "$SFT_STEPS" "$RM_MC_STEPS" "$PPO_ITERS" "$(echo $SEEDS | wc -w)" "$TEST_N" "$VARIANTS" "$DPO_STEPS" $METHODS <<'PY'
 import sys
-sft, rm, ppo, seeds, test_n, variants, dpo = map(int, sys.argv[1:8])
-methods = sys.argv[8:]
-# DPO steps of 8 pairs: a step of SFT plus the pairs' first reference
-# pass (estimated, not yet measured); a GRPO iteration: a PPO one without
-# the critic's pass and update (estimated).
-SFT, SFT_FULL, RM, PPO, EVAL, LOAD, DPO, GRPO = 10.5, 90.0, 36.0, 62.0, 0.3, 10.0, 14.0, 50.0
+dtype = sys.argv[1]
+sft, rm, ppo, seeds, test_n, variants, dpo = map(int, sys.argv[2:9])
+methods = sys.argv[9:]
+# Seconds: a PEFT SFT step of 8 examples, a full fine-tuning step of 8, a
+# reward step of 4 examples with all their pairs, the reward model's dev
+# and test evaluations in all, a PPO iteration of 16 prompts x 16 one-token
+# samples, an eval prompt (choice and generate), loading the model once.
+# DPO steps of 8 pairs and GRPO iterations are estimated, not measured
+# (a step of SFT plus the pairs' reference pass; a PPO iteration without
+# the critic). bf16 (AMX): SFT, PPO and eval from the run of 2026-12-05
+# (3.3 s/step mean of LoRA, SSF, RepAdapter; 37 s/iteration; 302 s for 8
+# models x 400 prompts), the reward step and its evaluations from that
+# day's second run (427 s for 48 steps with 4 dev evaluations of ~37 s,
+# 90 s more for loading and the test pairs). f32 (no AMX): SFT and the
+# reward step from the runs of 2026-12-04/05 (the reward step before bare
+# pairs and shared prompt forwards), its evaluations scaled from 240 s at
+# half the examples (estimated), the PPO iteration from a run of this
+# preset's PPO stage (434 s for 8 iterations); full fine-tuning measured
+# only in bf16 without AMX.
+C = {
+    "bf16": dict(SFT=3.3, SFT_FULL=90.0, RM=5.8, RM_EVAL=230.0, PPO=37.0, EVAL=0.09, LOAD=10.0, DPO=5.0, GRPO=30.0),
+    "f32": dict(SFT=10.5, SFT_FULL=90.0, RM=36.0, RM_EVAL=480.0, PPO=54.0, EVAL=0.3, LOAD=10.0, DPO=14.0, GRPO=50.0),
+}[dtype]
 models = 1 + len(methods) + seeds + 1 + (3 if variants else 0)
-stages = [(f"sft-{m}", sft * (SFT_FULL if m == "full" else SFT) + LOAD) for m in methods]
-stages += [("reward-mc", rm * RM + LOAD + 240)]
-stages += [(f"ppo-s{k + 1}", ppo * PPO + LOAD) for k in range(seeds)]
+stages = [(f"sft-{m}", sft * (C["SFT_FULL"] if m == "full" else C["SFT"]) + C["LOAD"]) for m in methods]
+stages += [("reward-mc", rm * C["RM"] + C["LOAD"] + C["RM_EVAL"])]
+stages += [(f"ppo-s{k + 1}", ppo * C["PPO"] + C["LOAD"]) for k in range(seeds)]
 if variants:
-    stages += [("dpo-mc", dpo * DPO + LOAD + 60), ("grpo-label", ppo * GRPO + LOAD), ("grpo-rm", ppo * GRPO + LOAD)]
-stages += [("ppo-label", ppo * PPO + LOAD)]
-stages += [("eval", models * (4 * test_n * EVAL + LOAD))]
-print("paper.sh: estimated minutes on a 2-core CPU, f32: "
+    stages += [("dpo-mc", dpo * C["DPO"] + C["LOAD"] + 60), ("grpo-label", ppo * C["GRPO"] + C["LOAD"]),
+               ("grpo-rm", ppo * C["GRPO"] + C["LOAD"])]
+stages += [("ppo-label", ppo * C["PPO"] + C["LOAD"])]
+stages += [("eval", models * (4 * test_n * C["EVAL"] + C["LOAD"]))]
+print(f"paper.sh: estimated minutes on a 2-core CPU, {dtype}: "
       + ", ".join(f"{n} {s / 60:.0f}" for n, s in stages) + f"; total {sum(s for _, s in stages) / 60:.0f}")
 PY
 fi
@@ -351,11 +392,7 @@ if [ "$CROSSCHECK" = 1 ]; then
   # Base, the LoRA SFT model and the first PPO model (on it, when LoRA was the
   # best SFT method: peft loads LoRA only) with transformers + peft.
   PRED=$RUN/stages/eval/predictions.jsonl
-  BEST=$("$RLHF_PY" -c '
-import json, sys, glob
-best = max(glob.glob(sys.argv[1] + "/stages/sft-*/outcome.json"),
-           key=lambda p: json.load(open(p)).get("final_metrics", {}).get("eval_accuracy", -1))
-print(json.load(open(best))["stage"])' "$RUN" 2>/dev/null || true)
+  BEST=$("$RLHF_PY" scripts/paper_report.py "$RUN" --best-sft 2>/dev/null || true)
   names=(base sft-lora)
   [ "$BEST" = sft-lora ] && names+=(ppo-s1)
   for name in "${names[@]}"; do

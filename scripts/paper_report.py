@@ -224,7 +224,7 @@ def main():
               "(1: explained correct ≻ bare correct; 2: explained correct ≻ explained wrong; 3: bare correct ≻ "
               "explained wrong). dev: pairs from dev_few_all (steps were chosen on them); test: pairs from a stride of "
               "test_public, scored once by the final model. Bare: the correct letter alone against each wrong letter "
-              "alone (what a one-token PPO response meets; never trained on).", "",
+              "alone (what a one-token PPO response meets; trained on only with data.bare_pairs), pooled over pairs.", "",
               "| stage | set | pairs | " + " | ".join(TASKS) + " | mean of tasks | format 1 / 2 / 3 | bare | first loss | last loss |",
               "|---|---|---:|" + "---:|" * len(TASKS) + "---:|---|---:|---:|---:|"]
     for n, o in outcomes.items():
