@@ -127,15 +127,23 @@ pub fn response_logprob(pm: &PeftModel, hidden: &Tensor, seqs: &[Vec<i64>], star
             rows.push(i as i64);
         }
     }
-    let device = hidden.device();
-    let out = Tensor::zeros([seqs.len() as i64], (Kind::Float, device));
+    let targets = Tensor::from_slice(&targets).to_device(hidden.device());
+    summed_logprobs(pm, &hidden.reshape([-1, h]), &at, &targets, &rows, seqs.len())
+}
+
+/// `Σ log p` per row, with a graph: entry `k` adds the log-prob of
+/// `targets[k]` under the hidden state `flat[at[k]]` (`flat` `[N, h]`) to row
+/// `rows[k]` of `n` (the LM head runs only at `at`).
+pub fn summed_logprobs(pm: &PeftModel, flat: &Tensor, at: &[i64], targets: &Tensor, rows: &[i64], n: usize) -> Tensor {
+    let device = flat.device();
+    let out = Tensor::zeros([n as i64], (Kind::Float, device));
     if at.is_empty() {
         return out;
     }
     let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-    let logits = pm.base.logits(&hidden.reshape([-1, h]).index_select(0, &idx(&at)), pm.hooks()).to_kind(Kind::Float);
-    let logp = logits.gather(1, &idx(&targets).unsqueeze(1), false).squeeze_dim(1) - logits.logsumexp([-1], false);
-    out.index_add(0, &idx(&rows), &logp)
+    let logits = pm.base.logits(&flat.index_select(0, &idx(at)), pm.hooks()).to_kind(Kind::Float);
+    let logp = logits.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1) - logits.logsumexp([-1], false);
+    out.index_add(0, &idx(rows), &logp)
 }
 
 /// Loads a reward model directory onto `pm` as adapter `name`; returns its head.

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::jobs::{job, sft_toml, LORA};
+use common::jobs::{job, sft_adapter, LORA};
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
 use tch::Device;
@@ -56,15 +56,10 @@ num_generations = 4
     )
 }
 
-fn sft(dir: &Path) -> std::path::PathBuf {
-    run_job(&job(&sft_toml("f32", 60, 1, 0)), dir, Device::Cpu).unwrap();
-    dir.join("adapter")
-}
-
 #[test]
 fn grpo_and_rloo_raise_a_reward_from_groups_of_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let adapter = sft(&tmp.path().join("sft"));
+    let adapter = sft_adapter(&tmp.path().join("sft"));
     for (kind, options) in [
         ("grpo", "loss_type = \"dapo\"\nepsilon_high = 0.28"),
         ("grpo", "loss_type = \"grpo\"\nbeta = 0.04"),
@@ -90,7 +85,7 @@ fn grpo_and_rloo_raise_a_reward_from_groups_of_samples() {
 #[test]
 fn grpo_without_kl_runs_no_reference_pass() {
     let tmp = tempfile::tempdir().unwrap();
-    let adapter = sft(&tmp.path().join("sft"));
+    let adapter = sft_adapter(&tmp.path().join("sft"));
     let out = tmp.path().join("grpo");
     run_job(&job(&group_toml("grpo", &adapter, "", 3)), &out, Device::Cpu).unwrap();
     assert!(series(&out, "time_reference").iter().all(|&t| t < 1e-3), "{:?}", series(&out, "time_reference"));

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::fixtures;
-use common::jobs::{job, ppo_toml, reward_toml, sft_toml};
+use common::jobs::{job, ppo_toml, reward_toml, sft_adapter, sft_toml};
 use rlhf_worker::train::run::run_job;
 use serde_json::Value;
 use tch::Device;
@@ -91,10 +91,9 @@ fn reward_model_ranks_held_out_pairs_well_above_chance() {
 #[test]
 fn ppo_raises_a_reward_that_prefers_a_known_answer_with_bounded_kl() {
     let tmp = tempfile::tempdir().unwrap();
-    let sft = tmp.path().join("sft");
-    run_job(&job(&sft_toml("f32", 60, 1, 0)), &sft, Device::Cpu).unwrap();
+    let sft = sft_adapter(&tmp.path().join("sft"));
     let out = tmp.path().join("ppo");
-    run_job(&job(&ppo_toml("f32", &sft.join("adapter"), 25, 3)), &out, Device::Cpu).unwrap();
+    run_job(&job(&ppo_toml("f32", &sft, 25, 3)), &out, Device::Cpu).unwrap();
     let m = metrics(&out);
     let reward = series(&m, "reward_mean");
     let kl = series(&m, "kl");
@@ -113,13 +112,11 @@ fn ppo_raises_a_reward_that_prefers_a_known_answer_with_bounded_kl() {
 #[test]
 fn ppo_with_several_samples_per_prompt_raises_the_reward() {
     // 4 prompts × 4 completions per iteration (their prompt forward shared),
-    // minibatches of whole groups; the critic starts at 0.
+    // minibatches of whole groups.
     let tmp = tempfile::tempdir().unwrap();
-    let sft = tmp.path().join("sft");
-    run_job(&job(&sft_toml("f32", 60, 1, 0)), &sft, Device::Cpu).unwrap();
+    let sft = sft_adapter(&tmp.path().join("sft"));
     let out = tmp.path().join("ppo");
-    let text =
-        ppo_toml("f32", &sft.join("adapter"), 20, 3).replace("minibatch = 8", "minibatch = 8\nsamples_per_prompt = 4");
+    let text = ppo_toml("f32", &sft, 20, 3).replace("minibatch = 8", "minibatch = 8\nsamples_per_prompt = 4");
     run_job(&job(&text), &out, Device::Cpu).unwrap();
     let reward = series(&metrics(&out), "reward_mean");
     assert_eq!(reward.len(), 20);

@@ -14,6 +14,14 @@ pub fn job(text: &str) -> JobSpec {
 
 pub const LORA: &str = "[peft]\nmethod = \"lora\"\nr = 8\nalpha = 16\ntarget_modules = [\"all-linear\"]\n";
 
+/// Runs the f32 SFT job of 60 steps into `dir`; returns its adapter (the
+/// starting point of the policy tests).
+pub fn sft_adapter(dir: &Path) -> std::path::PathBuf {
+    let out = rlhf_worker::train::run::run_job(&job(&sft_toml("f32", 60, 1, 0)), dir, tch::Device::Cpu);
+    out.unwrap_or_else(|e| panic!("sft into {}: {e}", dir.display()));
+    dir.join("adapter")
+}
+
 /// SFT with LoRA; a checkpoint every `every` steps (0: none).
 pub fn sft_toml(dtype: &str, steps: usize, seed: u64, every: usize) -> String {
     format!(

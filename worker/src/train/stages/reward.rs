@@ -22,7 +22,7 @@ use crate::train::ppo::rollout::Batch;
 use crate::train::setup::{encode_pair, load_base, task_set, Loaded};
 use crate::train::stage::{Ctx, Outcome};
 use crate::train::supervised::{self, Objective, Trainable};
-use rlhf_model::head::{Head, REWARD_HEAD_FILE};
+use rlhf_model::head::{summed_logprobs, Head, REWARD_HEAD_FILE};
 use rlhf_model::peft::{self, base_parameters, PeftConfig, PeftModel};
 
 pub const ADAPTER: &str = Role::Reward.name();
@@ -344,16 +344,8 @@ fn response_logprob(pm: &PeftModel, batch: &Batch, hidden: &Tensor) -> Tensor {
             rows.push(i as i64);
         }
     }
-    let device = hidden.device();
-    let out = Tensor::zeros([batch.lens.len() as i64], (Kind::Float, device));
-    if at.is_empty() {
-        return out;
-    }
-    let at = Tensor::from_slice(&at).to_device(device);
-    let logits = pm.base.logits(&part.reshape([-1, h]).index_select(0, &at), pm.hooks()).to_kind(Kind::Float);
-    let targets = batch.response.reshape([-1]).index_select(0, &at);
-    let logp = logits.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1) - logits.logsumexp([-1], false);
-    out.index_add(0, &Tensor::from_slice(&rows).to_device(device), &logp)
+    let targets = batch.response.reshape([-1]).index_select(0, &Tensor::from_slice(&at).to_device(hidden.device()));
+    summed_logprobs(pm, &part.reshape([-1, h]), &at, &targets, &rows, batch.lens.len())
 }
 
 /// Whether each pair's chosen response outscores its rejected one. Each
@@ -362,15 +354,10 @@ fn response_logprob(pm: &PeftModel, batch: &Batch, hidden: &Tensor) -> Tensor {
 /// example's sequences share their prompt's forward.
 fn wins(pm: &PeftModel, head: &Head, pairs: &[Encoded], pad: i64) -> Result<Vec<bool>> {
     let (seqs, ids) = distinct(pairs);
-    let order: Vec<usize> = (0..seqs.len()).collect();
-    let mut scores = vec![0f32; seqs.len()];
+    let mut scores: Vec<f32> = Vec::with_capacity(seqs.len());
     tch::no_grad(|| -> Result<()> {
-        for chunk in order.chunks(16) {
-            let batch: Vec<Seq<'_>> = chunk.iter().map(|&i| seqs[i]).collect();
-            let r: Vec<f32> = Vec::try_from(&score_all(pm, head, &batch, pad)?.to_device(tch::Device::Cpu))?;
-            for (&i, v) in chunk.iter().zip(r) {
-                scores[i] = v;
-            }
+        for chunk in seqs.chunks(16) {
+            scores.extend(Vec::<f32>::try_from(&score_all(pm, head, chunk, pad)?.to_device(tch::Device::Cpu))?);
         }
         Ok(())
     })?;
@@ -619,6 +606,38 @@ mod tests {
             margin: 0.0,
             task: Some(task.into()),
             format,
+        }
+    }
+
+    /// Scoring with each prompt's forward shared equals the per-sequence
+    /// score of `rlhf_model::head::score` (log-prob term included), and so
+    /// do the gradients it gives the head (w, b and c).
+    #[test]
+    fn shared_prompt_scores_equal_the_per_sequence_score() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2");
+        let pm = PeftModel::new(rlhf_model::Model::load(&dir, Kind::Float, tch::Device::Cpu).unwrap());
+        let head = Head::new(pm.base.cfg.hidden_size, tch::Device::Cpu, 5).with_logprob();
+        // Two examples' answers (prompts of different lengths) and a lone one.
+        let (a, b) = (vec![5i64, 9, 14, 3, 8, 20, 21], vec![7i64, 11, 30]);
+        let seqs: Vec<Seq<'_>> = vec![(&a[..], 5), (&a[..6], 5), (&b[..], 2), (&b[..], 1), (&[40, 41, 42, 50, 51], 3)];
+        let grads = |r: Tensor| {
+            r.sum(Kind::Float).backward();
+            let c = head.lm_scale.as_ref().unwrap();
+            let g: Vec<Tensor> = [&head.weight, &head.bias, c].iter().map(|t| t.grad().copy()).collect();
+            for t in [&head.weight, &head.bias, c] {
+                let _ = t.grad().zero_();
+            }
+            g
+        };
+        let shared = score_all(&pm, &head, &seqs, 0).unwrap();
+        let owned: Vec<Vec<i64>> = seqs.iter().map(|(s, _)| s.to_vec()).collect();
+        let starts: Vec<usize> = seqs.iter().map(|&(_, k)| k).collect();
+        let plain = rlhf_model::head::score(&pm, &head, &owned, &starts, 0).unwrap();
+        let diff = (&shared - &plain).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "scores differ by {diff}: {shared} vs {plain}");
+        for (g, h) in grads(shared).iter().zip(grads(plain)) {
+            let d = (g - h).abs().max().double_value(&[]);
+            assert!(d < 1e-4, "head gradients differ by {d}");
         }
     }
 
