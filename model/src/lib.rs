@@ -9,6 +9,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod head;
 pub mod hooks;

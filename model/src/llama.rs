@@ -230,7 +230,7 @@ impl Model {
         let (xhat, normed) = layer.post_attention_layernorm.forward(&x);
         let normed = hooks.norm(Norm::PostAttention(li), &xhat, normed);
         let normed = hooks.block_input(li, Block::Mlp, normed);
-        Ok(&x + self.mlp(li, layer, &normed, hooks))
+        Ok(&x + self.mlp(li, layer, &normed, hooks)?)
     }
 
     /// The final norm: block outputs → the hidden states `forward` returns.
@@ -296,10 +296,10 @@ impl Model {
         Ok(hooks.linear(li, Proj::O, &out, a.o_proj.forward(&out)))
     }
 
-    fn mlp(&self, li: usize, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Tensor {
+    fn mlp(&self, li: usize, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let gate = hooks.linear(li, Proj::Gate, x, layer.mlp.gate_proj.forward(x));
         let up = hooks.linear(li, Proj::Up, x, layer.mlp.up_proj.forward(x));
-        let act = gate.silu() * up;
-        hooks.linear(li, Proj::Down, &act, layer.mlp.down_proj.forward(&act))
+        let act = crate::fused::swiglu(&gate, &up)?;
+        Ok(hooks.linear(li, Proj::Down, &act, layer.mlp.down_proj.forward(&act)))
     }
 }
