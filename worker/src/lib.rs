@@ -2,6 +2,7 @@
 //! model crate, `rlhf-model`), task data, data parallel, the worker daemon
 //! and the offline tools.
 
+pub mod alloc;
 pub mod bench;
 pub mod data;
 pub mod error;

@@ -415,7 +415,14 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc for the whole process: with its `override` feature it also
+/// serves libtorch's `posix_memalign` (every CPU tensor). See
+/// [`rlhf_worker::alloc`] for why and how it is tuned.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    rlhf_worker::alloc::tune();
     rlhf_common::unset_empty_rlhf_env();
     rlhf_common::init_tracing();
     // Torch reports some malformed inputs by panicking: say so and exit 1.
