@@ -220,7 +220,9 @@ EOF
 # two runs over one SFT model, lr 1e-4 and 3e-5, 2026-12-05).
 RL="iterations = $PPO_ITERS, ppo_epochs = $PPO_EPOCHS, max_new_tokens = 1, temperature = 1.0, top_p = 1.0, lr = $PPO_LR, critic_lr = 1e-4, kl_coef = $PPO_KL"
 PPO="$RL, rollout_batch = $(( PPO_PROMPTS * PPO_SAMPLES )), minibatch = $(( PPO_MB_PROMPTS * PPO_SAMPLES )), samples_per_prompt = $PPO_SAMPLES, group_baseline = true"
-GRPO_RL="$RL, rollout_batch = $PPO_PROMPTS, minibatch = $(( PPO_MB_PROMPTS * 2 ))"
+# GRPO samples as PPO does (PPO_PROMPTS prompts x PPO_SAMPLES completions,
+# a group per prompt), so its rows differ from PPO's only by the algorithm.
+GRPO_RL="$RL, rollout_batch = $(( PPO_PROMPTS * PPO_SAMPLES )), minibatch = $(( PPO_MB_PROMPTS * PPO_SAMPLES ))"
 for seed in $SEEDS; do
   cat <<EOF
 [[stage]]
@@ -237,8 +239,9 @@ if [ "$VARIANTS" = 1 ]; then
   cat <<EOF
 # The other RLHF algorithms on the same SFT model (merged: the reference):
 # DPO on the reward model's multiple-choice pairs (no reward model, no
-# sampling), GRPO (4 samples per prompt, no critic) with the label reward
-# and with the learned reward model.
+# sampling), GRPO (the group of a prompt's PPO_SAMPLES completions as the
+# baseline, no critic; beta 0.04 as DeepSeekMath's GRPO, a KL anchor to the
+# SFT model) with the label reward and with the learned reward model.
 [[stage]]
 name = "dpo-mc"
 kind = "dpo"
@@ -253,7 +256,7 @@ kind = "grpo"
 peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
 ppo = { $GRPO_RL, reward = { kind = "label" } }
-grpo = { num_generations = 4 }
+grpo = { num_generations = $PPO_SAMPLES, beta = 0.04 }
 
 [[stage]]
 name = "grpo-rm"
@@ -261,7 +264,7 @@ kind = "grpo"
 peft = { method = "lora", r = 8, alpha = 16, target_modules = ["all-linear"] }
 data = { $(limit max_examples $PPO_N)$(sources train_few_all "") }
 ppo = { $GRPO_RL, score_with_eos = true, reward = { kind = "model" } }
-grpo = { num_generations = 4 }
+grpo = { num_generations = $PPO_SAMPLES, beta = 0.04 }
 
 EOF
 fi
