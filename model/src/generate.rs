@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::cache::KvCache;
+use super::cache::{CacheShape, KvCache};
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
 use super::sampling::{row_streams, sample_rows, Sampling};
@@ -62,11 +62,57 @@ pub fn generate_rows(
     opts: &GenerateOptions,
     rows: &[u64],
 ) -> Result<Generation> {
+    // A static cache of this batch's size, freed after.
+    generate_rows_in(model, hooks, prompts, opts, rows, &mut KvCache::default())
+}
+
+/// [`generate_rows`] into `cache` (emptied first; made static at this
+/// batch's size if it is not): a static cache that a worker keeps across
+/// iterations is allocated once, and grows if a batch needs more rows or
+/// positions than it has.
+pub fn generate_rows_in(
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    rows: &[u64],
+    cache: &mut KvCache,
+) -> Result<Generation> {
+    let Some(longest) = check(model, prompts, opts, rows)? else {
+        return Ok(Generation::default());
+    };
+    if !cache.is_static() {
+        *cache = KvCache::with_capacity(cache_shape(model, prompts.len(), longest + opts.max_new_tokens));
+    }
+    tch::no_grad(|| generate_inner(model, hooks, prompts, opts, rows, cache, Decode::default()))
+}
+
+/// [`generate_rows`] as the decode loop ran before the static cache: keys
+/// and values concatenated every step, every row decoded to the end. The
+/// same tokens (see `decode_tests.rs`); kept to measure the fast path
+/// against (`rlhf-worker bench decode`).
+pub fn generate_rows_plain(
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    rows: &[u64],
+) -> Result<Generation> {
+    if check(model, prompts, opts, rows)?.is_none() {
+        return Ok(Generation::default());
+    }
+    let mut cache = KvCache::new(model.layers.len());
+    tch::no_grad(|| generate_inner(model, hooks, prompts, opts, rows, &mut cache, Decode { drop_finished_at: 2.0 }))
+}
+
+/// Rejects what generation cannot run; the longest prompt's length, or
+/// `None` when there are no prompts.
+fn check(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions, rows: &[u64]) -> Result<Option<usize>> {
     if rows.len() != prompts.len() {
         return Err(Error::InvalidArgument(format!("{} row ids for {} prompts", rows.len(), prompts.len())));
     }
     if prompts.is_empty() {
-        return Ok(Generation::default());
+        return Ok(None);
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::InvalidArgument(format!("prompt {i} is empty")));
@@ -82,7 +128,37 @@ pub fn generate_rows(
             opts.max_new_tokens, model.cfg.max_position_embeddings
         )));
     }
-    tch::no_grad(|| generate_inner(model, hooks, prompts, opts, rows))
+    Ok(Some(longest))
+}
+
+/// The static cache for `rows` sequences of up to `positions` tokens.
+pub fn cache_shape(model: &Model, rows: usize, positions: usize) -> CacheShape {
+    CacheShape {
+        layers: model.layers.len(),
+        rows: rows as i64,
+        positions: positions as i64,
+        kv_heads: model.cfg.num_kv_heads,
+        head_dim: model.cfg.head_dim,
+        kind: model.kind,
+        device: model.device,
+    }
+}
+
+/// How the decode loop runs; the default is the fast path, the other
+/// settings exist to test it against the plain one.
+#[derive(Clone, Copy, Debug)]
+struct Decode {
+    /// Rows that finished leave the batch once they are at least this share
+    /// of it (1.0 or more: never; they then decode padding to the end).
+    drop_finished_at: f64,
+}
+
+impl Default for Decode {
+    fn default() -> Self {
+        // A drop copies the live rows' cache once (about one step's reading
+        // of it), so it waits until a quarter of the batch is idle.
+        Self { drop_finished_at: 0.25 }
+    }
 }
 
 fn generate_inner(
@@ -91,18 +167,22 @@ fn generate_inner(
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
     rows: &[u64],
+    cache: &mut KvCache,
+    decode: Decode,
 ) -> Result<Generation> {
     let b = prompts.len();
     let device = model.device;
     let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
     let (ids, mut key_mask) = crate::batch::left_padded(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
-    let mut cache = KvCache::new(model.layers.len());
+    cache.reset();
     let mut rngs = row_streams(opts.sampling.seed, rows);
     let pad = Tensor::from(opts.pad_id).to_device(device);
 
     let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
     let mut done = vec![false; b];
+    // The prompt (and output row) of each row of the batch as it runs.
+    let mut live: Vec<usize> = (0..b).collect();
     let shared = crate::batch::distinct_rows(prompts).map(|(firsts, slot)| {
         (Tensor::from_slice(&firsts).to_device(device), Tensor::from_slice(&slot).to_device(device))
     });
@@ -121,40 +201,65 @@ fn generate_inner(
                 let pick = |t: &Tensor| t.index_select(0, firsts);
                 let mask = explicit.as_ref().map(pick);
                 let mask = mask.as_ref().map_or(Mask::Causal, Mask::Explicit);
-                let hidden = model.forward(&pick(&step_ids), &pick(&positions), mask, Some(&mut cache), hooks)?;
+                let hidden = model.forward(&pick(&step_ids), &pick(&positions), mask, Some(&mut *cache), hooks)?;
                 cache.select_rows(slot);
                 hidden.index_select(0, slot)
             }
-            _ => model.forward(&step_ids, &positions, mask, Some(&mut cache), hooks)?,
+            _ => model.forward(&step_ids, &positions, mask, Some(&mut *cache), hooks)?,
         };
         let last = hidden.select(1, t - 1);
         let logits = model.logits(&last, hooks);
         let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
-        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>())
+        let finished = Tensor::from_slice(&live.iter().map(|&i| done[i] as u8).collect::<Vec<_>>())
             .to_device(device)
             .to_kind(Kind::Bool);
         let next = next.where_self(&finished.logical_not(), &pad);
         let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
         let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
-        for i in 0..b {
+        for (j, &i) in live.iter().enumerate() {
             if done[i] {
                 continue;
             }
-            out.tokens[i].push(next_v[i]);
-            out.logprobs[i].push(logp_v[i]);
-            if opts.eos_ids.contains(&next_v[i]) {
+            out.tokens[i].push(next_v[j]);
+            out.logprobs[i].push(logp_v[j]);
+            if opts.eos_ids.contains(&next_v[j]) {
                 done[i] = true;
             }
         }
         if done.iter().all(|&d| d) {
             break;
         }
+        let rows_now = live.len() as i64;
         step_ids = next.unsqueeze(1);
         positions = positions.select(1, positions.size()[1] - 1).unsqueeze(1) + 1;
-        key_mask = Tensor::cat(&[key_mask, Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
+        key_mask = Tensor::cat(&[key_mask, Tensor::ones([rows_now, 1], (Kind::Int64, device))], 1);
+        // Finished rows leave the batch: the rest keep their cache, position,
+        // padding and sampling stream, so their tokens do not change.
+        let idle = live.iter().filter(|&&i| done[i]).count();
+        if idle > 0 && idle as f64 >= decode.drop_finished_at * rows_now as f64 {
+            let keep: Vec<i64> = (0..rows_now).filter(|&j| !done[live[j as usize]]).collect();
+            let index = Tensor::from_slice(&keep).to_device(device);
+            cache.select_rows(&index);
+            step_ids = step_ids.index_select(0, &index);
+            positions = positions.index_select(0, &index);
+            key_mask = key_mask.index_select(0, &index);
+            let mut streams = std::mem::take(&mut rngs).into_iter();
+            let mut kept_rngs = Vec::with_capacity(keep.len());
+            let mut next_j = 0;
+            for &j in &keep {
+                kept_rngs.push(streams.nth(j as usize - next_j).expect("a stream per row"));
+                next_j = j as usize + 1;
+            }
+            rngs = kept_rngs;
+            live = keep.iter().map(|&j| live[j as usize]).collect();
+        }
     }
     Ok(out)
 }
+
+#[cfg(test)]
+#[path = "decode_tests.rs"]
+mod decode_tests;
 
 #[cfg(test)]
 mod tests {

@@ -23,11 +23,13 @@ pub mod save;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{CacheShape, KvCache};
 pub use chat::ChatTemplate;
 pub use config::{Arch, Config};
 pub use error::{Error, Result};
-pub use generate::{generate, generate_rows, GenerateOptions, Generation};
+pub use generate::{
+    cache_shape, generate, generate_rows, generate_rows_in, generate_rows_plain, GenerateOptions, Generation,
+};
 pub use hooks::{Block, Hooks, NoHooks, Norm, Proj};
 pub use llama::{Mask, Model};
 pub use sampling::Sampling;

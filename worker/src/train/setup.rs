@@ -11,13 +11,16 @@ use crate::error::{Error, Result};
 use crate::train::logprobs::token_logprobs;
 use rlhf_model::batch::positions;
 use rlhf_model::peft::{self, PeftModel};
-use rlhf_model::{parse_dtype, Mask, Tokenizer};
+use rlhf_model::{parse_dtype, KvCache, Mask, Tokenizer};
 
 /// The loaded base of a job, with its tokenizer.
 pub struct Loaded {
     pub pm: PeftModel,
     pub tok: Tokenizer,
     pub model_dir: PathBuf,
+    /// The policy's decode cache, kept across PPO iterations on a GPU
+    /// ([`Loaded::decode_cache`]).
+    pub cache: KvCache,
 }
 
 impl Loaded {
@@ -27,6 +30,16 @@ impl Loaded {
 
     pub fn pad(&self) -> i64 {
         self.tok.pad_id.unwrap_or_else(|| self.eos())
+    }
+
+    /// The base (its active adapter as set) and, on a GPU, the static decode
+    /// cache kept across iterations: allocated by the first rollout, reused
+    /// (grown if ever needed) by the next ones, so its addresses stay put.
+    /// On CPU each rollout allocates its own and frees it after: the memory
+    /// is the training step's between rollouts.
+    pub fn decode_parts(&mut self) -> (&PeftModel, Option<&mut KvCache>) {
+        let keep = self.pm.base.device.is_cuda();
+        (&self.pm, keep.then_some(&mut self.cache))
     }
 }
 
@@ -44,7 +57,7 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
         pm.add(&name, adapter)?;
         pm.merge(&name)?;
     }
-    Ok(Loaded { pm, tok, model_dir: dir })
+    Ok(Loaded { pm, tok, model_dir: dir, cache: KvCache::default() })
 }
 
 /// The kind the base is loaded in: `model.dtype`, with `auto` resolved for

@@ -1,0 +1,107 @@
+//! The decode loop's fast path (a static cache written in place, finished
+//! rows leaving the batch) against the plain one (a cache grown by
+//! concatenation, every row decoded to the end): the same tokens and
+//! log-probs (see [`fast_equals_plain`]), greedy and sampled, f32 and bf16,
+//! on a tiny random model and, when it is present, on Qwen2.5-0.5B.
+
+use std::path::PathBuf;
+
+use tch::{Device, Kind};
+
+use super::*;
+use crate::init::Preset;
+use crate::random::random_model;
+use crate::NoHooks;
+
+/// Prompts of several lengths (left padding), two of them the same (a
+/// shared prefill), over token ids below `vocab`.
+fn prompts(vocab: i64) -> Vec<Vec<i64>> {
+    let t = |seed: i64, n: i64| (0..n).map(|i| (seed * 31 + i * 17) % (vocab - 10) + 5).collect::<Vec<i64>>();
+    vec![t(1, 7), t(2, 3), t(1, 7), t(3, 12), t(4, 1), t(5, 9)]
+}
+
+fn run(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions, cache: &mut KvCache, decode: Decode) -> Generation {
+    let rows: Vec<u64> = (0..prompts.len() as u64).collect();
+    tch::no_grad(|| generate_inner(model, &NoHooks, prompts, opts, &rows, cache, decode)).expect("generate")
+}
+
+/// Every variant of the loop gives the plain one's tokens; its log-probs
+/// bit for bit with every row kept, and to float rounding (2e-6) once rows
+/// leave the batch (a smaller batch is a different GEMM shape, whose sums
+/// may round differently in the last bit). Returns the response lengths
+/// (so a test can check rows finish apart).
+fn fast_equals_plain(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Vec<usize> {
+    let plain = run(model, prompts, opts, &mut KvCache::new(model.layers.len()), Decode { drop_finished_at: 2.0 });
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let shape = cache_shape(model, prompts.len(), longest + opts.max_new_tokens);
+    let mut reused = KvCache::with_capacity(cache_shape(model, 1, 2));
+    let keep_all = Decode { drop_finished_at: 2.0 };
+    for (what, cache, decode) in [
+        ("static", &mut KvCache::with_capacity(shape), keep_all),
+        ("static, dropping finished rows", &mut KvCache::with_capacity(shape), Decode::default()),
+        ("static, dropping each finished row", &mut KvCache::with_capacity(shape), Decode { drop_finished_at: 0.0 }),
+        ("growing, dropping finished rows", &mut KvCache::new(model.layers.len()), Decode::default()),
+        ("a small static cache that grows", &mut reused, Decode::default()),
+    ] {
+        let fast = run(model, prompts, opts, cache, decode);
+        assert_eq!(fast.tokens, plain.tokens, "{what}: tokens");
+        let pairs = || fast.logprobs.iter().flatten().zip(plain.logprobs.iter().flatten());
+        let worst = pairs().map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        if decode.drop_finished_at > 1.0 {
+            assert_eq!(fast.logprobs, plain.logprobs, "{what}: log-probs");
+        } else {
+            assert!(worst <= 2e-6, "{what}: log-probs differ by {worst:e}");
+        }
+    }
+    // The grown cache serves a second generation as it is.
+    let again = run(model, prompts, opts, &mut reused, Decode::default());
+    assert_eq!(again.tokens, plain.tokens, "reused cache");
+    plain.tokens.iter().map(Vec::len).collect()
+}
+
+fn options(sampling: Sampling, eos_ids: Vec<i64>, max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_new_tokens, sampling, eos_ids, pad_id: 0 }
+}
+
+fn sampled(seed: u64) -> Sampling {
+    Sampling { temperature: 1.0, top_p: 0.9, top_k: 0, seed }
+}
+
+#[test]
+fn fast_decode_equals_the_plain_loop_on_a_tiny_model() {
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let vocab = 300;
+        let model = random_model(Preset::Tiny.config(vocab, 1, 2), kind, Device::Cpu, 3).expect("model");
+        // Many end tokens, so that rows finish at different steps.
+        let eos: Vec<i64> = (0..vocab).filter(|t| t % 9 == 0).collect();
+        for sampling in [Sampling::greedy(), sampled(7), sampled(8)] {
+            let lens = fast_equals_plain(&model, &prompts(vocab), &options(sampling.clone(), eos.clone(), 24));
+            if sampling.temperature > 0.0 {
+                assert!(lens.iter().min() < lens.iter().max(), "{kind:?}: rows should finish apart: {lens:?}");
+            }
+        }
+    }
+}
+
+/// The pretrained Qwen2.5-0.5B from `RLHF_QWEN_DIR` or the scripts' cache, if present.
+fn qwen_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("RLHF_QWEN_DIR").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rlhfd/models/qwen2.5-coder-0.5b"))
+    })?;
+    dir.join("model.safetensors").exists().then_some(dir)
+}
+
+#[test]
+fn fast_decode_equals_the_plain_loop_on_qwen_when_present() {
+    let Some(dir) = qwen_dir() else {
+        eprintln!("Qwen2.5-0.5B not present (RLHF_QWEN_DIR or ~/.cache/rlhfd/models): checked on the tiny model only");
+        return;
+    };
+    let model = Model::load(&dir, Kind::BFloat16, Device::Cpu).expect("qwen");
+    let vocab = model.cfg.vocab_size;
+    // Frequent tokens (spaces, punctuation, newlines) end rows at different steps.
+    let eos: Vec<i64> = vec![11, 13, 198, 220, 271, 151643, 151645];
+    for sampling in [Sampling::greedy(), sampled(3)] {
+        fast_equals_plain(&model, &prompts(vocab.min(20000)), &options(sampling, eos.clone(), 16));
+    }
+}
