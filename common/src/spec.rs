@@ -453,9 +453,21 @@ pub struct PpoSpec {
     /// policy; only how the prompt's answers rank against each other does.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_baseline: bool,
+    /// Rows per forward of the passes without a graph over a rollout (the
+    /// reference log-probs, reward scores, critic values), as `minibatch` is
+    /// for the update; default `minibatch`. Their activations then grow with
+    /// this, not with `rollout_batch`. A multiple of `samples_per_prompt`
+    /// (a prompt's samples share its forward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_batch: Option<usize>,
 }
 
 impl PpoSpec {
+    /// Rows per forward of a rollout's passes without a graph.
+    pub fn forward_rows(&self) -> usize {
+        self.forward_batch.unwrap_or(self.minibatch).max(1)
+    }
+
     /// Every reward function with its weight (`reward` alone weighs 1).
     pub fn reward_fns(&self) -> Vec<WeightedReward> {
         reward::weighted(&self.reward, &self.rewards)
@@ -1239,6 +1251,14 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
                 p.rollout_batch, p.minibatch
             ),
         );
+    }
+    if let Some(f) = p.forward_batch {
+        if f == 0 || !f.is_multiple_of(n) {
+            return err(
+                "ppo.forward_batch",
+                format!("must be at least 1 and a multiple of ppo.samples_per_prompt ({n}), got {f}"),
+            );
+        }
     }
     if p.group_baseline && n < 2 {
         return err(

@@ -276,6 +276,11 @@ fn rollout_placement_parses_and_names_bad_fields() {
     assert!(centred.ppo.as_ref().unwrap().group_baseline && centred.to_toml().contains("group_baseline = true"));
     assert!(!twice.to_toml().contains("group_baseline"));
     assert_eq!(JobSpec::from_toml(PPO).unwrap().ppo.unwrap().samples_per_prompt, 1);
+    // The forward micro-batch: minibatch unless set.
+    assert_eq!(JobSpec::from_toml(PPO).unwrap().ppo.unwrap().forward_rows(), 4);
+    let fw = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nforward_batch = 2")).unwrap();
+    assert_eq!(fw.ppo.as_ref().unwrap().forward_rows(), 2);
+    assert!(fw.to_toml().contains("forward_batch = 2") && !twice.to_toml().contains("forward_batch"));
     let cases = [
         (with("trainer = \"a\"\nrollout = [\"a\"]"), "placement.rollout: worker \"a\" is also placement.trainer"),
         (with("rollout = [\"b\", \"b\"]"), "placement.rollout: worker \"b\" is listed twice"),
@@ -293,6 +298,11 @@ fn rollout_placement_parses_and_names_bad_fields() {
             PPO.replace("iterations = 5", "iterations = 5\ngroup_baseline = true"),
             "ppo.group_baseline: needs ppo.samples_per_prompt of 2",
         ),
+        (
+            PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2\nforward_batch = 3"),
+            "ppo.forward_batch: must be at least 1 and a multiple of ppo.samples_per_prompt (2), got 3",
+        ),
+        (PPO.replace("iterations = 5", "iterations = 5\nforward_batch = 0"), "ppo.forward_batch: must be at least 1"),
     ];
     for (text, want) in cases {
         let e = JobSpec::from_toml(&text).unwrap_err().to_string();

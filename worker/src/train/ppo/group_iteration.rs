@@ -58,7 +58,7 @@ pub fn run(
     let logp_old = batch.response_values(&gen.logprobs);
     let t = Instant::now();
     let ref_logp = match beta != 0.0 {
-        true => Some(logprobs(roles.reference()?, &batch, ppo.temperature)?),
+        true => Some(batch.by_parts(ppo.forward_rows(), |part| logprobs(roles.reference()?, part, ppo.temperature))?),
         false => None,
     };
     sync(device);

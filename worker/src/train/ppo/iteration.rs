@@ -225,7 +225,8 @@ pub fn run(
     // reference log-probs with the adapters off.
     let t = Instant::now();
     let logp_old = batch.response_values(&gen.logprobs);
-    let ref_logp = logprobs(roles.reference()?, &batch, ppo.temperature)?;
+    let rows = ppo.forward_rows();
+    let ref_logp = batch.by_parts(rows, |part| logprobs(roles.reference()?, part, ppo.temperature))?;
     sync(device);
     let t_ref = t.elapsed().as_secs_f64();
 
@@ -235,7 +236,7 @@ pub fn run(
     sync(device);
     let t_reward = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let values_old = roles.values(&batch)?;
+    let values_old = batch.by_parts(rows, |part| roles.values(part))?;
     sync(device);
     let t_values = t.elapsed().as_secs_f64();
 
@@ -387,9 +388,9 @@ pub fn score_rollout(
                 .zip(has_eos)
                 .map(|(r, &e)| if e { r.clone() } else { [r.as_slice(), &[eos]].concat() })
                 .collect();
-            roles.scores(&Batch::new(prompts.ids, &ended, rollout.pad, device))?
+            Batch::new(prompts.ids, &ended, rollout.pad, device).by_parts(ppo.forward_rows(), |p| roles.scores(p))?
         } else {
-            roles.scores(batch)?
+            batch.by_parts(ppo.forward_rows(), |p| roles.scores(p))?
         };
         parts.push(("reward_model".into(), model.shallow_clone()));
         raw_score = Some(if weight == 1.0 { model } else { model * weight });

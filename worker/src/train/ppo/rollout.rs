@@ -95,6 +95,21 @@ impl Batch {
         }
     }
 
+    /// `f` over consecutive parts of at most `rows` rows, its outputs
+    /// (`[part, …]`) joined in order: only one part's activations exist at a
+    /// time (`ppo.forward_batch`).
+    pub fn by_parts(&self, rows: usize, mut f: impl FnMut(&Batch) -> Result<Tensor>) -> Result<Tensor> {
+        let (n, rows) = (self.rows(), rows.max(1) as i64);
+        if n <= rows {
+            return f(self);
+        }
+        let parts = (0..n)
+            .step_by(rows as usize)
+            .map(|s| f(&self.select(&(s..(s + rows).min(n)).collect::<Vec<i64>>())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0))
+    }
+
     /// Per-token values of each row's response (e.g. the log-probs that
     /// generation returns) as `[b, R]`, zero on padding.
     pub fn response_values(&self, rows: &[Vec<f32>]) -> Tensor {
@@ -214,4 +229,31 @@ pub fn model_scores(pm: &PeftModel, head: &Head, batch: &Batch) -> Result<Tensor
         }
         None => r,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// `ppo.forward_batch`: the reference log-probs of a rollout taken two
+    /// rows at a time (prompts shared by samples and not) equal the
+    /// whole-batch pass up to float rounding.
+    #[test]
+    fn passes_by_parts_equal_the_whole_batch() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2");
+        let pm = PeftModel::new(rlhf_model::Model::load(&dir, Kind::Float, Device::Cpu).unwrap());
+        let prompts: Vec<Vec<i64>> =
+            vec![vec![5, 6, 7], vec![5, 6, 7], vec![9, 10], vec![9, 10], vec![11], vec![12, 13, 14, 15]];
+        let responses: Vec<Vec<i64>> =
+            vec![vec![20, 21], vec![22], vec![23, 24, 25], vec![26, 27], vec![28], vec![29, 30]];
+        let batch = Batch::new(&prompts, &responses, 0, Device::Cpu);
+        let whole = tch::no_grad(|| logprobs(&pm, &batch, 1.0)).unwrap();
+        for rows in [1, 2, 4, 6] {
+            let parts = tch::no_grad(|| batch.by_parts(rows, |p| logprobs(&pm, p, 1.0))).unwrap();
+            assert_eq!(parts.size(), whole.size());
+            let diff = (&parts - &whole).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{rows} rows per part: {diff}");
+        }
+    }
 }
