@@ -192,18 +192,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Prefill and greedy-decode tokens/s; the last stdout line is JSON.
+    /// Prefill and greedy-decode tokens/s and ms per step, the loop as it runs
+    /// and the plain one it replaced; the last stdout line is JSON.
     Decode {
         #[command(flatten)]
-        model: ModelOpts,
-        #[arg(long, default_value_t = 128)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 32)]
-        new_tokens: usize,
-        #[arg(long, num_args = 1.., default_values_t = [1usize, 8])]
-        batch: Vec<usize>,
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        args: rlhf_worker::bench::decode::DecodeArgs,
     },
     /// PPO iterations at fixed lengths: shared-base lora/ssf/repadapter vs naive
     /// RLHF (four models) vs the real TRL PPOTrainer, each configuration in its own
@@ -372,10 +365,8 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("init-model into {}", out.display()))?;
             println!("{}", out.display());
         }
-        Command::Bench { what: Bench::Decode { model, prompt_len, new_tokens, batch, runs } } => {
-            let args = model.resolve()?;
-            let line = offline::bench_decode(&args, prompt_len, new_tokens, &batch, runs)?;
-            println!("{line}");
+        Command::Bench { what: Bench::Decode { args } } => {
+            println!("{}", rlhf_worker::bench::decode::run(&args).context("bench decode")?);
         }
         Command::Bench { what: Bench::Allreduce { device, megabytes, runs } } => {
             let device = offline::parse_device(&device)?;

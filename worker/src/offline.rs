@@ -1,15 +1,14 @@
-//! The offline tools behind `rlhf-worker logits | generate | bench decode`:
+//! The offline tools behind `rlhf-worker logits | generate`:
 //! the parity surface against transformers.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use rlhf_model::peft::{self, PeftModel};
-use rlhf_model::{self, generate, GenerateOptions, KvCache, Mask, Model, Sampling, Tokenizer};
+use rlhf_model::{self, generate, GenerateOptions, Model, Sampling, Tokenizer};
 
 /// Where the model comes from and how to run it.
 #[derive(Clone, Debug)]
@@ -96,74 +95,6 @@ pub fn generate_line(
     let new = out.tokens.into_iter().next().unwrap_or_default();
     let text = tok.decode(&new, true)?;
     Ok(json!({ "tokens": new, "text": text }))
-}
-
-/// Prefill and greedy-decode throughput, as `scripts/bench/decode_transformers.py`
-/// measures it: prefill = one cached forward over `[b, prompt_len]` keeping
-/// the last logits; decode tokens/s = b·new / (generate − prefill).
-pub fn bench_decode(
-    args: &ModelArgs,
-    prompt_len: usize,
-    new_tokens: usize,
-    batches: &[usize],
-    runs: usize,
-) -> Result<serde_json::Value> {
-    let pm = load(args)?;
-    let m = &pm.base;
-    let mut prefill = serde_json::Map::new();
-    let mut decode = serde_json::Map::new();
-    for &b in batches {
-        let prompts: Vec<Vec<i64>> = (0..b)
-            .map(|row| {
-                (0..prompt_len)
-                    .map(|i| 100 + ((row * 7919 + i * 104729) % 9900) as i64 % (m.cfg.vocab_size - 100).max(1))
-                    .collect()
-            })
-            .collect();
-        let ids: Vec<i64> = prompts.concat();
-        let ids = Tensor::from_slice(&ids).view([b as i64, prompt_len as i64]).to_device(m.device);
-        let positions =
-            Tensor::arange(prompt_len as i64, (Kind::Int64, m.device)).unsqueeze(0).expand([b as i64, -1], false);
-        let time_prefill = || -> Result<f64> {
-            let start = Instant::now();
-            tch::no_grad(|| -> Result<()> {
-                let mut cache = KvCache::new(m.layers.len());
-                let h = m.forward(&ids, &positions, Mask::Causal, Some(&mut cache), pm.hooks())?;
-                let logits = m.logits(&h.select(1, prompt_len as i64 - 1), pm.hooks());
-                let _ = logits.argmax(-1, false).int64_value(&[0]);
-                Ok(())
-            })?;
-            Ok(start.elapsed().as_secs_f64())
-        };
-        let opts = GenerateOptions {
-            max_new_tokens: new_tokens,
-            sampling: Sampling::greedy(),
-            eos_ids: Vec::new(),
-            pad_id: 0,
-        };
-        let time_generate = || -> Result<f64> {
-            let start = Instant::now();
-            generate(m, pm.hooks(), &prompts, &opts)?;
-            Ok(start.elapsed().as_secs_f64())
-        };
-        time_prefill()?;
-        let tp =
-            (0..runs.max(1)).map(|_| time_prefill()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
-        time_generate()?;
-        let tg =
-            (0..runs.max(1)).map(|_| time_generate()).collect::<Result<Vec<_>>>()?.into_iter().fold(f64::MAX, f64::min);
-        prefill.insert(b.to_string(), json!((b * prompt_len) as f64 / tp));
-        decode.insert(b.to_string(), json!((b * new_tokens) as f64 / (tg - tp).max(1e-9)));
-    }
-    Ok(json!({
-        "impl": "rlhfd",
-        "threads": tch::get_num_threads(),
-        "dtype": format!("{:?}", args.dtype),
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "prefill_tok_s": prefill,
-        "decode_tok_s": decode,
-    }))
 }
 
 pub use rlhf_model::{parse_device, parse_dtype};

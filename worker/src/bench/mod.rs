@@ -4,6 +4,7 @@
 
 pub(crate) mod common;
 pub mod configs;
+pub mod decode;
 pub mod dpo;
 pub mod grpo;
 pub mod ppo;
