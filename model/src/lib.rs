@@ -8,6 +8,7 @@ pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod cuda_stats;
 pub mod error;
 pub mod fused;
 pub mod generate;

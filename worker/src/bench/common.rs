@@ -90,10 +90,18 @@ impl Meter {
         Ok(Self { device, start })
     }
 
-    /// Bytes (if known) and what the figure is.
+    /// Bytes (if known) and what the figure is. On CUDA: the caching
+    /// allocator's peak reservation, the figure the Python baselines report
+    /// (`torch.cuda.max_memory_reserved`), so both sides leave out the CUDA
+    /// context ([`Meter::process_bytes`] has it); nvidia-smi where the
+    /// statistics are not compiled in.
     pub(crate) fn peak(&self) -> (Option<f64>, &'static str) {
         const MIB: f64 = 1024.0 * 1024.0;
         match self.device {
+            Device::Cuda(i) if rlhf_model::cuda_stats::peak_reserved(i).is_some() => (
+                rlhf_model::cuda_stats::peak_reserved(i).map(|b| b as f64),
+                "torch's CUDA caching allocator: peak reserved (as torch.cuda.max_memory_reserved; no CUDA context)",
+            ),
             Device::Cuda(i) => match (self.start, gpu_used_mib(i)) {
                 (_, Some(GpuUsage::Process(mib))) => (Some(mib * MIB), "nvidia-smi: this process's GPU memory at exit"),
                 (Some(GpuUsage::Device(a)), Some(GpuUsage::Device(b))) => {
@@ -102,6 +110,21 @@ impl Meter {
                 _ => (None, "unavailable: nvidia-smi did not answer (tch has no allocator statistics)"),
             },
             _ => (peak_rss_bytes().map(|b| b as f64), "VmHWM"),
+        }
+    }
+}
+
+impl Meter {
+    /// On CUDA, what nvidia-smi says this process holds now (the caching
+    /// allocator's reservation plus the CUDA context and libraries), so the
+    /// context is `process_bytes − peak` at the end of a run.
+    pub(crate) fn process_bytes(&self) -> Option<f64> {
+        match self.device {
+            Device::Cuda(i) => match gpu_used_mib(i) {
+                Some(GpuUsage::Process(mib)) => Some(mib * 1024.0 * 1024.0),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }

@@ -345,6 +345,7 @@ pub fn run_one(args: &DpoArgs, config: &str) -> Result<Value> {
         "tokens_per_s": (2 * plan.batch * plan.seq_len) as f64 / s_per_iter,
         "peak_memory_bytes": peak,
         "peak_memory_source": source,
+        "gpu_process_bytes": meter.process_bytes(),
         "last_metrics": { "loss": loss },
     }))
 }

@@ -439,6 +439,7 @@ pub fn run_one(args: &GrpoArgs, config: &str) -> Result<Value> {
         "tokens_per_s": (rows * (plan.prompt_len + plan.response_len)) as f64 / s_per_iter,
         "peak_memory_bytes": peak,
         "peak_memory_source": source,
+        "gpu_process_bytes": meter.process_bytes(),
         "last_metrics": last,
     }))
 }

@@ -762,6 +762,7 @@ pub fn run_one(args: &PpoArgs, config: &str) -> Result<Value> {
         "tokens_per_s": plan.tokens_per_iter() as f64 / s_per_iter,
         "peak_memory_bytes": peak,
         "peak_memory_source": source,
+        "gpu_process_bytes": meter.process_bytes(),
         "last_metrics": last,
     }))
 }
