@@ -15,7 +15,16 @@
 #   7. bench grpo and bench dpo on cuda:0 in bf16, lora against the real TRL
 #      GRPOTrainer / DPOTrainer (skipped like 6 without trl): the small preset,
 #      then the Qwen2.5-0.5B shape (random weights: the machine cannot fetch them);
-#   8. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest.
+#   8. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest:
+#      batch 8 (plain, activation checkpointing, minibatch 2), then batch 64
+#      with minibatch 8 = the forward micro-batch of the reference, reward and
+#      value passes (the 22 GB target), and the Qwen-0.5B shape against TRL;
+#   9. bench decode --preset 7b-shape (bf16) at batch 8 and 64, 256 + 128
+#      tokens: ms per step and the share of the memory-bandwidth limit, the
+#      static-cache loop and the plain one in one run.
+# GPU memory figures: the caching allocator's peak reserved on both sides
+# (torch.cuda.max_memory_reserved for the Python baselines), the CUDA context
+# apart (gpu_process_bytes: what nvidia-smi says the process holds).
 # Prints everything; exits non-zero on the first failed check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +115,11 @@ for preset in small qwen-0.5b-shape; do
 done
 echo "== 8. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 # minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
-for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2"; do
+for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2" "--batch 64 --minibatch 8 --grad-checkpoint"; do
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1
 done
+RLHF_PY="$PY" timeout 150 "$BIN/rlhf-worker" bench ppo --preset qwen-0.5b-shape --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
+  --batch 8 --prompt-len 32 --response-len 32 --minibatch 8 --iterations 3 --json | tail -n 1
+echo "== 9. bench decode --preset 7b-shape on cuda:0 (bf16): static cache vs the plain loop, ms per step, bandwidth share"
+timeout 120 "$BIN/rlhf-worker" bench decode --preset 7b-shape --device cuda:0 --dtype bf16 --prompt-len 256 --new-tokens 128 \
+  --batch 8 64 --runs 2 | tail -n 1
