@@ -58,6 +58,9 @@ while [ $# -gt 0 ]; do
 done
 OUT=${OUT:-runs/paper-$PRESET}
 . scripts/env.sh --cache
+# The code this run's binaries are built from (taken now: HEAD may move while it runs).
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && COMMIT="$COMMIT+uncommitted"
 if [ "$JOB_ONLY" = 0 ]; then
   ./scripts/setup.sh
   ./scripts/setup-bench.sh >/dev/null   # transformers + peft for the cross-check
@@ -329,9 +332,10 @@ methods = sys.argv[9:]
 # reward step of 4 examples with all their pairs, the reward model's dev
 # and test evaluations in all, a PPO iteration of 16 prompts x 16 one-token
 # samples, an eval prompt (choice and generate), loading the model once.
-# DPO steps of 8 pairs and GRPO iterations are estimated, not measured
-# (a step of SFT plus the pairs' reference pass; a PPO iteration without
-# the critic). bf16 (AMX): SFT, PPO and eval from the run of 2026-12-05
+# DPO steps of 8 pairs and GRPO iterations: bf16 from the --variants run of
+# 2026-12-06, which shared the CPU with builds (423 s for 16 DPO steps with
+# their dev evaluations, 360-401 s for 8 GRPO iterations of 256 samples:
+# upper bounds); f32 estimated. bf16 (AMX): SFT, PPO and eval from the run of 2026-12-05
 # (3.3 s/step mean of LoRA, SSF, RepAdapter; 37 s/iteration; 302 s for 8
 # models x 400 prompts), the reward step and its evaluations from that
 # day's second run (427 s for 48 steps with 4 dev evaluations of ~37 s,
@@ -342,15 +346,15 @@ methods = sys.argv[9:]
 # preset's PPO stage (434 s for 8 iterations); full fine-tuning measured
 # only in bf16 without AMX.
 C = {
-    "bf16": dict(SFT=3.3, SFT_FULL=90.0, RM=5.8, RM_EVAL=230.0, PPO=37.0, EVAL=0.09, LOAD=10.0, DPO=5.0, GRPO=30.0),
-    "f32": dict(SFT=10.5, SFT_FULL=90.0, RM=36.0, RM_EVAL=480.0, PPO=54.0, EVAL=0.3, LOAD=10.0, DPO=14.0, GRPO=50.0),
+    "bf16": dict(SFT=3.3, SFT_FULL=90.0, RM=5.8, RM_EVAL=230.0, PPO=37.0, EVAL=0.09, LOAD=10.0, DPO=22.0, GRPO=45.0),
+    "f32": dict(SFT=10.5, SFT_FULL=90.0, RM=36.0, RM_EVAL=480.0, PPO=54.0, EVAL=0.3, LOAD=10.0, DPO=60.0, GRPO=65.0),
 }[dtype]
 models = 1 + len(methods) + seeds + 1 + (3 if variants else 0)
 stages = [(f"sft-{m}", sft * (C["SFT_FULL"] if m == "full" else C["SFT"]) + C["LOAD"]) for m in methods]
 stages += [("reward-mc", rm * C["RM"] + C["LOAD"] + C["RM_EVAL"])]
 stages += [(f"ppo-s{k + 1}", ppo * C["PPO"] + C["LOAD"]) for k in range(seeds)]
 if variants:
-    stages += [("dpo-mc", dpo * C["DPO"] + C["LOAD"] + 60), ("grpo-label", ppo * C["GRPO"] + C["LOAD"]),
+    stages += [("dpo-mc", dpo * C["DPO"] + C["LOAD"]), ("grpo-label", ppo * C["GRPO"] + C["LOAD"]),
                ("grpo-rm", ppo * C["GRPO"] + C["LOAD"])]
 stages += [("ppo-label", ppo * C["PPO"] + C["LOAD"])]
 stages += [("eval", models * (4 * test_n * C["EVAL"] + C["LOAD"]))]
@@ -410,6 +414,6 @@ if [ "$CROSSCHECK" = 1 ]; then
   done
 fi
 "$RLHF_PY" scripts/paper_report.py "$RUN" "$OUT" --preset "$PRESET" --minutes "$(( (WALL + 30) / 60 ))" \
-  --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$OUT/paper.md"
+  --commit "$COMMIT" > "$OUT/paper.md"
 cat "$OUT/paper.md"
 echo "paper.sh: report $OUT/paper.md, figures $OUT/summary.json, curves and job report in $OUT/report"
