@@ -117,7 +117,9 @@ impl KvCache {
             let grown = |b: &Tensor| {
                 let mut dims = b.size();
                 dims[0] = dims[0].max(rows);
-                dims[2] = (start + t).max(2 * dims[2]);
+                if start + t > dims[2] {
+                    dims[2] = (start + t).max(2 * dims[2]);
+                }
                 let n = Tensor::zeros(dims.as_slice(), (b.kind(), b.device()));
                 n.narrow(0, 0, kept).narrow(2, 0, start).copy_(&b.narrow(0, 0, kept).narrow(2, 0, start));
                 n

@@ -24,6 +24,16 @@ const PURGE_DELAY_MS: i64 = 1000;
 extern "C" {
     fn mi_option_set(option: i32, value: std::os::raw::c_long);
     fn mi_option_get(option: i32) -> std::os::raw::c_long;
+    fn mi_collect(force: bool);
+}
+
+/// Returns what this thread's heap and the arenas hold free to the OS now,
+/// not after the purge delay (between pipeline stages: the next stage may
+/// need it in another form, and the process's resident size should show
+/// what is in use).
+pub fn release_freed() {
+    // SAFETY: mimalloc's collector, callable at any time from any thread.
+    unsafe { mi_collect(true) };
 }
 
 /// Applies the settings above unless `MIMALLOC_PURGE_DELAY` says otherwise.

@@ -89,6 +89,11 @@ fn best(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<Value> {
+    if args.prompt_len == 0 || args.new_tokens == 0 || args.batch.contains(&0) {
+        return Err(Error::InvalidArgument(
+            "bench decode: --prompt-len, --new-tokens and --batch must be at least 1".into(),
+        ));
+    }
     let (pm, preset) = load(args)?;
     let m = &pm.base;
     let device = m.device;
@@ -104,9 +109,7 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
     for &b in &args.batch {
         let prompts: Vec<Vec<i64>> = (0..b)
             .map(|row| {
-                (0..prompt_len)
-                    .map(|i| 100 + ((row * 7919 + i * 104729) % 9900) as i64 % (m.cfg.vocab_size - 100).max(1))
-                    .collect()
+                (0..prompt_len).map(|i| ((row * 7919 + i * 104729) % 9900) as i64 % m.cfg.vocab_size.max(1)).collect()
             })
             .collect();
         let rows: Vec<u64> = (0..b as u64).collect();

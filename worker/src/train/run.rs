@@ -133,12 +133,15 @@ impl Produced {
     }
 }
 
-/// Hands the memory a finished stage freed back to the system. glibc keeps
-/// freed heap in its arenas, so without this a pipeline's process grows by
-/// what each stage peaked at: the paper's cpu preset was OOM-killed at
+/// Hands the memory a finished stage freed back to the system. An allocator
+/// keeps freed memory for reuse, so without this a pipeline's process grows
+/// by what each stage peaked at: the paper's cpu preset was OOM-killed at
 /// 24 GiB in its fourth SFT stage (full fine-tuning, which alone peaks at
-/// ~19 GiB in f32) after three PEFT stages.
+/// ~19 GiB in f32) after three PEFT stages. rlhf-worker allocates with
+/// mimalloc ([`crate::alloc`]); glibc's heap is trimmed too, for whatever
+/// it still serves.
 fn return_freed_memory() {
+    crate::alloc::release_freed();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; it is thread-safe.
     unsafe {

@@ -14,6 +14,13 @@ use rlhf_model::peft::{self, PeftModel};
 use rlhf_model::{parse_dtype, KvCache, Mask, Tokenizer};
 
 /// The loaded base of a job, with its tokenizer.
+/// Whether a GPU worker keeps its decode cache between rollouts. Off until
+/// a CUDA-graph decode step needs fixed addresses: held through the update,
+/// the cache of rows × (prompt + max_new_tokens) is memory the update cannot
+/// use (7B shape, 64 rows of 512 positions in bf16: 4.3 GB), while the
+/// caching allocator already recycles a freed one.
+pub const KEEP_DECODE_CACHE: bool = false;
+
 pub struct Loaded {
     pub pm: PeftModel,
     pub tok: Tokenizer,
@@ -32,13 +39,14 @@ impl Loaded {
         self.tok.pad_id.unwrap_or_else(|| self.eos())
     }
 
-    /// The base (its active adapter as set) and, on a GPU, the static decode
-    /// cache kept across iterations: allocated by the first rollout, reused
-    /// (grown if ever needed) by the next ones, so its addresses stay put.
-    /// On CPU each rollout allocates its own and frees it after: the memory
-    /// is the training step's between rollouts.
+    /// The base (its active adapter as set) and, where the decode cache is
+    /// kept across iterations, that cache: allocated by the first rollout,
+    /// reused (grown if ever needed) by the next ones, so its addresses stay
+    /// put. Kept only where [`KEEP_DECODE_CACHE`] says; otherwise each
+    /// rollout allocates its own and frees it before the update, whose
+    /// activations then reuse the memory.
     pub fn decode_parts(&mut self) -> (&PeftModel, Option<&mut KvCache>) {
-        let keep = self.pm.base.device.is_cuda();
+        let keep = KEEP_DECODE_CACHE && self.pm.base.device.is_cuda();
         (&self.pm, keep.then_some(&mut self.cache))
     }
 }
