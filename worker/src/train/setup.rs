@@ -11,23 +11,13 @@ use crate::error::{Error, Result};
 use crate::train::logprobs::token_logprobs;
 use rlhf_model::batch::positions;
 use rlhf_model::peft::{self, PeftModel};
-use rlhf_model::{parse_dtype, KvCache, Mask, Tokenizer};
+use rlhf_model::{parse_dtype, Mask, Tokenizer};
 
 /// The loaded base of a job, with its tokenizer.
-/// Whether a GPU worker keeps its decode cache between rollouts. Off until
-/// a CUDA-graph decode step needs fixed addresses: held through the update,
-/// the cache of rows × (prompt + max_new_tokens) is memory the update cannot
-/// use (7B shape, 64 rows of 512 positions in bf16: 4.3 GB), while the
-/// caching allocator already recycles a freed one.
-pub const KEEP_DECODE_CACHE: bool = false;
-
 pub struct Loaded {
     pub pm: PeftModel,
     pub tok: Tokenizer,
     pub model_dir: PathBuf,
-    /// The policy's decode cache, kept across PPO iterations on a GPU
-    /// ([`Loaded::decode_cache`]).
-    pub cache: KvCache,
 }
 
 impl Loaded {
@@ -37,17 +27,6 @@ impl Loaded {
 
     pub fn pad(&self) -> i64 {
         self.tok.pad_id.unwrap_or_else(|| self.eos())
-    }
-
-    /// The base (its active adapter as set) and, where the decode cache is
-    /// kept across iterations, that cache: allocated by the first rollout,
-    /// reused (grown if ever needed) by the next ones, so its addresses stay
-    /// put. Kept only where [`KEEP_DECODE_CACHE`] says; otherwise each
-    /// rollout allocates its own and frees it before the update, whose
-    /// activations then reuse the memory.
-    pub fn decode_parts(&mut self) -> (&PeftModel, Option<&mut KvCache>) {
-        let keep = KEEP_DECODE_CACHE && self.pm.base.device.is_cuda();
-        (&self.pm, keep.then_some(&mut self.cache))
     }
 }
 
@@ -65,7 +44,7 @@ pub fn load_base(job: &JobSpec, device: Device) -> Result<Loaded> {
         pm.add(&name, adapter)?;
         pm.merge(&name)?;
     }
-    Ok(Loaded { pm, tok, model_dir: dir, cache: KvCache::default() })
+    Ok(Loaded { pm, tok, model_dir: dir })
 }
 
 /// The kind the base is loaded in: `model.dtype`, with `auto` resolved for

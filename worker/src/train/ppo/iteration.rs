@@ -25,17 +25,12 @@ use crate::parallel::Collective;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
 use rlhf_model::peft::PeftModel;
-use rlhf_model::{generate_rows, generate_rows_in, sync, GenerateOptions, Generation, KvCache, Sampling, Tokenizer};
+use rlhf_model::{generate_rows, sync, GenerateOptions, Generation, Sampling, Tokenizer};
 
 /// Where the four roles of an iteration live.
 pub trait Roles {
     /// The policy: its base with the policy adapter active.
     fn policy(&mut self) -> Result<&PeftModel>;
-    /// The policy and, where one is kept across iterations, its decode
-    /// cache (see [`Loaded::decode_parts`](crate::train::setup::Loaded::decode_parts)).
-    fn decoder(&mut self) -> Result<(&PeftModel, Option<&mut KvCache>)> {
-        Ok((self.policy()?, None))
-    }
     /// The reference policy: the policy's base with adapters off, or a
     /// model of its own.
     fn reference(&mut self) -> Result<&PeftModel>;
@@ -152,12 +147,9 @@ pub fn generate_here(
     rollout: &Rollout,
 ) -> Result<Generation> {
     let opts = generate_options(ppo, rollout.sampling_seed(), rollout.eos_ids.clone(), rollout.pad);
-    let (pm, cache) = roles.decoder()?;
+    let pm = roles.policy()?;
     let rows: Vec<u64> = prompts.rows.iter().map(|&r| r as u64).collect();
-    let gen = match cache {
-        Some(cache) => generate_rows_in(&pm.base, pm.hooks(), prompts.ids, &opts, &rows, cache)?,
-        None => generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?,
-    };
+    let gen = generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?;
     sync(pm.base.device);
     Ok(gen)
 }

@@ -14,7 +14,7 @@ use super::iteration::generate_options;
 use crate::error::{Error, Result};
 use crate::train::setup::{load_base, Loaded};
 use rlhf_model::peft::{self, Adapter, PeftConfig};
-use rlhf_model::{generate_rows, generate_rows_in, Generation};
+use rlhf_model::{generate_rows, Generation};
 
 /// What a trainer asks of a rollout worker.
 pub enum RolloutOp {
@@ -61,11 +61,8 @@ impl RolloutHost {
         pm.set_active(Some(Role::Policy.name()))?;
         let (eos, pad) = (self.model.tok.eos_ids.clone(), self.model.pad());
         let opts = generate_options(&self.ppo, req.seed, eos, pad);
-        let gen = match self.model.decode_parts() {
-            (pm, Some(cache)) => generate_rows_in(&pm.base, pm.hooks(), &req.prompts, &opts, &req.rows, cache),
-            (pm, None) => generate_rows(&pm.base, pm.hooks(), &req.prompts, &opts, &req.rows),
-        };
-        Ok(gen?)
+        let pm = &self.model.pm;
+        Ok(tch::no_grad(|| generate_rows(&pm.base, pm.hooks(), &req.prompts, &opts, &req.rows))?)
     }
 }
 

@@ -30,7 +30,7 @@ use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::setup::{load_base, Loaded};
 use crate::train::stage::{Ctx, Outcome};
 use rlhf_model::peft::{self, base_parameters, Adapter, PeftConfig, PeftModel};
-use rlhf_model::{GenerateOptions, KvCache, Sampling, Tokenizer};
+use rlhf_model::{GenerateOptions, Sampling, Tokenizer};
 
 /// Where the trainer's roles live.
 // One per job: the size difference between the variants costs nothing.
@@ -96,15 +96,6 @@ impl Roles for Parts<'_> {
         let pm = self.pm_mut();
         pm.set_active(Some(Role::Policy.name()))?;
         Ok(pm)
-    }
-
-    fn decoder(&mut self) -> Result<(&PeftModel, Option<&mut KvCache>)> {
-        self.pm_mut().set_active(Some(Role::Policy.name()))?;
-        let loaded = match self {
-            Parts::Colocated { host, .. } => &mut host.model,
-            Parts::Remote { own, .. } => own,
-        };
-        Ok(loaded.decode_parts())
     }
 
     fn reference(&mut self) -> Result<&PeftModel> {
