@@ -2,9 +2,10 @@
 //! binaries, so `cargo test -p rlhf-model` runs without LD_LIBRARY_PATH
 //! (the worker's build script does the same, and more, for the binaries),
 //! and compiles the C++ of `csrc/` against the same libtorch's headers:
-//! the fused ops always, the CUDA allocator statistics where libtorch has
-//! CUDA and the CUDA runtime headers are beside it (the PyPI wheels' nvidia
-//! packages), with `cfg(rlhf_cuda)` set for the Rust side.
+//! the fused ops always; the CUDA allocator statistics and the CUDA graph
+//! shim where libtorch has CUDA and the CUDA runtime headers are beside it
+//! (the PyPI wheels' nvidia packages), with `cfg(rlhf_cuda)` and
+//! `cfg(rlhf_cuda_graph)` set for the Rust side.
 use std::path::{Path, PathBuf};
 
 fn torch_build(include: &Path) -> cc::Build {
@@ -25,6 +26,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo::rustc-check-cfg=cfg(rlhf_cuda)");
+    println!("cargo::rustc-check-cfg=cfg(rlhf_cuda_graph)");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
         "torch-sys reports its libtorch lib dir (DEP_TCH_LIBTORCH_LIB); build with LIBTORCH_USE_PYTORCH=1 or LIBTORCH set",
     ));
@@ -58,12 +60,22 @@ fn main() {
     dirs.iter().for_each(|d| {
         b.include(d);
     });
-    match b.file("csrc/cuda_stats.cpp").try_compile("rlhf_cuda_stats") {
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    match b.clone().file("csrc/cuda_stats.cpp").try_compile("rlhf_cuda_stats") {
         Ok(()) => {
-            println!("cargo:rustc-link-search=native={}", lib.display());
             println!("cargo:rustc-link-lib=dylib=c10_cuda");
             println!("cargo:rustc-cfg=rlhf_cuda");
         }
         Err(e) => println!("cargo:warning=csrc/cuda_stats.cpp did not compile ({e}): no allocator statistics"),
+    }
+    match b.file("csrc/cuda_graph.cpp").try_compile("rlhf_cuda_graph") {
+        Ok(()) => {
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+            println!("cargo:rustc-link-lib=dylib=torch_cuda");
+            println!("cargo:rustc-cfg=rlhf_cuda_graph");
+        }
+        Err(e) => {
+            println!("cargo:warning=csrc/cuda_graph.cpp did not compile ({e}): decode steps run without CUDA graphs")
+        }
     }
 }

@@ -20,6 +20,8 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// The static layout's fill: rows in use, positions filled per layer.
     fixed: Option<Fill>,
+    /// Fixed-shape steps ([`KvCache::set_slot`]): the position written.
+    slot: Option<Tensor>,
 }
 
 struct Fill {
@@ -43,7 +45,7 @@ pub struct CacheShape {
 impl KvCache {
     /// A growing cache.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), fixed: None }
+        Self { layers: (0..num_layers).map(|_| None).collect(), fixed: None, slot: None }
     }
 
     /// A static cache of `shape`'s capacity, zero-filled.
@@ -54,7 +56,7 @@ impl KvCache {
                 Some((Tensor::zeros(dims, (shape.kind, shape.device)), Tensor::zeros(dims, (shape.kind, shape.device))))
             })
             .collect();
-        Self { layers, fixed: Some(Fill { rows: 0, lens: vec![0; shape.layers] }) }
+        Self { layers, fixed: Some(Fill { rows: 0, lens: vec![0; shape.layers] }), slot: None }
     }
 
     /// Whether this is a static cache.
@@ -107,30 +109,59 @@ impl KvCache {
             return (k, v);
         };
         let (rows, t) = (k.size()[0], k.size()[2]);
+        if let Some(slot) = &self.slot {
+            let (bk, bv) = self.layers[layer].as_ref().expect("static caches hold every layer");
+            let (mut bk, mut bv) = (bk.narrow(0, 0, rows), bv.narrow(0, 0, rows));
+            let _ = bk.index_copy_(2, slot, &k);
+            let _ = bv.index_copy_(2, slot, &v);
+            return (bk, bv);
+        }
         let start = fill.lens[layer];
         let kept = if start == 0 { 0 } else { fill.rows.min(rows) };
         fill.rows = rows;
         let (bk, bv) = self.layers[layer].as_mut().expect("static caches hold every layer");
-        let (cap_rows, cap_len) = (bk.size()[0], bk.size()[2]);
-        if rows > cap_rows || start + t > cap_len {
+        if rows > bk.size()[0] || start + t > bk.size()[2] {
             // Past the capacity: a larger buffer, the filled part copied once.
-            let grown = |b: &Tensor| {
-                let mut dims = b.size();
-                dims[0] = dims[0].max(rows);
-                if start + t > dims[2] {
-                    dims[2] = (start + t).max(2 * dims[2]);
-                }
-                let n = Tensor::zeros(dims.as_slice(), (b.kind(), b.device()));
-                n.narrow(0, 0, kept).narrow(2, 0, start).copy_(&b.narrow(0, 0, kept).narrow(2, 0, start));
-                n
-            };
-            *bk = grown(bk);
-            *bv = grown(bv);
+            let cap = bk.size()[2];
+            let positions = if start + t > cap { (start + t).max(2 * cap) } else { cap };
+            *bk = grown(bk, kept, start, rows, positions);
+            *bv = grown(bv, kept, start, rows, positions);
         }
         bk.narrow(0, 0, rows).narrow(2, start, t).copy_(&k);
         bv.narrow(0, 0, rows).narrow(2, start, t).copy_(&v);
         fill.lens[layer] = start + t;
         (bk.narrow(0, 0, rows).narrow(2, 0, start + t), bv.narrow(0, 0, rows).narrow(2, 0, start + t))
+    }
+
+    /// Makes a static cache hold at least `rows` × `positions`, keeping
+    /// what it holds (a growing cache is left as it is).
+    pub fn reserve(&mut self, rows: i64, positions: i64) {
+        let Some(fill) = &self.fixed else { return };
+        for ((k, v), &len) in self.layers.iter_mut().flatten().zip(&fill.lens) {
+            if rows > k.size()[0] || positions > k.size()[2] {
+                let (rows, positions) = (rows.max(k.size()[0]), positions.max(k.size()[2]));
+                *k = grown(k, fill.rows, len, rows, positions);
+                *v = grown(v, fill.rows, len, rows, positions);
+            }
+        }
+    }
+
+    /// Fixed-shape steps (what a CUDA graph records): with a slot, a
+    /// static cache's `append` writes one position, the one `slot` (a
+    /// 1-element int64 tensor on the cache's device) holds, and returns
+    /// every position of the rows in use, the filled and the empty ones
+    /// (zeros, or an earlier use's values): attention must mask the ones
+    /// not yet written. Shapes and addresses stay the same from step to
+    /// step; the caller moves the slot on in place. The fill counts are
+    /// not updated; `None` ends the mode.
+    pub fn set_slot(&mut self, slot: Option<Tensor>) {
+        assert!(slot.is_none() || self.is_static(), "fixed-shape steps need a static cache");
+        self.slot = slot;
+    }
+
+    /// The static buffers' capacity in positions (0 for a growing cache).
+    pub fn positions(&self) -> i64 {
+        self.capacity().map_or(0, |(_, p)| p)
     }
 
     /// Keeps only the rows in `index`, in its order (finished sequences
@@ -157,6 +188,17 @@ impl KvCache {
         }
         fill.rows = n;
     }
+}
+
+/// A zero buffer of `rows` × `positions` holding `b`'s first `kept` rows'
+/// first `filled` positions.
+fn grown(b: &Tensor, kept: i64, filled: i64, rows: i64, positions: i64) -> Tensor {
+    let mut dims = b.size();
+    dims[0] = dims[0].max(rows);
+    dims[2] = dims[2].max(positions);
+    let n = Tensor::zeros(dims.as_slice(), (b.kind(), b.device()));
+    n.narrow(0, 0, kept).narrow(2, 0, filled).copy_(&b.narrow(0, 0, kept).narrow(2, 0, filled));
+    n
 }
 
 #[cfg(test)]

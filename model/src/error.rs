@@ -31,6 +31,8 @@ pub enum Error {
     Data { path: PathBuf, msg: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("CUDA graph: {0}")]
+    CudaGraph(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

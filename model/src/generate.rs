@@ -3,6 +3,7 @@
 use tch::{Kind, Tensor};
 
 use super::cache::{CacheShape, KvCache};
+use super::fixed_step::AfterPrefill;
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
 use super::sampling::{row_streams, sample_rows, Sampling};
@@ -16,6 +17,53 @@ pub struct GenerateOptions {
     pub eos_ids: Vec<i64>,
     /// Fills the left padding and finished rows.
     pub pad_id: i64,
+    /// How the steps after the prefill run.
+    pub steps: Steps,
+}
+
+/// How the decode steps after the prefill run. Every choice gives the same
+/// tokens (to floating-point rounding of the log-probs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Steps {
+    /// `Graph` on a CUDA device where this build has CUDA graphs (a
+    /// capture that fails is reported once and the process goes on with
+    /// `Eager`; `RLHF_CUDA_GRAPHS=0` turns graphs off), `Eager` elsewhere.
+    #[default]
+    Auto,
+    /// Op by op, the cache's filled part attended, finished rows leaving
+    /// the batch once a quarter of it is idle.
+    Eager,
+    /// The fixed-shape step a CUDA graph records, run op by op (see
+    /// `fixed_step.rs`): how CI checks the graph's step without a GPU.
+    Fixed,
+    /// The fixed-shape step recorded once as a CUDA graph and replayed,
+    /// sampling right after each replay; an error where graphs are not
+    /// available.
+    Graph,
+}
+
+impl std::str::FromStr for Steps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Steps::Auto),
+            "eager" => Ok(Steps::Eager),
+            "fixed" => Ok(Steps::Fixed),
+            "graph" => Ok(Steps::Graph),
+            _ => Err(format!("steps must be auto, eager, fixed or graph, got {s:?}")),
+        }
+    }
+}
+
+impl Steps {
+    pub fn name(self) -> &'static str {
+        match self {
+            Steps::Auto => "auto",
+            Steps::Eager => "eager",
+            Steps::Fixed => "fixed",
+            Steps::Graph => "graph",
+        }
+    }
 }
 
 /// New tokens per prompt (up to and including an eos), with the
@@ -172,6 +220,8 @@ fn generate_inner(
 ) -> Result<Generation> {
     let b = prompts.len();
     let device = model.device;
+    // A growing cache (the plain loop) is always decoded op by op.
+    let steps = if cache.is_static() { crate::fixed_step::resolve(opts.steps, device) } else { Steps::Eager };
     let padded = prompts.iter().any(|p| p.len() != prompts[0].len());
     let (ids, mut key_mask) = crate::batch::left_padded(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
@@ -214,25 +264,17 @@ fn generate_inner(
             .to_device(device)
             .to_kind(Kind::Bool);
         let next = next.where_self(&finished.logical_not(), &pad);
-        let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
-        let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
-        for (j, &i) in live.iter().enumerate() {
-            if done[i] {
-                continue;
-            }
-            out.tokens[i].push(next_v[j]);
-            out.logprobs[i].push(logp_v[j]);
-            if opts.eos_ids.contains(&next_v[j]) {
-                done[i] = true;
-            }
-        }
-        if done.iter().all(|&d| d) {
+        if record(&mut out, &mut done, &live, &next, &logp, &opts.eos_ids)? {
             break;
         }
         let rows_now = live.len() as i64;
         step_ids = next.unsqueeze(1);
         positions = positions.select(1, positions.size()[1] - 1).unsqueeze(1) + 1;
         key_mask = Tensor::cat(&[key_mask, Tensor::ones([rows_now, 1], (Kind::Int64, device))], 1);
+        if step == 0 && steps != Steps::Eager {
+            let state = AfterPrefill { ids: step_ids, positions, key_mask, rngs, done, out };
+            return crate::fixed_step::decode(model, hooks, opts, cache, steps, opts.steps == Steps::Auto, state);
+        }
         // Finished rows leave the batch: the rest keep their cache, position,
         // padding and sampling stream, so their tokens do not change.
         let idle = live.iter().filter(|&&i| done[i]).count();
@@ -255,6 +297,32 @@ fn generate_inner(
         }
     }
     Ok(out)
+}
+
+/// Appends a step's tokens and log-probs to the rows of `live` (the
+/// output row of each batch row) that have not finished, marks those that
+/// emitted an end token; whether every row has finished.
+pub(crate) fn record(
+    out: &mut Generation,
+    done: &mut [bool],
+    live: &[usize],
+    next: &Tensor,
+    logp: &Tensor,
+    eos_ids: &[i64],
+) -> Result<bool> {
+    let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
+    let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
+    for (j, &i) in live.iter().enumerate() {
+        if done[i] {
+            continue;
+        }
+        out.tokens[i].push(next_v[j]);
+        out.logprobs[i].push(logp_v[j]);
+        if eos_ids.contains(&next_v[j]) {
+            done[i] = true;
+        }
+    }
+    Ok(done.iter().all(|&d| d))
 }
 
 #[cfg(test)]

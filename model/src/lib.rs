@@ -8,8 +8,10 @@ pub mod batch;
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod cuda_graph;
 pub mod cuda_stats;
 pub mod error;
+pub mod fixed_step;
 pub mod fused;
 pub mod generate;
 pub mod head;
@@ -29,7 +31,7 @@ pub use chat::ChatTemplate;
 pub use config::{Arch, Config};
 pub use error::{Error, Result};
 pub use generate::{
-    cache_shape, generate, generate_rows, generate_rows_in, generate_rows_plain, GenerateOptions, Generation,
+    cache_shape, generate, generate_rows, generate_rows_in, generate_rows_plain, GenerateOptions, Generation, Steps,
 };
 pub use hooks::{Block, Hooks, NoHooks, Norm, Proj};
 pub use llama::{Mask, Model};

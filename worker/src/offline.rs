@@ -90,6 +90,7 @@ pub fn generate_line(
         sampling,
         eos_ids: tok.eos_ids.clone(),
         pad_id: tok.pad_id.or(tok.eos_ids.first().copied()).unwrap_or(0),
+        steps: rlhf_model::Steps::Auto,
     };
     let out = generate(&pm.base, pm.hooks(), &[ids], &opts)?;
     let new = out.tokens.into_iter().next().unwrap_or_default();

@@ -244,6 +244,7 @@ fn a_slice_of_a_batch_samples_what_the_whole_batch_samples() {
         sampling: Sampling { temperature: 1.0, top_p: 0.95, top_k: 0, seed: 11 },
         eos_ids: vec![],
         pad_id: 0,
+        steps: rlhf_model::Steps::Auto,
     };
     let all = generate(&m, &NoHooks, &prompts, &opts).unwrap();
     let odd = generate_rows(&m, &NoHooks, &[prompts[1].clone(), prompts[3].clone()], &opts, &[1, 3]).unwrap();

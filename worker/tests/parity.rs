@@ -29,7 +29,13 @@ fn logits(pm: &PeftModel, tokens: &Tensor) -> Tensor {
 }
 
 fn greedy(pm: &PeftModel, prompts: &[Vec<i64>]) -> Vec<Vec<i64>> {
-    let opts = GenerateOptions { max_new_tokens: 8, sampling: Sampling::greedy(), eos_ids: vec![], pad_id: 0 };
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: Sampling::greedy(),
+        eos_ids: vec![],
+        pad_id: 0,
+        steps: rlhf_model::Steps::Auto,
+    };
     generate(&pm.base, pm.hooks(), prompts, &opts).unwrap().tokens
 }
 
@@ -175,7 +181,8 @@ fn sampled_logprobs_equal_a_full_forward() {
         let pm = with_lora(name, false);
         let prompts = vec![vec![42, 259, 73, 270], vec![76, 222]];
         let sampling = Sampling { temperature: 0.7, top_p: 0.9, top_k: 0, seed: 3 };
-        let opts = GenerateOptions { max_new_tokens: 6, sampling, eos_ids: vec![], pad_id: 0 };
+        let opts =
+            GenerateOptions { max_new_tokens: 6, sampling, eos_ids: vec![], pad_id: 0, steps: rlhf_model::Steps::Auto };
         let gen = generate(&pm.base, pm.hooks(), &prompts, &opts).unwrap();
         let batch = Batch::new(&prompts, &gen.tokens, 0, tch::Device::Cpu);
         let full = logprobs(&pm, &batch, 0.7).unwrap();

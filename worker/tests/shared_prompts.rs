@@ -97,6 +97,7 @@ fn generating_a_group_equals_generating_each_row_alone() {
         sampling: Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 11 },
         eos_ids: Vec::new(),
         pad_id: 0,
+        steps: rlhf_model::Steps::Auto,
     };
     let ids: Vec<u64> = (0..prompts.len() as u64).collect();
     let together = tch::no_grad(|| generate_rows(&pm.base, pm.hooks(), &prompts, &opts, &ids)).unwrap();

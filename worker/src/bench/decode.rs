@@ -16,9 +16,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::configs::{base_params, BenchPreset};
 use crate::error::{Error, Result};
+use rlhf_model::fixed_step::resolve;
 use rlhf_model::peft::PeftModel;
 use rlhf_model::random::random_model;
-use rlhf_model::{generate, generate_rows_plain, sync, GenerateOptions, KvCache, Mask, Model, Sampling};
+use rlhf_model::{generate, generate_rows_plain, sync, GenerateOptions, KvCache, Mask, Model, Sampling, Steps};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DecodeArgs {
@@ -47,6 +48,12 @@ pub struct DecodeArgs {
     /// Skip the plain loop (the figures of the loop as it runs only).
     #[arg(long)]
     pub no_plain: bool,
+    /// How the steps after the prefill run, one figure each: auto, eager,
+    /// fixed (the CUDA graph's fixed-shape step op by op) or graph. The
+    /// first gives decode_tok_s; each later one reports ms per step and the
+    /// share of the first's tokens it repeats.
+    #[arg(long, num_args = 1.., default_values_t = ["auto".to_string()])]
+    pub steps: Vec<String>,
 }
 
 fn load(args: &DecodeArgs) -> Result<(PeftModel, Option<&'static str>)> {
@@ -82,6 +89,15 @@ fn copy_bandwidth(device: Device) -> f64 {
     (2 * 4 * n) as f64 / best
 }
 
+/// The share of `reference`'s tokens that `tokens` repeats before each row
+/// first differs (1.0: the same tokens; in bf16 a step that sums in
+/// another order may flip a near tie, and the row goes its own way after).
+fn agreement(tokens: &[Vec<i64>], reference: &[Vec<i64>]) -> f64 {
+    let same: usize =
+        tokens.iter().zip(reference).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum();
+    same as f64 / reference.iter().map(Vec::len).sum::<usize>().max(1) as f64
+}
+
 /// Best of `runs` timings after one warmup.
 fn best(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     f()?;
@@ -94,6 +110,11 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
             "bench decode: --prompt-len, --new-tokens and --batch must be at least 1".into(),
         ));
     }
+    let modes = args
+        .steps
+        .iter()
+        .map(|s| s.parse::<Steps>().map_err(|e| Error::InvalidArgument(format!("bench decode --steps: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
     let (pm, preset) = load(args)?;
     let m = &pm.base;
     let device = m.device;
@@ -102,9 +123,16 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
     let weight_bytes = base_params(&m.cfg) as f64 * elem;
     let kv_per_token = (m.layers.len() as i64 * 2 * m.cfg.num_kv_heads * m.cfg.head_dim) as f64 * elem;
     let bandwidth = copy_bandwidth(device);
-    let opts =
-        GenerateOptions { max_new_tokens: new_tokens, sampling: Sampling::greedy(), eos_ids: Vec::new(), pad_id: 0 };
+    let options = |steps| GenerateOptions {
+        max_new_tokens: new_tokens,
+        sampling: Sampling::greedy(),
+        eos_ids: Vec::new(),
+        pad_id: 0,
+        steps,
+    };
+    let opts = options(modes[0]);
     let (mut prefill, mut decode, mut plain) = (Map::new(), Map::new(), Map::new());
+    let (mut by_mode, mut same_tokens) = (Map::new(), Map::new());
     let (mut step_ms, mut plain_ms, mut share) = (Map::new(), Map::new(), Map::new());
     for &b in &args.batch {
         let prompts: Vec<Vec<i64>> = (0..b)
@@ -138,6 +166,15 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
         let tg = timed(&|| generate(m, pm.hooks(), &prompts, &opts).map(drop).map_err(Error::from))?;
         let key = b.to_string();
         let steps = new_tokens.saturating_sub(1).max(1) as f64;
+        let first = generate(m, pm.hooks(), &prompts, &opts)?.tokens;
+        for &mode in &modes[1..] {
+            let o = options(mode);
+            let t = timed(&|| generate(m, pm.hooks(), &prompts, &o).map(drop).map_err(Error::from))?;
+            let entry = by_mode.entry(mode.name()).or_insert_with(|| json!({}));
+            entry[&key] = json!((t - tp).max(1e-9) / steps * 1e3);
+            let tokens = generate(m, pm.hooks(), &prompts, &o)?.tokens;
+            same_tokens.entry(mode.name()).or_insert_with(|| json!({}))[&key] = json!(agreement(&tokens, &first));
+        }
         let per_step = (tg - tp).max(1e-9) / steps;
         prefill.insert(key.clone(), json!((b * prompt_len) as f64 / tp));
         decode.insert(key.clone(), json!((b * new_tokens) as f64 / (tg - tp).max(1e-9)));
@@ -161,6 +198,8 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
         "model": args.model.as_ref().map(|p| p.display().to_string()).or(preset.map(String::from)),
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "steps": modes[0].name(),
+        "steps_resolved": resolve(modes[0], device).name(),
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
         "decode_ms_per_step": step_ms,
@@ -172,10 +211,17 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
             "decode = the loop as it runs (static KV cache written in place, finished rows leave the batch); \
              plain = the loop it replaced (cache concatenated each step), same tokens",
             "decode_ms_per_step = (generate - prefill) / (new_tokens - 1)",
+            "steps_ms_per_step: the same for each later --steps; steps_token_agreement: the share of the \
+             first --steps' tokens each repeats before a row first differs (bf16 sums in another order may flip \
+             a near tie)",
             "bandwidth_share = (weight bytes + the rows' cached keys and values at their mean length) \
              / copy bandwidth / step time",
         ],
     });
+    if modes.len() > 1 {
+        out["steps_ms_per_step"] = json!(by_mode);
+        out["steps_token_agreement"] = json!(same_tokens);
+    }
     if !args.no_plain {
         out["plain_decode_tok_s"] = json!(plain);
         out["plain_decode_ms_per_step"] = json!(plain_ms);

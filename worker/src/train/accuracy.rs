@@ -156,6 +156,7 @@ pub fn score(
                             sampling,
                             eos_ids: tok.eos_ids.clone(),
                             pad_id: pad,
+                            steps: rlhf_model::Steps::Auto,
                         };
                         generate(&pm.base, pm.hooks(), chunk, &opts)?.tokens.into_iter().map(Some).collect()
                     }

@@ -129,6 +129,7 @@ pub fn generate_options(ppo: &PpoSpec, seed: u64, eos_ids: Vec<i64>, pad: i64) -
         sampling: Sampling { temperature: ppo.temperature, top_p: ppo.top_p, top_k: ppo.top_k, seed },
         eos_ids,
         pad_id: pad,
+        steps: rlhf_model::Steps::Auto,
     }
 }
 

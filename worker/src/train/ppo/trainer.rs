@@ -282,6 +282,7 @@ pub fn run_with(job: &JobSpec, ctx: &mut Ctx<'_>, remote: Option<&mut (dyn Remot
         sampling: Sampling::greedy(),
         eos_ids: eos_ids.clone(),
         pad_id: pad,
+        steps: rlhf_model::Steps::Auto,
     };
     let (writes, held_out_file) = (ctx.writes(), ctx.out.join("held_out.jsonl"));
     let held_out_eval = |parts: &mut Parts<'_>, step: usize| -> Result<serde_json::Map<String, serde_json::Value>> {

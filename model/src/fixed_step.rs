@@ -1,0 +1,169 @@
+//! The decode step at a fixed shape, what a CUDA graph records: after the
+//! prefill, every step feeds `[rows, 1]` tokens from the same buffers,
+//! writes its keys and values at a position held in a tensor
+//! ([`KvCache::set_slot`]) and attends to every position of the static
+//! cache under a `[rows, 1, 1, positions]` mask that gains a column per
+//! step. Inputs are updated in place, so the step's kernels and addresses
+//! never change: on a CUDA device it is recorded once and replayed
+//! ([`Steps::Graph`]), elsewhere it runs op by op ([`Steps::Fixed`], which
+//! CI checks against the eager loop).
+//!
+//! Rows stay in the batch to the end (finished ones decode padding, as the
+//! plain loop's do): a graph's shape cannot shrink, and in a step bound by
+//! reading the weights a row costs little.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use super::cache::KvCache;
+use super::cuda_graph::{self, CudaGraph};
+use super::generate::{record, GenerateOptions, Generation, Steps};
+use super::hooks::Hooks;
+use super::llama::{Mask, Model};
+use super::sampling::sample_rows;
+use crate::error::{Error, Result};
+
+/// Set once a capture has failed under [`Steps::Auto`]: later generations
+/// use the eager loop.
+static GRAPHS_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// How the steps after the prefill run, `Auto` resolved for `device`:
+/// graphs on a CUDA device when this build has them, unless
+/// `RLHF_CUDA_GRAPHS=0` or a capture has failed in this process.
+pub fn resolve(steps: Steps, device: Device) -> Steps {
+    static ENV_OFF: OnceLock<bool> = OnceLock::new();
+    let off = *ENV_OFF.get_or_init(|| std::env::var("RLHF_CUDA_GRAPHS").is_ok_and(|v| v == "0"));
+    match steps {
+        Steps::Auto if device.is_cuda() && cuda_graph::COMPILED && !off && !GRAPHS_FAILED.load(Ordering::Relaxed) => {
+            Steps::Graph
+        }
+        Steps::Auto => Steps::Eager,
+        s => s,
+    }
+}
+
+/// The decode state after the prefill's token: each row's next input
+/// token and position `[rows, 1]`, the key mask `[rows, filled]` (its last
+/// column the position this step writes), one sampling stream per row, and
+/// the output so far.
+pub(crate) struct AfterPrefill {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub key_mask: Tensor,
+    pub rngs: Vec<ChaCha8Rng>,
+    pub done: Vec<bool>,
+    pub out: Generation,
+}
+
+/// Decodes steps 1.. of `opts.max_new_tokens` at a fixed shape into the
+/// static `cache` (made large enough first), recorded as a CUDA graph when
+/// `steps` is [`Steps::Graph`] (`auto`: on a failed capture, warn and go on
+/// op by op; otherwise the failure is the error).
+pub(crate) fn decode(
+    model: &Model,
+    hooks: &dyn Hooks,
+    opts: &GenerateOptions,
+    cache: &mut KvCache,
+    steps: Steps,
+    auto: bool,
+    state: AfterPrefill,
+) -> Result<Generation> {
+    let (rows, filled) = (state.key_mask.size()[0], state.key_mask.size()[1]);
+    cache.reserve(rows, filled + opts.max_new_tokens as i64);
+    let slot = Tensor::from_slice(&[filled - 1]).to_device(model.device);
+    cache.set_slot(Some(slot.shallow_clone()));
+    let out = run(model, hooks, opts, cache, steps == Steps::Graph, auto, slot, state);
+    cache.set_slot(None);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    model: &Model,
+    hooks: &dyn Hooks,
+    opts: &GenerateOptions,
+    cache: &mut KvCache,
+    mut graphs: bool,
+    auto: bool,
+    mut slot: Tensor,
+    state: AfterPrefill,
+) -> Result<Generation> {
+    let device = model.device;
+    let AfterPrefill { mut ids, mut positions, key_mask, mut rngs, mut done, mut out } = state;
+    let (rows, filled) = (key_mask.size()[0], key_mask.size()[1]);
+    let capacity = cache.positions();
+    let mask = Tensor::zeros([rows, capacity], (Kind::Bool, device));
+    mask.narrow(1, 0, filled).copy_(&key_mask.ne(0));
+    let mut mask = mask.view([rows, 1, 1, capacity]);
+    let pad = Tensor::from(opts.pad_id).to_device(device);
+    let live: Vec<usize> = (0..rows as usize).collect();
+    let mut graph: Option<(CudaGraph, Tensor)> = None;
+    for _ in 1..opts.max_new_tokens {
+        let mut step = || -> Result<Tensor> {
+            let hidden = model.forward(&ids, &positions, Mask::Explicit(&mask), Some(&mut *cache), hooks)?;
+            Ok(model.logits(&hidden.select(1, 0), hooks))
+        };
+        let logits = match (&graph, graphs) {
+            (Some((g, logits)), _) => {
+                g.replay()?;
+                logits.shallow_clone()
+            }
+            (None, true) => match captured(device, &mut step) {
+                Ok((g, logits, eager)) => {
+                    graph = Some((g, logits));
+                    eager
+                }
+                Err(e) if auto => {
+                    GRAPHS_FAILED.store(true, Ordering::Relaxed);
+                    tracing::warn!("decoding without CUDA graphs from now on: {e}");
+                    graphs = false;
+                    // The step writes the same keys and values again.
+                    step()?
+                }
+                Err(e) => return Err(e),
+            },
+            (None, false) => step()?,
+        };
+        let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
+        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>())
+            .to_device(device)
+            .to_kind(Kind::Bool);
+        let next = next.where_self(&finished.logical_not(), &pad);
+        if record(&mut out, &mut done, &live, &next, &logp, &opts.eos_ids)? {
+            break;
+        }
+        // The next step's inputs, in place: its tokens, positions, and the
+        // position it writes, which its own query may see.
+        ids.copy_(&next.unsqueeze(1));
+        let _ = positions.f_add_scalar_(1)?;
+        let _ = slot.f_add_scalar_(1)?;
+        let _ = mask.f_index_fill_(3, &slot, 1)?;
+    }
+    Ok(out)
+}
+
+/// A graph of `step`: run once on the graph's stream (the warm-up, whose
+/// logits this step uses), recorded, replayed once and checked against the
+/// warm-up (the same inputs, so the same logits to rounding; the replay
+/// rewrites the same cache position). Returns the graph, the logits
+/// tensor its replays rewrite, and the warm-up's logits.
+fn captured(device: Device, step: &mut dyn FnMut() -> Result<Tensor>) -> Result<(CudaGraph, Tensor, Tensor)> {
+    let Device::Cuda(index) = device else {
+        return Err(Error::CudaGraph(format!("CUDA graphs need a CUDA device, not {device:?}")));
+    };
+    let mut graph = CudaGraph::new(index)?;
+    let (eager, logits) = graph.capture(&mut *step)?;
+    graph.replay()?;
+    let diff = (logits.to_kind(Kind::Float) - eager.to_kind(Kind::Float)).abs().max().double_value(&[]);
+    let scale = eager.abs().max().to_kind(Kind::Float).double_value(&[]).max(1.0);
+    // NaN fails too.
+    if diff.is_nan() || diff > 1e-2 * scale {
+        return Err(Error::CudaGraph(format!(
+            "the replayed step's logits differ from the step run op by op by {diff} (largest logit {scale})"
+        )));
+    }
+    Ok((graph, logits, eager))
+}
