@@ -20,8 +20,13 @@
 #      with minibatch 8 = the forward micro-batch of the reference, reward and
 #      value passes (the 22 GB target), and the Qwen-0.5B shape against TRL;
 #   9. bench decode --preset 7b-shape (bf16) at batch 8 and 64, 256 + 128
-#      tokens: ms per step and the share of the memory-bandwidth limit, the
-#      static-cache loop and the plain one in one run.
+#      tokens: ms per step and the share of the memory-bandwidth limit for
+#      the steps as they run on cuda (auto: a CUDA graph), the eager steps
+#      and the plain loop in one run, with the share of tokens the eager
+#      steps repeat; then the Qwen-0.5B shape at batch 1, 8 and 64 (the
+#      host-bound case), graph against eager.
+# Rollouts on cuda decode with CUDA graphs (steps 3, 5b-8 too); a capture
+# that fails is logged ("decoding without CUDA graphs") and they go on eagerly.
 # GPU memory figures: the caching allocator's peak reserved on both sides
 # (torch.cuda.max_memory_reserved for the Python baselines), the CUDA context
 # apart (gpu_process_bytes: what nvidia-smi says the process holds).
@@ -120,6 +125,8 @@ for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2" "
 done
 RLHF_PY="$PY" timeout 150 "$BIN/rlhf-worker" bench ppo --preset qwen-0.5b-shape --device cuda:0 --dtype bf16 --configs "$ppo_configs" \
   --batch 8 --prompt-len 32 --response-len 32 --minibatch 8 --iterations 3 --json | tail -n 1
-echo "== 9. bench decode --preset 7b-shape on cuda:0 (bf16): static cache vs the plain loop, ms per step, bandwidth share"
+echo "== 9. bench decode on cuda:0 (bf16): CUDA-graph steps vs eager steps (and the plain loop), ms per step, bandwidth share"
 timeout 120 "$BIN/rlhf-worker" bench decode --preset 7b-shape --device cuda:0 --dtype bf16 --prompt-len 256 --new-tokens 128 \
-  --batch 8 64 --runs 2 | tail -n 1
+  --batch 8 64 --runs 2 --steps graph eager | tail -n 1
+timeout 60 "$BIN/rlhf-worker" bench decode --preset qwen-0.5b-shape --device cuda:0 --dtype bf16 --prompt-len 256 --new-tokens 128 \
+  --batch 1 8 64 --runs 2 --no-plain --steps graph eager | tail -n 1

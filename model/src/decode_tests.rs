@@ -181,3 +181,36 @@ fn graph_steps_without_a_gpu_are_refused_with_a_reason() {
     let auto = GenerateOptions { steps: Steps::Auto, ..opts };
     assert_eq!(generate(&model, &NoHooks, &prompts(vocab), &auto).expect("auto").tokens.len(), 6);
 }
+
+/// The fixed-shape step runs the adapters' hooks as the eager loop does:
+/// LoRA, SSF and RepAdapter (each trained a little: values away from their
+/// identity init), sampled, f32.
+#[test]
+fn fixed_step_equals_the_eager_loop_under_every_adapter() {
+    use crate::peft::{self, Method, PeftConfig, PeftModel};
+    let vocab = 300;
+    for method in [Method::Lora, Method::Ssf, Method::RepAdapter] {
+        let base = random_model(Preset::Tiny.config(vocab, 1, 2), Kind::Float, Device::Cpu, 3).expect("model");
+        let mut pm = PeftModel::new(base);
+        let mut cfg = PeftConfig::new(method);
+        cfg.seed = 5;
+        let adapter = peft::build(cfg, &pm.base).expect("adapter");
+        tch::no_grad(|| {
+            for p in adapter.parameters() {
+                let n = p.numel() as i64;
+                let wave = tch::Tensor::arange(n, (Kind::Float, Device::Cpu)).sin().view(p.size().as_slice());
+                let _ = p.shallow_clone().f_add_(&(wave * 0.1)).expect("perturb");
+            }
+        });
+        pm.add("policy", adapter).expect("add");
+        pm.set_active(Some("policy")).expect("active");
+        let opts = options(sampled(4), (0..vocab).filter(|t| t % 9 == 0).collect(), 16);
+        let fixed = GenerateOptions { steps: Steps::Fixed, ..opts.clone() };
+        let eager = generate(&pm.base, pm.hooks(), &prompts(vocab), &opts).expect("eager");
+        let step = generate(&pm.base, pm.hooks(), &prompts(vocab), &fixed).expect("fixed");
+        assert_eq!(step.tokens, eager.tokens, "{method:?}");
+        let pairs = step.logprobs.iter().flatten().zip(eager.logprobs.iter().flatten());
+        let worst = pairs.map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{method:?}: log-probs differ by {worst:e}");
+    }
+}
