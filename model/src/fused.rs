@@ -47,13 +47,16 @@ mod tests {
     use tch::{Device, Kind};
 
     fn plain_and_fused(kind: Kind) -> (Vec<Tensor>, Vec<Tensor>) {
+        // Drawn once: tests share torch's global generator, so a second
+        // seeded draw could see another test's draws in between.
+        let inputs: Vec<Tensor> =
+            (0..3).map(|_| Tensor::randn([3, 5, 64], (Kind::Float, Device::Cpu)).to_kind(kind)).collect();
         let run = |fused: bool| {
-            tch::manual_seed(7);
-            let gate = Tensor::randn([3, 5, 64], (Kind::Float, Device::Cpu)).to_kind(kind).set_requires_grad(true);
-            let up = Tensor::randn([3, 5, 64], (Kind::Float, Device::Cpu)).to_kind(kind).set_requires_grad(true);
-            let w = Tensor::randn([3, 5, 64], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let gate = inputs[0].copy().set_requires_grad(true);
+            let up = inputs[1].copy().set_requires_grad(true);
+            let w = &inputs[2];
             let y = if fused { swiglu(&gate, &up).unwrap() } else { gate.silu() * &up };
-            (&y * &w).sum(Kind::Float).backward();
+            (&y * w).sum(Kind::Float).backward();
             vec![y.detach(), gate.grad(), up.grad()]
         };
         (run(false), run(true))

@@ -12,6 +12,7 @@ pub mod cuda_graph;
 pub mod cuda_stats;
 pub mod error;
 pub mod fixed_step;
+pub mod fuse;
 pub mod fused;
 pub mod generate;
 pub mod head;

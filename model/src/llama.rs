@@ -24,12 +24,17 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     /// The same on each key head.
     pub k_norm: Option<RmsNorm>,
+    /// q, k and v as one projection ([`Model::fuse_projections`]); the
+    /// three weights are then views of its rows.
+    pub qkv: Option<Linear>,
 }
 
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate and up as one projection, as `qkv`.
+    pub gate_up: Option<Linear>,
 }
 
 pub struct Layer {
@@ -136,12 +141,14 @@ impl Model {
                         .qk_norm
                         .then(|| norm_of(format!("{p}.self_attn.k_norm"), cfg.head_dim, Norm::KNorm(li)))
                         .transpose()?,
+                    qkv: None,
                 },
                 post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), Norm::PostAttention(li))?,
                 mlp: Mlp {
                     gate_proj: lin("mlp.gate_proj", h, i, cfg.mlp_bias)?,
                     up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
                     down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
+                    gate_up: None,
                 },
             });
         }
@@ -152,8 +159,21 @@ impl Model {
             Some(Linear::load(&w, "lm_head", h, cfg.vocab_size, false, kind, device)?)
         };
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
-        let keep = w.has_views().then_some(w);
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: keep })
+        let mut model =
+            Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None };
+        if crate::fuse::by_default() {
+            model.fuse_projections();
+            // The fused weights are copies; the views they were made from
+            // are gone and nothing wrote to them yet.
+            for li in 0..model.layers.len() {
+                for p in [Proj::Q, Proj::K, Proj::V, Proj::Gate, Proj::Up] {
+                    w.release_copied(&format!("model.layers.{li}.{}.{}.weight", p.parent(), p.name()));
+                    w.release_copied(&format!("model.layers.{li}.{}.{}.bias", p.parent(), p.name()));
+                }
+            }
+        }
+        model._weights = w.has_views().then_some(w);
+        Ok(model)
     }
 
     /// A model from layers whose tensors are already in memory, in `kind` on
@@ -168,7 +188,12 @@ impl Model {
         device: Device,
     ) -> Self {
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
-        Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None }
+        let mut model =
+            Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None };
+        if crate::fuse::by_default() {
+            model.fuse_projections();
+        }
+        model
     }
 
     /// Rejects token ids outside the vocabulary before they reach an index op.
@@ -266,10 +291,25 @@ impl Model {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let a = &layer.self_attn;
+        // The three projections' outputs, from one matmul when fused (and
+        // the fused matmul is the faster: see `fuse::worth_it`).
+        let parts = [&a.q_proj, &a.k_proj, &a.v_proj];
+        let qkv = match a.qkv.as_ref().filter(|f| crate::fuse::worth_it(x) && crate::fuse::current(f, &parts)) {
+            Some(fused) => {
+                let y = fused.forward(x);
+                let (q, kv) = (nh * hd, nkv * hd);
+                // Contiguous parts: what follows runs as on a separate
+                // projection's output (the same kernels, the same sums).
+                let part = |at, n| y.narrow(-1, at, n).contiguous();
+                [part(0, q), part(q, kv), part(q + kv, kv)]
+            }
+            None => [a.q_proj.forward(x), a.k_proj.forward(x), a.v_proj.forward(x)],
+        };
+        let [yq, yk, yv] = qkv;
         // `[b, n, t, hd]` heads of a projection, each RMS-normed first if
         // the model norms them (Qwen3's q_norm / k_norm, before RoPE).
-        let heads = |proj: Proj, lin: &Linear, n: i64, norm: Option<&RmsNorm>| {
-            let y = hooks.linear(li, proj, x, lin.forward(x)).view([b, t, n, hd]);
+        let heads = |proj: Proj, y: Tensor, n: i64, norm: Option<&RmsNorm>| {
+            let y = hooks.linear(li, proj, x, y).view([b, t, n, hd]);
             let y = match norm {
                 Some(norm) => {
                     let (xhat, y) = norm.forward(&y);
@@ -279,9 +319,9 @@ impl Model {
             };
             y.transpose(1, 2)
         };
-        let q = Rope::apply(&heads(Proj::Q, &a.q_proj, nh, a.q_norm.as_ref()), cos, sin);
-        let k = Rope::apply(&heads(Proj::K, &a.k_proj, nkv, a.k_norm.as_ref()), cos, sin);
-        let v = heads(Proj::V, &a.v_proj, nkv, None);
+        let q = Rope::apply(&heads(Proj::Q, yq, nh, a.q_norm.as_ref()), cos, sin);
+        let k = Rope::apply(&heads(Proj::K, yk, nkv, a.k_norm.as_ref()), cos, sin);
+        let v = heads(Proj::V, yv, nkv, None);
         let (k, v) = match cache {
             Some(c) => c.append(li, k, v),
             None => (k, v),
@@ -297,8 +337,18 @@ impl Model {
     }
 
     fn mlp(&self, li: usize, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
-        let gate = hooks.linear(li, Proj::Gate, x, layer.mlp.gate_proj.forward(x));
-        let up = hooks.linear(li, Proj::Up, x, layer.mlp.up_proj.forward(x));
+        let parts = [&layer.mlp.gate_proj, &layer.mlp.up_proj];
+        let (gate, up) =
+            match layer.mlp.gate_up.as_ref().filter(|f| crate::fuse::worth_it(x) && crate::fuse::current(f, &parts)) {
+                Some(fused) => {
+                    let y = fused.forward(x);
+                    let i = layer.mlp.gate_proj.out_dim();
+                    (y.narrow(-1, 0, i).contiguous(), y.narrow(-1, i, i).contiguous())
+                }
+                None => (layer.mlp.gate_proj.forward(x), layer.mlp.up_proj.forward(x)),
+            };
+        let gate = hooks.linear(li, Proj::Gate, x, gate);
+        let up = hooks.linear(li, Proj::Up, x, up);
         let act = crate::fused::swiglu(&gate, &up)?;
         Ok(hooks.linear(li, Proj::Down, &act, layer.mlp.down_proj.forward(&act)))
     }

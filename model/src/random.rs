@@ -63,6 +63,7 @@ impl Model {
                 gate_proj: lin("mlp.gate_proj", h, i, cfg.mlp_bias)?,
                 up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
+                gate_up: None,
             };
             let mut head_norm = |name: &str, site: Norm| -> Result<Option<RmsNorm>> {
                 if !cfg.qk_norm {
@@ -73,7 +74,7 @@ impl Model {
             };
             let q_norm = head_norm("q_norm", Norm::QNorm(li))?;
             let k_norm = head_norm("k_norm", Norm::KNorm(li))?;
-            let self_attn = Attention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm };
+            let self_attn = Attention { q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, qkv: None };
             let input_layernorm = RmsNorm {
                 weight: take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 eps: cfg.rms_norm_eps,

@@ -165,6 +165,16 @@ impl WeightFiles {
         }
     }
 
+    /// Drops the mapped pages that hold only tensor `name`'s bytes, once the
+    /// view of it that [`WeightFiles::get_mapped`] handed out has been
+    /// copied and dropped, before anything wrote to it (a projection fused
+    /// at load). The caller guarantees both; an unknown name does nothing.
+    pub(crate) fn release_copied(&self, name: &str) {
+        if let Some((shard, info)) = self.index.get(name) {
+            Self::release(&self.shards[*shard], info);
+        }
+    }
+
     /// Whether any tensor handed out views the maps (else the maps may go:
     /// converted or moved weights hold copies, and mapped pages that were
     /// read to make them would still count in the resident set).

@@ -54,6 +54,11 @@ pub struct DecodeArgs {
     /// share of the first's tokens it repeats.
     #[arg(long, num_args = 1.., default_values_t = ["auto".to_string()])]
     pub steps: Vec<String>,
+    /// Also time the first --steps on a second copy of the model with its
+    /// q/k/v and gate/up projections separate (as they were before models
+    /// fused them at load; RLHF_FUSE_PROJECTIONS=0 does the same).
+    #[arg(long)]
+    pub separate: bool,
 }
 
 fn load(args: &DecodeArgs) -> Result<(PeftModel, Option<&'static str>)> {
@@ -116,6 +121,14 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
         .map(|s| s.parse::<Steps>().map_err(|e| Error::InvalidArgument(format!("bench decode --steps: {e}"))))
         .collect::<Result<Vec<_>>>()?;
     let (pm, preset) = load(args)?;
+    let separate = match args.separate {
+        true => {
+            let (mut f, _) = load(args)?;
+            f.base.separate_projections();
+            Some(f)
+        }
+        false => None,
+    };
     let m = &pm.base;
     let device = m.device;
     let (prompt_len, new_tokens) = (args.prompt_len, args.new_tokens);
@@ -133,6 +146,7 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
     let opts = options(modes[0]);
     let (mut prefill, mut decode, mut plain) = (Map::new(), Map::new(), Map::new());
     let (mut by_mode, mut same_tokens) = (Map::new(), Map::new());
+    let (mut separate_ms, mut separate_same) = (Map::new(), Map::new());
     let (mut step_ms, mut plain_ms, mut share) = (Map::new(), Map::new(), Map::new());
     for &b in &args.batch {
         let prompts: Vec<Vec<i64>> = (0..b)
@@ -175,6 +189,12 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
             let tokens = generate(m, pm.hooks(), &prompts, &o)?.tokens;
             same_tokens.entry(mode.name()).or_insert_with(|| json!({}))[&key] = json!(agreement(&tokens, &first));
         }
+        if let Some(f) = &separate {
+            let t = timed(&|| generate(&f.base, f.hooks(), &prompts, &opts).map(drop).map_err(Error::from))?;
+            separate_ms.insert(key.clone(), json!((t - tp).max(1e-9) / steps * 1e3));
+            let tokens = generate(&f.base, f.hooks(), &prompts, &opts)?.tokens;
+            separate_same.insert(key.clone(), json!(agreement(&tokens, &first)));
+        }
         let per_step = (tg - tp).max(1e-9) / steps;
         prefill.insert(key.clone(), json!((b * prompt_len) as f64 / tp));
         decode.insert(key.clone(), json!((b * new_tokens) as f64 / (tg - tp).max(1e-9)));
@@ -214,10 +234,17 @@ pub fn run(args: &DecodeArgs) -> Result<Value> {
             "steps_ms_per_step: the same for each later --steps; steps_token_agreement: the share of the \
              first --steps' tokens each repeats before a row first differs (bf16 sums in another order may flip \
              a near tie)",
+            "separate_decode_ms_per_step (--separate): the first --steps on a copy of the model with q/k/v and \
+             gate/up projections separate, the prefill time of the fused one subtracted",
             "bandwidth_share = (weight bytes + the rows' cached keys and values at their mean length) \
              / copy bandwidth / step time",
         ],
     });
+    if separate.is_some() {
+        out["fused"] = json!(m.is_fused());
+        out["separate_decode_ms_per_step"] = json!(separate_ms);
+        out["separate_token_agreement"] = json!(separate_same);
+    }
     if modes.len() > 1 {
         out["steps_ms_per_step"] = json!(by_mode);
         out["steps_token_agreement"] = json!(same_tokens);
