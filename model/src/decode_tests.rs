@@ -174,7 +174,7 @@ fn graph_steps_without_a_gpu_are_refused_with_a_reason() {
     let vocab = 300;
     let model = random_model(Preset::Tiny.config(vocab, 1, 2), Kind::Float, Device::Cpu, 3).expect("model");
     let opts = GenerateOptions { steps: Steps::Graph, ..options(Sampling::greedy(), vec![], 4) };
-    let err = generate(&model, &NoHooks, &prompts(vocab), &opts).err().expect("no CUDA graphs on a CPU");
+    let err = generate(&model, &NoHooks, &prompts(vocab), &opts).expect_err("no CUDA graphs on a CPU");
     assert!(err.to_string().contains("CUDA graph"), "{err}");
     // Auto is the eager loop here.
     assert_eq!(crate::fixed_step::resolve(Steps::Auto, Device::Cpu), Steps::Eager);
