@@ -11,6 +11,7 @@ use tch::{Device, Kind};
 use super::*;
 use crate::init::Preset;
 use crate::random::random_model;
+use crate::sampling::Sampling;
 use crate::NoHooks;
 
 /// Prompts of several lengths (left padding), two of them the same (a

@@ -20,9 +20,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::KvCache;
 use super::cuda_graph::{self, CudaGraph};
-use super::generate::{record, GenerateOptions, Generation, Steps};
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
+use super::options::{record, GenerateOptions, Generation, Steps};
 use super::sampling::sample_rows;
 use crate::error::{Error, Result};
 

@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 use tch::Tensor;
 
 use super::layers::Linear;
-use super::llama::Model;
 
 /// Whether models fuse their projections when they are loaded or built:
 /// yes, unless `RLHF_FUSE_PROJECTIONS=0` (read once per process).
@@ -62,7 +61,7 @@ pub fn current(fused: &Linear, parts: &[&Linear]) -> bool {
 /// `parts` as one projection; each part's weight (and bias) becomes a view
 /// of its rows of it. `None` (nothing changed) when some parts have a bias
 /// and others not.
-fn fuse(parts: &mut [&mut Linear]) -> Option<Linear> {
+pub(crate) fn fuse(parts: &mut [&mut Linear]) -> Option<Linear> {
     let biased = parts.iter().filter(|l| l.bias.is_some()).count();
     if biased != 0 && biased != parts.len() {
         return None;
@@ -80,50 +79,12 @@ fn fuse(parts: &mut [&mut Linear]) -> Option<Linear> {
     Some(Linear { weight, bias })
 }
 
-impl Model {
-    /// Fuses every layer's q/k/v and gate/up projections (once; a second
-    /// call changes nothing). The fused weights are copies: the separate
-    /// ones' memory is freed (on a GPU) or left to the file map (on a CPU,
-    /// where weights are views of it until first read).
-    pub fn fuse_projections(&mut self) {
-        tch::no_grad(|| {
-            for layer in &mut self.layers {
-                let a = &mut layer.self_attn;
-                if a.qkv.is_none() {
-                    a.qkv = fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
-                }
-                let m = &mut layer.mlp;
-                if m.gate_up.is_none() {
-                    m.gate_up = fuse(&mut [&mut m.gate_proj, &mut m.up_proj]);
-                }
-            }
-        })
-    }
-
-    /// Undoes [`Model::fuse_projections`]: each projection gets its own
-    /// weight again (a copy of its rows of the fused one).
-    pub fn separate_projections(&mut self) {
-        let own = |l: &mut Linear| {
-            l.weight = l.weight.copy();
-            l.bias = l.bias.as_ref().map(Tensor::copy);
-        };
-        tch::no_grad(|| {
-            for layer in &mut self.layers {
-                let a = &mut layer.self_attn;
-                if a.qkv.take().is_some() {
-                    [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj].into_iter().for_each(own);
-                }
-                let m = &mut layer.mlp;
-                if m.gate_up.take().is_some() {
-                    [&mut m.gate_proj, &mut m.up_proj].into_iter().for_each(own);
-                }
-            }
-        })
-    }
-
-    /// Whether the projections are fused.
-    pub fn is_fused(&self) -> bool {
-        self.layers.first().is_some_and(|l| l.self_attn.qkv.is_some() || l.mlp.gate_up.is_some())
+/// Each of `parts` gets its own weight (and bias) again: a copy of its
+/// rows of the fused one.
+pub(crate) fn separate(parts: &mut [&mut Linear]) {
+    for l in parts.iter_mut() {
+        l.weight = l.weight.copy();
+        l.bias = l.bias.as_ref().map(Tensor::copy);
     }
 }
 

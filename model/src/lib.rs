@@ -20,6 +20,7 @@ pub mod hooks;
 pub mod init;
 pub mod layers;
 pub mod llama;
+pub mod options;
 pub mod peft;
 pub mod random;
 pub mod sampling;

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::cache::KvCache;
 use super::config::Config;
+use super::fuse;
 use super::hooks::{Block, Hooks, Norm, Proj};
 use super::layers::{Linear, RmsNorm, Rope};
 use super::weights::WeightFiles;
@@ -161,7 +162,7 @@ impl Model {
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
         let mut model =
             Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None };
-        if crate::fuse::by_default() {
+        if fuse::by_default() {
             model.fuse_projections();
             // The fused weights are copies; the views they were made from
             // are gone and nothing wrote to them yet.
@@ -190,7 +191,7 @@ impl Model {
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device);
         let mut model =
             Self { cfg, embed_tokens, layers, norm, lm_head, lm_head_bias: None, kind, device, rope, _weights: None };
-        if crate::fuse::by_default() {
+        if fuse::by_default() {
             model.fuse_projections();
         }
         model
@@ -294,7 +295,7 @@ impl Model {
         // The three projections' outputs, from one matmul when fused (and
         // the fused matmul is the faster: see `fuse::worth_it`).
         let parts = [&a.q_proj, &a.k_proj, &a.v_proj];
-        let qkv = match a.qkv.as_ref().filter(|f| crate::fuse::worth_it(x) && crate::fuse::current(f, &parts)) {
+        let qkv = match a.qkv.as_ref().filter(|f| fuse::worth_it(x) && fuse::current(f, &parts)) {
             Some(fused) => {
                 let y = fused.forward(x);
                 let (q, kv) = (nh * hd, nkv * hd);
@@ -338,18 +339,61 @@ impl Model {
 
     fn mlp(&self, li: usize, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let parts = [&layer.mlp.gate_proj, &layer.mlp.up_proj];
-        let (gate, up) =
-            match layer.mlp.gate_up.as_ref().filter(|f| crate::fuse::worth_it(x) && crate::fuse::current(f, &parts)) {
-                Some(fused) => {
-                    let y = fused.forward(x);
-                    let i = layer.mlp.gate_proj.out_dim();
-                    (y.narrow(-1, 0, i).contiguous(), y.narrow(-1, i, i).contiguous())
-                }
-                None => (layer.mlp.gate_proj.forward(x), layer.mlp.up_proj.forward(x)),
-            };
+        let (gate, up) = match layer.mlp.gate_up.as_ref().filter(|f| fuse::worth_it(x) && fuse::current(f, &parts)) {
+            Some(fused) => {
+                let y = fused.forward(x);
+                let i = layer.mlp.gate_proj.out_dim();
+                (y.narrow(-1, 0, i).contiguous(), y.narrow(-1, i, i).contiguous())
+            }
+            None => (layer.mlp.gate_proj.forward(x), layer.mlp.up_proj.forward(x)),
+        };
         let gate = hooks.linear(li, Proj::Gate, x, gate);
         let up = hooks.linear(li, Proj::Up, x, up);
         let act = crate::fused::swiglu(&gate, &up)?;
         Ok(hooks.linear(li, Proj::Down, &act, layer.mlp.down_proj.forward(&act)))
+    }
+}
+
+/// Fused projections (`fuse.rs`).
+impl Model {
+    /// Fuses every layer's q/k/v and gate/up projections (once; a second
+    /// call changes nothing). The fused weights are copies: the separate
+    /// ones' memory is freed (on a GPU) or left to the file map (on a CPU,
+    /// where weights are views of it until first read).
+    pub fn fuse_projections(&mut self) {
+        tch::no_grad(|| {
+            for layer in &mut self.layers {
+                let a = &mut layer.self_attn;
+                if a.qkv.is_none() {
+                    a.qkv = fuse::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+                }
+                let m = &mut layer.mlp;
+                if m.gate_up.is_none() {
+                    m.gate_up = fuse::fuse(&mut [&mut m.gate_proj, &mut m.up_proj]);
+                }
+            }
+        })
+    }
+
+    /// Undoes [`Model::fuse_projections`]: each projection gets its own
+    /// weight again (a copy of its rows of the fused one).
+    pub fn separate_projections(&mut self) {
+        tch::no_grad(|| {
+            for layer in &mut self.layers {
+                let a = &mut layer.self_attn;
+                if a.qkv.take().is_some() {
+                    fuse::separate(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+                }
+                let m = &mut layer.mlp;
+                if m.gate_up.take().is_some() {
+                    fuse::separate(&mut [&mut m.gate_proj, &mut m.up_proj]);
+                }
+            }
+        })
+    }
+
+    /// Whether the projections are fused.
+    pub fn is_fused(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.self_attn.qkv.is_some() || l.mlp.gate_up.is_some())
     }
 }
