@@ -332,7 +332,20 @@ impl Model {
             Mask::None => (None, false),
             Mask::Explicit(m) => (Some(*m), false),
         };
-        let out = Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, nkv != nh)?;
+        let out = match m {
+            // One new token under a mask (a padded batch's or the
+            // fixed-shape step's decode): each key/value head's query heads
+            // go in as that many queries of one head, which the mask treats
+            // alike. Exact, and any backend takes it: libtorch runs GQA
+            // only in flash attention, which takes no mask, and in the math
+            // kernel, which copies the keys and values per query head.
+            Some(m) if t == 1 && nkv != nh => {
+                let q = q.reshape([b, nkv, nh / nkv, hd]);
+                let out = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)?;
+                out.reshape([b, nh, 1, hd])
+            }
+            _ => Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, causal, None, nkv != nh)?,
+        };
         let out = out.transpose(1, 2).reshape([b, t, nh * hd]);
         Ok(hooks.linear(li, Proj::O, &out, a.o_proj.forward(&out)))
     }
