@@ -228,7 +228,7 @@ fn masked_grouped_query_decode_equals_the_unmasked_kernel() {
         tch::no_grad(|| {
             let mut cache = KvCache::new(model.layers.len());
             let pos = crate::batch::positions(&ids);
-            model.forward(&ids, &pos, Mask::Causal, Some(&mut cache), &NoHooks).expect("prefill");
+            let _ = model.forward(&ids, &pos, Mask::Causal, Some(&mut cache), &NoHooks).expect("prefill");
             let next = tch::Tensor::from_slice(&[7i64, 11]).view([2, 1]);
             let pos = tch::Tensor::from_slice(&[4i64, 4]).view([2, 1]);
             let all = tch::Tensor::ones([2, 1, 1, 5], (Kind::Bool, Device::Cpu));
