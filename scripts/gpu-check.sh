@@ -18,7 +18,9 @@
 #   8. bench ppo --preset 7b-shape with LoRA on one GPU (bf16), last as the longest:
 #      batch 8 (plain, activation checkpointing, minibatch 2), then batch 64
 #      with minibatch 8 = the forward micro-batch of the reference, reward and
-#      value passes (the 22 GB target), and the Qwen-0.5B shape against TRL;
+#      value passes, generating 32 rows at a time (the 22 GB target: 64 rows
+#      of 384 positions would hold 12 GiB of KV cache beside 12.6 GiB of
+#      weights), and the Qwen-0.5B shape against TRL;
 #   9. bench decode --preset 7b-shape (bf16) at batch 8 and 64, 256 + 128
 #      tokens: ms per step and the share of the memory-bandwidth limit for
 #      the steps as they run on cuda (auto: a CUDA graph), the eager steps
@@ -120,7 +122,7 @@ for preset in small qwen-0.5b-shape; do
 done
 echo "== 8. bench ppo --preset 7b-shape (bf16, LoRA, shared base; naive 4x7B does not fit, see the bench notes)"
 # minibatch 8 plain, then with activation checkpointing (the 22 GB target), then minibatch 2 plain
-for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2" "--batch 64 --minibatch 8 --grad-checkpoint"; do
+for flags in "--minibatch 8" "--minibatch 8 --grad-checkpoint" "--minibatch 2" "--batch 64 --minibatch 8 --grad-checkpoint --generate-batch 32"; do
   timeout 150 "$BIN/rlhf-worker" bench ppo --preset 7b-shape --device cuda:0 --dtype bf16 --configs lora --iterations 2 $flags --json | tail -n 1
 done
 RLHF_PY="$PY" timeout 150 "$BIN/rlhf-worker" bench ppo --preset qwen-0.5b-shape --device cuda:0 --dtype bf16 --configs "$ppo_configs" \

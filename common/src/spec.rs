@@ -460,12 +460,24 @@ pub struct PpoSpec {
     /// (a prompt's samples share its forward).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_batch: Option<usize>,
+    /// Rows generated at once (default: the whole rollout batch). The KV
+    /// cache grows with it: a 7B model with full-size key/value heads holds
+    /// 0.5 MiB per position, 12 GiB for 64 rows of 384. The same tokens
+    /// whatever it is (each row samples from its own stream). A multiple
+    /// of `samples_per_prompt` (a prompt's samples share its prefill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_batch: Option<usize>,
 }
 
 impl PpoSpec {
     /// Rows per forward of a rollout's passes without a graph.
     pub fn forward_rows(&self) -> usize {
         self.forward_batch.unwrap_or(self.minibatch).max(1)
+    }
+
+    /// Rows per generation pass: `generate_batch`, or all `rows`.
+    pub fn generate_rows(&self, rows: usize) -> usize {
+        self.generate_batch.unwrap_or(rows).max(1)
     }
 
     /// Every reward function with its weight (`reward` alone weighs 1).
@@ -1257,6 +1269,14 @@ fn validate_ppo(p: &PpoSpec, in_pipeline: bool) -> Result<(), SpecError> {
             return err(
                 "ppo.forward_batch",
                 format!("must be at least 1 and a multiple of ppo.samples_per_prompt ({n}), got {f}"),
+            );
+        }
+    }
+    if let Some(g) = p.generate_batch {
+        if g == 0 || !g.is_multiple_of(n) {
+            return err(
+                "ppo.generate_batch",
+                format!("must be at least 1 and a multiple of ppo.samples_per_prompt ({n}), got {g}"),
             );
         }
     }

@@ -281,6 +281,11 @@ fn rollout_placement_parses_and_names_bad_fields() {
     let fw = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\nforward_batch = 2")).unwrap();
     assert_eq!(fw.ppo.as_ref().unwrap().forward_rows(), 2);
     assert!(fw.to_toml().contains("forward_batch = 2") && !twice.to_toml().contains("forward_batch"));
+    // The generation batch: every row at once unless set.
+    assert_eq!(JobSpec::from_toml(PPO).unwrap().ppo.unwrap().generate_rows(8), 8);
+    let gb = JobSpec::from_toml(&PPO.replace("iterations = 5", "iterations = 5\ngenerate_batch = 2")).unwrap();
+    assert_eq!(gb.ppo.as_ref().unwrap().generate_rows(8), 2);
+    assert!(gb.to_toml().contains("generate_batch = 2") && !twice.to_toml().contains("generate_batch"));
     let cases = [
         (with("trainer = \"a\"\nrollout = [\"a\"]"), "placement.rollout: worker \"a\" is also placement.trainer"),
         (with("rollout = [\"b\", \"b\"]"), "placement.rollout: worker \"b\" is listed twice"),
@@ -303,6 +308,10 @@ fn rollout_placement_parses_and_names_bad_fields() {
             "ppo.forward_batch: must be at least 1 and a multiple of ppo.samples_per_prompt (2), got 3",
         ),
         (PPO.replace("iterations = 5", "iterations = 5\nforward_batch = 0"), "ppo.forward_batch: must be at least 1"),
+        (
+            PPO.replace("iterations = 5", "iterations = 5\nsamples_per_prompt = 2\ngenerate_batch = 3"),
+            "ppo.generate_batch: must be at least 1 and a multiple of ppo.samples_per_prompt (2), got 3",
+        ),
     ];
     for (text, want) in cases {
         let e = JobSpec::from_toml(&text).unwrap_err().to_string();

@@ -108,6 +108,9 @@ pub struct PpoArgs {
     /// Rows per PPO minibatch (default: --batch).
     #[arg(long)]
     pub minibatch: Option<usize>,
+    /// Rows generated at once (`ppo.generate_batch`; default: --batch).
+    #[arg(long)]
+    pub generate_batch: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -138,6 +141,7 @@ pub struct Plan {
     pub response_len: usize,
     pub ppo_epochs: usize,
     pub minibatch: usize,
+    pub generate_batch: usize,
     pub device: Device,
     pub kind: Kind,
     pub seed: u64,
@@ -175,6 +179,7 @@ impl Plan {
             response_len: args.response_len.unwrap_or(response_len),
             ppo_epochs: args.ppo_epochs,
             minibatch: args.minibatch.unwrap_or(batch),
+            generate_batch: args.generate_batch.unwrap_or(batch),
             device,
             kind,
             seed: args.seed,
@@ -211,6 +216,9 @@ impl Plan {
         }
         if self.minibatch == 0 || self.minibatch > self.batch {
             return bad(format!("--minibatch must be in 1..={} (--batch), got {}", self.batch, self.minibatch));
+        }
+        if self.generate_batch == 0 {
+            return bad("--generate-batch must be positive".into());
         }
         let total = (self.prompt_len + self.response_len) as i64;
         if total > self.cfg.max_position_embeddings {
@@ -413,6 +421,7 @@ pub fn run(args: &PpoArgs) -> Result<Value> {
         "warmup_iterations": 1,
         "ppo_epochs": plan.ppo_epochs,
         "minibatch": plan.minibatch,
+        "generate_batch": plan.generate_batch,
         "gradient_checkpointing": plan.recompute,
         "seed": plan.seed,
         "configs": configs,
@@ -642,6 +651,7 @@ fn ppo_spec(plan: &Plan) -> Result<PpoSpec> {
         "iterations": plan.iterations + 1,
         "rollout_batch": plan.batch,
         "minibatch": plan.minibatch,
+        "generate_batch": plan.generate_batch,
         "ppo_epochs": plan.ppo_epochs,
         "max_new_tokens": plan.response_len,
         "temperature": TEMPERATURE,
@@ -822,6 +832,7 @@ mod tests {
             response_len: None,
             ppo_epochs: 1,
             minibatch: None,
+            generate_batch: None,
             device: "cpu".into(),
             dtype: None,
             configs: vec!["lora".into(), "naive".into()],
@@ -835,8 +846,10 @@ mod tests {
         assert!(err.to_string().contains("--device cuda"), "{err}");
         let err = Plan::resolve(&PpoArgs { configs: vec!["qlora".into()], ..args.clone() }).expect_err("bad config");
         assert!(err.to_string().contains("qlora"), "{err}");
-        let err = Plan::resolve(&PpoArgs { minibatch: Some(3), ..args }).expect_err("minibatch");
+        let err = Plan::resolve(&PpoArgs { minibatch: Some(3), ..args.clone() }).expect_err("minibatch");
         assert!(err.to_string().contains("--minibatch"), "{err}");
+        let err = Plan::resolve(&PpoArgs { generate_batch: Some(0), ..args }).expect_err("generate batch");
+        assert!(err.to_string().contains("--generate-batch"), "{err}");
     }
 
     #[test]
@@ -851,6 +864,7 @@ mod tests {
             response_len: Some(4),
             ppo_epochs: 1,
             minibatch: None,
+            generate_batch: Some(1),
             device: "cpu".into(),
             dtype: None,
             configs: vec![],

@@ -25,7 +25,7 @@ use crate::parallel::Collective;
 use crate::train::logprobs::backprop_through_head;
 use crate::train::optim::AdamW;
 use rlhf_model::peft::PeftModel;
-use rlhf_model::{generate_rows, sync, GenerateOptions, Generation, Sampling, Tokenizer};
+use rlhf_model::{generate_rows, sync, GenerateOptions, Generation, Hooks, Model, Sampling, Tokenizer};
 
 /// Where the four roles of an iteration live.
 pub trait Roles {
@@ -150,9 +150,33 @@ pub fn generate_here(
     let opts = generate_options(ppo, rollout.sampling_seed(), rollout.eos_ids.clone(), rollout.pad);
     let pm = roles.policy()?;
     let rows: Vec<u64> = prompts.rows.iter().map(|&r| r as u64).collect();
-    let gen = generate_rows(&pm.base, pm.hooks(), prompts.ids, &opts, &rows)?;
+    let gen = generate_parts(&pm.base, pm.hooks(), ppo, prompts.ids, &opts, &rows)?;
     sync(pm.base.device);
     Ok(gen)
+}
+
+/// `prompts` (batch rows `rows`) generated `ppo.generate_batch` rows at a
+/// time, each part's KV cache freed before the next: the tokens all rows at
+/// once would give (each row samples from its own stream).
+pub fn generate_parts(
+    base: &Model,
+    hooks: &dyn Hooks,
+    ppo: &PpoSpec,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    rows: &[u64],
+) -> Result<Generation> {
+    let part = ppo.generate_rows(prompts.len());
+    if part >= prompts.len() {
+        return Ok(generate_rows(base, hooks, prompts, opts, rows)?);
+    }
+    let mut out = Generation::default();
+    for (p, r) in prompts.chunks(part).zip(rows.chunks(part)) {
+        let g = generate_rows(base, hooks, p, opts, r)?;
+        out.tokens.extend(g.tokens);
+        out.logprobs.extend(g.logprobs);
+    }
+    Ok(out)
 }
 
 /// A generated rollout and the seconds it took.

@@ -10,11 +10,11 @@ use rlhf_common::spec::{JobSpec, PpoSpec};
 use rlhf_common::Role;
 use tch::Tensor;
 
-use super::iteration::generate_options;
+use super::iteration::{generate_options, generate_parts};
 use crate::error::{Error, Result};
 use crate::train::setup::{load_base, Loaded};
 use rlhf_model::peft::{self, Adapter, PeftConfig};
-use rlhf_model::{generate_rows, Generation};
+use rlhf_model::Generation;
 
 /// What a trainer asks of a rollout worker.
 pub enum RolloutOp {
@@ -62,7 +62,7 @@ impl RolloutHost {
         let (eos, pad) = (self.model.tok.eos_ids.clone(), self.model.pad());
         let opts = generate_options(&self.ppo, req.seed, eos, pad);
         let pm = &self.model.pm;
-        Ok(tch::no_grad(|| generate_rows(&pm.base, pm.hooks(), &req.prompts, &opts, &req.rows))?)
+        tch::no_grad(|| generate_parts(&pm.base, pm.hooks(), &self.ppo, &req.prompts, &opts, &req.rows))
     }
 }
 
