@@ -32,11 +32,17 @@ fn run(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions, cache: &mut 
 /// may round differently in the last bit). Returns the response lengths
 /// (so a test can check rows finish apart).
 fn fast_equals_plain(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Vec<usize> {
-    let plain = run(model, prompts, opts, &mut KvCache::new(model.layers.len()), Decode { drop_finished_at: 2.0 });
+    let plain = run(
+        model,
+        prompts,
+        opts,
+        &mut KvCache::new(model.layers.len()),
+        Decode { drop_finished_at: 2.0, ..Decode::default() },
+    );
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let shape = cache_shape(model, prompts.len(), longest + opts.max_new_tokens);
     let mut reused = KvCache::with_capacity(cache_shape(model, 1, 2));
-    let keep_all = Decode { drop_finished_at: 2.0 };
+    let keep_all = Decode { drop_finished_at: 2.0, ..Decode::default() };
     let fixed = GenerateOptions { steps: Steps::Fixed, ..opts.clone() };
     let mut small = KvCache::with_capacity(cache_shape(model, 2, 3));
     for (what, cache, decode, opts) in [
@@ -45,7 +51,7 @@ fn fast_equals_plain(model: &Model, prompts: &[Vec<i64>], opts: &GenerateOptions
         (
             "static, dropping each finished row",
             &mut KvCache::with_capacity(shape),
-            Decode { drop_finished_at: 0.0 },
+            Decode { drop_finished_at: 0.0, ..Decode::default() },
             opts,
         ),
         ("growing, dropping finished rows", &mut KvCache::new(model.layers.len()), Decode::default(), opts),
@@ -238,4 +244,29 @@ fn masked_grouped_query_decode_equals_the_unmasked_kernel() {
     };
     let d = (step(true) - step(false)).abs().max().double_value(&[]);
     assert!(d <= 1e-6, "grouped masked decode differs by {d:e}");
+}
+
+/// Under `Steps::Auto` a capture that fails (here: no CUDA device) is
+/// reported, and the generation goes on with the fixed-shape step op by op:
+/// the tokens it would have given.
+#[test]
+fn a_failed_capture_under_auto_goes_on_without_graphs() {
+    let vocab = 300;
+    let model = random_model(Preset::Tiny.config(vocab, 1, 2), Kind::Float, Device::Cpu, 3).expect("model");
+    let p = prompts(vocab);
+    let longest = p.iter().map(Vec::len).max().unwrap_or(0);
+    let shape = cache_shape(&model, p.len(), longest + 12);
+    let opts = options(sampled(9), vec![], 12);
+    let fixed = GenerateOptions { steps: Steps::Fixed, ..opts.clone() };
+    let want = run(&model, &p, &fixed, &mut KvCache::with_capacity(shape), Decode::default());
+    let anywhere = Decode { graphs_anywhere: true, ..Decode::default() };
+    let got = run(&model, &p, &opts, &mut KvCache::with_capacity(shape), anywhere);
+    assert_eq!(got.tokens, want.tokens);
+    assert_eq!(got.logprobs, want.logprobs);
+    // Forced graphs fail instead.
+    let forced = GenerateOptions { steps: Steps::Graph, ..opts };
+    let rows: Vec<u64> = (0..p.len() as u64).collect();
+    let mut cache = KvCache::with_capacity(shape);
+    let err = tch::no_grad(|| generate_inner(&model, &NoHooks, &p, &forced, &rows, &mut cache, Decode::default()));
+    assert!(err.expect_err("no CUDA device").to_string().contains("CUDA graph"));
 }
