@@ -24,6 +24,7 @@ fn torch_build(include: &Path) -> cc::Build {
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo::rustc-check-cfg=cfg(rlhf_cuda)");
     println!("cargo::rustc-check-cfg=cfg(rlhf_cuda_graph)");
@@ -70,6 +71,7 @@ fn main() {
     }
     match b.file("csrc/cuda_graph.cpp").try_compile("rlhf_cuda_graph") {
         Ok(()) => {
+            // (c10_cuda again: the statistics may not have compiled.)
             println!("cargo:rustc-link-lib=dylib=c10_cuda");
             println!("cargo:rustc-link-lib=dylib=torch_cuda");
             println!("cargo:rustc-cfg=rlhf_cuda_graph");

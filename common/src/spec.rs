@@ -462,9 +462,10 @@ pub struct PpoSpec {
     pub forward_batch: Option<usize>,
     /// Rows generated at once (default: the whole rollout batch). The KV
     /// cache grows with it: a 7B model with full-size key/value heads holds
-    /// 0.5 MiB per position, 12 GiB for 64 rows of 384. The same tokens
-    /// whatever it is (each row samples from its own stream). A multiple
-    /// of `samples_per_prompt` (a prompt's samples share its prefill).
+    /// 0.5 MiB per position, 12 GiB for 64 rows of 384. Each row samples
+    /// from its own stream, so in f32 the tokens do not depend on it. A
+    /// multiple of `samples_per_prompt` (or of a grpo/rloo job's
+    /// `num_generations`): a prompt's samples share its prefill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate_batch: Option<usize>,
 }
@@ -1133,7 +1134,15 @@ impl JobSpec {
                     );
                 }
                 let batch = self.ppo.as_ref().map_or(0, |p| p.rollout_batch);
-                spec.clone().unwrap_or_default().validate(section, batch)?;
+                let group = spec.clone().unwrap_or_default();
+                group.validate(section, batch)?;
+                let g = group.num_generations;
+                if let Some(n) = self.ppo.as_ref().and_then(|p| p.generate_batch).filter(|n| !n.is_multiple_of(g)) {
+                    return err(
+                        "ppo.generate_batch",
+                        format!("must be a multiple of {section}.num_generations ({g}), got {n}"),
+                    );
+                }
             }
         }
         if let Some(d) = &self.dpo {

@@ -30,6 +30,10 @@ use crate::error::{Error, Result};
 /// use the eager loop.
 static GRAPHS_FAILED: AtomicBool = AtomicBool::new(false);
 
+/// Set once a replay on new inputs has matched the step run op by op (the
+/// check runs once per process: it catches an input the graph does not see).
+static UPDATES_CHECKED: AtomicBool = AtomicBool::new(false);
+
 /// How the steps after the prefill run, `Auto` resolved for `device`:
 /// graphs on a CUDA device when this build has them, unless
 /// `RLHF_CUDA_GRAPHS=0` or a capture has failed in this process.
@@ -60,8 +64,10 @@ pub(crate) struct AfterPrefill {
 
 /// Decodes steps 1.. of `opts.max_new_tokens` at a fixed shape into the
 /// static `cache` (made large enough first), recorded as a CUDA graph when
-/// `steps` is [`Steps::Graph`] (`auto`: on a failed capture, warn and go on
-/// op by op; otherwise the failure is the error).
+/// `steps` is [`Steps::Graph`] (`auto`: on a failed capture, or a first
+/// replay on new inputs that differs from the step op by op, warn and go on
+/// op by op; otherwise the failure is the error; other errors, such as
+/// running out of memory, are errors either way).
 pub(crate) fn decode(
     model: &Model,
     hooks: &dyn Hooks,
@@ -72,7 +78,9 @@ pub(crate) fn decode(
     state: AfterPrefill,
 ) -> Result<Generation> {
     let (rows, filled) = (state.key_mask.size()[0], state.key_mask.size()[1]);
-    cache.reserve(rows, filled + opts.max_new_tokens as i64);
+    // The last step writes position filled - 2 + max_new_tokens and then
+    // unmasks the next one.
+    cache.reserve(rows, filled - 1 + opts.max_new_tokens as i64);
     let slot = Tensor::from_slice(&[filled - 1]).to_device(model.device);
     cache.set_slot(Some(slot.shallow_clone()));
     let out = run(model, hooks, opts, cache, steps == Steps::Graph, auto, slot, state);
@@ -106,27 +114,40 @@ fn run(
             let hidden = model.forward(&ids, &positions, Mask::Explicit(&mask), Some(&mut *cache), hooks)?;
             Ok(model.logits(&hidden.select(1, 0), hooks))
         };
-        let logits = match (&graph, graphs) {
-            (Some((g, logits)), _) => {
+        let (logits, failed) = match (&graph, graphs) {
+            (Some((g, logits)), _) if UPDATES_CHECKED.load(Ordering::Relaxed) => {
                 g.replay()?;
-                logits.shallow_clone()
+                (logits.shallow_clone(), None)
+            }
+            (Some((g, logits)), _) => {
+                // The first replay on new inputs, against the step op by
+                // op (which rewrites the same cache position).
+                g.replay()?;
+                let replayed = logits.copy();
+                let eager = step()?;
+                let checked = close(&replayed, &eager, "a replay on the next step's inputs");
+                UPDATES_CHECKED.store(checked.is_ok(), Ordering::Relaxed);
+                (eager, checked.err())
             }
             (None, true) => match captured(device, &mut step) {
                 Ok((g, logits, eager)) => {
                     graph = Some((g, logits));
-                    eager
+                    (eager, None)
                 }
-                Err(e) if auto => {
-                    GRAPHS_FAILED.store(true, Ordering::Relaxed);
-                    tracing::warn!("decoding without CUDA graphs from now on: {e}");
-                    graphs = false;
-                    // The step writes the same keys and values again.
-                    step()?
-                }
+                // The step writes the same keys and values again.
+                Err(e @ Error::CudaGraph(_)) => (step()?, Some(e)),
                 Err(e) => return Err(e),
             },
-            (None, false) => step()?,
+            (None, false) => (step()?, None),
         };
+        if let Some(e) = failed {
+            if !auto {
+                return Err(e);
+            }
+            GRAPHS_FAILED.store(true, Ordering::Relaxed);
+            tracing::warn!("decoding without CUDA graphs from now on: {e}");
+            (graph, graphs) = (None, false);
+        }
         let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
         let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>())
             .to_device(device)
@@ -157,13 +178,20 @@ fn captured(device: Device, step: &mut dyn FnMut() -> Result<Tensor>) -> Result<
     let mut graph = CudaGraph::new(index)?;
     let (eager, logits) = graph.capture(&mut *step)?;
     graph.replay()?;
-    let diff = (logits.to_kind(Kind::Float) - eager.to_kind(Kind::Float)).abs().max().double_value(&[]);
+    close(&logits, &eager, "the replayed step")?;
+    Ok((graph, logits, eager))
+}
+
+/// Whether `replayed` logits equal the `eager` ones to bf16 rounding (1% of
+/// the largest logit); a `CudaGraph` error naming `what` if not.
+fn close(replayed: &Tensor, eager: &Tensor, what: &str) -> Result<()> {
+    let diff = (replayed.to_kind(Kind::Float) - eager.to_kind(Kind::Float)).abs().max().double_value(&[]);
     let scale = eager.abs().max().to_kind(Kind::Float).double_value(&[]).max(1.0);
     // NaN fails too.
     if diff.is_nan() || diff > 1e-2 * scale {
         return Err(Error::CudaGraph(format!(
-            "the replayed step's logits differ from the step run op by op by {diff} (largest logit {scale})"
+            "{what}: logits differ from the step run op by op by {diff} (largest logit {scale})"
         )));
     }
-    Ok((graph, logits, eager))
+    Ok(())
 }

@@ -166,8 +166,10 @@ impl Model {
             model.fuse_projections();
             // The fused weights are copies; the views they were made from
             // are gone and nothing wrote to them yet.
-            for li in 0..model.layers.len() {
-                for p in [Proj::Q, Proj::K, Proj::V, Proj::Gate, Proj::Up] {
+            for (li, layer) in model.layers.iter().enumerate() {
+                let attn = layer.self_attn.qkv.is_some().then_some([Proj::Q, Proj::K, Proj::V].as_slice());
+                let mlp = layer.mlp.gate_up.is_some().then_some([Proj::Gate, Proj::Up].as_slice());
+                for &p in attn.into_iter().chain(mlp).flatten() {
                     w.release_copied(&format!("model.layers.{li}.{}.{}.weight", p.parent(), p.name()));
                     w.release_copied(&format!("model.layers.{li}.{}.{}.bias", p.parent(), p.name()));
                 }

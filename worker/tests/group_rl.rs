@@ -107,6 +107,10 @@ fn bad_group_options_name_the_field() {
         let e = rlhf_common::spec::JobSpec::from_toml(&text).unwrap_err().to_string();
         assert!(e.starts_with(field), "{bad}: {e}");
     }
+    // A generation part splits no group.
+    let text = group_toml("grpo", sft, "", 1).replace("minibatch = 8", "minibatch = 8\ngenerate_batch = 6");
+    let e = rlhf_common::spec::JobSpec::from_toml(&text).unwrap_err().to_string();
+    assert!(e.starts_with("ppo.generate_batch: must be a multiple of grpo.num_generations (4), got 6"), "{e}");
     let text = group_toml("grpo", sft, "", 1).replace("[grpo]", "[rloo]");
     let e = rlhf_common::spec::JobSpec::from_toml(&text).unwrap_err().to_string();
     assert!(e.starts_with("rloo: only a rloo job"), "{e}");

@@ -166,6 +166,9 @@ pub fn generate_parts(
     opts: &GenerateOptions,
     rows: &[u64],
 ) -> Result<Generation> {
+    if rows.len() != prompts.len() {
+        return Err(crate::Error::InvalidArgument(format!("{} row ids for {} prompts", rows.len(), prompts.len())));
+    }
     let part = ppo.generate_rows(prompts.len());
     if part >= prompts.len() {
         return Ok(generate_rows(base, hooks, prompts, opts, rows)?);
