@@ -35,6 +35,16 @@ int64_t rlhf_cuda_peak_allocated(int device) {
   }
 }
 
+// Gives the cached blocks no tensor uses back to the driver.
+int rlhf_cuda_empty_cache() {
+  try {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // Starts the peaks over from what is held now.
 int rlhf_cuda_reset_peaks(int device) {
   try {

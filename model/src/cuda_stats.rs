@@ -10,6 +10,7 @@ mod ffi {
         pub fn rlhf_cuda_peak_reserved(device: i32) -> i64;
         pub fn rlhf_cuda_peak_allocated(device: i32) -> i64;
         pub fn rlhf_cuda_reset_peaks(device: i32) -> i32;
+        pub fn rlhf_cuda_empty_cache() -> i32;
     }
 }
 
@@ -24,6 +25,9 @@ mod ffi {
         -1
     }
     pub unsafe extern "C" fn rlhf_cuda_reset_peaks(_: i32) -> i32 {
+        -1
+    }
+    pub unsafe extern "C" fn rlhf_cuda_empty_cache() -> i32 {
         -1
     }
 }
@@ -43,6 +47,13 @@ pub fn peak_reserved(device: usize) -> Option<i64> {
 /// Peak bytes allocated to tensors on GPU `device`.
 pub fn peak_allocated(device: usize) -> Option<i64> {
     stat(ffi::rlhf_cuda_peak_allocated, device)
+}
+
+/// Gives the caching allocator's unused blocks back to the driver
+/// (`torch.cuda.empty_cache`); whether it worked.
+pub fn empty_cache() -> bool {
+    // SAFETY: no arguments; the shim catches every exception.
+    unsafe { ffi::rlhf_cuda_empty_cache() == 0 }
 }
 
 /// Starts both peaks over from what is held now; whether it worked.

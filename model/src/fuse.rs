@@ -58,17 +58,31 @@ pub fn current(fused: &Linear, parts: &[&Linear]) -> bool {
     })
 }
 
-/// `parts` as one projection; each part's weight (and bias) becomes a view
-/// of its rows of it. `None` (nothing changed) when some parts have a bias
-/// and others not.
-pub(crate) fn fuse(parts: &mut [&mut Linear]) -> Option<Linear> {
+/// Whether `parts` can be one projection: all with a bias or none.
+pub(crate) fn fusable(parts: &[&mut Linear]) -> bool {
     let biased = parts.iter().filter(|l| l.bias.is_some()).count();
-    if biased != 0 && biased != parts.len() {
+    biased == 0 || biased == parts.len()
+}
+
+/// Moves `parts`' weights and biases to the CPU (the first half of fusing
+/// a GPU model's projections without holding both copies there).
+pub(crate) fn to_host(parts: &mut [&mut Linear]) {
+    for l in parts.iter_mut() {
+        l.weight = l.weight.to_device(tch::Device::Cpu);
+        l.bias = l.bias.as_ref().map(|b| b.to_device(tch::Device::Cpu));
+    }
+}
+
+/// `parts` as one projection on `device`; each part's weight (and bias)
+/// becomes a view of its rows of it. `None` (nothing changed) when some
+/// parts have a bias and others not.
+pub(crate) fn fuse(parts: &mut [&mut Linear], device: tch::Device) -> Option<Linear> {
+    if !fusable(parts) {
         return None;
     }
-    let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0);
-    let bias = (biased > 0)
-        .then(|| Tensor::cat(&parts.iter().map(|l| l.bias.as_ref().expect("biased")).collect::<Vec<_>>(), 0));
+    let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0).to_device(device);
+    let weight = cat(parts.iter().map(|l| &l.weight).collect());
+    let bias = parts[0].bias.is_some().then(|| cat(parts.iter().map(|l| l.bias.as_ref().expect("biased")).collect()));
     let mut row = 0;
     for part in parts.iter_mut() {
         let n = part.out_dim();

@@ -124,15 +124,21 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_layers as usize);
         for li in 0..cfg.num_layers as usize {
             let p = format!("model.layers.{li}");
-            let lin = |name: &str, i_dim, o_dim, bias| {
+            let lin_on = |name: &str, i_dim, o_dim, bias, device| {
                 Linear::load(&w, &format!("{p}.{name}"), i_dim, o_dim, bias, kind, device)
             };
+            let lin = |name: &str, i_dim, o_dim, bias| lin_on(name, i_dim, o_dim, bias, device);
+            // What will be fused stays on the host until it is (views of
+            // the file map where the dtype matches): on a GPU only the
+            // fused copies are made.
+            let fused_on = if fuse::by_default() { Device::Cpu } else { device };
+            let fused = |name: &str, i_dim, o_dim, bias| lin_on(name, i_dim, o_dim, bias, fused_on);
             layers.push(Layer {
                 input_layernorm: norm(format!("{p}.input_layernorm"), Norm::Input(li))?,
                 self_attn: Attention {
-                    q_proj: lin("self_attn.q_proj", h, q_dim, cfg.qkv_bias)?,
-                    k_proj: lin("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?,
-                    v_proj: lin("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?,
+                    q_proj: fused("self_attn.q_proj", h, q_dim, cfg.qkv_bias)?,
+                    k_proj: fused("self_attn.k_proj", h, kv_dim, cfg.qkv_bias)?,
+                    v_proj: fused("self_attn.v_proj", h, kv_dim, cfg.qkv_bias)?,
                     o_proj: lin("self_attn.o_proj", q_dim, h, cfg.o_bias)?,
                     q_norm: cfg
                         .qk_norm
@@ -146,8 +152,8 @@ impl Model {
                 },
                 post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), Norm::PostAttention(li))?,
                 mlp: Mlp {
-                    gate_proj: lin("mlp.gate_proj", h, i, cfg.mlp_bias)?,
-                    up_proj: lin("mlp.up_proj", h, i, cfg.mlp_bias)?,
+                    gate_proj: fused("mlp.gate_proj", h, i, cfg.mlp_bias)?,
+                    up_proj: fused("mlp.up_proj", h, i, cfg.mlp_bias)?,
                     down_proj: lin("mlp.down_proj", i, h, cfg.mlp_bias)?,
                     gate_up: None,
                 },
@@ -165,7 +171,8 @@ impl Model {
         if fuse::by_default() {
             model.fuse_projections();
             // The fused weights are copies; the views they were made from
-            // are gone and nothing wrote to them yet.
+            // are gone and nothing wrote to them yet. (A part's own kind
+            // and device, had the file's dtype differed, were a copy too.)
             for (li, layer) in model.layers.iter().enumerate() {
                 let attn = layer.self_attn.qkv.is_some().then_some([Proj::Q, Proj::K, Proj::V].as_slice());
                 let mlp = layer.mlp.gate_up.is_some().then_some([Proj::Gate, Proj::Up].as_slice());
@@ -373,18 +380,40 @@ impl Model {
 impl Model {
     /// Fuses every layer's q/k/v and gate/up projections (once; a second
     /// call changes nothing). The fused weights are copies: the separate
-    /// ones' memory is freed (on a GPU) or left to the file map (on a CPU,
-    /// where weights are views of it until first read).
+    /// ones' memory is freed (on a GPU, by way of the host, so the two are
+    /// never there at once) or left to the file map (on a CPU, where
+    /// weights are views of it until first read).
     pub fn fuse_projections(&mut self) {
+        let device = self.device;
         tch::no_grad(|| {
+            if device.is_cuda() {
+                // Through the host: the fused weights are new allocations,
+                // which the caching allocator cannot carve from the freed
+                // separate ones, so fusing on the GPU would hold both
+                // (+9 GB for a 7B model). The separate ones go to the host
+                // and their blocks back to the driver first.
+                for layer in &mut self.layers {
+                    let a = &mut layer.self_attn;
+                    let mut qkv = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj];
+                    if a.qkv.is_none() && fuse::fusable(&qkv) {
+                        fuse::to_host(&mut qkv);
+                    }
+                    let m = &mut layer.mlp;
+                    let mut gate_up = [&mut m.gate_proj, &mut m.up_proj];
+                    if m.gate_up.is_none() && fuse::fusable(&gate_up) {
+                        fuse::to_host(&mut gate_up);
+                    }
+                }
+                crate::cuda_stats::empty_cache();
+            }
             for layer in &mut self.layers {
                 let a = &mut layer.self_attn;
                 if a.qkv.is_none() {
-                    a.qkv = fuse::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]);
+                    a.qkv = fuse::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj], device);
                 }
                 let m = &mut layer.mlp;
                 if m.gate_up.is_none() {
-                    m.gate_up = fuse::fuse(&mut [&mut m.gate_proj, &mut m.up_proj]);
+                    m.gate_up = fuse::fuse(&mut [&mut m.gate_proj, &mut m.up_proj], device);
                 }
             }
         })
