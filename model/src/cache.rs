@@ -175,8 +175,12 @@ impl KvCache {
             return;
         };
         let n = index.size()[0];
+        let fixed_steps = self.slot.is_some();
         for ((k, v), &len) in self.layers.iter_mut().flatten().zip(&fill.lens) {
             for buf in [k, v] {
+                // Fixed-shape steps do not count what they write: every
+                // position goes.
+                let len = if fixed_steps { buf.size()[2] } else { len };
                 let picked = buf.narrow(0, 0, fill.rows).narrow(2, 0, len).index_select(0, index);
                 if n > buf.size()[0] {
                     let mut dims = buf.size();

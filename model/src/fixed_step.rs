@@ -8,9 +8,10 @@
 //! ([`Steps::Graph`]), elsewhere it runs op by op ([`Steps::Fixed`], which
 //! CI checks against the eager loop).
 //!
-//! Rows stay in the batch to the end (finished ones decode padding, as the
-//! plain loop's do): a graph's shape cannot shrink, and in a step bound by
-//! reading the weights a row costs little.
+//! A graph's shape cannot shrink: finished rows decode padding (as the
+//! plain loop's do) until half the batch has finished; then the live rows
+//! move to the front of the cache and the step is recorded again at the
+//! smaller shape.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -107,7 +108,8 @@ fn run(
     mask.narrow(1, 0, filled).copy_(&key_mask.ne(0));
     let mut mask = mask.view([rows, 1, 1, capacity]);
     let pad = Tensor::from(opts.pad_id).to_device(device);
-    let live: Vec<usize> = (0..rows as usize).collect();
+    // The output row of each batch row (finished rows leave at compactions).
+    let mut live: Vec<usize> = (0..rows as usize).collect();
     let mut graph: Option<(CudaGraph, Tensor)> = None;
     for _ in 1..opts.max_new_tokens {
         let mut step = || -> Result<Tensor> {
@@ -149,7 +151,7 @@ fn run(
             (graph, graphs) = (None, false);
         }
         let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
-        let finished = Tensor::from_slice(&done.iter().map(|&d| d as u8).collect::<Vec<_>>())
+        let finished = Tensor::from_slice(&live.iter().map(|&i| done[i] as u8).collect::<Vec<_>>())
             .to_device(device)
             .to_kind(Kind::Bool);
         let next = next.where_self(&finished.logical_not(), &pad);
@@ -162,6 +164,22 @@ fn run(
         let _ = positions.f_add_scalar_(1)?;
         let _ = slot.f_add_scalar_(1)?;
         let _ = mask.f_index_fill_(3, &slot, 1)?;
+        // Once half the rows have finished they leave: the rest move to the
+        // front of the cache and the step is recorded again at the smaller
+        // shape (a capture costs a few steps' host time, so it waits for
+        // half; at most log2(rows) of them per generation).
+        let keep: Vec<i64> = (0..live.len() as i64).filter(|&j| !done[live[j as usize]]).collect();
+        if keep.len() * 2 <= live.len() {
+            let index = Tensor::from_slice(&keep).to_device(device);
+            cache.select_rows(&index);
+            ids = ids.index_select(0, &index);
+            positions = positions.index_select(0, &index);
+            mask = mask.index_select(0, &index);
+            let mut streams: Vec<Option<ChaCha8Rng>> = std::mem::take(&mut rngs).into_iter().map(Some).collect();
+            rngs = keep.iter().map(|&j| streams[j as usize].take().expect("a stream per row")).collect();
+            live = keep.iter().map(|&j| live[j as usize]).collect();
+            graph = None;
+        }
     }
     Ok(out)
 }
