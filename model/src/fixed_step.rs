@@ -16,15 +16,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use super::cache::KvCache;
 use super::cuda_graph::{self, CudaGraph};
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
-use super::options::{record, GenerateOptions, Generation, Steps};
-use super::sampling::sample_rows;
+use super::options::{GenerateOptions, Generation, Rows, Steps};
 use crate::error::{Error, Result};
 
 /// Set once a capture has failed under [`Steps::Auto`]: later generations
@@ -52,14 +50,13 @@ pub fn resolve(steps: Steps, device: Device) -> Steps {
 
 /// The decode state after the prefill's token: each row's next input
 /// token and position `[rows, 1]`, the key mask `[rows, filled]` (its last
-/// column the position this step writes), one sampling stream per row, and
-/// the output so far.
+/// column the position this step writes), the rows' outputs, finished
+/// flags and sampling streams ([`Rows`]), and the output so far.
 pub(crate) struct AfterPrefill {
     pub ids: Tensor,
     pub positions: Tensor,
     pub key_mask: Tensor,
-    pub rngs: Vec<ChaCha8Rng>,
-    pub done: Vec<bool>,
+    pub rows: Rows,
     pub out: Generation,
 }
 
@@ -101,15 +98,13 @@ fn run(
     state: AfterPrefill,
 ) -> Result<Generation> {
     let device = model.device;
-    let AfterPrefill { mut ids, mut positions, key_mask, mut rngs, mut done, mut out } = state;
+    let AfterPrefill { mut ids, mut positions, key_mask, rows: mut state, mut out } = state;
     let (rows, filled) = (key_mask.size()[0], key_mask.size()[1]);
     let capacity = cache.positions();
     let mask = Tensor::zeros([rows, capacity], (Kind::Bool, device));
     mask.narrow(1, 0, filled).copy_(&key_mask.ne(0));
     let mut mask = mask.view([rows, 1, 1, capacity]);
     let pad = Tensor::from(opts.pad_id).to_device(device);
-    // The output row of each batch row (finished rows leave at compactions).
-    let mut live: Vec<usize> = (0..rows as usize).collect();
     let mut graph: Option<(CudaGraph, Tensor)> = None;
     for _ in 1..opts.max_new_tokens {
         let mut step = || -> Result<Tensor> {
@@ -150,12 +145,8 @@ fn run(
             tracing::warn!("decoding without CUDA graphs from now on: {e}");
             (graph, graphs) = (None, false);
         }
-        let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
-        let finished = Tensor::from_slice(&live.iter().map(|&i| done[i] as u8).collect::<Vec<_>>())
-            .to_device(device)
-            .to_kind(Kind::Bool);
-        let next = next.where_self(&finished.logical_not(), &pad);
-        if record(&mut out, &mut done, &live, &next, &logp, &opts.eos_ids)? {
+        let (next, all_done) = state.step(&logits, opts, &pad, &mut out)?;
+        if all_done {
             break;
         }
         // The next step's inputs, in place: its tokens, positions, and the
@@ -168,16 +159,14 @@ fn run(
         // front of the cache and the step is recorded again at the smaller
         // shape (a capture costs a few steps' host time, so it waits for
         // half; at most log2(rows) of them per generation).
-        let keep: Vec<i64> = (0..live.len() as i64).filter(|&j| !done[live[j as usize]]).collect();
-        if keep.len() * 2 <= live.len() {
+        let keep = state.unfinished();
+        if keep.len() * 2 <= state.live.len() {
             let index = Tensor::from_slice(&keep).to_device(device);
             cache.select_rows(&index);
             ids = ids.index_select(0, &index);
             positions = positions.index_select(0, &index);
             mask = mask.index_select(0, &index);
-            let mut streams: Vec<Option<ChaCha8Rng>> = std::mem::take(&mut rngs).into_iter().map(Some).collect();
-            rngs = keep.iter().map(|&j| streams[j as usize].take().expect("a stream per row")).collect();
-            live = keep.iter().map(|&j| live[j as usize]).collect();
+            state.keep(&keep);
             graph = None;
         }
     }

@@ -6,9 +6,9 @@ use super::cache::{CacheShape, KvCache};
 use super::fixed_step::AfterPrefill;
 use super::hooks::Hooks;
 use super::llama::{Mask, Model};
-use super::options::record;
+use super::options::Rows;
 pub use super::options::{GenerateOptions, Generation, Steps};
-use super::sampling::{row_streams, sample_rows};
+use super::sampling::row_streams;
 use crate::error::{Error, Result};
 
 /// Positions `[b, t]` counting only real tokens (pads get 1, as transformers does).
@@ -181,13 +181,9 @@ fn generate_inner(
     let (ids, mut key_mask) = crate::batch::left_padded(prompts, opts.pad_id, device);
     let mut positions = positions_from_mask(&key_mask);
     cache.reset();
-    let mut rngs = row_streams(opts.sampling.seed, rows);
     let pad = Tensor::from(opts.pad_id).to_device(device);
-
     let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
-    let mut done = vec![false; b];
-    // The prompt (and output row) of each row of the batch as it runs.
-    let mut live: Vec<usize> = (0..b).collect();
+    let mut state = Rows { live: (0..b).collect(), done: vec![false; b], rngs: row_streams(opts.sampling.seed, rows) };
     let shared = crate::batch::distinct_rows(prompts).map(|(firsts, slot)| {
         (Tensor::from_slice(&firsts).to_device(device), Tensor::from_slice(&slot).to_device(device))
     });
@@ -214,41 +210,29 @@ fn generate_inner(
         };
         let last = hidden.select(1, t - 1);
         let logits = model.logits(&last, hooks);
-        let (next, logp) = sample_rows(&logits, &opts.sampling, &mut rngs);
-        let finished = Tensor::from_slice(&live.iter().map(|&i| done[i] as u8).collect::<Vec<_>>())
-            .to_device(device)
-            .to_kind(Kind::Bool);
-        let next = next.where_self(&finished.logical_not(), &pad);
-        if record(&mut out, &mut done, &live, &next, &logp, &opts.eos_ids)? {
+        let (next, all_done) = state.step(&logits, opts, &pad, &mut out)?;
+        if all_done {
             break;
         }
-        let rows_now = live.len() as i64;
+        let rows_now = state.live.len() as i64;
         step_ids = next.unsqueeze(1);
         positions = positions.select(1, positions.size()[1] - 1).unsqueeze(1) + 1;
         key_mask = Tensor::cat(&[key_mask, Tensor::ones([rows_now, 1], (Kind::Int64, device))], 1);
         if step == 0 && steps != Steps::Eager {
-            let state = AfterPrefill { ids: step_ids, positions, key_mask, rngs, done, out };
-            return crate::fixed_step::decode(model, hooks, opts, cache, steps, opts.steps == Steps::Auto, state);
+            let after = AfterPrefill { ids: step_ids, positions, key_mask, rows: state, out };
+            return crate::fixed_step::decode(model, hooks, opts, cache, steps, opts.steps == Steps::Auto, after);
         }
         // Finished rows leave the batch: the rest keep their cache, position,
         // padding and sampling stream, so their tokens do not change.
-        let idle = live.iter().filter(|&&i| done[i]).count();
+        let keep = state.unfinished();
+        let idle = state.live.len() - keep.len();
         if idle > 0 && idle as f64 >= decode.drop_finished_at * rows_now as f64 {
-            let keep: Vec<i64> = (0..rows_now).filter(|&j| !done[live[j as usize]]).collect();
             let index = Tensor::from_slice(&keep).to_device(device);
             cache.select_rows(&index);
             step_ids = step_ids.index_select(0, &index);
             positions = positions.index_select(0, &index);
             key_mask = key_mask.index_select(0, &index);
-            let mut streams = std::mem::take(&mut rngs).into_iter();
-            let mut kept_rngs = Vec::with_capacity(keep.len());
-            let mut next_j = 0;
-            for &j in &keep {
-                kept_rngs.push(streams.nth(j as usize - next_j).expect("a stream per row"));
-                next_j = j as usize + 1;
-            }
-            rngs = kept_rngs;
-            live = keep.iter().map(|&j| live[j as usize]).collect();
+            state.keep(&keep);
         }
     }
     Ok(out)

@@ -1,12 +1,14 @@
 //! What a generation is asked for ([`GenerateOptions`], [`Steps`]) and
 //! gives back ([`Generation`]), and how a decode step's tokens are
-//! recorded: shared by the eager loop (`generate.rs`) and the fixed-shape
+//! sampled and recorded ([`Rows`]): shared by the eager loop (`generate.rs`) and the fixed-shape
 //! step (`fixed_step.rs`).
 
 use tch::{Kind, Tensor};
 
+use rand_chacha::ChaCha8Rng;
+
 use crate::error::Result;
-use crate::sampling::Sampling;
+use crate::sampling::{sample_rows, Sampling};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -74,28 +76,58 @@ pub struct Generation {
     pub logprobs: Vec<Vec<f32>>,
 }
 
-/// Appends a step's tokens and log-probs to the rows of `live` (the
-/// output row of each batch row) that have not finished, marks those that
-/// emitted an end token; whether every row has finished.
-pub(crate) fn record(
-    out: &mut Generation,
-    done: &mut [bool],
-    live: &[usize],
-    next: &Tensor,
-    logp: &Tensor,
-    eos_ids: &[i64],
-) -> Result<bool> {
-    let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
-    let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
-    for (j, &i) in live.iter().enumerate() {
-        if done[i] {
-            continue;
+/// The decode state both loops share: where each batch row's output goes,
+/// which outputs have finished, one sampling stream per batch row.
+pub(crate) struct Rows {
+    /// The output row of each batch row (rows leave as they finish).
+    pub live: Vec<usize>,
+    /// Per output row.
+    pub done: Vec<bool>,
+    /// Per batch row.
+    pub rngs: Vec<ChaCha8Rng>,
+}
+
+impl Rows {
+    /// Samples the next token of every batch row from `logits` (`pad` for
+    /// rows already finished), appends each unfinished row's token and
+    /// log-prob to `out` and marks the rows that emitted an end token.
+    /// Returns the tokens `[rows]` and whether every row has finished.
+    pub fn step(
+        &mut self,
+        logits: &Tensor,
+        opts: &GenerateOptions,
+        pad: &Tensor,
+        out: &mut Generation,
+    ) -> Result<(Tensor, bool)> {
+        let (next, logp) = sample_rows(logits, &opts.sampling, &mut self.rngs);
+        let finished = Tensor::from_slice(&self.live.iter().map(|&i| self.done[i] as u8).collect::<Vec<_>>())
+            .to_device(next.device())
+            .to_kind(Kind::Bool);
+        let next = next.where_self(&finished.logical_not(), pad);
+        let next_v: Vec<i64> = Vec::try_from(&next.to_device(tch::Device::Cpu))?;
+        let logp_v: Vec<f32> = Vec::try_from(&logp.to_device(tch::Device::Cpu).to_kind(Kind::Float))?;
+        for (j, &i) in self.live.iter().enumerate() {
+            if self.done[i] {
+                continue;
+            }
+            out.tokens[i].push(next_v[j]);
+            out.logprobs[i].push(logp_v[j]);
+            if opts.eos_ids.contains(&next_v[j]) {
+                self.done[i] = true;
+            }
         }
-        out.tokens[i].push(next_v[j]);
-        out.logprobs[i].push(logp_v[j]);
-        if eos_ids.contains(&next_v[j]) {
-            done[i] = true;
-        }
+        Ok((next, self.done.iter().all(|&d| d)))
     }
-    Ok(done.iter().all(|&d| d))
+
+    /// The batch rows still decoding.
+    pub fn unfinished(&self) -> Vec<i64> {
+        (0..self.live.len() as i64).filter(|&j| !self.done[self.live[j as usize]]).collect()
+    }
+
+    /// Keeps only batch rows `keep` (in order), with their streams.
+    pub fn keep(&mut self, keep: &[i64]) {
+        let mut streams: Vec<Option<ChaCha8Rng>> = std::mem::take(&mut self.rngs).into_iter().map(Some).collect();
+        self.rngs = keep.iter().map(|&j| streams[j as usize].take().expect("a stream per row")).collect();
+        self.live = keep.iter().map(|&j| self.live[j as usize]).collect();
+    }
 }
